@@ -1,0 +1,235 @@
+"""A directory of logged runs: one Parquet file per run plus a small manifest.
+
+Layout::
+
+    STORE/
+      simfluence-store.json     format version, train_ids, test_ids, task meta
+      runs/<run_id>.parquet     one file per finished run
+
+Each run file has one row per step ``t = 0..T`` with columns
+
+* ``step`` (int32),
+* ``batch`` (list<int32>): training-example indices of step ``t`` (empty at ``t = 0``),
+* ``loss`` (list<float32>, length M, or null where no evaluation was made),
+
+and its schema metadata (key ``simfluence``) holds the run id, seed, run meta and a
+digest of the store's id lists, so a file copied into the wrong store is rejected.
+The files read as-is with pandas, pyarrow or duckdb.
+
+Every file is written atomically (temporary file, then rename), and the run list is
+the directory listing, so an interrupted collection loses at most the run in progress
+and a retried writer of the same run simply replaces an identical file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simfluence.runs.atomic import atomic_path, write_text_atomic
+from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet, validate_meta
+
+MANIFEST = "simfluence-store.json"
+FORMAT = "simfluence-runstore"
+VERSION = 1
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for group in (train_ids, test_ids):
+        digest.update("\x1f".join(map(str, group)).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:16]
+
+
+class RunStore:
+    """A run directory. Open an existing one with ``RunStore(path)``, make one with :meth:`create`."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        source = str(manifest_path)
+        if not manifest_path.is_file():
+            raise RunDataError(str(self.root), MANIFEST, "is missing: not a run store",
+                               "create one with RunStore.create or `simfluence collect`")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise RunDataError(source, "<file>", f"is not valid JSON ({error.msg})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise RunDataError(source, "format", f"expected '{FORMAT}'")
+        if manifest.get("version") != VERSION:
+            raise RunDataError(source, "version", f"unsupported version {manifest.get('version')!r}",
+                               f"this simfluence reads version {VERSION}")
+        # Validation of ids goes through RunSet.create's rules on an empty set.
+        empty = RunSet.create(
+            np.zeros((0, 1, 1), np.int32), np.zeros((0, 2, len(manifest.get("test_ids") or [None])), np.float32),
+            manifest.get("train_ids", []), manifest.get("test_ids", []), meta=manifest.get("meta"), source=source,
+        )
+        self.train_ids = empty.train_ids
+        self.test_ids = empty.test_ids
+        self.meta = empty.meta
+        self.digest = ids_digest(self.train_ids, self.test_ids)
+
+    # --- creation -----------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike, train_ids, test_ids, meta: dict | None = None,
+               exist_ok: bool = False) -> RunStore:
+        """Create a store (atomically writing its manifest).
+
+        With ``exist_ok``, an existing store is opened instead, provided its ids and meta
+        equal the given ones; this is how an interrupted collection resumes.
+        """
+        root = Path(root)
+        source = str(root / MANIFEST)
+        ids = RunSet.create(np.zeros((0, 1, 1), np.int32), np.zeros((0, 2, len(test_ids)), np.float32),
+                            train_ids, test_ids, meta=meta, source=source)
+        if (root / MANIFEST).exists():
+            if not exist_ok:
+                raise RunDataError(str(root), MANIFEST, "already exists", "choose a new directory or resume")
+            store = cls(root)
+            if store.digest != ids_digest(ids.train_ids, ids.test_ids):
+                raise RunDataError(source, "train_ids/test_ids", "differ from the ids requested now",
+                                   "use a new directory for a different task or data")
+            if json.loads(json.dumps(ids.meta)) != store.meta:
+                raise RunDataError(source, "meta", "differs from the settings requested now",
+                                   "resume with the same arguments, or use a new directory")
+            return store
+        manifest = {"format": FORMAT, "version": VERSION, "train_ids": ids.train_ids.tolist(),
+                    "test_ids": ids.test_ids.tolist(), "meta": ids.meta}
+        (root / "runs").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
+        return cls(root)
+
+    # --- runs ---------------------------------------------------------------------
+    def run_path(self, run_id: str) -> Path:
+        if not RUN_ID_PATTERN.match(run_id):
+            raise RunDataError(str(self.root), "run_id", f"'{run_id}' is not a safe file name",
+                               "use letters, digits, '.', '_' and '-'")
+        return self.root / "runs" / f"{run_id}.parquet"
+
+    def run_ids(self) -> list[str]:
+        """Ids of the finished runs, sorted."""
+        directory = self.root / "runs"
+        if not directory.is_dir():
+            return []
+        return sorted(path.stem for path in directory.glob("*.parquet"))
+
+    def __contains__(self, run_id: str) -> bool:
+        return self.run_path(run_id).is_file()
+
+    def __len__(self) -> int:
+        return len(self.run_ids())
+
+    def write(self, log: RunLog) -> Path:
+        """Validate and write one run atomically; an existing run of the same id is replaced."""
+        path = self.run_path(log.run_id)
+        log = log.validated(self.train_ids.size, self.test_ids.size, str(path))
+        with atomic_path(path, suffix=".parquet") as temporary:
+            pq.write_table(_run_to_table(log, self.digest), temporary)
+        return path
+
+    def read(self, run_id: str) -> RunLog:
+        return _table_to_run(self.run_path(run_id), self.digest, self.train_ids.size, self.test_ids.size)
+
+    def load(self, run_ids: Iterable[str] | None = None) -> RunSet:
+        """All (or the given) runs as one :class:`RunSet`."""
+        ids = self.run_ids() if run_ids is None else list(run_ids)
+        return RunSet.from_logs([self.read(run_id) for run_id in ids], self.train_ids, self.test_ids,
+                                self.meta, source=str(self.root))
+
+    def __repr__(self) -> str:
+        return f"RunStore('{self.root}', runs={len(self)}, train={self.train_ids.size}, test={self.test_ids.size})"
+
+
+def _run_to_table(log: RunLog, digest: str) -> pa.Table:
+    num_evals, num_test = log.losses.shape
+    steps = np.arange(log.num_steps + 1, dtype=np.int32)
+    # Batches: strip padding, step 0 has an empty batch.
+    kept = log.curriculum != PAD
+    batch_offsets = np.concatenate([[0, 0], np.cumsum(kept.sum(axis=1))]).astype(np.int32)
+    batch = pa.ListArray.from_arrays(pa.array(batch_offsets), pa.array(log.curriculum[kept].astype(np.int32)))
+    # Losses: a list per step, null where the step was not evaluated.
+    evaluated = np.zeros(steps.size, dtype=bool)
+    evaluated[log.eval_steps] = True
+    lengths = np.where(evaluated, num_test, 0)
+    loss_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    loss = pa.ListArray.from_arrays(pa.array(loss_offsets), pa.array(log.losses.reshape(-1)),
+                                    mask=pa.array(~evaluated))
+    info = {"run_id": log.run_id, "seed": log.seed, "meta": log.meta, "ids_digest": digest, "version": VERSION}
+    table = pa.table({"step": steps, "batch": batch, "loss": loss})
+    return table.replace_schema_metadata({"simfluence": json.dumps(info)})
+
+
+def _table_to_run(path: Path, digest: str, num_train: int, num_test: int) -> RunLog:
+    source = str(path)
+    if not path.is_file():
+        raise RunDataError(source, "<file>", "does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise RunDataError(source, "<file>", f"is not a readable Parquet file ({error})") from None
+    for column in ("step", "batch", "loss"):
+        if column not in table.column_names:
+            raise RunDataError(source, column, "is missing", f"the file has columns {table.column_names}")
+    raw = (table.schema.metadata or {}).get(b"simfluence")
+    if raw is None:
+        raise RunDataError(source, "simfluence (schema metadata)", "is missing: not written by a RunStore")
+    info = json.loads(raw)
+    if info.get("ids_digest") != digest:
+        raise RunDataError(source, "ids_digest", "the run was logged with other training/test ids than this store",
+                           "keep runs of different tasks in different stores")
+    steps = table.column("step").to_numpy()
+    if not np.array_equal(steps, np.arange(steps.size)):
+        raise RunDataError(source, "step", "rows must be steps 0, 1, ..., T in order")
+    batch = table.column("batch").combine_chunks()
+    lengths = batch.value_lengths().to_numpy(zero_copy_only=False)[1:]
+    width = int(lengths.max()) if lengths.size else 0
+    curriculum = np.full((steps.size - 1, width), PAD, dtype=np.int64)
+    values = batch.flatten().to_numpy(zero_copy_only=False)
+    curriculum[np.arange(width)[None, :] < lengths[:, None]] = values
+    loss = table.column("loss").combine_chunks()
+    evaluated = loss.is_valid().to_numpy(zero_copy_only=False)
+    loss_lengths = loss.value_lengths().to_numpy(zero_copy_only=False)[evaluated]
+    if (loss_lengths != num_test).any():
+        raise RunDataError(source, "loss", f"rows must hold {num_test} losses (one per test id)")
+    losses = loss.flatten().to_numpy(zero_copy_only=False).reshape(-1, num_test)
+    log = RunLog(str(info.get("run_id", path.stem)), curriculum, losses, np.flatnonzero(evaluated),
+                 info.get("seed"), validate_meta(info.get("meta"), source))
+    if log.run_id != path.stem:
+        raise RunDataError(source, "run_id", f"'{log.run_id}' does not match the file name")
+    return log.validated(num_train, num_test, source)
+
+
+def load_runs(path: str | os.PathLike) -> RunSet:
+    """Load a run store directory or an interchange ``.npz`` file."""
+    from simfluence.runs.interchange import read_interchange
+
+    path = Path(path)
+    if path.is_dir():
+        return RunStore(path).load()
+    if path.suffix == ".npz" or path.is_file():
+        return read_interchange(path)
+    raise RunDataError(str(path), "<file>", "does not exist", "give a run store directory or an interchange .npz")
+
+
+def save_runs(runs: RunSet, path: str | os.PathLike) -> None:
+    """Write ``runs`` as an interchange file (``.npz`` suffix) or as a new run store directory."""
+    from simfluence.runs.interchange import write_interchange
+
+    path = Path(path)
+    if path.suffix == ".npz":
+        write_interchange(runs, path)
+        return
+    store = RunStore.create(path, runs.train_ids, runs.test_ids, runs.meta)
+    for log in runs.logs():
+        store.write(log)
