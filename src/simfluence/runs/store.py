@@ -122,7 +122,9 @@ class RunStore:
         directory = self.root / "runs"
         if not directory.is_dir():
             return []
-        return sorted(path.stem for path in directory.glob("*.parquet"))
+        # pathlib's glob also matches dot-files: skip the ".<run>.parquet.*.tmp.parquet"
+        # temporaries that a writer killed mid-write leaves behind.
+        return sorted(path.stem for path in directory.glob("*.parquet") if RUN_ID_PATTERN.match(path.stem))
 
     def __contains__(self, run_id: str) -> bool:
         return self.run_path(run_id).is_file()

@@ -1,0 +1,208 @@
+"""The :class:`Task` interface: everything a training run needs, declared in one place.
+
+A task fixes the training set, the test set, the starting checkpoint, the per-example
+loss and the optimizer. Collection (:mod:`simfluence.collect.train`) only varies the
+curriculum, so two runs of one task differ in nothing but which examples were seen
+when, which is what a Simfluence simulator models.
+
+Write your own task by subclassing :class:`Task` (usually as a ``@dataclass`` whose
+fields are the task's settings) and implementing :meth:`Task.load_data`,
+:meth:`Task.build_model` and :meth:`Task.example_loss`. Inputs may be one tensor or a
+dict of tensors (``model(**inputs)``, as Hugging Face models take them), each with the
+examples along dimension 0. Gradient-based attribution gets the model, the loss and
+the data from the same object, e.g. per-example gradients::
+
+    model = task.build_model()
+    params = dict(model.named_parameters())
+    def loss(p, x, y):  # one example
+        return task.example_losses(model, x[None], y[None], params=p)[0]
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+"""Model inputs: a tensor, or a dict of tensors passed as keyword arguments; examples along dim 0."""
+
+
+def num_examples(inputs: Inputs) -> int:
+    """Length of dimension 0 (all tensors of a dict must agree)."""
+    if isinstance(inputs, Mapping):
+        sizes = {int(value.shape[0]) for value in inputs.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"inputs: tensors disagree on the number of examples {sorted(sizes)}; "
+                             "give every input tensor one row per example")
+        return sizes.pop()
+    return int(inputs.shape[0])
+
+
+def take(inputs: Inputs, index: torch.Tensor) -> Inputs:
+    """Rows ``index`` (any integer shape ``S``) of every tensor: shapes ``[N, ...] -> [*S, ...]``."""
+    if isinstance(inputs, Mapping):
+        return {key: value[index] for key, value in inputs.items()}
+    return inputs[index]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The data of a task.
+
+    Attributes:
+        train_ids: str ``[N]``; curricula index these.
+        test_ids: str ``[M]``.
+        train_inputs: :data:`Inputs` with ``N`` rows.
+        train_targets: tensor ``[N, ...]`` (class ids, token ids, ...).
+        test_inputs: :data:`Inputs` with ``M`` rows.
+        test_targets: tensor ``[M, ...]``.
+    """
+
+    train_ids: np.ndarray
+    test_ids: np.ndarray
+    train_inputs: Inputs
+    train_targets: torch.Tensor
+    test_inputs: Inputs
+    test_targets: torch.Tensor
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            ids = np.asarray(getattr(self, f"{split}_ids")).astype(str)
+            object.__setattr__(self, f"{split}_ids", ids)
+            if ids.ndim != 1 or ids.size == 0 or np.unique(ids).size != ids.size:
+                raise ValueError(f"{split}_ids: expected a non-empty 1-D list of unique strings")
+            for part in ("inputs", "targets"):
+                rows = num_examples(getattr(self, f"{split}_{part}"))
+                if rows != ids.size:
+                    raise ValueError(f"{split}_{part}: has {rows} rows but {split}_ids has {ids.size}; "
+                                     "give one row per id")
+
+
+class Task(ABC):
+    """A fine-tuning problem: data, starting checkpoint, per-example loss, optimizer.
+
+    Class attributes (set by each subclass):
+        name: registry key, e.g. ``"digits-mlp"``.
+        description: one line for ``simfluence tasks``.
+        source: where the data (and the starting checkpoint) come from.
+
+    Instance attributes (usually dataclass fields, so they can be overridden):
+        learning_rate: SGD step size.
+        batch_size: default examples per step ``B``.
+
+    Subclasses implement :meth:`load_data`, :meth:`build_model` and :meth:`example_loss`.
+    The optimizer is plain SGD (``p <- p - lr * grad`` of the batch-mean loss), which the
+    vectorised trainer reproduces exactly; a task that needs another optimizer must
+    override :meth:`make_optimizer` and set ``optimizer`` to its name, and can then only
+    be collected with ``vectorize=False``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    source: ClassVar[str]
+    optimizer: ClassVar[str] = "sgd"
+    learning_rate: float
+    batch_size: int
+
+    # --- what a subclass provides --------------------------------------------------
+    @abstractmethod
+    def load_data(self) -> TaskData:
+        """Load (or download) the data; called once per task object, see :attr:`data`."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The fixed starting checkpoint: a fresh module, identical on every call and process."""
+
+    @abstractmethod
+    def example_loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example loss ``[n]`` (nats) of model ``outputs`` for ``targets`` ``[n, ...]``."""
+
+    def default_pool(self) -> np.ndarray:
+        """int32 ``[P]``: training-example indices that curricula draw from by default (all)."""
+        return np.arange(self.num_train, dtype=np.int32)
+
+    def config(self) -> dict:
+        """JSON-serialisable settings of this task object (recorded in a run store)."""
+        if dataclasses.is_dataclass(self):
+            return json_safe(dataclasses.asdict(self))
+        return {"learning_rate": self.learning_rate, "batch_size": self.batch_size}
+
+    # --- derived -------------------------------------------------------------------
+    @property
+    def data(self) -> TaskData:
+        """:meth:`load_data`, cached on this object (the cache is not pickled)."""
+        cached = self.__dict__.get("_data_cache")
+        if cached is None:
+            cached = self.load_data()
+            if not isinstance(cached, TaskData):
+                raise TypeError(f"{type(self).__name__}.load_data: must return a TaskData, "
+                                f"got {type(cached).__name__}")
+            self.__dict__["_data_cache"] = cached
+        return cached
+
+    def __getstate__(self) -> dict:
+        # Workers reload data themselves: cheaper than pickling tensors through a pipe.
+        return {key: value for key, value in self.__dict__.items() if key != "_data_cache"}
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        return self.data.train_ids
+
+    @property
+    def test_ids(self) -> np.ndarray:
+        return self.data.test_ids
+
+    @property
+    def num_train(self) -> int:
+        return int(self.data.train_ids.size)
+
+    @property
+    def num_test(self) -> int:
+        return int(self.data.test_ids.size)
+
+    def forward(self, model: nn.Module, inputs: Inputs, params: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """Model outputs for ``inputs``; with ``params``, a functional call with those weights."""
+        if params is None:
+            call = model
+        else:
+            def call(*args, **kwargs):
+                return functional_call(model, params, args, kwargs)
+        return call(**inputs) if isinstance(inputs, Mapping) else call(inputs)
+
+    def example_losses(self, model: nn.Module, inputs: Inputs, targets: torch.Tensor,
+                       params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-example loss ``[n]`` of ``model`` (or of ``params`` loaded into it)."""
+        return self.example_loss(self.forward(model, inputs, params), targets)
+
+    def make_optimizer(self, parameters) -> torch.optim.Optimizer:
+        return torch.optim.SGD(parameters, lr=self.learning_rate)
+
+    def meta(self) -> dict:
+        """What a run store records about the task, so a resume can check it is unchanged."""
+        return {"task": self.name, "task_config": self.config(), "optimizer": self.optimizer,
+                "learning_rate": float(self.learning_rate), "batch_size": int(self.batch_size),
+                "num_train": self.num_train, "num_test": self.num_test}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
+        return f"{type(self).__name__}({settings})"
+
+
+def json_safe(value: Any) -> Any:
+    """Tuples to lists, NumPy scalars to Python, recursively (for JSON and equality after a round trip)."""
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

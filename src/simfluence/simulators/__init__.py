@@ -1,0 +1,21 @@
+"""Training-run simulators: one protocol (:class:`Simulator`), one module per method."""
+
+from simfluence.simulators.additive import AdditiveSimulator
+from simfluence.simulators.base import NotFittedError, Simulator, simulator_kinds
+from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySimulator
+from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
+
+SIMULATORS = {cls.kind: cls for cls in (LinearSimulator, LinearIdentitySimulator, AdditiveSimulator,
+                                        MeanTrajectorySimulator, ConstantSimulator)}
+
+
+def make_simulator(kind: str, **params) -> Simulator:
+    """A new simulator of ``kind`` (see :func:`simulator_kinds`) with constructor ``params``."""
+    if kind not in SIMULATORS:
+        raise ValueError(f"unknown simulator '{kind}': choose one of {sorted(SIMULATORS)}")
+    return SIMULATORS[kind](**params)
+
+
+__all__ = ["AdditiveSimulator", "ConstantSimulator", "LinearIdentitySimulator", "LinearSimulator",
+           "MeanTrajectorySimulator", "NotFittedError", "SIMULATORS", "Simulator", "make_simulator",
+           "simulator_kinds"]

@@ -1,0 +1,184 @@
+"""The simulator protocol, shared input checks, and pickle-free persistence.
+
+A *simulator* learns from logged runs how a curriculum moves each test example's loss:
+
+* ``fit(runs)`` learns from a :class:`~simfluence.runs.RunSet`;
+* ``simulate(curricula, initial_losses)`` maps int ``[R, T, B]`` curricula (``-1`` pads)
+  and float ``[R, M]`` losses before training to float32 ``[R, T + 1, M]`` trajectories,
+  index 0 being the given initial losses;
+* ``save(path)`` / ``load(path)`` persist it as one ``.npz`` of plain arrays plus a JSON
+  config string; loading never unpickles (``allow_pickle=False``).
+
+Every fitted simulator also keeps the mean loss change of its fitting runs per step
+(``mean_change``, ``[T_fit + 1, M]``), so the mean-trajectory baseline can always be
+reported beside it, even from a saved model alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from simfluence.runs.atomic import atomic_path
+from simfluence.runs.interchange import read_npz_arrays
+from simfluence.runs.log import RunDataError, RunSet, validate_curriculum, validate_losses
+
+FORMAT = "simfluence-simulator"
+VERSION = 1
+_REGISTRY: dict[str, type[Simulator]] = {}
+
+
+class NotFittedError(RuntimeError):
+    """The simulator was used before ``fit`` (or ``load``)."""
+
+
+def register(cls: type[Simulator]) -> type[Simulator]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def simulator_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def mean_change(runs: RunSet) -> np.ndarray:
+    """float64 ``[T + 1, M]``: mean over runs of ``L_t - L_0``, linearly interpolated between eval steps."""
+    change = (runs.losses - runs.losses[:, :1]).mean(axis=0, dtype=np.float64)
+    steps = np.arange(runs.num_steps + 1)
+    if runs.every_step:
+        return change
+    return np.stack([np.interp(steps, runs.eval_steps, change[:, m]) for m in range(runs.num_test)], axis=1)
+
+
+class Simulator(ABC):
+    """Base class: subclasses implement ``_fit``, ``_simulate``, ``_params`` and the array state."""
+
+    kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.train_ids: np.ndarray | None = None
+        self.test_ids: np.ndarray | None = None
+        self.mean_change: np.ndarray | None = None
+        self.fit_info: dict[str, Any] = {}
+
+    # --- protocol -----------------------------------------------------------------
+    def fit(self, runs: RunSet) -> Simulator:
+        """Learn from ``runs``; returns ``self``."""
+        if not isinstance(runs, RunSet):
+            raise TypeError(f"fit expects a RunSet, got {type(runs).__name__}")
+        if runs.num_runs == 0:
+            raise RunDataError("<runs>", "runs", "no runs to fit on")
+        self.train_ids, self.test_ids = runs.train_ids, runs.test_ids
+        self.mean_change = mean_change(runs)
+        self.fit_info = {"num_runs": runs.num_runs, "num_steps": runs.num_steps, "batch_size": runs.batch_size}
+        self._fit(runs)
+        return self
+
+    def simulate(self, curricula: Any, initial_losses: Any, source: str = "<input>") -> np.ndarray:
+        """Roll out trajectories.
+
+        Args:
+            curricula: int ``[R, T, B]`` (or ``[T, B]`` for one run) training-example indices, ``-1`` pads.
+            initial_losses: float ``[R, M]`` (or ``[M]``) losses of the test examples before training.
+
+        Returns:
+            float32 ``[R, T + 1, M]`` (``[T + 1, M]`` for one run) simulated losses.
+        """
+        self._check_fitted()
+        curricula = validate_curriculum(curricula, self.train_ids.size, source, "curricula")
+        single = curricula.ndim == 2
+        if single:
+            curricula = curricula[None]
+        if curricula.ndim != 3:
+            raise RunDataError(source, "curricula", f"expected shape [runs, steps, batch], got {curricula.shape}")
+        initial = validate_losses(initial_losses, source, "initial_losses")
+        initial = initial[None] if initial.ndim == 1 else initial
+        if initial.shape != (curricula.shape[0], self.test_ids.size):
+            raise RunDataError(source, "initial_losses", f"shape {initial.shape} does not match (runs, test examples)"
+                               f" = ({curricula.shape[0]}, {self.test_ids.size})")
+        trajectories = self._simulate(curricula, initial.astype(np.float64))
+        return trajectories[0] if single else trajectories
+
+    # --- to implement -------------------------------------------------------------
+    @abstractmethod
+    def _fit(self, runs: RunSet) -> None: ...
+
+    @abstractmethod
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray: ...
+
+    def _params(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-serialisable."""
+        return {}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """Fitted numeric state."""
+        return {}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`_arrays`."""
+
+    # --- persistence --------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (an ``.npz``) atomically: arrays plus a JSON config, no pickle."""
+        self._check_fitted()
+        config = {"format": FORMAT, "version": VERSION, "kind": self.kind, "params": self._params(),
+                  "fit_info": self.fit_info}
+        arrays = {f"state.{name}": value for name, value in self._arrays().items()}
+        path = Path(path)
+        with atomic_path(path, suffix=".npz") as temporary:
+            np.savez(temporary, config=np.array(json.dumps(config)), train_ids=self.train_ids.astype(str),
+                     test_ids=self.test_ids.astype(str), mean_change=self.mean_change, **arrays)
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Simulator:
+        """Load any saved simulator; the class comes from the file's config."""
+        source = str(path)
+        arrays = read_npz_arrays(path, ("config", "train_ids", "test_ids", "mean_change"))
+        try:
+            config = json.loads(str(arrays["config"].reshape(())))
+        except (json.JSONDecodeError, ValueError):
+            raise RunDataError(source, "config", "is not a JSON string") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise RunDataError(source, "config.format", f"expected '{FORMAT}': not a saved simulator")
+        if config.get("version") != VERSION:
+            raise RunDataError(source, "config.version", f"unsupported version {config.get('version')!r}")
+        kind = config.get("kind")
+        if kind not in _REGISTRY:
+            raise RunDataError(source, "config.kind", f"unknown simulator '{kind}'", f"known: {simulator_kinds()}")
+        try:
+            simulator = _REGISTRY[kind](**config.get("params", {}))
+        except TypeError as error:
+            raise RunDataError(source, "config.params", str(error)) from None
+        simulator.train_ids, simulator.test_ids = arrays["train_ids"], arrays["test_ids"]
+        simulator.mean_change = arrays["mean_change"]
+        simulator.fit_info = config.get("fit_info", {})
+        state = {name.removeprefix("state."): value for name, value in arrays.items() if name.startswith("state.")}
+        try:
+            simulator._restore(state)
+        except (KeyError, ValueError) as error:
+            raise RunDataError(source, "state", f"does not fit a '{kind}' simulator ({error})") from None
+        return simulator
+
+    # --- helpers ------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if self.train_ids is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(runs) or Simulator.load")
+
+    def check_compatible(self, runs: RunSet, source: str = "<runs>") -> None:
+        """Raise unless ``runs`` use this simulator's training and test ids."""
+        self._check_fitted()
+        for name, mine, theirs in (("train_ids", self.train_ids, runs.train_ids),
+                                   ("test_ids", self.test_ids, runs.test_ids)):
+            if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
+                raise RunDataError(source, name, "differ from the ids the simulator was fitted on",
+                                   "evaluate on runs of the same task")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{key}={value!r}" for key, value in self._params().items())
+        return f"{type(self).__name__}({params})"

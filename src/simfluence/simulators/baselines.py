@@ -1,0 +1,43 @@
+"""Trivial baselines that every learned simulator must beat.
+
+* ``mean-trajectory``: ``L_t = L_0 + mean_r (L^r_t - L^r_0)`` over the fitting runs; it knows
+  how training goes on average but nothing about the curriculum. Past the fitting runs'
+  last step the last mean change is held.
+* ``constant``: ``L_t = L_0``, training changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simfluence.runs.log import RunSet
+from simfluence.simulators.base import Simulator, register
+
+
+def mean_trajectory(mean_change: np.ndarray, initial: np.ndarray, num_steps: int) -> np.ndarray:
+    """float32 ``[R, T + 1, M]`` from ``mean_change [T_fit + 1, M]`` and ``initial [R, M]``."""
+    steps = np.minimum(np.arange(num_steps + 1), mean_change.shape[0] - 1)
+    return (initial[:, None, :] + mean_change[steps][None]).astype(np.float32)
+
+
+@register
+class MeanTrajectorySimulator(Simulator):
+    kind = "mean-trajectory"
+
+    def _fit(self, runs: RunSet) -> None:
+        pass  # the base class already keeps the fitting runs' mean change
+
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        return mean_trajectory(self.mean_change, initial, curricula.shape[1])
+
+
+@register
+class ConstantSimulator(Simulator):
+    kind = "constant"
+
+    def _fit(self, runs: RunSet) -> None:
+        pass
+
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        num_steps = curricula.shape[1]
+        return np.repeat(initial[:, None, :], num_steps + 1, axis=1).astype(np.float32)

@@ -1,0 +1,80 @@
+"""The batch-indicator design matrix of a set of training steps, as a sparse operator.
+
+For steps ``s = 1..S`` with batches ``c_s``, the count matrix ``X`` of shape ``[S, N]`` has
+``X[s, i]`` = number of times training example ``i`` is in batch ``c_s`` (usually 0 or 1).
+Every simulator of the Simfluence family reads its per-step coefficients as ``X @ table``:
+``alpha(c_s) = sum_{i in c_s} A_i = (X @ A)[s]``. Products run through
+``torch.nn.functional.embedding_bag`` (sum mode), which gathers and adds table rows without
+materialising ``X`` and runs on any torch device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn.functional import embedding_bag
+
+from simfluence.runs.log import PAD
+
+
+class BatchDesign:
+    """Sparse ``X [S, N]`` built from batches ``[S, B]`` of indices (``-1`` pads).
+
+    Args:
+        batches: int ``[S, B]`` training-example indices per step.
+        num_train: ``N``, the number of training examples.
+        device: torch device for all products.
+    """
+
+    def __init__(self, batches: np.ndarray | torch.Tensor, num_train: int, device: str | torch.device = "cpu"):
+        batches = torch.as_tensor(np.asarray(batches), dtype=torch.int64)
+        if batches.ndim != 2:
+            raise ValueError(f"batches must be [steps, batch], got shape {tuple(batches.shape)}")
+        self.num_steps, self.num_train = int(batches.shape[0]), int(num_train)
+        self.device = torch.device(device)
+        # Unique (step, example) pairs with their multiplicity: duplicates in one batch count twice.
+        valid = batches != PAD
+        steps = torch.arange(self.num_steps).unsqueeze(1).expand_as(batches)[valid]
+        examples = batches[valid]
+        keys, counts = torch.unique(steps * self.num_train + examples, return_counts=True)
+        rows, cols = keys // self.num_train, keys % self.num_train
+        counts = counts.to(torch.float64)
+        # Row-major (by step) for X @ W, column-major (by example) for X^T @ G.
+        self._row_cols = cols.to(self.device)
+        self._row_offsets = _offsets(rows, self.num_steps).to(self.device)
+        self._row_counts = counts.to(self.device)
+        order = torch.argsort(cols, stable=True)
+        self._col_rows = rows[order].to(self.device)
+        self._col_offsets = _offsets(cols[order], self.num_train).to(self.device)
+        self._col_counts = counts[order].to(self.device)
+        self.occurrences = torch.bincount(cols, weights=counts, minlength=self.num_train)
+        """float64 ``[N]``: how many times each example was trained on."""
+
+    @property
+    def nnz(self) -> int:
+        return int(self._row_cols.numel())
+
+    def matmul(self, table: torch.Tensor) -> torch.Tensor:
+        """``X @ table``: ``[N, K] -> [S, K]``, the per-step sums of table rows."""
+        weights = self._row_counts.to(table.dtype)
+        return embedding_bag(self._row_cols, table, self._row_offsets, mode="sum", per_sample_weights=weights)
+
+    def rmatmul(self, values: torch.Tensor, squared: bool = False) -> torch.Tensor:
+        """``X^T @ values``: ``[S, K] -> [N, K]``; with ``squared``, ``(X * X)^T @ values``."""
+        weights = self._col_counts.to(values.dtype)
+        if squared:
+            weights = weights * weights
+        return embedding_bag(self._col_rows, values, self._col_offsets, mode="sum", per_sample_weights=weights)
+
+    def dense(self) -> np.ndarray:
+        """``X`` as a dense float64 array (for references and tests only)."""
+        out = np.zeros((self.num_steps, self.num_train))
+        rows = np.repeat(np.arange(self.num_steps), np.diff(np.append(self._row_offsets.cpu().numpy(), self.nnz)))
+        np.add.at(out, (rows, self._row_cols.cpu().numpy()), self._row_counts.cpu().numpy())
+        return out
+
+
+def _offsets(sorted_keys: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """Start of each bag in a key-sorted list; empty bags get the next start (sum = 0)."""
+    counts = torch.bincount(sorted_keys, minlength=num_bags)
+    return torch.cumsum(counts, 0) - counts

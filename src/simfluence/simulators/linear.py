@@ -1,0 +1,248 @@
+r"""Simfluence-Linear: a per-step linear recurrence on each test example's loss.
+
+For test example ``m`` and a step that trains on batch ``c_t``:
+
+.. math::
+
+    L_t = \alpha(c_t)\, L_{t-1} + \beta(c_t), \qquad
+    \alpha(c_t) = \alpha_0 + \sum_{i \in c_t} A_i, \qquad \beta(c_t) = \sum_{i \in c_t} B_i
+
+with one ``(A_i, B_i)`` per training example and test example.
+
+* ``linear`` (the paper): ``alpha_0 = 0``; ridge pulls every ``A_i`` towards 0.
+* ``linear-identity``: ``alpha_0 = 1``, so ridge pulls towards "this step changes nothing";
+  usually the safer default. It regresses ``L_t - L_{t-1}`` on the same features.
+
+Coefficients are fitted by ridge regression on teacher-forced transitions ``(L_{t-1}, c_t) -> L_t``
+of the fitting runs (all test examples at once, :mod:`simfluence.simulators.ridge`), and
+trajectories are predicted by rolling the recurrence out from the observed ``L_0``.
+When ``ridge`` is not given it is chosen by K-fold cross-validation over the fitting runs,
+scoring the rolled-out all-steps MSE on each held-out fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from simfluence.runs.log import RunDataError, RunSet
+from simfluence.simulators.base import Simulator, register
+from simfluence.simulators.design import BatchDesign
+from simfluence.simulators.ridge import solve_transition_ridge
+
+DEFAULT_RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_WORKING_BYTES = 2 << 30  # solver working set per column chunk
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """Teacher-forced one-step transitions of a run set.
+
+    ``batches`` is int ``[S, B]``; :meth:`columns` gives the previous and next losses
+    ``[S, M']`` for a subset of test examples, so large problems never hold all of them twice.
+    """
+
+    batches: np.ndarray
+    runs: RunSet
+    pairs: np.ndarray  # eval indices k with eval_steps[k + 1] == eval_steps[k] + 1
+
+    @classmethod
+    def of(cls, runs: RunSet, source: str = "<runs>") -> Transitions:
+        steps = runs.eval_steps
+        pairs = np.flatnonzero(np.diff(steps) == 1)
+        if pairs.size == 0:
+            raise RunDataError(source, "eval_steps", "has no two consecutive steps, so no one-step transition "
+                               "can be fitted", "record losses after every step (or at least some consecutive ones)")
+        batches = runs.curricula[:, steps[pairs], :]  # the batch of step t = eval_steps[k] + 1
+        return cls(batches.reshape(-1, runs.batch_size), runs, pairs)
+
+    @property
+    def num_transitions(self) -> int:
+        return int(self.batches.shape[0])
+
+    def columns(self, cols: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        losses = self.runs.losses[:, :, cols]
+        width = losses.shape[-1]
+        previous = losses[:, self.pairs].reshape(-1, width)
+        current = losses[:, self.pairs + 1].reshape(-1, width)
+        return previous, current
+
+
+def rollout(
+    table: torch.Tensor, curricula: np.ndarray, initial: np.ndarray, alpha_offset: float, fit_alpha: bool,
+    max_rows: int = 1 << 16,
+) -> np.ndarray:
+    r"""Roll ``L_t = (alpha_offset + X_t A) L_{t-1} + X_t B`` out from ``initial``.
+
+    Args:
+        table: ``[N, 2M]`` = ``[A | B]`` when ``fit_alpha``, else ``[N, M]`` = ``B`` (``alpha`` is 1).
+        curricula: int ``[R, T, B]``, ``-1`` pads.
+        initial: ``[R, M]`` losses before training.
+        alpha_offset: ``alpha_0`` above (ignored without ``fit_alpha``).
+        max_rows: steps x runs gathered at once (bounds memory).
+
+    Returns:
+        float32 ``[R, T + 1, M]``.
+    """
+    num_runs, num_steps, width = curricula.shape
+    num_test = initial.shape[1]
+    out = np.empty((num_runs, num_steps + 1, num_test), dtype=np.float32)
+    runs_per_chunk = max(1, max_rows // max(num_steps, 1))
+    for start in range(0, num_runs, runs_per_chunk):
+        chunk = slice(start, min(start + runs_per_chunk, num_runs))
+        batches = curricula[chunk].transpose(1, 0, 2).reshape(-1, width)  # step-major rows
+        coefficients = BatchDesign(batches, table.shape[0], table.device).matmul(table)
+        coefficients = coefficients.view(num_steps, -1, table.shape[1])
+        trajectory = torch.empty(num_steps + 1, coefficients.shape[1], num_test, dtype=table.dtype,
+                                 device=table.device)
+        trajectory[0] = torch.as_tensor(initial[chunk], dtype=table.dtype, device=table.device)
+        for t in range(num_steps):
+            if fit_alpha:
+                alpha = coefficients[t, :, :num_test] + alpha_offset
+                torch.addcmul(coefficients[t, :, num_test:], alpha, trajectory[t], out=trajectory[t + 1])
+            else:
+                torch.add(trajectory[t], coefficients[t], out=trajectory[t + 1])
+        out[chunk] = trajectory.permute(1, 0, 2).to("cpu", torch.float32).numpy()
+    return out
+
+
+def all_steps_mse(predicted: np.ndarray, runs: RunSet) -> float:
+    """Mean squared error over runs, test examples and recorded steps after 0."""
+    return float(np.mean((predicted[:, runs.eval_steps[1:]] - runs.losses[:, 1:]) ** 2, dtype=np.float64))
+
+
+@register
+class LinearSimulator(Simulator):
+    """Simfluence-Linear (``alpha_0 = 0``, as in the paper).
+
+    Args:
+        ridge: ridge strength ``lambda`` on the summed squared one-step errors; ``None``
+            chooses it by cross-validation over the fitting runs from ``ridge_grid``.
+        ridge_grid: candidate strengths, as multiples of the mean number of times a
+            training example was trained on (the diagonal of ``X^T X``).
+        cv_folds: folds of fitting runs for that choice.
+        tol: conjugate-gradient stopping tolerance (relative residual of every system).
+        max_iter: conjugate-gradient iteration cap.
+        device: torch device for fitting and rollouts (``"cpu"``, ``"cuda"``, ...).
+        dtype: ``"float32"`` (fast) or ``"float64"``.
+        seed: seed of the cross-validation fold assignment.
+    """
+
+    kind = "linear"
+    fit_alpha = True
+    alpha_offset = 0.0
+
+    def __init__(self, ridge: float | None = None, ridge_grid: tuple[float, ...] = DEFAULT_RIDGE_GRID,
+                 cv_folds: int = 3, tol: float = 1e-5, max_iter: int = 1000, device: str = "cpu",
+                 dtype: str = "float32", seed: int = 0):
+        super().__init__()
+        if ridge is not None and not ridge > 0:
+            raise ValueError(f"ridge must be positive, got {ridge}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if cv_folds < 2:
+            raise ValueError(f"cv_folds must be at least 2, got {cv_folds}")
+        self.ridge, self.ridge_grid, self.cv_folds = ridge, tuple(ridge_grid), cv_folds
+        self.tol, self.max_iter, self.device, self.dtype, self.seed = tol, max_iter, device, dtype, seed
+        self.table: torch.Tensor | None = None
+        self.chosen_ridge: float | None = None
+
+    # --- fitted coefficients ------------------------------------------------------
+    @property
+    def coefficients(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(A, B)`` as float ``[N, M]`` arrays (``A`` is ``None`` for additive models)."""
+        self._check_fitted()
+        table = self.table.cpu().numpy()
+        num_test = self.test_ids.size
+        return (table[:, :num_test], table[:, num_test:]) if self.fit_alpha else (None, table)
+
+    # --- fitting ------------------------------------------------------------------
+    def _fit(self, runs: RunSet) -> None:
+        transitions = Transitions.of(runs)
+        ridge, scores = (self.ridge, None) if self.ridge is not None else self._cross_validate(runs)
+        self.table, info = self._solve(transitions, ridge)
+        self.chosen_ridge = float(ridge)
+        self.fit_info.update(ridge=float(ridge), cv_scores=scores, **info)
+
+    def _solve(self, transitions: Transitions, ridge: float,
+               initial: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Coefficient table ``[N, 2M]`` (``[N, M]`` additive), solved in chunks of test examples."""
+        dtype, device = _DTYPES[self.dtype], torch.device(self.device)
+        runs = transitions.runs
+        num_train, num_test = runs.num_train, runs.num_test
+        design = BatchDesign(transitions.batches, num_train, device)
+        blocks = 2 if self.fit_alpha else 1
+        itemsize = torch.finfo(dtype).bits // 8
+        per_column = itemsize * (8 * transitions.num_transitions + 6 * blocks * num_train)
+        chunk = int(max(1, min(num_test, _WORKING_BYTES // per_column)))
+        table = torch.empty(num_train, blocks * num_test, dtype=dtype, device=device)
+        iterations, residual = 0, 0.0
+        for start in range(0, num_test, chunk):
+            cols = slice(start, min(start + chunk, num_test))
+            previous, current = (torch.as_tensor(x, dtype=dtype, device=device) for x in transitions.columns(cols))
+            target = current - previous if self.alpha_offset == 1.0 else current
+            warm = None
+            if initial is not None:
+                warm = torch.cat([initial[:, num_test * k:][:, cols] for k in range(blocks)], dim=1)
+            solution = solve_transition_ridge(design, previous, target, ridge, self.fit_alpha, self.tol,
+                                              self.max_iter, warm)
+            for k, part in enumerate([solution.a, solution.b] if self.fit_alpha else [solution.b]):
+                table[:, num_test * k:][:, cols] = part
+            iterations = max(iterations, solution.iterations)
+            residual = max(residual, solution.max_relative_residual)
+        return table, {"cg_iterations": iterations, "cg_relative_residual": residual, "column_chunk": chunk}
+
+    def _cross_validate(self, runs: RunSet) -> tuple[float, dict[str, float]]:
+        """Choose ``ridge`` by rolled-out all-steps MSE on K folds of the fitting runs."""
+        if runs.num_runs < 2:
+            raise RunDataError("<runs>", "runs", "cross-validating the ridge strength needs at least 2 fitting runs",
+                               "pass an explicit ridge (--ridge)")
+        folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
+                               min(self.cv_folds, runs.num_runs))
+        scale = float(BatchDesign(Transitions.of(runs).batches, runs.num_train).occurrences.mean())
+        grid = sorted((scale * factor for factor in self.ridge_grid), reverse=True)  # warm starts go strong -> weak
+        errors = np.zeros(len(grid))
+        for fold in folds:
+            fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
+            transitions = Transitions.of(fitting)
+            table = None
+            for g, ridge in enumerate(grid):
+                table, _ = self._solve(transitions, ridge, initial=table)
+                predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
+                                    self.alpha_offset, self.fit_alpha)
+                errors[g] += all_steps_mse(predicted, held_out) / len(folds)
+        scores = {f"{ridge:.6g}": float(error) for ridge, error in zip(grid, errors)}
+        return float(grid[int(np.argmin(errors))]), scores
+
+    # --- prediction ---------------------------------------------------------------
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        return rollout(self.table, curricula, initial, self.alpha_offset, self.fit_alpha)
+
+    # --- persistence --------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        return {"ridge": self.ridge, "ridge_grid": list(self.ridge_grid), "cv_folds": self.cv_folds,
+                "tol": self.tol, "max_iter": self.max_iter, "device": self.device, "dtype": self.dtype,
+                "seed": self.seed}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"table": self.table.cpu().numpy()}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        table = arrays["table"]
+        expected = (self.train_ids.size, (2 if self.fit_alpha else 1) * self.test_ids.size)
+        if table.shape != expected:
+            raise ValueError(f"table has shape {table.shape}, expected {expected}")
+        device = self.device if self.device == "cpu" or torch.cuda.is_available() else "cpu"
+        self.table = torch.as_tensor(table, device=device)
+
+
+@register
+class LinearIdentitySimulator(LinearSimulator):
+    """Simfluence-Linear centred on the identity: ``alpha = 1 + sum_i a_i``."""
+
+    kind = "linear-identity"
+    alpha_offset = 1.0

@@ -1,0 +1,153 @@
+r"""Ridge regression on teacher-forced transitions, for all test examples at once.
+
+For one test example ``m`` and transitions ``s = (run, step)`` with batch indicator
+``x_s`` (a row of :class:`BatchDesign` ``X``), previous loss ``l_s = L^m_{t-1}`` and
+regression target ``y_s``, the model and objective are
+
+.. math::
+
+    \hat y_s = l_s \, x_s^\top a + x_s^\top b, \qquad
+    \min_{a, b}\; \sum_s (\hat y_s - y_s)^2 + \lambda (\lVert a\rVert^2 + \lVert b\rVert^2)
+
+(``a`` is dropped for the additive model). Its normal equations are
+
+.. math::
+
+    \begin{bmatrix} X^\top D^2 X + \lambda I & X^\top D X \\ X^\top D X & X^\top X + \lambda I \end{bmatrix}
+    \begin{bmatrix} a \\ b \end{bmatrix}
+    = \begin{bmatrix} X^\top D y \\ X^\top y \end{bmatrix}, \qquad D = \mathrm{diag}(l).
+
+The design ``X`` is shared by all test examples; only ``l`` and ``y`` differ. We therefore
+run preconditioned conjugate gradient on all ``M`` systems together, each matrix-vector
+product being two sparse-times-dense products of cost ``O(nnz(X) * M)``; the parameters
+are laid out as ``W = [a | b]`` of shape ``[N, 2M]``. The preconditioner inverts the
+``2 x 2`` diagonal block of each (training example, test example) pair exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from simfluence.simulators.design import BatchDesign
+
+
+@dataclass
+class RidgeSolution:
+    """Coefficients ``[N, M]`` (``a`` is ``None`` for the additive model) and solver facts."""
+
+    a: torch.Tensor | None
+    b: torch.Tensor
+    iterations: int
+    max_relative_residual: float
+
+
+def _column_dot(x: torch.Tensor, y: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Per-system inner product for ``[N, blocks * M]`` layouts: returns ``[M]``."""
+    return (x * y).sum(0).view(blocks, -1).sum(0)
+
+
+def solve_transition_ridge(
+    design: BatchDesign,
+    previous: torch.Tensor,
+    target: torch.Tensor,
+    ridge: float,
+    fit_alpha: bool = True,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    initial: torch.Tensor | None = None,
+) -> RidgeSolution:
+    """Solve the ridge normal equations above for every column of ``target``.
+
+    Args:
+        design: ``X`` of shape ``[S, N]`` on the device of the tensors below.
+        previous: ``[S, M]`` losses before each transition (``l``); ignored if not ``fit_alpha``.
+        target: ``[S, M]`` regression targets (``y``).
+        ridge: ``lambda > 0``.
+        fit_alpha: fit ``a`` and ``b`` (linear) or ``b`` only (additive).
+        tol: stop when every system's residual norm is below ``tol`` times its right-hand side's.
+        max_iter: iteration cap.
+        initial: optional warm start, ``[N, 2M]`` (``[N, M]`` if not ``fit_alpha``).
+    """
+    if ridge <= 0:
+        raise ValueError(f"ridge must be positive, got {ridge}")
+    blocks = 2 if fit_alpha else 1
+    num_cols = target.shape[1]
+
+    def transpose_features(residual: torch.Tensor) -> torch.Tensor:
+        stacked = torch.cat([residual * previous, residual], dim=1) if fit_alpha else residual
+        return design.rmatmul(stacked)
+
+    def normal_matvec(weights: torch.Tensor) -> torch.Tensor:
+        summed = design.matmul(weights)
+        prediction = summed[:, :num_cols] * previous + summed[:, num_cols:] if fit_alpha else summed
+        return transpose_features(prediction) + ridge * weights
+
+    # Exact inverse of each pair's 2x2 diagonal block [[d_aa, d_ab], [d_ab, d_bb]].
+    ones = torch.ones_like(target[:, :1])
+    d_bb = design.rmatmul(ones, squared=True) + ridge
+    if fit_alpha:
+        moments = design.rmatmul(torch.cat([previous * previous, previous], dim=1), squared=True)
+        d_aa, d_ab = moments[:, :num_cols] + ridge, moments[:, num_cols:]
+        determinant = d_aa * d_bb - d_ab * d_ab
+
+        def precondition(residual: torch.Tensor) -> torch.Tensor:
+            r_a, r_b = residual[:, :num_cols], residual[:, num_cols:]
+            return torch.cat([(d_bb * r_a - d_ab * r_b) / determinant, (d_aa * r_b - d_ab * r_a) / determinant], 1)
+    else:
+        def precondition(residual: torch.Tensor) -> torch.Tensor:
+            return residual / d_bb
+
+    rhs = transpose_features(target)
+    rhs_norm = _column_dot(rhs, rhs, blocks).sqrt().clamp_min(torch.finfo(rhs.dtype).tiny)
+    weights = torch.zeros_like(rhs) if initial is None else initial.to(rhs).clone()
+    residual = rhs - normal_matvec(weights) if initial is not None else rhs.clone()
+    preconditioned = precondition(residual)
+    direction = preconditioned.clone()
+    rho = _column_dot(residual, preconditioned, blocks)
+    relative = _column_dot(residual, residual, blocks).sqrt() / rhs_norm
+    iterations = 0
+    while iterations < max_iter and float(relative.max()) > tol:
+        product = normal_matvec(direction)
+        curvature = _column_dot(direction, product, blocks)
+        # Converged systems have a zero direction: keep them where they are.
+        step = torch.where(curvature > 0, rho / curvature.clamp_min(torch.finfo(rho.dtype).tiny), 0.0)
+        weights.add_(step.repeat(blocks) * direction)
+        residual.sub_(step.repeat(blocks) * product)
+        preconditioned = precondition(residual)
+        rho_next = _column_dot(residual, preconditioned, blocks)
+        momentum = torch.where(rho > 0, rho_next / rho.clamp_min(torch.finfo(rho.dtype).tiny), 0.0)
+        direction = preconditioned + momentum.repeat(blocks) * direction
+        rho = rho_next
+        relative = _column_dot(residual, residual, blocks).sqrt() / rhs_norm
+        iterations += 1
+    a = weights[:, :num_cols] if fit_alpha else None
+    b = weights[:, num_cols:] if fit_alpha else weights
+    return RidgeSolution(a, b, iterations, float(relative.max()))
+
+
+def dense_transition_ridge(
+    batches: np.ndarray, num_train: int, previous: np.ndarray, target: np.ndarray, ridge: float,
+    fit_alpha: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Reference: one dense float64 ridge solve per test example (slow; for tests and benchmarks).
+
+    Shapes as in :func:`solve_transition_ridge`, NumPy in and out: returns ``(a, b)``, each ``[N, M]``.
+    """
+    x = BatchDesign(batches, num_train).dense()
+    previous = np.asarray(previous, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    num_cols = target.shape[1]
+    a = np.zeros((num_train, num_cols)) if fit_alpha else None
+    b = np.zeros((num_train, num_cols))
+    for m in range(num_cols):
+        features = np.hstack([previous[:, m : m + 1] * x, x]) if fit_alpha else x
+        gram = features.T @ features + ridge * np.eye(features.shape[1])
+        solution = np.linalg.solve(gram, features.T @ target[:, m])
+        if fit_alpha:
+            a[:, m], b[:, m] = solution[:num_train], solution[num_train:]
+        else:
+            b[:, m] = solution
+    return a, b
