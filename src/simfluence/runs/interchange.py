@@ -36,6 +36,8 @@ def read_npz_arrays(path: str | os.PathLike, required: tuple[str, ...]) -> dict[
     source = str(path)
     if not Path(path).is_file():
         raise RunDataError(source, "<file>", "does not exist")
+    if not zipfile.is_zipfile(path):
+        raise RunDataError(source, "<file>", "is not an .npz archive", "write it with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = set(archive.files)

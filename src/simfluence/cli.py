@@ -1,0 +1,130 @@
+"""The ``simfluence`` command line: a thin layer over the library.
+
+Errors in the user's input (files, fields, arguments) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from simfluence.runs import RunDataError, load_runs, save_runs
+from simfluence.runs.interchange import read_npz_arrays
+from simfluence.runs.atomic import atomic_path
+
+METHODS = ["linear", "linear-identity", "additive", "mean-trajectory", "constant"]
+
+
+def _user_errors(command):
+    """Turn bad-input exceptions into a one-line message and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (RunDataError, ValueError, FileNotFoundError) as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="simfluence")
+def main() -> None:
+    """Training data attribution by simulating training runs."""
+
+
+@main.command()
+@click.argument("runs", type=click.Path(exists=True))
+@click.option("--method", type=click.Choice(METHODS), default="linear-identity", show_default=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
+@click.option("--ridge", type=float, default=None, help="Ridge strength; default: chosen by cross-validation.")
+@click.option("--cv-folds", type=int, default=3, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device for fitting, e.g. cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@_user_errors
+def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, device: str, dtype: str) -> None:
+    """Fit a simulator on RUNS (a run store directory or an interchange .npz)."""
+    from simfluence.simulators import make_simulator
+
+    run_set = load_runs(runs)
+    params = {"ridge": ridge, "cv_folds": cv_folds, "device": device, "dtype": dtype} \
+        if method in ("linear", "linear-identity", "additive") else {}
+    simulator = make_simulator(method, **params).fit(run_set)
+    simulator.save(out)
+    info = {key: value for key, value in simulator.fit_info.items() if key != "cv_scores"}
+    click.echo(f"fitted {method} on {run_set!r}: {json.dumps(info)}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("heldout", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_user_errors
+def evaluate(model: str, heldout: str, as_json: bool) -> None:
+    """Score MODEL on HELDOUT runs beside the mean-trajectory and constant baselines."""
+    from simfluence.evaluate import evaluate as evaluate_simulator
+    from simfluence.simulators import Simulator
+
+    result = evaluate_simulator(Simulator.load(model), load_runs(heldout), source=heldout)
+    click.echo(json.dumps(result.as_dict()) if as_json else result.table())
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("curricula", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Trajectories file (.npz).")
+@_user_errors
+def simulate(model: str, curricula: str, out: str) -> None:
+    """Simulate trajectories for CURRICULA.npz.
+
+    The file holds ``curricula`` int [R, T, B] and ``initial_losses`` float [R, M] (an interchange
+    file works too: its step-0 losses are used). Writes ``trajectories`` float32 [R, T + 1, M]
+    and ``test_ids``.
+    """
+    from simfluence.simulators import Simulator
+
+    simulator = Simulator.load(model)
+    arrays = read_npz_arrays(curricula, ("curricula",))
+    if "initial_losses" in arrays:
+        initial = arrays["initial_losses"]
+    elif "losses" in arrays:
+        initial = arrays["losses"][:, 0]
+    else:
+        raise RunDataError(curricula, "initial_losses", "is missing", "add the losses before training, [runs, test]")
+    trajectories = simulator.simulate(arrays["curricula"], initial, source=curricula)
+    with atomic_path(out, suffix=".npz") as temporary:
+        np.savez(temporary, trajectories=trajectories, test_ids=simulator.test_ids.astype(str))
+    click.echo(f"wrote {out}: trajectories {trajectories.shape}")
+
+
+@main.command()
+@click.argument("runs", type=click.Path(exists=True))
+@click.option("--heldout", type=int, required=True, help="Number of held-out runs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write NAME-train.npz and NAME-heldout.npz (default: beside RUNS).")
+@_user_errors
+def split(runs: str, heldout: int, seed: int, out_dir: str | None) -> None:
+    """Split RUNS at random into fitting and held-out interchange files."""
+    from simfluence.evaluate import split_runs
+
+    path = Path(runs)
+    fitting, held_out = split_runs(load_runs(path), heldout, seed)
+    directory = Path(out_dir) if out_dir else path.parent
+    stem = path.stem if path.suffix == ".npz" else path.name
+    for suffix, part in (("train", fitting), ("heldout", held_out)):
+        target = directory / f"{stem}-{suffix}.npz"
+        save_runs(part, target)
+        click.echo(f"wrote {target}: {part!r}")
+
+
+if __name__ == "__main__":
+    main()
