@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+
+from simfluence import RunDataError
+from simfluence.simulators import (SIMULATORS, LinearIdentitySimulator, LinearSimulator, NotFittedError, Simulator,
+                                   make_simulator)
+
+from synthetic import linear_runs
+
+
+def python_rollout(a, b, curricula, initial, alpha_offset):
+    """Plain loop over runs, steps and batch slots: the reference for the vectorised rollout."""
+    runs, steps, _ = curricula.shape
+    out = np.zeros((runs, steps + 1, initial.shape[1]))
+    for r in range(runs):
+        loss = initial[r].astype(np.float64)
+        out[r, 0] = loss
+        for t in range(steps):
+            alpha = np.full(loss.shape, alpha_offset) if a is not None else np.ones_like(loss)
+            beta = np.zeros_like(loss)
+            for i in curricula[r, t]:
+                if i < 0:
+                    continue
+                if a is not None:
+                    alpha = alpha + a[i]
+                beta = beta + b[i]
+            loss = alpha * loss + beta
+            out[r, t + 1] = loss
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-identity", "additive"])
+def test_rollout_matches_python_loop(kind):
+    runs, _, _ = linear_runs(seed=1)
+    simulator = make_simulator(kind, ridge=0.1, dtype="float64").fit(runs)
+    a, b = simulator.coefficients
+    curricula = runs.curricula.copy()
+    curricula[0, 5, 1:] = -1
+    expected = python_rollout(a, b, curricula, runs.initial_losses, simulator.alpha_offset)
+    got = simulator.simulate(curricula, runs.initial_losses)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert np.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    single = simulator.simulate(curricula[0], runs.initial_losses[0])
+    assert np.allclose(single, got[0])
+
+
+def test_linear_recovers_known_model_and_beats_baselines():
+    runs, a, b = linear_runs(num_runs=40, num_steps=60, noise=1e-4, seed=2)
+    fitting, heldout = runs.select(np.arange(32)), runs.select(np.arange(32, 40))
+    errors = {}
+    for kind in SIMULATORS:
+        predicted = make_simulator(kind).fit(fitting).simulate(heldout.curricula, heldout.initial_losses)
+        errors[kind] = float(np.mean((predicted[:, 1:] - heldout.losses[:, 1:]) ** 2))
+    assert errors["linear-identity"] < errors["additive"] < errors["mean-trajectory"] < errors["constant"]
+    assert errors["mean-trajectory"] > 20 * errors["linear-identity"]
+    assert errors["linear"] < errors["mean-trajectory"] / 5
+
+
+def test_cross_validation_chooses_from_grid_on_fitting_runs_only():
+    runs, _, _ = linear_runs(seed=3)
+    simulator = LinearIdentitySimulator(ridge_grid=(0.01, 1.0, 100.0)).fit(runs)
+    scores = simulator.fit_info["cv_scores"]
+    assert len(scores) == 3
+    best = min(scores, key=scores.get)
+    assert np.isclose(float(best), simulator.chosen_ridge, rtol=1e-5)
+    with pytest.raises(RunDataError, match="at least 2"):
+        LinearSimulator().fit(runs.select([0]))
+    LinearSimulator(ridge=1.0).fit(runs.select([0]))  # an explicit ridge needs no folds
+
+
+@pytest.mark.parametrize("kind", sorted(SIMULATORS))
+def test_save_load_round_trip_without_pickle(tmp_path, kind):
+    runs, _, _ = linear_runs(seed=4)
+    simulator = make_simulator(kind, **({"ridge": 0.3} if kind not in ("constant", "mean-trajectory") else {}))
+    simulator.fit(runs)
+    path = simulator.save(tmp_path / "model.npz")
+    with np.load(path, allow_pickle=False) as archive:
+        assert all(archive[name].dtype != object for name in archive.files)
+    loaded = Simulator.load(path)
+    assert type(loaded) is type(simulator) and loaded.fit_info == json.loads(json.dumps(simulator.fit_info))
+    assert np.array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
+                          simulator.simulate(runs.curricula, runs.initial_losses))
+
+
+def test_load_rejects_other_files(tmp_path):
+    np.savez(tmp_path / "x.npz", config=np.array(json.dumps({"format": "simfluence-simulator", "version": 1,
+                                                              "kind": "nope"})),
+             train_ids=np.array(["a"]), test_ids=np.array(["b"]), mean_change=np.zeros((2, 1)))
+    with pytest.raises(RunDataError, match="unknown simulator 'nope'"):
+        Simulator.load(tmp_path / "x.npz")
+    np.savez(tmp_path / "y.npz", config=np.array(json.dumps({"format": "simfluence-simulator", "version": 1,
+                                                              "kind": "linear"})),
+             train_ids=np.array(["a"]), test_ids=np.array(["b"]), mean_change=np.zeros((2, 1)),
+             **{"state.table": np.zeros((3, 3))})
+    with pytest.raises(RunDataError, match="state"):
+        Simulator.load(tmp_path / "y.npz")
+    np.savez(tmp_path / "z.npz", curricula=np.zeros(3))
+    with pytest.raises(RunDataError, match="config.*missing"):
+        Simulator.load(tmp_path / "z.npz")
+
+
+def test_simulate_validates_inputs():
+    runs, _, _ = linear_runs(seed=5)
+    with pytest.raises(NotFittedError):
+        LinearSimulator().simulate(runs.curricula, runs.initial_losses)
+    simulator = LinearSimulator(ridge=1.0).fit(runs)
+    with pytest.raises(RunDataError, match="curricula.*out of range"):
+        simulator.simulate(runs.curricula + runs.num_train, runs.initial_losses)
+    with pytest.raises(RunDataError, match="initial_losses.*shape"):
+        simulator.simulate(runs.curricula, runs.initial_losses[:, :2])
+    bad = runs.initial_losses.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(RunDataError, match="initial_losses.*NaN"):
+        simulator.simulate(runs.curricula, bad)
+    with pytest.raises(ValueError, match="ridge"):
+        LinearSimulator(ridge=-1.0)
+    with pytest.raises(ValueError, match="unknown simulator"):
+        make_simulator("magic")
+
+
+def test_fit_on_sparse_evaluations_uses_consecutive_pairs_only():
+    runs, _, _ = linear_runs(num_steps=30, seed=6)
+    keep = np.array([0, 1, 2, 10, 11, 20, 30])
+    sparse = type(runs).create(runs.curricula, runs.losses[:, keep], runs.train_ids, runs.test_ids, eval_steps=keep)
+    simulator = LinearIdentitySimulator(ridge=0.1).fit(sparse)
+    assert simulator.simulate(sparse.curricula, sparse.initial_losses).shape == (runs.num_runs, 31, runs.num_test)
+    none = type(runs).create(runs.curricula, runs.losses[:, [0, 10, 30]], runs.train_ids, runs.test_ids,
+                             eval_steps=[0, 10, 30])
+    with pytest.raises(RunDataError, match="eval_steps.*consecutive"):
+        LinearIdentitySimulator(ridge=0.1).fit(none)
