@@ -1,0 +1,49 @@
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from simfluence.cli import main
+from simfluence.runs import save_runs
+
+from synthetic import linear_runs
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_split_fit_evaluate_simulate(tmp_path):
+    runs, _, _ = linear_runs(num_runs=14, seed=1)
+    save_runs(runs, tmp_path / "store")
+    result = invoke("split", tmp_path / "store", "--heldout", 4, "--seed", 1, "--out-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    for method in ("linear", "linear-identity", "additive", "mean-trajectory", "constant"):
+        result = invoke("fit", tmp_path / "store-train.npz", "--method", method, "--out", tmp_path / f"{method}.npz")
+        assert result.exit_code == 0, result.output
+    result = invoke("evaluate", tmp_path / "linear-identity.npz", tmp_path / "store-heldout.npz", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["num_runs"] == 4 and record["mse"] < record["baseline_mean_trajectory_mse"]
+    table = invoke("evaluate", tmp_path / "linear.npz", tmp_path / "store-heldout.npz").output
+    assert "all-steps MSE" in table and "constant (baseline)" in table
+    result = invoke("simulate", tmp_path / "additive.npz", tmp_path / "store-heldout.npz", "--out", tmp_path / "t.npz")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "t.npz") as out:
+        assert out["trajectories"].shape == (4, runs.num_steps + 1, runs.num_test)
+
+
+def test_fit_with_explicit_ridge_and_bad_input(tmp_path):
+    runs, _, _ = linear_runs(seed=2)
+    save_runs(runs, tmp_path / "runs.npz")
+    result = invoke("fit", tmp_path / "runs.npz", "--method", "linear", "--ridge", 0.5, "--out", tmp_path / "m.npz")
+    assert result.exit_code == 0 and '"ridge": 0.5' in result.output
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    result = invoke("fit", tmp_path / "broken.npz", "--out", tmp_path / "x.npz")
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "broken.npz" in result.output
+    np.savez(tmp_path / "nocur.npz", initial_losses=np.zeros((1, runs.num_test)))
+    result = invoke("simulate", tmp_path / "m.npz", tmp_path / "nocur.npz", "--out", tmp_path / "t.npz")
+    assert result.exit_code == 2 and "field 'curricula': is missing" in result.output
+    result = invoke("split", tmp_path / "runs.npz", "--heldout", 99)
+    assert result.exit_code == 2 and "--heldout" in result.output
