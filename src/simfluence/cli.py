@@ -126,5 +126,65 @@ def split(runs: str, heldout: int, seed: int, out_dir: str | None) -> None:
         click.echo(f"wrote {target}: {part!r}")
 
 
+@main.command()
+def tasks() -> None:
+    """List the built-in tasks."""
+    from simfluence.collect import list_tasks
+
+    for info in list_tasks():
+        click.echo(f"{info.name:<14} {info.description}")
+        click.echo(f"{'':<14} data: {info.source}")
+
+
+@main.command()
+@click.argument("task")
+@click.option("--runs", "num_runs", type=int, required=True, help="Runs the store should hold.")
+@click.option("--steps", "num_steps", type=int, required=True, help="Optimizer steps per run.")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run store directory.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (or Ray tasks at once).")
+@click.option("--eval-every", type=int, default=1, show_default=True, help="Record test losses every k steps.")
+@_user_errors
+def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, executor: str, address: str | None,
+            workers: int, eval_every: int) -> None:
+    """Collect real training runs of TASK on random curricula into a run store (resumable)."""
+    from simfluence.collect import collect as collect_runs
+
+    eval_steps = None if eval_every == 1 else sorted(set(range(0, num_steps + 1, eval_every)) | {num_steps})
+    store = collect_runs(task, out, num_runs, num_steps, seed, eval_steps=eval_steps, workers=workers,
+                         executor=executor, address=address)
+    click.echo(f"{store!r}")
+
+
+@main.command()
+@click.argument("task")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default: benchmark-TASK).")
+@click.option("--quick", is_flag=True, help="Small sizes for a smoke run (CI).")
+@click.option("--runs", "num_runs", type=int, default=None)
+@click.option("--steps", "num_steps", type=int, default=None)
+@click.option("--heldout", "num_heldout", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--methods", default=None, help="Comma-separated subset of methods (default: all).")
+@_user_errors
+def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
+              num_heldout: int | None, seed: int, workers: int, methods: str | None) -> None:
+    """Fit and score every method on held-out runs of TASK; writes benchmark.md/.json and a plot."""
+    from simfluence.benchmark import BenchmarkConfig, benchmark_markdown, run_benchmark
+
+    overrides = {key: value for key, value in (("num_runs", num_runs), ("num_steps", num_steps),
+                                               ("num_heldout", num_heldout)) if value is not None}
+    if methods:
+        overrides["methods"] = tuple(method.strip() for method in methods.split(","))
+    overrides.update(task=task, out_dir=out or f"benchmark-{task}", seed=seed, workers=workers)
+    config = BenchmarkConfig.quick(**overrides) if quick else BenchmarkConfig(**overrides)
+    result = run_benchmark(config)
+    click.echo(benchmark_markdown(result))
+    click.echo(f"wrote {config.out_dir}/benchmark.md, benchmark.json, trajectories.png")
+
+
 if __name__ == "__main__":
     main()

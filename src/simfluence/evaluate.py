@@ -125,7 +125,9 @@ class Evaluation:
         lines.insert(1, "  ".join("-" * w for w in widths))
         baseline = self.baselines.get("mean-trajectory")
         if baseline is not None and self.metrics.mse > 0:
-            lines.append(f"\nall-steps MSE: {baseline.mse / self.metrics.mse:.2f}x lower than the mean trajectory "
+            ratio = baseline.mse / self.metrics.mse
+            verdict = f"{ratio:.2f}x lower than" if ratio >= 1 else f"{1 / ratio:.2f}x higher than"
+            lines.append(f"\nall-steps MSE: {verdict} the mean trajectory's "
                          f"({self.num_runs} held-out runs, {self.num_steps} steps, {self.num_test} test examples)")
         return "\n".join(lines)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from simfluence.collect.tasks.base import Task, num_examples, take
+from simfluence.collect.tasks.base import Task, take
 from simfluence.runs.log import PAD, RunLog, validate_curriculum, validate_eval_steps
 
 EVAL_CHUNK = 4096
@@ -41,8 +41,10 @@ def _check_curricula(task: Task, curricula, eval_steps, source: str) -> tuple[np
 def _test_losses(task: Task, model, params=None) -> torch.Tensor:
     """float32 ``[M]`` loss of every test example (no gradient)."""
     data = task.data
-    chunks = []
     with torch.no_grad():
+        if task.num_test <= EVAL_CHUNK:
+            return task.example_losses(model, data.test_inputs, data.test_targets, params)
+        chunks = []
         for start in range(0, task.num_test, EVAL_CHUNK):
             index = torch.arange(start, min(start + EVAL_CHUNK, task.num_test))
             chunks.append(task.example_losses(model, take(data.test_inputs, index), data.test_targets[index], params))
@@ -111,11 +113,13 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
 
     data = task.data
     model = task.build_model().eval()
-    names = [name for name, _ in model.named_parameters()]
+    # Trained parameters get one copy per run. Frozen parameters (requires_grad=False,
+    # which SGD in the loop leaves alone too) and buffers are shared.
+    names = [name for name, value in model.named_parameters() if value.requires_grad]
     params = {name: value.detach().unsqueeze(0).repeat(num_runs, *[1] * value.dim()).requires_grad_()
-              for name, value in model.named_parameters()}
-    # Buffers (e.g. normalisation statistics) are not trained: share one copy.
+              for name, value in model.named_parameters() if value.requires_grad}
     buffers = {name: value.detach() for name, value in model.named_buffers()}
+    buffers.update({name: value.detach() for name, value in model.named_parameters() if not value.requires_grad})
 
     def batch_loss(run_params, inputs, targets, weights):
         # Padding slots hold a real example with weight 0: same mean as skipping them.
@@ -145,3 +149,30 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
     stacked = torch.stack(losses, dim=1).numpy()                        # [R, K, M]
     return [RunLog(run_ids[r], curricula[r], stacked[r], eval_steps, seeds[r], dict(meta or {}))
             for r in range(num_runs)]
+
+
+def train_states(task: Task, curriculum, steps: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+    """Model state dicts after each of ``steps`` (0 = the starting checkpoint) along ``curriculum``.
+
+    Replays the same loop as :func:`train_run` (training is deterministic given the
+    curriculum), so these are the checkpoints that run would have passed through; used
+    by TracIn-CP.
+    """
+    curriculum, _ = _check_curricula(task, curriculum, None, "train_states")
+    wanted = sorted({int(step) for step in steps})
+    if not wanted or wanted[0] < 0 or wanted[-1] > curriculum.shape[0]:
+        raise ValueError(f"steps: must lie in 0..{curriculum.shape[0]}, got {list(steps)}")
+    data = task.data
+    model = task.build_model().eval()
+    optimizer = task.make_optimizer(model.parameters())
+    states = {}
+    if 0 in wanted:
+        states[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for step, row in enumerate(torch.from_numpy(curriculum[: wanted[-1]].astype(np.int64)), start=1):
+        index = row[row != PAD]
+        optimizer.zero_grad(set_to_none=True)
+        task.example_losses(model, take(data.train_inputs, index), data.train_targets[index]).mean().backward()
+        optimizer.step()
+        if step in wanted:
+            states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return [states[step] for step in wanted]

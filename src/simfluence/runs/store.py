@@ -46,7 +46,7 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
     digest = hashlib.sha256()
     for group in (train_ids, test_ids):
-        digest.update("\x1f".join(map(str, group)).encode())
+        digest.update("\x1f".join(map(str, group.tolist() if hasattr(group, "tolist") else group)).encode())
         digest.update(b"\x1e")
     return digest.hexdigest()[:16]
 
@@ -137,7 +137,7 @@ class RunStore:
         path = self.run_path(log.run_id)
         log = log.validated(self.train_ids.size, self.test_ids.size, str(path))
         with atomic_path(path, suffix=".parquet") as temporary:
-            pq.write_table(_run_to_table(log, self.digest), temporary)
+            pq.write_table(_run_to_table(log, self.digest), temporary, use_dictionary=False)
         return path
 
     def read(self, run_id: str) -> RunLog:

@@ -3,10 +3,14 @@
 from simfluence.simulators.additive import AdditiveSimulator
 from simfluence.simulators.base import NotFittedError, Simulator, simulator_kinds
 from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySimulator
+from simfluence.simulators.gradient import (GradDotScaledSimulator, GradDotSimulator, InfluenceScaledSimulator,
+                                            InfluenceSimulator, TracInCPScaledSimulator, TracInCPSimulator)
 from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
 
-SIMULATORS = {cls.kind: cls for cls in (LinearSimulator, LinearIdentitySimulator, AdditiveSimulator,
-                                        MeanTrajectorySimulator, ConstantSimulator)}
+SIMULATORS = {cls.kind: cls for cls in (
+    LinearSimulator, LinearIdentitySimulator, AdditiveSimulator, MeanTrajectorySimulator, ConstantSimulator,
+    GradDotSimulator, GradDotScaledSimulator, TracInCPSimulator, TracInCPScaledSimulator, InfluenceSimulator,
+    InfluenceScaledSimulator)}
 
 
 def make_simulator(kind: str, **params) -> Simulator:
@@ -16,6 +20,7 @@ def make_simulator(kind: str, **params) -> Simulator:
     return SIMULATORS[kind](**params)
 
 
-__all__ = ["AdditiveSimulator", "ConstantSimulator", "LinearIdentitySimulator", "LinearSimulator",
+__all__ = ["AdditiveSimulator", "ConstantSimulator", "GradDotScaledSimulator", "GradDotSimulator",
+           "InfluenceScaledSimulator", "InfluenceSimulator", "TracInCPScaledSimulator", "TracInCPSimulator", "LinearIdentitySimulator", "LinearSimulator",
            "MeanTrajectorySimulator", "NotFittedError", "SIMULATORS", "Simulator", "make_simulator",
            "simulator_kinds"]

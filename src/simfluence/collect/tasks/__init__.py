@@ -3,6 +3,8 @@
 from simfluence.collect.tasks.base import Inputs, Task, TaskData, num_examples, take
 from simfluence.collect.tasks.registry import TaskInfo, get_task, list_tasks, register_task
 from simfluence.collect.tasks.digits import DigitsMLP  # noqa: E402  (registers "digits-mlp")
+from simfluence.collect.tasks.text import TextMiniLM  # noqa: E402  (registers "text-minilm")
+from simfluence.collect.tasks.lm import TinyLM  # noqa: E402  (registers "tiny-lm")
 
 __all__ = ["DigitsMLP", "Inputs", "Task", "TaskData", "TaskInfo", "get_task", "list_tasks", "num_examples",
            "register_task", "take"]

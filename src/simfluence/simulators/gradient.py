@@ -1,0 +1,304 @@
+r"""Gradient-based attribution methods as additive simulators.
+
+TracIn, Grad-Dot and influence functions predict how one SGD step on batch :math:`c_t`
+changes a test example's loss: with batch-mean loss and learning rate :math:`\eta`,
+
+.. math::
+
+    L_t - L_{t-1} \approx \sum_{i \in c_t} B_i, \qquad
+    B_i = -\frac{\eta}{|c_t|}\, \nabla\ell(z_{\text{test}})^\top M \,\nabla\ell(z_i),
+
+which is Simfluence-Additive with :math:`B` read off gradients instead of fitted:
+
+* ``grad-dot``: :math:`M = I`, gradients at the starting checkpoint;
+* ``tracin-cp``: :math:`M = I`, averaged over checkpoints :math:`\theta_k` taken along a
+  fitting run, each weighted by its learning rate and the share of steps it stands for;
+* ``influence``: :math:`M = (H + \lambda I)^{-1}` with :math:`H` the Hessian of the mean
+  training loss at the starting checkpoint (exact for small models, conjugate gradient
+  with Hessian-vector products otherwise). Influence functions estimate the effect of an
+  example over the whole run, so their score is spread over its occurrences:
+  :math:`B_i = -\nabla\ell(z_\text{test})^\top (H + \lambda I)^{-1} \nabla\ell(z_i) / (T\,|c|)`
+  (:math:`\lambda` first lifts the smallest eigenvalue of :math:`H` to zero: the loss is not
+  convex; the mean training loss weighs each example by :math:`1/N`, and a run trains on
+  :math:`T|c|` example-occurrences, :math:`\bar o = T|c|/N` of them per example).
+
+Each has a ``-scaled`` form: one global scalar :math:`s` multiplying every predicted step
+change, fitted by least squares on the fitting runs' one-step transitions,
+:math:`s = \langle \hat\Delta, \Delta \rangle / \langle \hat\Delta, \hat\Delta \rangle`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
+from simfluence.runs.log import RunDataError, RunSet
+from simfluence.simulators.base import register
+from simfluence.simulators.design import BatchDesign
+from simfluence.simulators.linear import LinearSimulator, Transitions
+
+
+class GradientSimulator(LinearSimulator):
+    """Shared machinery: ``B`` from gradients, optional fitted scale, additive rollout.
+
+    Args:
+        task: a registered task name or a :class:`~simfluence.collect.tasks.Task` (supplies
+            the starting checkpoint, loss and data; the learning rate comes from the runs'
+            meta ``learning_rate`` when present, else from the task).
+        task_options: options for a task given by name.
+        chunk_size: examples per vectorised gradient pass.
+    """
+
+    fit_alpha = False
+    alpha_offset = 1.0
+    fitted_scale = False
+
+    def __init__(self, task: Any = "digits-mlp", task_options: Mapping[str, Any] | None = None,
+                 chunk_size: int = 256, device: str = "cpu", dtype: str = "float32"):
+        super().__init__(ridge=1.0, device=device, dtype=dtype)
+        self.task_spec = task
+        self.task_options = dict(task_options or {})
+        self.chunk_size = chunk_size
+        self.scale = 1.0
+
+    @property
+    def task(self):
+        from simfluence.collect.tasks import Task, get_task
+
+        if not isinstance(self.task_spec, Task):
+            self.task_spec = get_task(self.task_spec, **self.task_options)
+        return self.task_spec
+
+    # --- fitting ------------------------------------------------------------------
+    def _fit(self, runs: RunSet) -> None:
+        task = self.task
+        for name, mine, theirs in (("train_ids", task.train_ids, runs.train_ids),
+                                   ("test_ids", task.test_ids, runs.test_ids)):
+            if not np.array_equal(mine, theirs):
+                raise RunDataError("<runs>", name, f"differ from task '{task.name}'s ids",
+                                   "fit gradient methods on runs collected from the same task")
+        learning_rate = float(runs.meta.get("learning_rate", task.learning_rate))
+        scores = self._scores(task, runs, learning_rate)  # [N, M] = B
+        self.scale = self._fit_scale(scores, runs) if self.fitted_scale else 1.0
+        self.table = torch.as_tensor(self.scale * scores, dtype=getattr(torch, self.dtype),
+                                     device=torch.device(self.device))
+        self.fit_info.update(learning_rate=learning_rate, scale=self.scale)
+
+    def _scores(self, task, runs: RunSet, learning_rate: float) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def _fit_scale(scores: np.ndarray, runs: RunSet) -> float:
+        transitions = Transitions.of(runs)
+        predicted = BatchDesign(transitions.batches, runs.num_train).matmul(torch.as_tensor(scores)).numpy()
+        previous, current = transitions.columns(slice(None))
+        change = (current - previous).astype(np.float64)
+        denominator = float((predicted * predicted).sum())
+        return float((predicted * change).sum() / denominator) if denominator > 0 else 0.0
+
+    # --- persistence --------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        from simfluence.collect.tasks import Task
+
+        if isinstance(self.task_spec, Task):
+            name, options = self.task_spec.name, self.task_spec.config()
+        else:
+            name, options = self.task_spec, self.task_options
+        return {"task": name, "task_options": options, "chunk_size": self.chunk_size, "device": self.device,
+                "dtype": self.dtype}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"table": self.table.cpu().numpy(), "scale": np.array(self.scale)}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        super()._restore(arrays)
+        self.scale = float(arrays["scale"])
+
+
+def _state_params(task, state: Mapping[str, torch.Tensor] | None):
+    model = task.build_model().eval()
+    if state is not None:
+        model.load_state_dict(state)
+    return model, trainable_params(model)
+
+
+@register
+class GradDotSimulator(GradientSimulator):
+    """``B_i = -(eta / |c|) g_test . g_i`` at the starting checkpoint."""
+
+    kind = "grad-dot"
+
+    def _scores(self, task, runs, learning_rate):
+        model, params = _state_params(task, None)
+        products = gradient_products(task, model, params, chunk_size=self.chunk_size)
+        return (-learning_rate / runs.batch_size * products).numpy()
+
+
+@register
+class TracInCPSimulator(GradientSimulator):
+    """TracIn-CP: Grad-Dot averaged over checkpoints along a fitting run.
+
+    Args:
+        checkpoint_steps: steps of the first fitting run (replayed with the task's trainer,
+            which is deterministic given the curriculum) whose weights serve as checkpoints;
+            default: 0 and every quarter of the run.
+        checkpoints: alternatively, explicit state dicts (e.g. saved during collection);
+            these take precedence. Each checkpoint stands for an equal share of the steps.
+    """
+
+    kind = "tracin-cp"
+
+    def __init__(self, task: Any = "digits-mlp", task_options: Mapping[str, Any] | None = None,
+                 checkpoint_steps: Sequence[int] | None = None,
+                 checkpoints: Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
+        super().__init__(task, task_options, **kwargs)
+        self.checkpoint_steps = None if checkpoint_steps is None else [int(s) for s in checkpoint_steps]
+        self.checkpoints = checkpoints
+
+    def _scores(self, task, runs, learning_rate):
+        states = self.checkpoints
+        if states is None:
+            from simfluence.collect.train import train_states
+
+            steps = self.checkpoint_steps
+            if steps is None:
+                steps = sorted({int(round(q * runs.num_steps)) for q in (0, 0.25, 0.5, 0.75)})
+            if max(steps) > runs.num_steps:
+                raise ValueError(f"checkpoint_steps: {max(steps)} is past the runs' {runs.num_steps} steps")
+            states = train_states(task, runs.curricula[0], steps)
+            self.checkpoint_steps = list(steps)
+        total = np.zeros((task.num_train, task.num_test))
+        for state in states:
+            model, params = _state_params(task, state)
+            total += gradient_products(task, model, params, chunk_size=self.chunk_size).numpy()
+        return -learning_rate / runs.batch_size * total / len(states)
+
+    def _params(self) -> dict[str, Any]:
+        return {**super()._params(), "checkpoint_steps": self.checkpoint_steps}
+
+
+@register
+class InfluenceSimulator(GradientSimulator):
+    """Influence functions with a damped inverse Hessian, spread over an example's occurrences.
+
+    Args:
+        damping: after shifting ``H`` to be positive semi-definite (training losses are not
+            convex), ``lambda = damping * |H|_2`` is added to its diagonal (scale-free).
+        exact_max_params: up to this many parameters ``H`` is formed and solved exactly;
+            above, conjugate gradient with Hessian-vector products (``cg_iterations``).
+    """
+
+    kind = "influence"
+
+    def __init__(self, task: Any = "digits-mlp", task_options: Mapping[str, Any] | None = None,
+                 damping: float = 0.01, exact_max_params: int = 8000, cg_iterations: int = 100, **kwargs):
+        super().__init__(task, task_options, **kwargs)
+        self.damping, self.exact_max_params, self.cg_iterations = damping, exact_max_params, cg_iterations
+
+    def _scores(self, task, runs, learning_rate):
+        model, params = _state_params(task, None)
+        data = task.data
+        names = list(params)
+        shapes = [params[name].shape for name in names]
+        sizes = [params[name].numel() for name in names]
+        flat0 = torch.cat([params[name].reshape(-1) for name in names]).double()
+
+        def mean_train_loss(flat: torch.Tensor) -> torch.Tensor:
+            pieces = torch.split(flat.to(params[names[0]].dtype), sizes)
+            p = {name: piece.reshape(shape) for name, piece, shape in zip(names, pieces, shapes)}
+            return task.example_losses(model, data.train_inputs, data.train_targets, params=p).mean()
+
+        if flat0.numel() <= self.exact_max_params:
+            hessian = torch.func.hessian(mean_train_loss)(flat0.float()).double()
+            eigenvalues = torch.linalg.eigvalsh(hessian)
+            damping = _positive_damping(float(eigenvalues[0]), float(eigenvalues.abs().max()), self.damping)
+            system = hessian + damping * torch.eye(hessian.shape[0], dtype=torch.float64)
+
+            def solve(test_grads: torch.Tensor) -> torch.Tensor:
+                return torch.linalg.solve(system, test_grads.double().T).T
+        else:
+            point = flat0.float()
+
+            def hvp(vectors: torch.Tensor) -> torch.Tensor:
+                def one(v):
+                    return torch.func.jvp(torch.func.grad(mean_train_loss), (point,), (v,))[1]
+                return torch.func.vmap(one)(vectors.float()).double()
+
+            top = _power_iteration(hvp, flat0.numel())
+            smallest = top - _power_iteration(lambda v: top * v - hvp(v), flat0.numel())
+            damping = _positive_damping(smallest, abs(top), self.damping)
+
+            def solve(test_grads: torch.Tensor) -> torch.Tensor:
+                return _batched_cg(lambda v: hvp(v) + damping * v, test_grads.double(), self.cg_iterations)
+
+        self.fit_info["damping_absolute"] = damping
+        products = gradient_products(task, model, params, test_transform=solve, chunk_size=self.chunk_size)
+        return (-products / (runs.num_steps * runs.batch_size)).numpy()
+
+    def _params(self) -> dict[str, Any]:
+        return {**super()._params(), "damping": self.damping, "exact_max_params": self.exact_max_params,
+                "cg_iterations": self.cg_iterations}
+
+
+def _positive_damping(smallest: float, largest: float, relative: float) -> float:
+    """Shift that makes ``H + shift I`` positive definite, plus ``relative`` times ``|H|``.
+
+    Training losses are not convex: ``H`` can have negative eigenvalues, and a solve with
+    an indefinite matrix is meaningless. The shift lifts the smallest eigenvalue to
+    ``relative * |H|_2``.
+    """
+    return max(0.0, -smallest) + relative * max(largest, 1e-12)
+
+
+def _power_iteration(apply, size: int, iterations: int = 50) -> float:
+    """Dominant eigenvalue (by magnitude, with its sign) of a symmetric operator."""
+    vector = torch.randn(1, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    value = 0.0
+    for _ in range(iterations):
+        product = apply(vector)
+        value = float((vector * product).sum() / (vector * vector).sum())
+        vector = product / product.norm().clamp_min(1e-300)
+    return value
+
+
+def _batched_cg(apply, rhs: torch.Tensor, iterations: int, tol: float = 1e-8) -> torch.Tensor:
+    """Solve ``apply(x) = rhs`` row by row (``[M, P]``) with (truncated) conjugate gradient."""
+    x = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    rho = (residual * residual).sum(1)
+    active = torch.ones(rhs.shape[0], dtype=torch.bool)
+    for _ in range(iterations):
+        product = apply(direction)
+        curvature = (direction * product).sum(1)
+        # Truncated CG: a row that meets non-positive curvature (H + damping is not
+        # positive definite there) keeps its current iterate.
+        active &= curvature > 0
+        step = torch.where(active, rho / curvature.clamp_min(1e-300), 0.0)
+        x += step[:, None] * direction
+        residual -= step[:, None] * product
+        rho_next = (residual * residual).sum(1)
+        if float(rho_next.max().sqrt()) < tol * float(rhs.norm(dim=1).max()) or not bool(active.any()):
+            break
+        direction = residual + torch.where(active, rho_next / rho.clamp_min(1e-300), 0.0)[:, None] * direction
+        rho = rho_next
+    return x
+
+
+def _scaled(base: type[GradientSimulator]) -> type[GradientSimulator]:
+    cls = type(f"{base.__name__[:-len('Simulator')]}ScaledSimulator", (base,),
+               {"kind": f"{base.kind}-scaled", "fitted_scale": True,
+                "__doc__": f"``{base.kind}`` with one least-squares global scale fitted on the fitting runs."})
+    return register(cls)
+
+
+GradDotScaledSimulator = _scaled(GradDotSimulator)
+TracInCPScaledSimulator = _scaled(TracInCPSimulator)
+InfluenceScaledSimulator = _scaled(InfluenceSimulator)
+
+__all__ = ["GradDotScaledSimulator", "GradDotSimulator", "GradientSimulator", "InfluenceScaledSimulator",
+           "InfluenceSimulator", "TracInCPScaledSimulator", "TracInCPSimulator", "per_example_gradients"]
