@@ -47,3 +47,22 @@ def test_fit_with_explicit_ridge_and_bad_input(tmp_path):
     assert result.exit_code == 2 and "field 'curricula': is missing" in result.output
     result = invoke("split", tmp_path / "runs.npz", "--heldout", 99)
     assert result.exit_code == 2 and "--heldout" in result.output
+
+
+def test_benchmark_quick_on_digits_writes_every_method(tmp_path):
+    """Acceptance: `simfluence benchmark digits-mlp --quick` holds every method in its JSON."""
+    from simfluence.benchmark import ALL_METHODS
+
+    result = invoke("benchmark", "digits-mlp", "--quick", "--out", tmp_path / "bench")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert [row["method"] for row in record["methods"]] == list(ALL_METHODS)
+    assert all(row["fit_seconds"] >= 0 and row["mse"] is not None for row in record["methods"])
+    assert {row["num_runs"] for row in record["data_efficiency"]} == {4, 8, 16}
+    assert (tmp_path / "bench" / "trajectories.png").stat().st_size > 10_000
+    assert "| linear-identity |" in (tmp_path / "bench" / "benchmark.md").read_text()
+
+
+def test_tasks_lists_builtin_tasks():
+    result = invoke("tasks")
+    assert result.exit_code == 0 and "digits-mlp" in result.output

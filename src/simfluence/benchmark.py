@@ -165,8 +165,8 @@ def plot_trajectories(heldout: RunSet, predictions: dict[str, np.ndarray], path:
     steps = np.arange(heldout.num_steps + 1)
     for ax, m in zip(axes[0], examples):
         ax.plot(heldout.eval_steps, true[:, m], color="black", linewidth=2.5, label="true")
-        for method, predicted in predictions.items():
-            ax.plot(steps, predicted[run, :, m], linewidth=1, label=method)
+        for k, (method, predicted) in enumerate(predictions.items()):
+            ax.plot(steps, predicted[run, :, m], linewidth=1, label=method, color=plt.cm.tab20(k % 20))
         ax.set_title(f"{heldout.test_ids[m]}", fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("test loss")

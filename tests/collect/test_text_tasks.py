@@ -235,7 +235,7 @@ def test_tiny_lm_short_run_changes_losses_and_vmap_agrees(cache):
     np.testing.assert_allclose(vectorised.losses, log.losses, atol=1e-4)
 
 
-# --- default settings (slow) -------------------------------------------------------------
+# --- default settings ----------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name, limit", [("text-minilm", 10.0), ("tiny-lm", 30.0)])
 def test_default_task_runs_100_steps_in_seconds(cache, name, limit):
@@ -249,8 +249,8 @@ def test_default_task_runs_100_steps_in_seconds(cache, name, limit):
     assert np.isfinite(log.losses).all() and log.losses[-1].mean() < log.losses[0].mean()
 
 
-@pytest.mark.slow
 def test_text_minilm_linear_beats_mean_trajectory(cache):
+    """The acceptance check, on the default task (about 5 s, embeddings included)."""
     from simfluence.evaluate import evaluate, split_runs
     from simfluence.runs.log import RunSet
     from simfluence.simulators import LinearIdentitySimulator
@@ -261,3 +261,19 @@ def test_text_minilm_linear_beats_mean_trajectory(cache):
     fit, heldout = split_runs(runs, 8)
     evaluation = evaluate(LinearIdentitySimulator().fit(fit), heldout)
     assert evaluation.metrics.mse < 0.5 * evaluation.baselines["mean-trajectory"].mse
+
+
+@pytest.mark.slow
+def test_tiny_lm_linear_beats_mean_trajectory(cache):
+    """About 2-3 minutes: 32 runs of the default tiny-lm (pretraining included)."""
+    from simfluence.evaluate import evaluate, split_runs
+    from simfluence.runs.log import RunSet
+    from simfluence.simulators import LinearSimulator
+
+    task = get_task("tiny-lm")
+    curricula = UniformSampler(task.default_pool(), task.batch_size).sample_many(100, range(32))
+    logs = [train_run(task, curriculum) for curriculum in curricula]
+    runs = RunSet.from_logs(logs, task.train_ids, task.test_ids)
+    fit, heldout = split_runs(runs, 8)
+    evaluation = evaluate(LinearSimulator().fit(fit), heldout)
+    assert evaluation.metrics.mse < 0.8 * evaluation.baselines["mean-trajectory"].mse

