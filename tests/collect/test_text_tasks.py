@@ -272,7 +272,7 @@ def test_tiny_lm_linear_beats_mean_trajectory(cache):
 
     task = get_task("tiny-lm")
     curricula = UniformSampler(task.default_pool(), task.batch_size).sample_many(100, range(32))
-    logs = [train_run(task, curriculum) for curriculum in curricula]
+    logs = [train_run(task, curriculum, run_id=f"run-{r:06d}") for r, curriculum in enumerate(curricula)]
     runs = RunSet.from_logs(logs, task.train_ids, task.test_ids)
     fit, heldout = split_runs(runs, 8)
     evaluation = evaluate(LinearSimulator().fit(fit), heldout)

@@ -180,7 +180,7 @@ class LinearSimulator(Simulator):
         design = BatchDesign(transitions.batches, num_train, device)
         blocks = 2 if self.fit_alpha else 1
         itemsize = torch.finfo(dtype).bits // 8
-        per_column = itemsize * (8 * transitions.num_transitions + 6 * blocks * num_train)
+        per_column = itemsize * (14 * transitions.num_transitions + 8 * blocks * num_train)  # incl. temporaries
         chunk = int(max(1, min(num_test, _WORKING_BYTES // per_column)))
         table = torch.empty(num_train, blocks * num_test, dtype=dtype, device=device)
         iterations, residual = 0, 0.0
