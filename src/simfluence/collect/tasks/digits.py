@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.tasks.base import Task, TaskData
+from simfluence.collect.tasks.optim import adam
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
 
@@ -160,21 +161,5 @@ def _pretrained_state(hidden, split_seed, init_seed, pretrain_per_class, steps, 
     with torch_threads(1), torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = _mlp(hidden)
-        _adam(model, lambda: F.cross_entropy(model(inputs), targets), steps, lr)
+        adam(list(model.parameters()), lambda step: F.cross_entropy(model(inputs), targets), steps, lr)
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-
-def _adam(model: nn.Module, loss_fn, steps: int, lr: float, betas=(0.9, 0.999), eps=1e-8) -> None:
-    """Full-batch Adam written out: ``torch.optim`` would first import ``torch._dynamo``,
-    about 2 s of start-up in every fresh worker process."""
-    params = list(model.parameters())
-    first = [torch.zeros_like(param) for param in params]
-    second = [torch.zeros_like(param) for param in params]
-    for step in range(1, steps + 1):
-        grads = torch.autograd.grad(loss_fn(), params)
-        with torch.no_grad():
-            for param, grad, m, v in zip(params, grads, first, second):
-                m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
-                v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-                denominator = (v / (1 - betas[1] ** step)).sqrt_().add_(eps)
-                param.addcdiv_(m, denominator, value=-lr / (1 - betas[0] ** step))
