@@ -44,11 +44,6 @@ class RidgeSolution:
     max_relative_residual: float
 
 
-def _column_dot(x: torch.Tensor, y: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Per-system inner product for ``[N, blocks * M]`` layouts: returns ``[M]``."""
-    return (x * y).sum(0).view(blocks, -1).sum(0)
-
-
 def solve_transition_ridge(
     design: BatchDesign,
     previous: torch.Tensor,
@@ -75,53 +70,73 @@ def solve_transition_ridge(
         raise ValueError(f"ridge must be positive, got {ridge}")
     blocks = 2 if fit_alpha else 1
     num_cols = target.shape[1]
+    like = {"dtype": target.dtype, "device": target.device}
+    scratch = torch.empty(design.num_train, blocks * num_cols, **like)
+    # Every iteration works in preallocated buffers: at scale, allocating the [N, 2M] and
+    # [S, 2M] temporaries costs more than the arithmetic.
 
-    def transpose_features(residual: torch.Tensor) -> torch.Tensor:
-        stacked = torch.cat([residual * previous, residual], dim=1) if fit_alpha else residual
+    def column_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.mul(x, y, out=scratch).sum(0).view(blocks, -1).sum(0)
+
+    def transpose_features(stacked: torch.Tensor) -> torch.Tensor:
+        """``Z^T r`` for ``stacked = [. | r]`` (``[S, blocks * M]``); fills the first half in place."""
+        if fit_alpha:
+            torch.mul(stacked[:, num_cols:], previous, out=stacked[:, :num_cols])
         return design.rmatmul(stacked)
 
     def normal_matvec(weights: torch.Tensor) -> torch.Tensor:
-        summed = design.matmul(weights)
-        prediction = summed[:, :num_cols] * previous + summed[:, num_cols:] if fit_alpha else summed
-        return transpose_features(prediction) + ridge * weights
+        summed = design.matmul(weights)  # [X a | X b]
+        if fit_alpha:
+            summed[:, num_cols:].addcmul_(summed[:, :num_cols], previous)  # prediction, in the b half
+        return transpose_features(summed).add_(weights, alpha=ridge)
 
     # Exact inverse of each pair's 2x2 diagonal block [[d_aa, d_ab], [d_ab, d_bb]].
-    ones = torch.ones_like(target[:, :1])
-    d_bb = design.rmatmul(ones, squared=True) + ridge
+    d_bb = design.rmatmul(torch.ones_like(target[:, :1]), squared=True) + ridge
     if fit_alpha:
         moments = design.rmatmul(torch.cat([previous * previous, previous], dim=1), squared=True)
         d_aa, d_ab = moments[:, :num_cols] + ridge, moments[:, num_cols:]
         determinant = d_aa * d_bb - d_ab * d_ab
+        inv_aa, inv_ab, inv_bb = d_bb / determinant, -d_ab / determinant, d_aa / determinant
+        del moments, d_aa, d_ab, determinant
 
-        def precondition(residual: torch.Tensor) -> torch.Tensor:
+        def precondition(residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             r_a, r_b = residual[:, :num_cols], residual[:, num_cols:]
-            return torch.cat([(d_bb * r_a - d_ab * r_b) / determinant, (d_aa * r_b - d_ab * r_a) / determinant], 1)
+            torch.mul(r_a, inv_aa, out=out[:, :num_cols]).addcmul_(r_b, inv_ab)
+            torch.mul(r_b, inv_bb, out=out[:, num_cols:]).addcmul_(r_a, inv_ab)
+            return out
     else:
-        def precondition(residual: torch.Tensor) -> torch.Tensor:
-            return residual / d_bb
+        inverse = 1.0 / d_bb
 
-    rhs = transpose_features(target)
-    rhs_norm = _column_dot(rhs, rhs, blocks).sqrt().clamp_min(torch.finfo(rhs.dtype).tiny)
+        def precondition(residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            return torch.mul(residual, inverse, out=out)
+
+    stacked = torch.empty(target.shape[0], blocks * num_cols, **like)
+    stacked[:, blocks * num_cols - num_cols:] = target
+    rhs = transpose_features(stacked)
+    del stacked
+    tiny = torch.finfo(rhs.dtype).tiny
+    rhs_norm = column_dot(rhs, rhs).sqrt().clamp_min(tiny)
     weights = torch.zeros_like(rhs) if initial is None else initial.to(rhs).clone()
-    residual = rhs - normal_matvec(weights) if initial is not None else rhs.clone()
-    preconditioned = precondition(residual)
+    residual = rhs.sub_(normal_matvec(weights)) if initial is not None else rhs
+    preconditioned = precondition(residual, torch.empty_like(residual))
     direction = preconditioned.clone()
-    rho = _column_dot(residual, preconditioned, blocks)
-    relative = _column_dot(residual, residual, blocks).sqrt() / rhs_norm
+    rho = column_dot(residual, preconditioned)
+    relative = column_dot(residual, residual).sqrt() / rhs_norm
     iterations = 0
     while iterations < max_iter and float(relative.max()) > tol:
         product = normal_matvec(direction)
-        curvature = _column_dot(direction, product, blocks)
+        curvature = column_dot(direction, product)
         # Converged systems have a zero direction: keep them where they are.
-        step = torch.where(curvature > 0, rho / curvature.clamp_min(torch.finfo(rho.dtype).tiny), 0.0)
-        weights.add_(step.repeat(blocks) * direction)
-        residual.sub_(step.repeat(blocks) * product)
-        preconditioned = precondition(residual)
-        rho_next = _column_dot(residual, preconditioned, blocks)
-        momentum = torch.where(rho > 0, rho_next / rho.clamp_min(torch.finfo(rho.dtype).tiny), 0.0)
-        direction = preconditioned + momentum.repeat(blocks) * direction
+        step = torch.where(curvature > 0, rho / curvature.clamp_min(tiny), 0.0).repeat(blocks)
+        weights.addcmul_(direction, step)
+        residual.addcmul_(product, step, value=-1)
+        del product
+        precondition(residual, preconditioned)
+        rho_next = column_dot(residual, preconditioned)
+        momentum = torch.where(rho > 0, rho_next / rho.clamp_min(tiny), 0.0).repeat(blocks)
+        direction.mul_(momentum).add_(preconditioned)
         rho = rho_next
-        relative = _column_dot(residual, residual, blocks).sqrt() / rhs_norm
+        relative = column_dot(residual, residual).sqrt() / rhs_norm
         iterations += 1
     a = weights[:, :num_cols] if fit_alpha else None
     b = weights[:, num_cols:] if fit_alpha else weights
