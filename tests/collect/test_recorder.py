@@ -22,15 +22,6 @@ from simfluence.runs.store import RunStore
 N_TRAIN, N_TEST, DIM, CLASSES = 40, 23, 6, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and are not slowed by a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ce_loss(model, inputs, targets):
     return nn.functional.cross_entropy(model(inputs), targets, reduction="none")
 

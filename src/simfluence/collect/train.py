@@ -51,6 +51,17 @@ def _test_losses(task: Task, model, params=None) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+def _sgd_steps(task: Task, model, optimizer, curriculum: np.ndarray):
+    """Take one optimizer step per curriculum row on its batch-mean loss (``-1`` skipped); yield the step."""
+    data = task.data
+    for step, row in enumerate(torch.from_numpy(curriculum.astype(np.int64)), start=1):
+        index = row[row != PAD]
+        optimizer.zero_grad(set_to_none=True)
+        task.example_losses(model, take(data.train_inputs, index), data.train_targets[index]).mean().backward()
+        optimizer.step()
+        yield step
+
+
 def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000000", seed: int | None = None,
               meta: dict | None = None) -> RunLog:
     """Train one run with a plain PyTorch loop.
@@ -68,17 +79,12 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
     if curriculum.ndim != 2:
         raise ValueError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}; "
                          "use train_runs_vmap for several runs")
-    data = task.data
     model = task.build_model().eval()
     optimizer = task.make_optimizer(model.parameters())
     record = np.zeros(curriculum.shape[0] + 1, dtype=bool)
     record[eval_steps] = True
     losses = [_test_losses(task, model)]
-    for step, row in enumerate(torch.from_numpy(curriculum.astype(np.int64)), start=1):
-        index = row[row != PAD]
-        optimizer.zero_grad(set_to_none=True)
-        task.example_losses(model, take(data.train_inputs, index), data.train_targets[index]).mean().backward()
-        optimizer.step()
+    for step in _sgd_steps(task, model, optimizer, curriculum):
         if record[step]:
             losses.append(_test_losses(task, model))
     return RunLog(run_id, curriculum, torch.stack(losses).numpy(), eval_steps, seed, dict(meta or {}))
@@ -162,17 +168,12 @@ def train_states(task: Task, curriculum, steps: Sequence[int]) -> list[dict[str,
     wanted = sorted({int(step) for step in steps})
     if not wanted or wanted[0] < 0 or wanted[-1] > curriculum.shape[0]:
         raise ValueError(f"steps: must lie in 0..{curriculum.shape[0]}, got {list(steps)}")
-    data = task.data
     model = task.build_model().eval()
     optimizer = task.make_optimizer(model.parameters())
     states = {}
     if 0 in wanted:
         states[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for step, row in enumerate(torch.from_numpy(curriculum[: wanted[-1]].astype(np.int64)), start=1):
-        index = row[row != PAD]
-        optimizer.zero_grad(set_to_none=True)
-        task.example_losses(model, take(data.train_inputs, index), data.train_targets[index]).mean().backward()
-        optimizer.step()
+    for step in _sgd_steps(task, model, optimizer, curriculum[: wanted[-1]]):
         if step in wanted:
             states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return [states[step] for step in wanted]
