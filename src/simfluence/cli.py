@@ -18,6 +18,7 @@ from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.atomic import atomic_path
 
 METHODS = ["linear", "linear-identity", "additive", "mean-trajectory", "constant"]
+GRADIENT_METHODS = ["grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled"]
 
 
 def _user_errors(command):
@@ -42,20 +43,29 @@ def main() -> None:
 
 @main.command()
 @click.argument("runs", type=click.Path(exists=True))
-@click.option("--method", type=click.Choice(METHODS), default="linear-identity", show_default=True)
+@click.option("--method", type=click.Choice(METHODS + GRADIENT_METHODS), default="linear-identity",
+              show_default=True, help="Gradient methods take the task (model, data) from the runs' meta.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
 @click.option("--ridge", type=float, default=None, help="Ridge strength; default: chosen by cross-validation.")
 @click.option("--cv-folds", type=int, default=3, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device for fitting, e.g. cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
+              help="tracin-cp: a run store collected with --checkpoint-steps (default: replay a fitting run).")
 @_user_errors
-def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, device: str, dtype: str) -> None:
+def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, device: str, dtype: str,
+        checkpoints: str | None) -> None:
     """Fit a simulator on RUNS (a run store directory or an interchange .npz)."""
     from simfluence.simulators import make_simulator
 
     run_set = load_runs(runs)
-    params = {"ridge": ridge, "cv_folds": cv_folds, "device": device, "dtype": dtype} \
-        if method in ("linear", "linear-identity", "additive") else {}
+    if checkpoints and not method.startswith("tracin-cp"):
+        raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
+    params = {}
+    if method in ("linear", "linear-identity", "additive"):
+        params = {"ridge": ridge, "cv_folds": cv_folds, "device": device, "dtype": dtype}
+    elif method in GRADIENT_METHODS:
+        params = {"device": device, "dtype": dtype, **({"checkpoints": checkpoints} if checkpoints else {})}
     simulator = make_simulator(method, **params).fit(run_set)
     simulator.save(out)
     info = {key: value for key, value in simulator.fit_info.items() if key != "cv_scores"}
@@ -126,6 +136,27 @@ def split(runs: str, heldout: int, seed: int, out_dir: str | None) -> None:
         click.echo(f"wrote {target}: {part!r}")
 
 
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers, got '{text}'") from None
+
+
+def _task_options(options: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values are JSON where they parse (numbers, lists), else strings."""
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option: expected KEY=VALUE, got '{option}'")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
 @main.command()
 def tasks() -> None:
     """List the built-in tasks."""
@@ -146,15 +177,21 @@ def tasks() -> None:
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (or Ray tasks at once).")
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Record test losses every k steps.")
+@click.option("--checkpoint-steps", default=None,
+              help="Comma-separated steps after which to keep every run's weights (0: the start), for tracin-cp.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Task setting, e.g. lr_schedule=cosine, warmup_steps=10, learning_rate=0.05 (repeatable).")
 @_user_errors
 def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, executor: str, address: str | None,
-            workers: int, eval_every: int) -> None:
+            workers: int, eval_every: int, checkpoint_steps: str | None, options: tuple[str, ...]) -> None:
     """Collect real training runs of TASK on random curricula into a run store (resumable)."""
-    from simfluence.collect import collect as collect_runs
+    from simfluence.collect import collect as collect_runs, get_task
 
     eval_steps = None if eval_every == 1 else sorted(set(range(0, num_steps + 1, eval_every)) | {num_steps})
-    store = collect_runs(task, out, num_runs, num_steps, seed, eval_steps=eval_steps, workers=workers,
-                         executor=executor, address=address)
+    steps = _integers(checkpoint_steps, "--checkpoint-steps") if checkpoint_steps else None
+    store = collect_runs(get_task(task, **_task_options(options)), out, num_runs, num_steps, seed,
+                         eval_steps=eval_steps, workers=workers, executor=executor, address=address,
+                         checkpoint_steps=steps)
     click.echo(f"{store!r}")
 
 

@@ -126,7 +126,8 @@ def test_a_user_task_with_dict_inputs_fits_the_interface():
 
     task = Toy()
     assert task.example_losses(task.build_model(), task.data.test_inputs, task.data.test_targets).shape == (2,)
-    assert task.meta()["task"] == "toy" and task.config() == {"learning_rate": 0.1, "batch_size": 2}
+    assert task.meta()["task"] == "toy" and task.config() == {"learning_rate": 0.1, "batch_size": 2,
+                                                              "lr_schedule": "constant", "warmup_steps": 0}
 
 
 class _KeywordModel(torch.nn.Module):

@@ -31,10 +31,14 @@ speed per run on CPU, and smaller chunks give a finer progress bar and lose less
 when a worker dies."""
 
 
-def collection_meta(task: Task, num_steps: int, seed: int, sampler: Sampler, eval_steps) -> dict:
+def collection_meta(task: Task, num_steps: int, seed: int, sampler: Sampler, eval_steps,
+                    checkpoint_steps: tuple[int, ...] = ()) -> dict:
     """What the store records; a resume must match it exactly."""
-    return {**task.meta(), "num_steps": int(num_steps), "seed": int(seed), "sampler": sampler.describe(),
+    meta = {**task.meta(), "num_steps": int(num_steps), "seed": int(seed), "sampler": sampler.describe(),
             "eval_steps": None if eval_steps is None else [int(step) for step in eval_steps]}
+    if checkpoint_steps:
+        meta["checkpoint_steps"] = list(checkpoint_steps)
+    return meta
 
 
 def collect(
@@ -52,6 +56,7 @@ def collect(
     vectorize: bool = True,
     chunk_size: int | None = None,
     threads: int = 1,
+    checkpoint_steps=None,
     progress: bool = True,
 ) -> RunStore:
     """Train runs ``0 .. num_runs-1`` of ``task`` and store them in ``out_dir``.
@@ -81,6 +86,8 @@ def collect(
             intra-op threads and lose a lot when the CPUs are shared (idle OpenMP
             threads spin): parallelise across runs with ``workers`` instead, and raise
             ``threads`` only for models whose single steps are big.
+        checkpoint_steps: steps after which every run's weights are kept in the store
+            (``0``: the starting checkpoint), for TracIn-CP; default none.
         progress: show a tqdm progress bar (runs).
 
     Returns:
@@ -100,10 +107,15 @@ def collect(
                          f"{task.num_train} training examples; use indices below {task.num_train}")
     if eval_steps is not None:
         eval_steps = tuple(int(step) for step in validate_eval_steps(list(eval_steps), num_steps, "eval_steps"))
+    task.learning_rates(num_steps)  # an unknown schedule fails here, not in a worker
+    checkpoint_steps = tuple(sorted({int(step) for step in checkpoint_steps or ()}))
+    if checkpoint_steps and (checkpoint_steps[0] < 0 or checkpoint_steps[-1] > num_steps):
+        raise ValueError(f"checkpoint_steps: must lie in 0..{num_steps} (the run length), got {list(checkpoint_steps)}")
     executor = get_executor(executor, workers, address=address)
 
     store = RunStore.create(out_dir, task.train_ids, task.test_ids,
-                            collection_meta(task, num_steps, seed, sampler, eval_steps), exist_ok=True)
+                            collection_meta(task, num_steps, seed, sampler, eval_steps, checkpoint_steps),
+                            exist_ok=True)
     done = set(store.run_ids())
     pending = [index for index in range(num_runs) if run_id_of(index) not in done]
     if not pending:
@@ -112,7 +124,7 @@ def collect(
     if chunk_size is None:
         chunk_size = min(MAX_CHUNK, math.ceil(len(pending) / executor.workers))
     chunks = [Chunk(task, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
-                    eval_steps, vectorize, threads)
+                    eval_steps, vectorize, threads, checkpoint_steps)
               for indices in split_chunks(pending, int(chunk_size))]
     with tqdm(total=len(pending), unit="run", desc=f"collect {task.name}", disable=not progress) as bar:
         for written in executor.map(run_chunk, chunks):

@@ -15,6 +15,7 @@ only when it is used).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +48,7 @@ class Chunk:
         num_steps, seed, sampler, eval_steps: the collection's settings.
         vectorize: train the chunk's runs at once with ``vmap`` (else one by one).
         num_threads: torch threads in the worker (``None``: leave as is).
+        checkpoint_steps: steps after which each run's weights are stored (``0``: the start).
     """
 
     task: Task
@@ -58,6 +60,7 @@ class Chunk:
     eval_steps: tuple[int, ...] | None = None
     vectorize: bool = True
     num_threads: int | None = None
+    checkpoint_steps: tuple[int, ...] = ()
 
 
 def run_chunk(chunk: Chunk) -> list[str]:
@@ -73,10 +76,15 @@ def run_chunk(chunk: Chunk) -> list[str]:
     # Writes go to a few threads: each ends in an fsync that would otherwise stall
     # training (about 10 ms a run, as long as training one digits run vectorised).
     with torch_threads(chunk.num_threads), concurrent.futures.ThreadPoolExecutor(WRITER_THREADS) as writers:
+        # Checkpoints are written while training, so before the run's own file.
         if chunk.vectorize:
-            logs = train_runs_vmap(chunk.task, curricula, eval_steps, run_ids=run_ids, seeds=seeds)
+            logs = train_runs_vmap(chunk.task, curricula, eval_steps, run_ids=run_ids, seeds=seeds,
+                                   checkpoint_steps=chunk.checkpoint_steps,
+                                   on_checkpoint=lambda r, step, state: store.write_checkpoint(run_ids[r], step, state))
         else:
-            logs = (train_run(chunk.task, curriculum, eval_steps, run_id=run_id, seed=seed)
+            logs = (train_run(chunk.task, curriculum, eval_steps, run_id=run_id, seed=seed,
+                              checkpoint_steps=chunk.checkpoint_steps,
+                              on_checkpoint=functools.partial(store.write_checkpoint, run_id))
                     for curriculum, run_id, seed in zip(curricula, run_ids, seeds))
         writes = [writers.submit(store.write, log) for log in logs]
         for write in writes:

@@ -10,15 +10,18 @@
   rounding (max abs difference well below 1e-5 on digits-mlp).
 
 Both start from ``task.build_model()``, take one SGD step per curriculum row on the
-mean loss of the row's examples (``-1`` padding skipped), and record the loss of every
-test example before training (step 0) and after each step in ``eval_steps``. The model
+mean loss of the row's examples (``-1`` padding skipped) with the step's learning rate
+from the task's schedule (:meth:`Task.learning_rates`), and record the loss of every
+test example before training (step 0) and after each step in ``eval_steps``. Both can
+hand the weights at chosen ``checkpoint_steps`` to a callback (collection stores them
+for TracIn-CP). The model
 is kept in eval mode (no dropout): a run is then a deterministic function of its
 curriculum, which is what a simulator is asked to predict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,11 +54,26 @@ def _test_losses(task: Task, model, params=None) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+Checkpoint = Callable[[int, dict[str, torch.Tensor]], None]
+"""``on_checkpoint(step, state_dict)``: called with the model's weights after ``step`` (0: the start)."""
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
 def _sgd_steps(task: Task, model, optimizer, curriculum: np.ndarray):
-    """Take one optimizer step per curriculum row on its batch-mean loss (``-1`` skipped); yield the step."""
+    """Take one optimizer step per curriculum row on its batch-mean loss (``-1`` skipped); yield the step.
+
+    The learning rate follows the task's schedule over the whole curriculum's length, so
+    a caller that stops early (``train_states``) still sees the rates of the full run.
+    """
     data = task.data
+    rates = task.learning_rates(curriculum.shape[0])
     for step, row in enumerate(torch.from_numpy(curriculum.astype(np.int64)), start=1):
         index = row[row != PAD]
+        for group in optimizer.param_groups:
+            group["lr"] = float(rates[step - 1])
         optimizer.zero_grad(set_to_none=True)
         task.example_losses(model, take(data.train_inputs, index), data.train_targets[index]).mean().backward()
         optimizer.step()
@@ -63,7 +81,8 @@ def _sgd_steps(task: Task, model, optimizer, curriculum: np.ndarray):
 
 
 def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000000", seed: int | None = None,
-              meta: dict | None = None) -> RunLog:
+              meta: dict | None = None, checkpoint_steps: Sequence[int] = (),
+              on_checkpoint: Checkpoint | None = None) -> RunLog:
     """Train one run with a plain PyTorch loop.
 
     Args:
@@ -71,6 +90,8 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
         curriculum: int ``[T, B]`` training-example indices per step, ``-1`` pads.
         eval_steps: int ``[K]`` steps to record, starting at 0; default every step ``0..T``.
         run_id, seed, meta: stored in the returned log.
+        checkpoint_steps, on_checkpoint: ``on_checkpoint(step, state_dict)`` after each of
+            these steps (``0``: before training).
 
     Returns:
         A :class:`RunLog` with ``losses`` float32 ``[K, M]``.
@@ -79,19 +100,35 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
     if curriculum.ndim != 2:
         raise ValueError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}; "
                          "use train_runs_vmap for several runs")
+    checkpoints = _check_checkpoint_steps(checkpoint_steps, curriculum.shape[0], on_checkpoint)
     model = task.build_model().eval()
     optimizer = task.make_optimizer(model.parameters())
     record = np.zeros(curriculum.shape[0] + 1, dtype=bool)
     record[eval_steps] = True
     losses = [_test_losses(task, model)]
+    if 0 in checkpoints:
+        on_checkpoint(0, _state(model))
     for step in _sgd_steps(task, model, optimizer, curriculum):
         if record[step]:
             losses.append(_test_losses(task, model))
+        if step in checkpoints:
+            on_checkpoint(step, _state(model))
     return RunLog(run_id, curriculum, torch.stack(losses).numpy(), eval_steps, seed, dict(meta or {}))
 
 
+def _check_checkpoint_steps(steps: Sequence[int], num_steps: int, callback) -> set[int]:
+    steps = {int(step) for step in steps}
+    if steps and callback is None:
+        raise ValueError("checkpoint_steps: given without on_checkpoint, so the checkpoints would be lost")
+    if steps and (min(steps) < 0 or max(steps) > num_steps):
+        raise ValueError(f"checkpoint_steps: must lie in 0..{num_steps}, got {sorted(steps)}")
+    return steps
+
+
 def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence[str] | None = None,
-                    seeds: Sequence[int | None] | None = None, meta: dict | None = None) -> list[RunLog]:
+                    seeds: Sequence[int | None] | None = None, meta: dict | None = None,
+                    checkpoint_steps: Sequence[int] = (),
+                    on_checkpoint: Callable[[int, int, dict[str, torch.Tensor]], None] | None = None) -> list[RunLog]:
     """Train ``R`` runs at once, vectorised over runs; same results as :func:`train_run`.
 
     Args:
@@ -101,6 +138,8 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
         run_ids: ``R`` names, default ``run-000000, ...``.
         seeds: ``R`` curriculum seeds to store with the runs.
         meta: stored in every returned log.
+        checkpoint_steps, on_checkpoint: ``on_checkpoint(r, step, state_dict)`` for every
+            run ``r`` after each of these steps (``0``: before training).
 
     Memory is about ``R`` copies of the weights and their gradients plus ``R`` times one
     step's activations: chunk ``R`` for big models.
@@ -112,6 +151,7 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
     if curricula.ndim != 3:
         raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
     num_runs, num_steps, _ = curricula.shape
+    checkpoints = _check_checkpoint_steps(checkpoint_steps, num_steps, on_checkpoint)
     run_ids = [f"run-{r:06d}" for r in range(num_runs)] if run_ids is None else list(run_ids)
     seeds = [None] * num_runs if seeds is None else list(seeds)
     if len(run_ids) != num_runs or len(seeds) != num_runs:
@@ -132,6 +172,16 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
         losses = task.example_losses(model, inputs, targets, {**run_params, **buffers})
         return (losses * weights).sum() / weights.sum()
 
+    # State-dict keys to the trained parameter behind each (tied weights share one), if any.
+    parameter_names = {id(value): name for name, value in model.named_parameters()}
+    state_sources = {key: parameter_names.get(id(value)) for key, value in model.state_dict(keep_vars=True).items()}
+    start_state = _state(model)
+
+    def save_checkpoints(step: int) -> None:
+        for r in range(num_runs):
+            on_checkpoint(r, step, {key: params[name][r].detach().clone() if name in params else start_state[key]
+                                    for key, name in state_sources.items()})
+
     losses_of_runs = vmap(batch_loss)
     evaluate = vmap(lambda run_params: _test_losses(task, model, {**run_params, **buffers}))
 
@@ -140,8 +190,11 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
     index_all = torch.from_numpy(curricula.astype(np.int64))            # [R, T, B]
     weights_all = (index_all != PAD).to(torch.float32)                  # [R, T, B]
     index_all = index_all.clamp_min(0)
+    rates = task.learning_rates(num_steps)
     with torch.no_grad():
         losses = [evaluate(params)]                                     # each [R, M]
+    if 0 in checkpoints:
+        save_checkpoints(0)
     for step in range(1, num_steps + 1):
         index = index_all[:, step - 1]                                  # [R, B]
         total = losses_of_runs(params, take(data.train_inputs, index), data.train_targets[index],
@@ -149,9 +202,11 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
         grads = torch.autograd.grad(total, [params[name] for name in names])
         with torch.no_grad():
             for name, grad in zip(names, grads):
-                params[name].sub_(grad, alpha=task.learning_rate)
+                params[name].sub_(grad, alpha=float(rates[step - 1]))
             if record[step]:
                 losses.append(evaluate(params))
+        if step in checkpoints:
+            save_checkpoints(step)
     stacked = torch.stack(losses, dim=1).numpy()                        # [R, K, M]
     return [RunLog(run_ids[r], curricula[r], stacked[r], eval_steps, seeds[r], dict(meta or {}))
             for r in range(num_runs)]
@@ -170,10 +225,10 @@ def train_states(task: Task, curriculum, steps: Sequence[int]) -> list[dict[str,
         raise ValueError(f"steps: must lie in 0..{curriculum.shape[0]}, got {list(steps)}")
     model = task.build_model().eval()
     optimizer = task.make_optimizer(model.parameters())
-    states = {}
-    if 0 in wanted:
-        states[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for step in _sgd_steps(task, model, optimizer, curriculum[: wanted[-1]]):
+    states = {0: _state(model)} if 0 in wanted else {}
+    for step in _sgd_steps(task, model, optimizer, curriculum):
         if step in wanted:
-            states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            states[step] = _state(model)
+        if step == wanted[-1]:
+            break
     return [states[step] for step in wanted]

@@ -5,6 +5,7 @@ Layout::
     STORE/
       simfluence-store.json     format version, train_ids, test_ids, task meta
       runs/<run_id>.parquet     one file per finished run
+      checkpoints/<run_id>/step-<t>.npz   optional: model weights after step t (0: the start)
 
 Each run file has one row per step ``t = 0..T`` with columns
 
@@ -15,6 +16,9 @@ Each run file has one row per step ``t = 0..T`` with columns
 and its schema metadata (key ``simfluence``) holds the run id, seed, run meta and a
 digest of the store's id lists, so a file copied into the wrong store is rejected.
 The files read as-is with pandas, pyarrow or duckdb.
+
+Checkpoint files hold one array per state-dict entry (no pickle). A collector writes a
+run's checkpoints before the run's Parquet file, so a finished run has all of them.
 
 Every file is written atomically (temporary file, then rename), and the run list is
 the directory listing, so an interrupted collection loses at most the run in progress
@@ -33,14 +37,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from simfluence.runs.atomic import atomic_path, write_text_atomic
+from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet, validate_meta
 
 MANIFEST = "simfluence-store.json"
 FORMAT = "simfluence-runstore"
 VERSION = 1
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
 
 def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
@@ -148,6 +155,37 @@ class RunStore:
         ids = self.run_ids() if run_ids is None else list(run_ids)
         return RunSet.from_logs([self.read(run_id) for run_id in ids], self.train_ids, self.test_ids,
                                 self.meta, source=str(self.root))
+
+    # --- checkpoints --------------------------------------------------------------
+    def checkpoint_path(self, run_id: str, step: int) -> Path:
+        return self.run_path(run_id).parent.parent / "checkpoints" / run_id / f"step-{int(step):06d}.npz"
+
+    def write_checkpoint(self, run_id: str, step: int, state: dict[str, torch.Tensor]) -> Path:
+        """Write the model ``state`` (a state dict) after ``step`` of run ``run_id`` atomically."""
+        path = self.checkpoint_path(run_id, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".npz") as temporary:
+            np.savez(temporary, **{f"state.{key}": value.detach().cpu().numpy() for key, value in state.items()})
+        return path
+
+    def checkpoint_steps(self, run_id: str) -> list[int]:
+        """Steps of run ``run_id`` with a stored checkpoint, sorted (empty if none)."""
+        directory = self.checkpoint_path(run_id, 0).parent
+        if not directory.is_dir():
+            return []
+        matches = (CHECKPOINT_PATTERN.match(path.stem) for path in directory.glob("step-*.npz"))
+        return sorted(int(match.group(1)) for match in matches if match)
+
+    def read_checkpoint(self, run_id: str, step: int) -> dict[str, torch.Tensor]:
+        """The state dict stored after ``step`` of run ``run_id`` (loaded without unpickling)."""
+        path = self.checkpoint_path(run_id, step)
+        if not path.is_file():
+            raise RunDataError(str(path), "checkpoint", f"run '{run_id}' has no checkpoint at step {step}",
+                               f"stored steps: {self.checkpoint_steps(run_id) or 'none'}; collect with "
+                               "--checkpoint-steps")
+        arrays = read_npz_arrays(path, ())
+        return {key.removeprefix("state."): torch.from_numpy(value) for key, value in arrays.items()
+                if key.startswith("state.")}
 
     def __repr__(self) -> str:
         return f"RunStore('{self.root}', runs={len(self)}, train={self.train_ids.size}, test={self.test_ids.size})"

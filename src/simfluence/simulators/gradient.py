@@ -1,18 +1,24 @@
 r"""Gradient-based attribution methods as additive simulators.
 
 TracIn, Grad-Dot and influence functions predict how one SGD step on batch :math:`c_t`
-changes a test example's loss: with batch-mean loss and learning rate :math:`\eta`,
+changes a test example's loss: with batch-mean loss and learning rate :math:`\eta_t`,
 
 .. math::
 
     L_t - L_{t-1} \approx \sum_{i \in c_t} B_i, \qquad
-    B_i = -\frac{\eta}{|c_t|}\, \nabla\ell(z_{\text{test}})^\top M \,\nabla\ell(z_i),
+    B_i = -\frac{\bar\eta}{|c_t|}\, \nabla\ell(z_{\text{test}})^\top M \,\nabla\ell(z_i),
 
-which is Simfluence-Additive with :math:`B` read off gradients instead of fitted:
+which is Simfluence-Additive with :math:`B` read off gradients instead of fitted. ``B`` is
+the same at every step, so the learning-rate schedule enters as its average over the run,
+:math:`\bar\eta = \frac1T \sum_t \eta_t` (the rates come from the runs' meta, which
+records how they were trained):
 
 * ``grad-dot``: :math:`M = I`, gradients at the starting checkpoint;
-* ``tracin-cp``: :math:`M = I`, averaged over checkpoints :math:`\theta_k` taken along a
-  fitting run, each weighted by its learning rate and the share of steps it stands for;
+* ``tracin-cp``: :math:`M = I`, gradients at checkpoints :math:`\theta_k` (after steps
+  :math:`s_1 < \dots < s_K` of one fitting run, stored during collection or replayed),
+  checkpoint :math:`k` standing for steps :math:`s_k < t \le s_{k+1}` (the first one also
+  for the steps before it, the last one up to :math:`T`), so
+  :math:`\bar\eta\, g^\top g \to \frac1T \sum_k \big(\sum_{t \in k} \eta_t\big)\, g_k^\top g_k`;
 * ``influence``: :math:`M = (H + \lambda I)^{-1}` with :math:`H` the Hessian of the mean
   training loss at the starting checkpoint (exact for small models, conjugate gradient
   with Hessian-vector products otherwise). Influence functions estimate the effect of an
@@ -29,12 +35,14 @@ change, fitted by least squares on the fitting runs' one-step transitions,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from simfluence.collect.schedules import learning_rates
 from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import register
@@ -47,8 +55,10 @@ class GradientSimulator(LinearSimulator):
 
     Args:
         task: a registered task name or a :class:`~simfluence.collect.tasks.Task` (supplies
-            the starting checkpoint, loss and data; the learning rate comes from the runs'
-            meta ``learning_rate`` when present, else from the task).
+            the starting checkpoint, loss and data); default: the task named in the fitting
+            runs' meta, with their recorded options. The learning rates come from the runs'
+            meta (``learning_rate``, ``task_config.lr_schedule`` and ``warmup_steps``)
+            where recorded, else from the task.
         task_options: options for a task given by name.
         chunk_size: examples per vectorised gradient pass.
     """
@@ -57,7 +67,7 @@ class GradientSimulator(LinearSimulator):
     alpha_offset = 1.0
     fitted_scale = False
 
-    def __init__(self, task: Any = "digits-mlp", task_options: Mapping[str, Any] | None = None,
+    def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
                  chunk_size: int = 256, device: str = "cpu", dtype: str = "float32"):
         super().__init__(ridge=1.0, device=device, dtype=dtype)
         self.task_spec = task
@@ -65,30 +75,43 @@ class GradientSimulator(LinearSimulator):
         self.chunk_size = chunk_size
         self.scale = 1.0
 
-    @property
-    def task(self):
+    def _task_for(self, runs: RunSet):
         from simfluence.collect.tasks import Task, get_task
 
+        if self.task_spec is None:
+            if "task" not in runs.meta:
+                raise RunDataError("<runs>", "meta.task", "is missing, so the model and data behind the runs "
+                                   "are unknown", "pass task=... (the Task the runs were collected from)")
+            self.task_spec, self.task_options = runs.meta["task"], dict(runs.meta.get("task_config", {}))
         if not isinstance(self.task_spec, Task):
             self.task_spec = get_task(self.task_spec, **self.task_options)
         return self.task_spec
 
+    @staticmethod
+    def _learning_rates(task, runs: RunSet) -> np.ndarray:
+        """float64 ``[T]``: the rates the runs were trained with (their meta first, then the task)."""
+        config = runs.meta.get("task_config", {})
+        return learning_rates(float(runs.meta.get("learning_rate", task.learning_rate)), runs.num_steps,
+                              config.get("lr_schedule", task.lr_schedule),
+                              config.get("warmup_steps", task.warmup_steps))
+
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
-        task = self.task
+        task = self._task_for(runs)
         for name, mine, theirs in (("train_ids", task.train_ids, runs.train_ids),
                                    ("test_ids", task.test_ids, runs.test_ids)):
             if not np.array_equal(mine, theirs):
                 raise RunDataError("<runs>", name, f"differ from task '{task.name}'s ids",
                                    "fit gradient methods on runs collected from the same task")
-        learning_rate = float(runs.meta.get("learning_rate", task.learning_rate))
-        scores = self._scores(task, runs, learning_rate)  # [N, M] = B
+        rates = self._learning_rates(task, runs)
+        scores = self._scores(task, runs, rates)  # [N, M] = B
         self.scale = self._fit_scale(scores, runs) if self.fitted_scale else 1.0
         self.table = torch.as_tensor(self.scale * scores, dtype=getattr(torch, self.dtype),
                                      device=torch.device(self.device))
-        self.fit_info.update(learning_rate=learning_rate, scale=self.scale)
+        self.fit_info.update(learning_rate=float(rates.mean()), scale=self.scale)
 
-    def _scores(self, task, runs: RunSet, learning_rate: float) -> np.ndarray:
+    def _scores(self, task, runs: RunSet, rates: np.ndarray) -> np.ndarray:
+        """float64 ``[N, M]``: ``B`` for the runs' step learning rates ``rates`` ``[T]``."""
         raise NotImplementedError
 
     @staticmethod
@@ -132,53 +155,83 @@ class GradDotSimulator(GradientSimulator):
 
     kind = "grad-dot"
 
-    def _scores(self, task, runs, learning_rate):
+    def _scores(self, task, runs, rates):
         model, params = _state_params(task, None)
         products = gradient_products(task, model, params, chunk_size=self.chunk_size)
-        return (-learning_rate / runs.batch_size * products).numpy()
+        return (-rates.mean() / runs.batch_size * products).numpy()
 
 
 @register
 class TracInCPSimulator(GradientSimulator):
-    """TracIn-CP: Grad-Dot averaged over checkpoints along a fitting run.
+    """TracIn-CP: Grad-Dot over checkpoints along a fitting run, weighted by their learning rates.
 
     Args:
-        checkpoint_steps: steps of the first fitting run (replayed with the task's trainer,
-            which is deterministic given the curriculum) whose weights serve as checkpoints;
-            default: 0 and every quarter of the run.
-        checkpoints: alternatively, explicit state dicts (e.g. saved during collection);
-            these take precedence. Each checkpoint stands for an equal share of the steps.
+        checkpoint_steps: steps whose weights serve as checkpoints; default: those stored
+            (with ``checkpoints=STORE``), else 0 and every quarter of the run.
+        checkpoints: where the checkpoints come from:
+
+            * ``None``: replay the first fitting run with the task's trainer (deterministic
+              given the curriculum) and take its weights after ``checkpoint_steps``;
+            * a run store path (collected with ``checkpoint_steps``): the stored checkpoints
+              of the first fitting run that has them;
+            * a list of state dicts, after ``checkpoint_steps`` (default: unknown, so each
+              stands for an equal share of the steps).
     """
 
     kind = "tracin-cp"
 
-    def __init__(self, task: Any = "digits-mlp", task_options: Mapping[str, Any] | None = None,
+    def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
                  checkpoint_steps: Sequence[int] | None = None,
-                 checkpoints: Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
+                 checkpoints: str | os.PathLike | Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
         super().__init__(task, task_options, **kwargs)
-        self.checkpoint_steps = None if checkpoint_steps is None else [int(s) for s in checkpoint_steps]
+        self.checkpoint_steps = None if checkpoint_steps is None else sorted({int(s) for s in checkpoint_steps})
         self.checkpoints = checkpoints
 
-    def _scores(self, task, runs, learning_rate):
-        states = self.checkpoints
-        if states is None:
+    def _checkpoints(self, task, runs: RunSet) -> tuple[list[int] | None, list[Mapping[str, torch.Tensor]]]:
+        """The checkpoint steps ``s_k`` (``None``: unknown) and their state dicts."""
+        steps, num_steps = self.checkpoint_steps, runs.num_steps
+        if isinstance(self.checkpoints, (str, os.PathLike)):
+            from simfluence.runs.store import RunStore
+
+            store = RunStore(self.checkpoints)
+            stored = {run_id: store.checkpoint_steps(run_id) for run_id in runs.run_ids}
+            run_id = next((run_id for run_id, found in stored.items() if found), None)
+            if run_id is None:
+                raise RunDataError(str(self.checkpoints), "checkpoints", "holds no checkpoint of the fitting runs",
+                                   "collect with --checkpoint-steps, or leave checkpoints unset to replay a run")
+            steps = stored[run_id] if steps is None else steps
+            states = [store.read_checkpoint(run_id, step) for step in steps]
+        elif self.checkpoints is not None:
+            states = list(self.checkpoints)
+        else:
             from simfluence.collect.train import train_states
 
-            steps = self.checkpoint_steps
             if steps is None:
-                steps = sorted({int(round(q * runs.num_steps)) for q in (0, 0.25, 0.5, 0.75)})
-            if max(steps) > runs.num_steps:
-                raise ValueError(f"checkpoint_steps: {max(steps)} is past the runs' {runs.num_steps} steps")
+                steps = sorted({int(round(q * num_steps)) for q in (0, 0.25, 0.5, 0.75)})
+            if max(steps) > num_steps:
+                raise ValueError(f"checkpoint_steps: {max(steps)} is past the runs' {num_steps} steps")
             states = train_states(task, runs.curricula[0], steps)
-            self.checkpoint_steps = list(steps)
+        if steps is not None and len(steps) != len(states):
+            raise ValueError(f"checkpoint_steps: {len(steps)} steps for {len(states)} checkpoints; give one per checkpoint")
+        return steps, states
+
+    def _scores(self, task, runs, rates):
+        steps, states = self._checkpoints(task, runs)
+        self.checkpoint_steps = steps
+        if steps is None:
+            weights = [rates.mean() / len(states)] * len(states)
+        else:  # checkpoint k stands for steps s_k < t <= s_{k+1} (rates[t - 1]); the first also for those before it
+            bounds = [0, *steps[1:], runs.num_steps]
+            weights = [rates[start:stop].sum() / runs.num_steps for start, stop in zip(bounds, bounds[1:])]
         total = np.zeros((task.num_train, task.num_test))
-        for state in states:
+        for weight, state in zip(weights, states):
             model, params = _state_params(task, state)
-            total += gradient_products(task, model, params, chunk_size=self.chunk_size).numpy()
-        return -learning_rate / runs.batch_size * total / len(states)
+            total += weight * gradient_products(task, model, params, chunk_size=self.chunk_size).numpy()
+        return -total / runs.batch_size
 
     def _params(self) -> dict[str, Any]:
-        return {**super()._params(), "checkpoint_steps": self.checkpoint_steps}
+        checkpoints = str(self.checkpoints) if isinstance(self.checkpoints, (str, os.PathLike)) else None
+        return {**super()._params(), "checkpoint_steps": self.checkpoint_steps, "checkpoints": checkpoints}
 
 
 @register
@@ -199,7 +252,7 @@ class InfluenceSimulator(GradientSimulator):
         super().__init__(task, task_options, **kwargs)
         self.damping, self.exact_max_params, self.cg_iterations = damping, exact_max_params, cg_iterations
 
-    def _scores(self, task, runs, learning_rate):
+    def _scores(self, task, runs, rates):
         model, params = _state_params(task, None)
         data = task.data
         names = list(params)

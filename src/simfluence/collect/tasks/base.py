@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from simfluence.collect.schedules import learning_rates
+
 Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 """Model inputs: a tensor, or a dict of tensors passed as keyword arguments; examples along dim 0."""
 
@@ -96,8 +98,10 @@ class Task(ABC):
         source: where the data (and the starting checkpoint) come from.
 
     Instance attributes (usually dataclass fields, so they can be overridden):
-        learning_rate: SGD step size.
+        learning_rate: SGD step size (the peak of the schedule).
         batch_size: default examples per step ``B``.
+        lr_schedule: ``"constant"`` (default), ``"linear"`` or ``"cosine"`` decay over the
+            run, after ``warmup_steps`` of linear warm-up (:mod:`simfluence.collect.schedules`).
 
     Subclasses implement :meth:`load_data`, :meth:`build_model` and :meth:`example_loss`.
     The optimizer is plain SGD (``p <- p - lr * grad`` of the batch-mean loss), which the
@@ -112,6 +116,8 @@ class Task(ABC):
     optimizer: ClassVar[str] = "sgd"
     learning_rate: float
     batch_size: int
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
     # --- what a subclass provides --------------------------------------------------
     @abstractmethod
@@ -134,7 +140,8 @@ class Task(ABC):
         """JSON-serialisable settings of this task object (recorded in a run store)."""
         if dataclasses.is_dataclass(self):
             return json_safe(dataclasses.asdict(self))
-        return {"learning_rate": self.learning_rate, "batch_size": self.batch_size}
+        return {"learning_rate": self.learning_rate, "batch_size": self.batch_size,
+                "lr_schedule": self.lr_schedule, "warmup_steps": self.warmup_steps}
 
     # --- derived -------------------------------------------------------------------
     @property
@@ -206,3 +213,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+    def learning_rates(self, num_steps: int) -> np.ndarray:
+        """float64 ``[T]``: the learning rate of each step of a ``T``-step run."""
+        return learning_rates(self.learning_rate, num_steps, self.lr_schedule, self.warmup_steps)
+

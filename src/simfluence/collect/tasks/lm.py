@@ -87,6 +87,8 @@ class TinyLM(Task):
 
     learning_rate: float = 0.03
     batch_size: int = 4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     finetune_lexnames: tuple[str, ...] = ("verb.motion", "verb.consumption", "verb.contact", "verb.body")
     train_per_lexname: int = 50
     test_per_lexname: int = 16
