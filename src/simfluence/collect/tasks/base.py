@@ -190,6 +190,10 @@ class Task(ABC):
         """Per-example loss ``[n]`` of ``model`` (or of ``params`` loaded into it)."""
         return self.example_loss(self.forward(model, inputs, params), targets)
 
+    def learning_rates(self, num_steps: int) -> np.ndarray:
+        """float64 ``[T]``: the learning rate of each step of a ``T``-step run."""
+        return learning_rates(self.learning_rate, num_steps, self.lr_schedule, self.warmup_steps)
+
     def make_optimizer(self, parameters) -> torch.optim.Optimizer:
         return torch.optim.SGD(parameters, lr=self.learning_rate)
 
@@ -213,7 +217,3 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
-    def learning_rates(self, num_steps: int) -> np.ndarray:
-        """float64 ``[T]``: the learning rate of each step of a ``T``-step run."""
-        return learning_rates(self.learning_rate, num_steps, self.lr_schedule, self.warmup_steps)
-

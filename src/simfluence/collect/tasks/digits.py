@@ -55,9 +55,9 @@ class DigitsMLP(Task):
 
     learning_rate: float = 0.03
     batch_size: int = 4
-    # These two fields shadow the Task properties of the same name on purpose: here the
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    # These two fields shadow the Task properties of the same name on purpose: here the
     # sizes are settings, known before the data is loaded.
     num_train: int = 200
     num_test: int = 100

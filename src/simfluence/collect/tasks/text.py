@@ -71,9 +71,9 @@ class TextMiniLM(Task):
 
     learning_rate: float = 0.02
     batch_size: int = 4
-    classes: tuple[str, ...] = ("noun.animal", "noun.plant", "noun.food", "noun.artifact",
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    classes: tuple[str, ...] = ("noun.animal", "noun.plant", "noun.food", "noun.artifact",
                                 "noun.person", "noun.body", "noun.location", "verb.motion")
     train_per_class: int = 25
     test_per_class: int = 10
