@@ -6,9 +6,11 @@ from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySim
 from simfluence.simulators.gradient import (GradDotScaledSimulator, GradDotSimulator, InfluenceScaledSimulator,
                                             InfluenceSimulator, TracInCPScaledSimulator, TracInCPSimulator)
 from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
+from simfluence.simulators.uncertainty import BootstrapLinearSimulator
 
 SIMULATORS = {cls.kind: cls for cls in (
-    LinearSimulator, LinearIdentitySimulator, AdditiveSimulator, MeanTrajectorySimulator, ConstantSimulator,
+    LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, AdditiveSimulator, MeanTrajectorySimulator,
+    ConstantSimulator,
     GradDotSimulator, GradDotScaledSimulator, TracInCPSimulator, TracInCPScaledSimulator, InfluenceSimulator,
     InfluenceScaledSimulator)}
 
@@ -20,7 +22,7 @@ def make_simulator(kind: str, **params) -> Simulator:
     return SIMULATORS[kind](**params)
 
 
-__all__ = ["AdditiveSimulator", "ConstantSimulator", "GradDotScaledSimulator", "GradDotSimulator",
+__all__ = ["AdditiveSimulator", "BootstrapLinearSimulator", "ConstantSimulator", "GradDotScaledSimulator", "GradDotSimulator",
            "InfluenceScaledSimulator", "InfluenceSimulator", "TracInCPScaledSimulator", "TracInCPSimulator", "LinearIdentitySimulator", "LinearSimulator",
            "MeanTrajectorySimulator", "NotFittedError", "SIMULATORS", "Simulator", "make_simulator",
            "simulator_kinds"]
