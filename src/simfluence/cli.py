@@ -223,5 +223,195 @@ def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num
     click.echo(f"wrote {config.out_dir}/benchmark.md, benchmark.json, trajectories.png")
 
 
+# --- counterfactual queries (simfluence.query) -------------------------------------------
+_CURRICULUM_HELP = ("Runs (store or interchange .npz: run --run N's curriculum and losses before training) or an "
+                    ".npz with curriculum [T, B] and initial_losses [M] (e.g. from `optimize --out`).")
+
+
+def _query_inputs(model: str, curriculum: str, run: int | None):
+    from simfluence.query import load_query_curriculum
+    from simfluence.simulators import Simulator
+
+    simulator = Simulator.load(model)
+    return (simulator, *load_query_curriculum(curriculum, simulator, run))
+
+
+def _test_index(simulator, ids: tuple[str, ...], option: str = "--test"):
+    """Indices of the test ids given (by id or index; comma lists allowed), or None for all."""
+    from simfluence.query import resolve_id
+
+    names = [name for text in ids for name in text.split(",") if name]
+    if not names:
+        return None
+    return np.array([resolve_id(name, simulator.test_ids, option, "test") for name in names])
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--curriculum", "curriculum", type=click.Path(exists=True), required=True, help=_CURRICULUM_HELP)
+@click.option("--run", type=int, default=None, help="Run of a run file to query (default 0).")
+@click.option("--test", "tests", multiple=True, help="Test id or index (repeatable; default all, averaged).")
+@click.option("--group", "groups", multiple=True, help="NAME=id,id,...: remove the group at once (repeatable).")
+@click.option("--top", type=int, default=10, show_default=True, help="Examples listed per side.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_user_errors
+def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ...], groups: tuple[str, ...],
+              top: int, as_json: bool) -> None:
+    """Leave-one-out (or leave-group-out) effects on the final test loss, simulated by MODEL.
+
+    delta = loss without the example(s) - loss with them: positive means they helped.
+    """
+    from simfluence.query import leave_group_out, leave_one_out, resolve_id
+
+    simulator, steps, initial = _query_inputs(model, curriculum, run)
+    test_index = _test_index(simulator, tests)
+    train_ids = simulator.train_ids
+    if groups:
+        parsed = {}
+        for text in groups:
+            name, equals, members = text.partition("=")
+            if not equals or not name or not members:
+                raise ValueError(f"--group {text!r}: expected NAME=id,id,... (training ids or indices)")
+            parsed[name] = [resolve_id(member, train_ids, f"--group {name}") for member in members.split(",")]
+        result = leave_group_out(simulator, steps, initial, parsed, test_index)
+        rows = [{"group": name, "size": int(members.size), "final_delta": result.final_delta[g].tolist(),
+                 "final_sum_of_singles": result.final_sum[g].tolist(),
+                 "final_interaction": result.final_interaction[g].tolist(),
+                 "mean_delta": result.mean_delta[g].tolist(), "mean_interaction": result.mean_interaction[g].tolist()}
+                for g, (name, members) in enumerate(zip(result.names, result.members))]
+        if as_json:
+            click.echo(json.dumps({"test_ids": simulator.test_ids[result.test_index].tolist(), "groups": rows}))
+            return
+        click.echo(f"{'group':<16} {'size':>4} {'final delta':>12} {'sum of singles':>15} {'interaction':>12}"
+                   "   (mean over the selected test examples)")
+        for g, row in enumerate(rows):
+            click.echo(f"{row['group']:<16} {row['size']:>4} {result.final_delta[g].mean():>+12.4f} "
+                       f"{result.final_sum[g].mean():>+15.4f} {result.final_interaction[g].mean():>+12.4f}")
+        return
+    result = leave_one_out(simulator, steps, initial, test_index, progress=not as_json)
+
+    def listing(pairs):
+        return [{"train_id": str(train_ids[i]), "index": i,
+                 "occurrences": int(result.occurrences[np.searchsorted(result.train_index, i)]),
+                 "final_delta": score,
+                 "mean_delta": float(result.mean_delta[np.searchsorted(result.train_index, i)].mean())}
+                for i, score in pairs]
+
+    helpful, harmful = listing(result.top_helpful(top)), listing(result.top_harmful(top))
+    if as_json:
+        click.echo(json.dumps({"test_ids": simulator.test_ids[result.test_index].tolist(),
+                               "baseline_final": result.baseline[-1].tolist(), "helpful": helpful,
+                               "harmful": harmful}))
+        return
+    click.echo(f"{result.train_index.size} training examples in the curriculum; delta = final loss without - with, "
+               f"mean over {result.test_index.size} test example(s); positive: the example helped")
+    for title, rows in (("most helpful", helpful), ("most harmful", harmful)):
+        click.echo(f"\n{title}:\n{'train id':<20} {'times':>5} {'final delta':>12} {'mean delta':>11}")
+        for row in rows:
+            click.echo(f"{row['train_id']:<20} {row['occurrences']:>5} {row['final_delta']:>+12.4f} "
+                       f"{row['mean_delta']:>+11.4f}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--curriculum", "curriculum", type=click.Path(exists=True), required=True, help=_CURRICULUM_HELP)
+@click.option("--run", type=int, default=None, help="Run of a run file to edit (default 0).")
+@click.option("--edit", "edits", multiple=True, required=True,
+              help="drop:ID, insert:ID@STEP, duplicate:ID, shuffle:SEED, swap:S,S, move:FROM,TO (repeatable, "
+                   "applied in order; steps count from 1).")
+@click.option("--test", "tests", multiple=True, help="Test ids to show (default: the 5 that change most).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write before/after trajectories (PNG).")
+@_user_errors
+def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...], tests: tuple[str, ...],
+           plot: str | None) -> None:
+    """Simulate a curriculum before and after edits."""
+    from simfluence.query import whatif as simulate_whatif
+
+    simulator, steps, initial = _query_inputs(model, curriculum, run)
+    test_index = _test_index(simulator, tests)
+    result = simulate_whatif(simulator, steps, initial, list(edits), test_index)
+    columns = np.arange(result.test_index.size) if test_index is not None else \
+        np.argsort(-np.abs(result.final_change), kind="stable")[:5]
+    num_steps = result.before.shape[0] - 1
+    shown = np.unique(np.linspace(0, num_steps, 6).round().astype(int))
+    click.echo(f"edits: {', '.join(str(edit) for edit in result.edits)}")
+    for column in columns:
+        click.echo(f"\n{simulator.test_ids[result.test_index[column]]}\n{'step':>6} {'before':>9} {'after':>9} "
+                   f"{'change':>9}")
+        for t in shown:
+            before, after = result.before[t, column], result.after[t, column]
+            click.echo(f"{t:>6} {before:>9.4f} {after:>9.4f} {after - before:>+9.4f}")
+    if plot:
+        from simfluence.report.static import plot_whatif
+
+        click.echo(f"\nwrote {plot_whatif(result, simulator.test_ids, plot)}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--test-set", "test_set", multiple=True, required=True,
+              help="Target test ids or indices, comma-separated (repeatable).")
+@click.option("--budget", type=int, required=True, help="Distinct training examples K.")
+@click.option("--steps", "num_steps", type=int, required=True, help="Steps T of the curriculum.")
+@click.option("--batch-size", type=int, default=None, help="Examples per step (default: the fitting runs').")
+@click.option("--initial", "initial", type=click.Path(exists=True), required=True,
+              help="Where the losses before training come from: " + _CURRICULUM_HELP)
+@click.option("--run", type=int, default=None, help="Run of a run file whose losses before training to use.")
+@click.option("--beam", type=int, default=4, show_default=True, help="Beam width of the growth search.")
+@click.option("--rounds", type=int, default=20, show_default=True, help="Local-search rounds.")
+@click.option("--random", "num_random", type=int, default=200, show_default=True, help="Random curricula.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Curriculum file (.npz) to write.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the random-vs-optimised PNG.")
+@_user_errors
+def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int, batch_size: int | None,
+             initial: str, run: int | None, beam: int, rounds: int, num_random: int, seed: int, out: str | None,
+             plot: str | None) -> None:
+    """Search a curriculum of BUDGET examples that minimises the simulated final loss on the test set."""
+    from simfluence.query import optimize as search, save_query_curriculum
+
+    simulator, _, losses = _query_inputs(model, initial, run)
+    targets = _test_index(simulator, test_set, "--test-set")
+    result = search(simulator, losses, targets, budget, num_steps, batch_size, beam_width=beam, rounds=rounds,
+                    num_random=num_random, seed=seed, progress=True)
+    click.echo(f"targets: {', '.join(simulator.test_ids[targets])}")
+    click.echo(f"order: {', '.join(simulator.train_ids[result.order])}")
+    click.echo(f"simulated mean final loss: optimised {result.objective:.4f}, random curricula of the same budget "
+               f"best {result.random_best:.4f}, median {result.random_median:.4f} ({num_random} curricula)")
+    if out:
+        save_query_curriculum(out, result.curriculum, losses, simulator, order=result.order,
+                              target_index=result.target_index, objective=np.float64(result.objective),
+                              random_objectives=result.random_objectives)
+        click.echo(f"wrote {out}: curriculum {result.curriculum.shape}")
+    if plot:
+        from simfluence.report.static import plot_optimized
+
+        click.echo(f"wrote {plot_optimized(result, plot)}")
+
+
+@main.command("influence-over-time")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--curriculum", "curriculum", type=click.Path(exists=True), required=True, help=_CURRICULUM_HELP)
+@click.option("--run", type=int, default=None, help="Run of a run file to query (default 0).")
+@click.option("--test", "tests", multiple=True, required=True, help="Test id or index (repeatable: averaged).")
+@click.option("--top", type=int, default=10, show_default=True, help="Moments listed.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the steps x examples heat map.")
+@_user_errors
+def influence_over_time(model: str, curriculum: str, run: int | None, tests: tuple[str, ...], top: int,
+                        plot: str | None) -> None:
+    """Effect on the final loss of each single occurrence (step, example) of the curriculum."""
+    from simfluence.query import influence_over_time as occurrences
+
+    simulator, steps, initial = _query_inputs(model, curriculum, run)
+    result = occurrences(simulator, steps, initial, _test_index(simulator, tests), progress=True)
+    click.echo(f"{'step':>6} {'train id':<20} {'final delta':>12}   (without - with; positive: that appearance helped)")
+    for step, example, delta in result.top_moments(top):
+        click.echo(f"{step:>6} {simulator.train_ids[example]:<20} {delta:>+12.4f}")
+    if plot:
+        from simfluence.report.static import plot_influence_over_time
+
+        click.echo(f"wrote {plot_influence_over_time(result, simulator.train_ids, plot)}")
+
+
 if __name__ == "__main__":
     main()

@@ -39,7 +39,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from simfluence.runs.log import PAD, validate_curriculum, validate_losses
+from simfluence.runs.atomic import atomic_path
+from simfluence.runs.interchange import read_npz_arrays
+from simfluence.runs.log import PAD, RunDataError, validate_curriculum, validate_losses
+from simfluence.runs.store import load_runs
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.linear import LinearSimulator, rollout
 
@@ -374,15 +377,15 @@ class Edit:
         return f"{self.kind}:{self.example}" + (f"@{self.steps[0]}" if self.steps else "")
 
 
-def resolve_train_id(text: str, train_ids: np.ndarray, where: str) -> int:
-    """Index of a training example given by id (as in ``train_ids``) or by integer index."""
-    match = np.flatnonzero(train_ids == text)
+def resolve_id(text: str, ids: np.ndarray, where: str, what: str = "training") -> int:
+    """Index of an example given by id (as in ``ids``, the model's train or test ids) or by integer index."""
+    match = np.flatnonzero(ids == text)
     if match.size:
         return int(match[0])
-    if text.lstrip("-").isdigit() and 0 <= int(text) < train_ids.size:
+    if text.isdigit() and int(text) < ids.size:
         return int(text)
-    raise ValueError(f"{where}: unknown training id {text!r} (give an id from the model's train_ids, "
-                     f"e.g. {str(train_ids[0])!r}, or an index 0..{train_ids.size - 1})")
+    raise ValueError(f"{where}: unknown {what} id {text!r} (give an id from the model's {what} "
+                     f"ids, e.g. {str(ids[0])!r}, or an index 0..{ids.size - 1})")
 
 
 def _integer(text: str, where: str, what: str) -> int:
@@ -409,8 +412,8 @@ def parse_edit(text: str, train_ids: np.ndarray) -> Edit:
         name, at, step = argument.rpartition("@")
         if not at:
             raise ValueError(f"{where}: expected insert:ID@STEP ({EDIT_SYNTAX})")
-        return Edit(kind, resolve_train_id(name, train_ids, where), (_integer(step, where, "the step"),))
-    return Edit(kind, resolve_train_id(argument, train_ids, where))
+        return Edit(kind, resolve_id(name, train_ids, where), (_integer(step, where, "the step"),))
+    return Edit(kind, resolve_id(argument, train_ids, where))
 
 
 def _add_to_step(curriculum: np.ndarray, step: int, example: int) -> np.ndarray:
@@ -689,3 +692,50 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
     random_curricula = epoch_curricula(random_orders, num_steps, batch_size)
     return OptimizedCurriculum(epoch_curricula(best[None], num_steps, batch_size)[0], best, best_score, targets,
                                objectives(random_orders), random_curricula, tuple(history))
+
+
+# --- query files ----------------------------------------------------------------------
+def load_query_curriculum(path, simulator: Simulator, run: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(curriculum int32 [T, B], initial_losses float32 [M])`` for a query, from ``path``:
+
+    * an ``.npz`` holding ``curriculum`` ``[T, B]`` and ``initial_losses`` ``[M]`` (as written
+      by :func:`save_query_curriculum` and ``simfluence optimize --out``), optionally with
+      ``train_ids`` / ``test_ids`` that must match the simulator's; or
+    * runs (a run store directory or an interchange ``.npz``): run ``run`` (default 0), its
+      curriculum and its observed losses before training.
+    """
+    source = str(path)
+    arrays = read_npz_arrays(path, ()) if str(path).endswith(".npz") else {}
+    if "curriculum" in arrays:
+        if run is not None:
+            raise ValueError(f"--run: {source} holds a single curriculum, not runs; drop --run")
+        for name in ("train_ids", "test_ids"):
+            if name in arrays and not np.array_equal(arrays[name].astype(str), getattr(simulator, name)):
+                raise RunDataError(source, name, "differ from the ids the simulator was fitted on",
+                                   "query with a curriculum of the same task")
+        if "initial_losses" not in arrays:
+            raise RunDataError(source, "initial_losses", "is missing",
+                               "add the test losses before training, float [test examples]")
+        curriculum = validate_curriculum(arrays["curriculum"], simulator.train_ids.size, source)
+        if curriculum.ndim != 2:
+            raise RunDataError(source, "curriculum", f"expected shape [steps, batch], got {curriculum.shape}")
+        initial = validate_losses(arrays["initial_losses"], source, "initial_losses")
+        if initial.shape != (simulator.test_ids.size,):
+            raise RunDataError(source, "initial_losses", f"expected shape [{simulator.test_ids.size}] (one per "
+                               f"test example of the model), got {initial.shape}")
+        return curriculum, initial
+    runs = load_runs(path)
+    simulator.check_compatible(runs, source)
+    run = 0 if run is None else run
+    if not 0 <= run < runs.num_runs:
+        raise ValueError(f"--run: {run} is out of range for {source}, which holds runs 0..{runs.num_runs - 1}")
+    return runs.curricula[run], runs.initial_losses[run]
+
+
+def save_query_curriculum(path, curriculum: np.ndarray, initial_losses: np.ndarray, simulator: Simulator,
+                          **extra: np.ndarray) -> None:
+    """Write a curriculum file that :func:`load_query_curriculum` reads (atomically, no pickle)."""
+    with atomic_path(path, suffix=".npz") as temporary:
+        np.savez(temporary, curriculum=np.asarray(curriculum, dtype=np.int32),
+                 initial_losses=np.asarray(initial_losses, dtype=np.float32),
+                 train_ids=simulator.train_ids.astype(str), test_ids=simulator.test_ids.astype(str), **extra)
