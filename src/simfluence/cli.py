@@ -413,5 +413,34 @@ def influence_over_time(model: str, curriculum: str, run: int | None, tests: tup
         click.echo(f"wrote {plot_influence_over_time(result, simulator.train_ids, plot)}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("heldout", type=click.Path(exists=True))
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="HTML file to write.")
+@click.option("--test", "tests", multiple=True,
+              help="Test id or index to show in detail (repeatable); default: 4 spread over difficulty.")
+@click.option("--task-data/--no-task-data", default=True, show_default=True,
+              help="Show examples' text or images from the task named in the runs (else ids only).")
+@click.option("--runs", "num_runs", type=int, default=3, show_default=True, help="Held-out runs plotted.")
+@click.option("--top", type=int, default=5, show_default=True, help="Helpful and harmful examples listed.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def report(model: str, heldout: str, out: str, tests: tuple[str, ...], task_data: bool, num_runs: int, top: int,
+           quiet: bool) -> None:
+    """Write a self-contained HTML report of MODEL on HELDOUT runs: metrics, trajectories, influence."""
+    from simfluence.report import write_report
+    from simfluence.simulators import Simulator
+
+    simulator = Simulator.load(model)
+    chosen = _test_index(simulator, tests)
+    try:
+        path = write_report(simulator, load_runs(heldout), out, test_ids=None if chosen is None else
+                            simulator.test_ids[chosen].tolist(), num_runs=num_runs, top=top,
+                            use_task_data=task_data, source=heldout, progress=not quiet)
+    except ImportError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -136,6 +136,14 @@ class Task(ABC):
         """int32 ``[P]``: training-example indices that curricula draw from by default (all)."""
         return np.arange(self.num_train, dtype=np.int32)
 
+    def describe_example(self, split: str, index: int) -> str | np.ndarray:
+        """How a person sees example ``index`` of ``split`` (``"train"`` or ``"test"``), e.g. in the report.
+
+        Returns text, or an image: float ``[H, W]`` grey levels or ``[H, W, 3]`` RGB in
+        ``[0, 1]`` (1 is white). Default: the example's id; override to show the data.
+        """
+        return str(getattr(self, f"{check_split(split)}_ids")[index])
+
     def config(self) -> dict:
         """JSON-serialisable settings of this task object (recorded in a run store)."""
         if dataclasses.is_dataclass(self):
@@ -206,6 +214,13 @@ class Task(ABC):
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
         return f"{type(self).__name__}({settings})"
+
+
+def check_split(split: str) -> str:
+    """``split`` if it is ``"train"`` or ``"test"``, else a ValueError."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    return split
 
 
 def json_safe(value: Any) -> Any:

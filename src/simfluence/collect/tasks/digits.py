@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData
+from simfluence.collect.tasks.base import Task, TaskData, check_split
 from simfluence.collect.tasks.optim import adam
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
@@ -95,6 +95,12 @@ class DigitsMLP(Task):
 
     def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def describe_example(self, split: str, index: int) -> np.ndarray:
+        """The 8x8 image as float grey levels ``[8, 8]`` in [0, 1], ink dark."""
+        rows = _split(self.split_seed, self.num_train, self.num_test, self.pretrain_per_class)[check_split(split)]
+        images, _ = _digits()
+        return 1.0 - images[rows[index]].reshape(8, 8) / 16.0
 
 
 def _mlp(hidden: int) -> nn.Sequential:

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData
+from simfluence.collect.tasks.base import Task, TaskData, check_split
 from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, adam, cached_tensors, hub_offline, load_glosses,
                                               minilm_dir, minilm_fingerprint, take_slices)
 from simfluence.collect.tasks.registry import register_task
@@ -139,6 +139,12 @@ class TinyLM(Task):
     def example_loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         return mean_token_loss(logits, targets)
+
+    def describe_example(self, split: str, index: int) -> str:
+        """The example's tokens decoded back to text: what the model sees, cut at ``max_length``."""
+        inputs = getattr(self.data, f"{check_split(split)}_inputs")
+        ids = inputs["input_ids"][index][inputs["attention_mask"][index].bool()]
+        return self.tokenizer().decode(ids.tolist(), skip_special_tokens=True)
 
     # --- helpers ---------------------------------------------------------------------
     def _key(self) -> tuple:

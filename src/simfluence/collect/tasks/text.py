@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData
+from simfluence.collect.tasks.base import Task, TaskData, check_split
 from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, adam, cached_tensors, hub_offline, load_glosses,
                                               minilm_dir, minilm_fingerprint, take_slices)
 from simfluence.collect.tasks.registry import register_task
@@ -119,6 +119,10 @@ class TextMiniLM(Task):
 
     def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def describe_example(self, split: str, index: int) -> str:
+        """The gloss (WordNet definition) of the example, without computing embeddings."""
+        return str(load_glosses().definitions[self._split()[check_split(split)][index]])
 
     # --- helpers ---------------------------------------------------------------------
     def _key(self) -> tuple:
