@@ -97,7 +97,7 @@ def test_batched_cg_matches_dense_solve():
 def test_influence_hessian_vector_path_agrees_with_exact_solve(task):
     runs = collect_runs(task, num_runs=3, num_steps=5)
     exact = InfluenceSimulator(task=task, damping=0.1).fit(runs).coefficients[1]
-    iterative = InfluenceSimulator(task=task, damping=0.1, exact_max_params=0, cg_iterations=100).fit(runs)
+    iterative = InfluenceSimulator(task=task, damping=0.1, exact_max_params=0, solver="cg", cg_iterations=100).fit(runs)
     assert np.isfinite(iterative.coefficients[1]).all()
     assert spearmanr(exact.ravel(), iterative.coefficients[1].ravel()).statistic > 0.9
 
@@ -112,3 +112,24 @@ def test_scaled_forms_fit_one_scale_and_round_trip(task, tmp_path):
     assert loaded.kind == "grad-dot-scaled" and loaded.scale == pytest.approx(scaled.scale)
     np.testing.assert_array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
                                   scaled.simulate(runs.curricula, runs.initial_losses))
+
+
+def test_lanczos_path_agrees_with_exact_solve(task):
+    runs = collect_runs(task, num_runs=3, num_steps=5)
+    exact = InfluenceSimulator(task=task, damping=0.1).fit(runs).coefficients[1]
+    lanczos = InfluenceSimulator(task=task, damping=0.1, exact_max_params=0, rank=128).fit(runs).coefficients[1]
+    assert spearmanr(exact.ravel(), lanczos.ravel()).statistic > 0.95
+    np.testing.assert_allclose(lanczos, exact, atol=0.05 * np.abs(exact).max())
+
+
+def test_lanczos_finds_the_extreme_eigenvalues():
+    from simfluence.simulators.gradient import _lanczos
+
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.normal(size=(200, 200)))
+    spectrum = np.concatenate([[50.0, 20.0, 10.0, -3.0], rng.uniform(0, 0.1, 196)])
+    matrix = torch.tensor(basis @ np.diag(spectrum) @ basis.T)
+    values, vectors = _lanczos(lambda v: v @ matrix, 200, 40)
+    assert values.max() == pytest.approx(50.0, rel=1e-8) and values.min() == pytest.approx(-3.0, rel=1e-8)
+    top = vectors[:, values.argmax()].numpy()
+    assert abs(top @ basis[:, 0]) == pytest.approx(1.0, abs=1e-8)

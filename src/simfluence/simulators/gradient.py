@@ -20,13 +20,19 @@ records how they were trained):
   for the steps before it, the last one up to :math:`T`), so
   :math:`\bar\eta\, g^\top g \to \frac1T \sum_k \big(\sum_{t \in k} \eta_t\big)\, g_k^\top g_k`;
 * ``influence``: :math:`M = (H + \lambda I)^{-1}` with :math:`H` the Hessian of the mean
-  training loss at the starting checkpoint (exact for small models, conjugate gradient
-  with Hessian-vector products otherwise). Influence functions estimate the effect of an
+  training loss at the starting checkpoint (exact for small models, Hessian-vector
+  products otherwise, see below). Influence functions estimate the effect of an
   example over the whole run, so their score is spread over its occurrences:
   :math:`B_i = -\nabla\ell(z_\text{test})^\top (H + \lambda I)^{-1} \nabla\ell(z_i) / (T\,|c|)`
   (:math:`\lambda` first lifts the smallest eigenvalue of :math:`H` to zero: the loss is not
   convex; the mean training loss weighs each example by :math:`1/N`, and a run trains on
   :math:`T|c|` example-occurrences, :math:`\bar o = T|c|/N` of them per example).
+  Above ``exact_max_params`` weights :math:`H` is never formed: Lanczos with
+  Hessian-vector products finds its top-:math:`k` eigenpairs :math:`(V, \Lambda)` and the
+  rest of the spectrum is taken as 0,
+  :math:`(H + \lambda I)^{-1} g \approx V (\Lambda + \lambda)^{-1} V^\top g + (g - V V^\top g)/\lambda`
+  (``k`` Hessian-vector products in all, however many test examples; conjugate gradient,
+  one solve per test example, is the slower alternative).
 
 Each has a ``-scaled`` form: one global scalar :math:`s` multiplying every predicted step
 change, fitted by least squares on the fitting runs' one-step transitions,
@@ -242,15 +248,21 @@ class InfluenceSimulator(GradientSimulator):
         damping: after shifting ``H`` to be positive semi-definite (training losses are not
             convex), ``lambda = damping * |H|_2`` is added to its diagonal (scale-free).
         exact_max_params: up to this many parameters ``H`` is formed and solved exactly;
-            above, conjugate gradient with Hessian-vector products (``cg_iterations``).
+            above, ``solver`` works with Hessian-vector products.
+        solver: ``"lanczos"`` (rank-``rank`` eigendecomposition, see the module docstring)
+            or ``"cg"`` (conjugate gradient, ``cg_iterations`` per test example).
     """
 
     kind = "influence"
 
-    def __init__(self, task: Any = "digits-mlp", task_options: Mapping[str, Any] | None = None,
-                 damping: float = 0.01, exact_max_params: int = 8000, cg_iterations: int = 100, **kwargs):
+    def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
+                 damping: float = 0.01, exact_max_params: int = 8000, solver: str = "lanczos", rank: int = 128,
+                 cg_iterations: int = 100, **kwargs):
         super().__init__(task, task_options, **kwargs)
+        if solver not in ("lanczos", "cg"):
+            raise ValueError(f"solver: expected 'lanczos' or 'cg', got {solver!r}")
         self.damping, self.exact_max_params, self.cg_iterations = damping, exact_max_params, cg_iterations
+        self.solver, self.rank = solver, rank
 
     def _scores(self, task, runs, rates):
         model, params = _state_params(task, None)
@@ -281,6 +293,16 @@ class InfluenceSimulator(GradientSimulator):
                     return torch.func.jvp(torch.func.grad(mean_train_loss), (point,), (v,))[1]
                 return torch.func.vmap(one)(vectors.float()).double()
 
+        if flat0.numel() > self.exact_max_params and self.solver == "lanczos":
+            eigenvalues, eigenvectors = _lanczos(hvp, flat0.numel(), self.rank)
+            damping = _positive_damping(float(eigenvalues.min()), float(eigenvalues.abs().max()), self.damping)
+
+            def solve(test_grads: torch.Tensor) -> torch.Tensor:
+                test_grads = test_grads.double()
+                coordinates = test_grads @ eigenvectors                        # [M, k]
+                inside = (coordinates / (eigenvalues + damping)) @ eigenvectors.T
+                return inside + (test_grads - coordinates @ eigenvectors.T) / damping
+        elif flat0.numel() > self.exact_max_params:
             top = _power_iteration(hvp, flat0.numel())
             smallest = top - _power_iteration(lambda v: top * v - hvp(v), flat0.numel())
             damping = _positive_damping(smallest, abs(top), self.damping)
@@ -294,7 +316,7 @@ class InfluenceSimulator(GradientSimulator):
 
     def _params(self) -> dict[str, Any]:
         return {**super()._params(), "damping": self.damping, "exact_max_params": self.exact_max_params,
-                "cg_iterations": self.cg_iterations}
+                "solver": self.solver, "rank": self.rank, "cg_iterations": self.cg_iterations}
 
 
 def _positive_damping(smallest: float, largest: float, relative: float) -> float:
@@ -305,6 +327,36 @@ def _positive_damping(smallest: float, largest: float, relative: float) -> float
     ``relative * |H|_2``.
     """
     return max(0.0, -smallest) + relative * max(largest, 1e-12)
+
+
+def _lanczos(hvp, size: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extreme eigenpairs of a symmetric operator: float64 eigenvalues ``[k]`` and orthonormal vectors ``[P, k]``.
+
+    ``rank`` Lanczos steps with full reorthogonalisation (the Krylov basis is kept, ``P x k``
+    floats), then the Ritz pairs of the tridiagonal matrix: they converge first at both
+    ends of the spectrum, the large eigenvalues and the most negative ones.
+    """
+    rank = min(rank, size)
+    basis = torch.zeros(size, rank, dtype=torch.float64)
+    alphas, betas = torch.zeros(rank, dtype=torch.float64), torch.zeros(rank, dtype=torch.float64)
+    vector = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    vector /= vector.norm()
+    steps = rank
+    for j in range(rank):
+        basis[:, j] = vector
+        product = hvp(vector[None])[0]
+        alphas[j] = vector @ product
+        for _ in range(2):  # full reorthogonalisation; twice, as once loses orthogonality in floating point
+            product -= basis[:, :j + 1] @ (basis[:, :j + 1].T @ product)
+        betas[j] = product.norm()
+        if j + 1 < rank and float(betas[j]) <= 1e-10 * float(alphas[:j + 1].abs().max().clamp_min(1e-300)):
+            steps = j + 1  # the Krylov space is invariant: its Ritz pairs are exact
+            break
+        vector = product / betas[j]
+    tridiagonal = (torch.diag(alphas[:steps]) + torch.diag(betas[:steps - 1], 1)
+                   + torch.diag(betas[:steps - 1], -1))
+    values, rotation = torch.linalg.eigh(tridiagonal)
+    return values, basis[:, :steps] @ rotation
 
 
 def _power_iteration(apply, size: int, iterations: int = 50) -> float:
