@@ -70,8 +70,14 @@ def _column_rollout(simulator: Simulator, test_index: np.ndarray) -> Callable | 
     return run
 
 
-def _rollout_skipping_empty_steps(run: Callable, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-    """``run`` on ``curricula`` ``[R, T, B]`` where all-padding steps hold the loss: ``[R, T + 1, M']``."""
+def rollout_skipping_empty_steps(run: Callable, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+    """``run(curricula, initial)`` where all-padding steps are skipped and hold the loss.
+
+    ``run`` maps int ``[r, T', B]`` curricula without empty steps and ``[r, M]`` initial
+    losses to ``[r, T' + 1, M']`` trajectories (a simulator's rollout, or real training).
+    Rows are grouped by their number of real steps, each group run once after deleting its
+    empty steps, and the trajectory is spread back over ``[R, T + 1, M']``.
+    """
     nonempty = (curricula != PAD).any(axis=-1)                      # [R, T]
     if nonempty.all():
         return run(curricula, initial)
@@ -111,7 +117,7 @@ def _rollouts(simulator: Simulator, curricula_of: Callable[[np.ndarray], np.ndar
         for start in range(0, num_rows, chunk):
             rows = np.arange(start, min(start + chunk, num_rows))
             starting = np.broadcast_to(initial, (rows.size, initial.size))
-            parts.append(reduce(_rollout_skipping_empty_steps(fast, curricula_of(rows), starting)))
+            parts.append(reduce(rollout_skipping_empty_steps(fast, curricula_of(rows), starting)))
             bar.update(rows.size)
     return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 

@@ -1,0 +1,141 @@
+"""Validating counterfactual queries by real retraining.
+
+A simulator answers "what would the test losses be after training on curriculum ``c'``?"
+in microseconds; this module asks the model itself. :func:`retrain` trains a task's model
+along many curricula for real (vectorised over runs with ``torch.func.vmap`` when the task
+trains with plain SGD, else one run at a time) and :func:`compare_with_retraining` puts the
+simulated and the real final losses side by side.
+
+With ``P`` the predicted and ``Y`` the real final losses, both ``[R, M']`` (curricula x
+target test examples), :class:`RetrainComparison` reports
+
+* ``mse``: mean over all entries of ``(P - Y)^2``;
+* ``spearman``: Spearman correlation of all ``R * M'`` pairs pooled (mostly example difficulty);
+* ``across_curricula_spearman``: per test example, Spearman across the ``R`` curricula,
+  averaged over test examples (does the simulator know which curriculum is better for it?);
+
+and, when a ``reference`` row is given (the unedited curriculum), the same for the
+*effects* ``P - P_ref`` vs ``Y - Y_ref``, plus the fraction of entries whose effect has the
+right sign.
+
+A step that an edit empties (all ``-1``) is skipped in training just as in simulation:
+no update, the loss carries over.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from simfluence.collect.tasks.base import Task
+from simfluence.collect.train import train_run, train_runs_vmap
+from simfluence.evaluate import spearman
+from simfluence.query import check_test_index, rollout_skipping_empty_steps, simulate_curricula
+from simfluence.simulators.base import Simulator
+
+RETRAIN_CHUNK = 64
+"""Runs trained at once by the vectorised trainer (beyond this, CPU gains little per run)."""
+
+
+def _train(task: Task, curricula: np.ndarray, _initial: np.ndarray) -> np.ndarray:
+    """float32 ``[R, T + 1, M]`` real losses of ``curricula`` ``[R, T, B]`` (no empty steps)."""
+    if task.optimizer == "sgd":
+        logs = train_runs_vmap(task, curricula)
+    else:
+        logs = [train_run(task, curriculum) for curriculum in curricula]
+    return np.stack([log.losses for log in logs])
+
+
+def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bool = False) -> np.ndarray:
+    """Train ``task``'s model along each curriculum for real.
+
+    Args:
+        task: the task the simulator's runs were collected from.
+        curricula: int ``[R, T, B]`` training-example indices, ``-1`` pads; all-padding steps are skipped.
+        chunk_size: runs trained at once.
+
+    Returns:
+        float32 ``[R, T + 1, M]`` test losses before training and after every step.
+    """
+    curricula = np.asarray(curricula)
+    if curricula.ndim != 3:
+        raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
+    parts = []
+    placeholder = np.zeros((len(curricula), task.num_test))  # real training starts from the checkpoint
+    for start in tqdm(range(0, len(curricula), chunk_size), desc=f"retrain {task.name}", unit="chunk",
+                      disable=not progress):
+        rows = slice(start, start + chunk_size)
+        parts.append(rollout_skipping_empty_steps(lambda c, i: _train(task, c, i), curricula[rows],
+                                                  placeholder[rows]))
+    return np.concatenate(parts)
+
+
+def agreement(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """``mse``, pooled ``spearman`` and ``across_curricula_spearman`` of ``[R, M']`` arrays (module docstring)."""
+    across = spearman(predicted, actual, axis=0) if len(predicted) >= 3 else np.full(predicted.shape[1], np.nan)
+    finite = across[np.isfinite(across)]
+    return {"mse": float(np.mean((predicted - actual) ** 2)),
+            "spearman": float(spearman(predicted.ravel(), actual.ravel(), axis=0)),
+            "across_curricula_spearman": float(finite.mean()) if finite.size else math.nan}
+
+
+@dataclass(frozen=True)
+class RetrainComparison:
+    """Simulated vs real final losses of the same curricula.
+
+    Attributes:
+        predicted / actual: float64 ``[R, M']`` final losses (simulated, real).
+        test_index: int ``[M']``.
+        reference: row of the unedited curriculum that effects are measured from, or None.
+        simulate_seconds: wall time of simulating all ``R`` curricula (one vectorised call).
+        train_seconds: wall time of retraining them.
+    """
+
+    predicted: np.ndarray
+    actual: np.ndarray
+    test_index: np.ndarray
+    reference: int | None
+    simulate_seconds: float
+    train_seconds: float
+
+    def metrics(self, rows=None) -> dict[str, float]:
+        """Metrics on final losses (and on effects when there is a reference), over ``rows`` (default all)."""
+        rows = np.arange(len(self.predicted)) if rows is None else np.asarray(rows)
+        out = agreement(self.predicted[rows], self.actual[rows])
+        if self.reference is not None:
+            rows = rows[rows != self.reference]
+            predicted = self.predicted[rows] - self.predicted[self.reference]
+            actual = self.actual[rows] - self.actual[self.reference]
+            out.update({f"effect_{key}": value for key, value in agreement(predicted, actual).items()})
+            out["effect_sign_agreement"] = float(np.mean(np.sign(predicted) == np.sign(actual)))
+        return out
+
+
+def compare_with_retraining(simulator: Simulator, task: Task, curricula, test_index=None,
+                            reference: int | None = None, progress: bool = False) -> RetrainComparison:
+    """Retrain ``curricula`` ``[R, T, B]`` for real and simulate them from the real losses before training.
+
+    ``reference``: index of the unedited curriculum among ``curricula``, to also compare effects.
+    """
+    if not np.array_equal(simulator.train_ids, task.train_ids) or not np.array_equal(simulator.test_ids,
+                                                                                       task.test_ids):
+        raise ValueError(f"task '{task.name}': its train/test ids differ from the simulator's; retrain with the "
+                         "task the simulator's runs were collected from")
+    test_index = check_test_index(simulator, test_index)
+    curricula = np.asarray(curricula)
+    if reference is not None and not 0 <= reference < len(curricula):
+        raise ValueError(f"reference: {reference} is not a row of the {len(curricula)} curricula")
+    start = time.perf_counter()
+    actual = retrain(task, curricula, progress=progress)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    predicted = simulate_curricula(simulator, curricula, actual[0, 0], test_index)
+    simulate_seconds = time.perf_counter() - start
+    return RetrainComparison(predicted[:, -1].astype(np.float64), actual[:, -1, test_index].astype(np.float64),
+                             test_index, reference, simulate_seconds, train_seconds)
