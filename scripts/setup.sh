@@ -16,3 +16,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
     touch "$stamp"
 fi
+# The HTML report's test opens the page in Debian's headless Chromium (Playwright drives it;
+# it downloads no browser of its own). SIMFLUENCE_NO_CHROMIUM=1 skips this, and those tests skip.
+if [ ! -x /usr/bin/chromium ] && [ -z "${SIMFLUENCE_NO_CHROMIUM:-}" ] && command -v apt-get >/dev/null; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=sudo
+    fi
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

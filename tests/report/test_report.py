@@ -25,10 +25,6 @@ from simfluence.runs import RunDataError, RunSet
 from simfluence.simulators import LinearIdentitySimulator, LinearSimulator
 from synthetic import linear_runs
 
-HOSTILE_TRAIN_ID = "<script>alert('train')</script>"
-HOSTILE_TEST_ID = '<img src=x onerror="alert(1)">&amp;'
-
-
 class _Page(HTMLParser):
     """The tags, attributes and text of a page, flat."""
 
@@ -53,14 +49,6 @@ class _Page(HTMLParser):
     def find(self, tag: str, css_class: str | None = None) -> list[dict]:
         return [attrs for name, attrs in self.tags
                 if name == tag and (css_class is None or css_class in (attrs.get("class") or "").split())]
-
-
-def _hostile_runs() -> RunSet:
-    runs, _, _ = linear_runs(num_train=12, num_test=5, num_runs=10, num_steps=15, seed=11)
-    train_ids = runs.train_ids.copy().astype(object)
-    test_ids = runs.test_ids.copy().astype(object)
-    train_ids[0], test_ids[0] = HOSTILE_TRAIN_ID, HOSTILE_TEST_ID
-    return RunSet.create(runs.curricula, runs.losses, train_ids.astype(str), test_ids.astype(str), meta=runs.meta)
 
 
 # --- the numbers ----------------------------------------------------------------------
@@ -216,18 +204,17 @@ def test_text_tasks_describe_examples_by_their_text():
         lm.describe_example("validation", 0)
 
 
-def test_user_data_is_escaped(tmp_path):
-    runs = _hostile_runs()
-    fitting, heldout = split_runs(runs, num_heldout=3)
+def test_user_data_is_escaped(hostile, tmp_path):
+    fitting, heldout = split_runs(hostile.runs, num_heldout=3)
     simulator = LinearIdentitySimulator(ridge=0.1).fit(fitting)
-    text = write_report(simulator, heldout, tmp_path / "r.html", test_ids=[HOSTILE_TEST_ID], top=12,
+    text = write_report(simulator, heldout, tmp_path / "r.html", test_ids=[hostile.test_id], top=12,
                         progress=False).read_text(encoding="utf-8")
-    assert HOSTILE_TRAIN_ID not in text and HOSTILE_TEST_ID not in text
-    assert html.escape(HOSTILE_TRAIN_ID) in text and html.escape(HOSTILE_TEST_ID) in text
+    assert hostile.train_id not in text and hostile.test_id not in text
+    assert html.escape(hostile.train_id) in text and html.escape(hostile.test_id) in text
     page = _Page(text)
     assert sum(tag == "script" for tag, _ in page.tags) == 2 + 1 + 1   # config, plotly.js, heat map, 1 trajectory
     assert not page.find("img")
-    assert HOSTILE_TEST_ID in "".join(page.text)
+    assert hostile.test_id in "".join(page.text)
 
 
 # --- the command ------------------------------------------------------------------------
