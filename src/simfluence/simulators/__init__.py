@@ -6,11 +6,12 @@ from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySim
 from simfluence.simulators.gradient import (GradDotScaledSimulator, GradDotSimulator, InfluenceScaledSimulator,
                                             InfluenceSimulator, TracInCPScaledSimulator, TracInCPSimulator)
 from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
+from simfluence.simulators.interaction import PairwiseSimulator
 from simfluence.simulators.uncertainty import BootstrapLinearSimulator
 
 SIMULATORS = {cls.kind: cls for cls in (
-    LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, AdditiveSimulator, MeanTrajectorySimulator,
-    ConstantSimulator,
+    LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, PairwiseSimulator, AdditiveSimulator,
+    MeanTrajectorySimulator, ConstantSimulator,
     GradDotSimulator, GradDotScaledSimulator, TracInCPSimulator, TracInCPScaledSimulator, InfluenceSimulator,
     InfluenceScaledSimulator)}
 
@@ -24,5 +25,5 @@ def make_simulator(kind: str, **params) -> Simulator:
 
 __all__ = ["AdditiveSimulator", "BootstrapLinearSimulator", "ConstantSimulator", "GradDotScaledSimulator", "GradDotSimulator",
            "InfluenceScaledSimulator", "InfluenceSimulator", "TracInCPScaledSimulator", "TracInCPSimulator", "LinearIdentitySimulator", "LinearSimulator",
-           "MeanTrajectorySimulator", "NotFittedError", "SIMULATORS", "Simulator", "make_simulator",
+           "MeanTrajectorySimulator", "NotFittedError", "PairwiseSimulator", "SIMULATORS", "Simulator", "make_simulator",
            "simulator_kinds"]
