@@ -149,7 +149,8 @@ def test_digits_report_shows_metrics_plots_and_images(digits_fit, tmp_path):
     table = text[text.index('<table class="metrics">'):text.index("</table>")]
     cells = re.findall(r'<td class="num">(?:<b>)?([^<]+)', table)
     rows = [expected.metrics] + list(expected.baselines.values())
-    formatted = ["n/a" if not np.isfinite(getattr(m, key)) else f"{getattr(m, key):.4g}" for m in rows for key in METRICS]
+    values = [getattr(metrics, key) for metrics in rows for key in METRICS]
+    formatted = [f"{value:.4g}" if np.isfinite(value) else "n/a" for value in values]
     assert cells == formatted
 
     # Each training example listed is shown as its own digit (the PNG decodes to the raw pixels).

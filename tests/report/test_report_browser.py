@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from simfluence.evaluate import split_runs
 from simfluence.report import write_report
 from simfluence.simulators import LinearIdentitySimulator

@@ -14,7 +14,6 @@ figures (Plotly interprets a few tags in its strings).
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from pathlib import Path
@@ -218,8 +217,9 @@ def _describe(data: ReportData) -> list[tuple[str, str]]:
         facts.append(("fitted on", f"{fit['num_runs']} runs of {fit.get('num_steps', '?')} steps"))
     if fit.get("ridge") is not None:
         facts.append(("ridge", _number(float(fit["ridge"]))))
-    facts.append(("held-out runs", f"{data.runs.num_runs} of {data.runs.num_steps} steps, batch {data.runs.batch_size}"))
-    facts.append(("examples", f"{data.runs.num_train} training, {data.runs.num_test} test"))
+    runs = data.runs
+    facts.append(("held-out runs", f"{runs.num_runs} of {runs.num_steps} steps, batch {runs.batch_size}"))
+    facts.append(("examples", f"{runs.num_train} training, {runs.num_test} test"))
     return facts
 
 
@@ -364,6 +364,7 @@ td.helpful { color: #2166ac; font-weight: 600; }
 td.harmful { color: #b2182b; font-weight: 600; }
 td.muted { color: var(--muted); }
 .example { display: inline-flex; align-items: center; gap: 10px; }
+.example:has(.ex-text) { flex-direction: column; align-items: flex-start; gap: 2px; }
 .ex-image { image-rendering: pixelated; border: 1px solid var(--line); border-radius: 3px; background: #fff; }
 .ex-text { font-size: 14px; }
 code.ex-id { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; color: var(--muted); background: #f0f2f5;
