@@ -98,10 +98,12 @@ def trajectory_figure(data: ReportData, test_index: int):
     runs = data.runs
     figure = go.Figure()
     steps = np.arange(runs.num_steps + 1)
+    # Markers show where true losses were recorded when that was not after every step.
+    mode = "lines" if runs.every_step else "lines+markers"
     for k, r in enumerate(data.shown_runs):
         colour = RUN_COLOURS[k % len(RUN_COLOURS)]
         run_id = html.escape(str(runs.run_ids[r]))
-        figure.add_scatter(x=runs.eval_steps, y=runs.losses[r, :, test_index], name=f"{run_id} true",
+        figure.add_scatter(x=runs.eval_steps, y=runs.losses[r, :, test_index], name=f"{run_id} true", mode=mode,
                            legendgroup=run_id, line={"color": colour, "width": 2.5},
                            hovertemplate=f"{run_id} true<br>step %{{x}}: %{{y:.4g}}<extra></extra>")
         figure.add_scatter(x=steps, y=data.predicted[r, :, test_index], name=f"{run_id} simulated",
