@@ -56,7 +56,8 @@ def test_leave_class_out_effects_agree_with_retraining(setup):
         assert comparison.metrics()["effect_sign_agreement"] > 0.5
     effects = agreement(np.concatenate(predicted), np.concatenate(actual))
     # Removing a class mostly hurts test examples of that class; the simulator must know which.
-    assert effects["spearman"] > 0.3 and effects["across_curricula_spearman"] > 0.3, effects
+    # Measured here: 0.31 pooled and 0.52 across curricula; a simulator that knows nothing gets about 0.
+    assert effects["spearman"] > 0.2 and effects["across_curricula_spearman"] > 0.35, effects
 
 
 def test_optimised_curriculum_beats_random_ones_in_real_retraining(setup):

@@ -378,6 +378,9 @@ def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int,
     click.echo(f"order: {', '.join(simulator.train_ids[result.order])}")
     click.echo(f"simulated mean final loss: optimised {result.objective:.4f}, random curricula of the same budget "
                f"best {result.random_best:.4f}, median {result.random_median:.4f} ({num_random} curricula)")
+    if result.objective < 0:
+        click.echo("note: a negative simulated loss is the simulator extrapolating beyond its fitting runs; "
+                   "trust the ranking, and retrain to check (simfluence.retrain)")
     if out:
         save_query_curriculum(out, result.curriculum, losses, simulator, order=result.order,
                               target_index=result.target_index, objective=np.float64(result.objective),

@@ -105,11 +105,11 @@ def _rollouts(simulator: Simulator, curricula_of: Callable[[np.ndarray], np.ndar
     neither the edits nor the trajectories of all rows need to be in memory at once.
     ``initial`` is the float64 ``[M]`` loss before training, the same for every row.
     """
-    fast = _column_rollout(simulator, test_index)
-    if fast is None:
-        def fast(curricula, start):
+    run = _column_rollout(simulator, test_index)
+    columns = test_index.size if run is not None else simulator.test_ids.size
+    if run is None:
+        def run(curricula, start):
             return simulator.simulate(curricula, start)[:, :, test_index]
-    columns = test_index.size if fast is not None else simulator.test_ids.size
     per_row = 12 * (num_steps + 1) * columns + 16 * num_steps * width
     chunk = int(max(1, min(num_rows, chunk_bytes // per_row)))
     parts: list[tuple[np.ndarray, ...]] = []
@@ -117,7 +117,7 @@ def _rollouts(simulator: Simulator, curricula_of: Callable[[np.ndarray], np.ndar
         for start in range(0, num_rows, chunk):
             rows = np.arange(start, min(start + chunk, num_rows))
             starting = np.broadcast_to(initial, (rows.size, initial.size))
-            parts.append(reduce(rollout_skipping_empty_steps(fast, curricula_of(rows), starting)))
+            parts.append(reduce(rollout_skipping_empty_steps(run, curricula_of(rows), starting)))
             bar.update(rows.size)
     return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
@@ -627,6 +627,12 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
        while it lowers the objective, for at most ``rounds`` rounds.
 
     Random curricula of the same budget and layout are scored as the baseline.
+
+    The search seeks out whatever the simulator predicts to be best, including its
+    extrapolation: a small budget repeats each example far more often than the random
+    fitting runs did, and a linear simulator may then predict losses training cannot reach
+    (even below 0 for cross-entropy). Rank, not the simulated value, is what to trust;
+    :func:`simfluence.retrain.compare_with_retraining` checks the curriculum for real.
 
     Args:
         initial_losses: float ``[M]`` losses before training.
