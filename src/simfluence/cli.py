@@ -286,7 +286,7 @@ def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ..
                    "   (mean over the selected test examples)")
         for g, row in enumerate(rows):
             click.echo(f"{row['group']:<16} {row['size']:>4} {result.final_delta[g].mean():>+12.4f} "
-                       f"{result.final_sum[g].mean():>+15.4f} {result.final_interaction[g].mean():>+12.4f}")
+                       f"{result.final_sum[g].mean():>+15.4f} {result.final_interaction[g].mean():>+12.2e}")
         return
     result = leave_one_out(simulator, steps, initial, test_index, progress=not as_json)
 

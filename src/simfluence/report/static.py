@@ -39,14 +39,19 @@ def plot_whatif(result: WhatIf, test_ids: np.ndarray, path: str | os.PathLike, m
     """
     plt = _pyplot()
     columns = np.argsort(-np.abs(result.final_change), kind="stable")[:max_panels]
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.2), squeeze=False)
+    per_row = min(3, len(columns))
+    num_rows = -(-len(columns) // per_row)
+    fig, axes = plt.subplots(num_rows, per_row, figsize=(3.8 * per_row, 0.4 + 2.9 * num_rows), squeeze=False)
+    for ax in axes.ravel()[len(columns):]:
+        ax.set_visible(False)
     steps = np.arange(result.before.shape[0])
-    for ax, column in zip(axes[0], columns):
+    for ax, column in zip(axes.ravel(), columns):
         ax.plot(steps, result.before[:, column], color="0.3", label="before")
         ax.plot(steps, result.after[:, column], color="tab:red", label="after")
         ax.set_title(f"{test_ids[result.test_index[column]]}  (final {result.final_change[column]:+.3g})", fontsize=8)
         ax.set_xlabel("step")
-    axes[0][0].set_ylabel("simulated test loss")
+    for row in axes:
+        row[0].set_ylabel("simulated test loss")
     axes[0][0].legend(fontsize=7)
     edits = ", ".join(str(edit) for edit in result.edits)
     fig.suptitle(f"what if: {edits[:120]}", fontsize=9)
