@@ -133,10 +133,12 @@ def speed(simulator, task, initial, num_curricula: int, num_steps: int, num_targ
     simulate_all = best_of(lambda: simulator.simulate(curricula, starting))
     targets = np.arange(num_targets)
     simulate_targets = best_of(lambda: simulate_curricula(simulator, curricula, initial, targets))
+    # A counterfactual needs only the final losses: retraining evaluates at steps 0 and T only.
+    ends = [0, num_steps]
     loop_runs = curricula[:5]
-    train_run(task, loop_runs[0])  # warm caches (checkpoint, data) before timing
-    loop = best_of(lambda: [train_run(task, curriculum) for curriculum in loop_runs]) / len(loop_runs)
-    vmap = best_of(lambda: train_runs_vmap(task, curricula[:64])) / 64
+    train_run(task, loop_runs[0], ends)  # warm caches (checkpoint, data) before timing
+    loop = best_of(lambda: [train_run(task, curriculum, ends) for curriculum in loop_runs]) / len(loop_runs)
+    vmap = best_of(lambda: train_runs_vmap(task, curricula[:64], ends)) / 64
     per_all, per_targets = simulate_all / num_curricula, simulate_targets / num_curricula
     return {"curricula": num_curricula, "steps": num_steps, "test_examples": int(initial.size),
             "targets": num_targets, "simulate_seconds_per_curriculum_all_tests": per_all,
@@ -144,6 +146,49 @@ def speed(simulator, task, initial, num_curricula: int, num_steps: int, num_targ
             "train_runs_vmap_seconds_per_run": vmap, "speedup_vs_loop_all_tests": loop / per_all,
             "speedup_vs_vmap_all_tests": vmap / per_all, "speedup_vs_loop_targets": loop / per_targets,
             "speedup_vs_vmap_targets": vmap / per_targets}
+
+
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _table(rows: list[dict], columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(_cell(row[column]) for column in columns) + " |" for row in rows]
+
+
+def markdown(results: dict) -> str:
+    effects = ["mse", "spearman", "across_curricula_spearman", "sign_agreement", "mean_abs_actual_effect", "rows"]
+    queries = [{"query": name, **results[key]} for name, key in (
+        ("leave one class out (10 groups x held-out runs)", "leave_class_out"),
+        ("leave a random group of 20 out", "leave_random_group_out"),
+        ("leave one out (every example of held-out run 0)", "leave_one_out"))]
+    search = ["targets", "budget", "simulated_optimised", "simulated_random_median", "simulated_random_best",
+              "real_optimised", "real_random_median", "real_random_best", "real_optimised_rank", "initial"]
+    speed = results["speed"]
+    loo = results["leave_one_out"]
+    lines = [f"{results['fitting_runs']} fitting runs, {results['heldout_runs']} held-out runs, "
+             f"{results['config']['steps']} steps; linear-identity, ridge {results['ridge']:.3g} "
+             f"(fit {results['fit_seconds']:.1f} s).", "",
+             "Effects on each test example's final loss, simulated vs real (edited minus original run):", "",
+             *_table(queries, ["query", *effects]), "",
+             f"Leave-one-out, per training example (effect on the mean final loss over all test examples): "
+             f"Spearman {loo['per_example_mean_effect_spearman']:.3g}; the 10 examples the simulator ranks most "
+             f"helpful have a real mean effect of {loo['top10_predicted_helpful_actual_mean_effect']:+.3g}, all "
+             f"{loo['examples']} examples {loo['all_examples_actual_mean_effect']:+.3g}.", "",
+             f"Curriculum search, mean final loss over the targets ({results['config']['random']} random curricula "
+             f"simulated, {results['config']['retrain_random']} of them and the optimised one retrained; rank 1 = "
+             "better than every retrained random curriculum):", "",
+             *_table(results["search"], search), "",
+             f"Speed ({speed['curricula']} curricula x {speed['steps']} steps, one thread): simulate "
+             f"{speed['simulate_seconds_per_curriculum_all_tests'] * 1e6:.1f} us per curriculum for all "
+             f"{speed['test_examples']} test examples, {speed['simulate_seconds_per_curriculum_targets'] * 1e6:.1f} "
+             f"us for {speed['targets']} targets; retrain {speed['train_run_seconds_per_run'] * 1e3:.1f} ms per run "
+             f"(train_run), {speed['train_runs_vmap_seconds_per_run'] * 1e3:.1f} ms per run (train_runs_vmap, 64 at "
+             f"once). Speed-up: {speed['speedup_vs_loop_all_tests']:,.0f}x / {speed['speedup_vs_loop_targets']:,.0f}x "
+             f"vs train_run, {speed['speedup_vs_vmap_all_tests']:,.0f}x / {speed['speedup_vs_vmap_targets']:,.0f}x vs "
+             "train_runs_vmap (all test examples / targets)."]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -193,10 +238,9 @@ def main() -> None:
                                              task.batch_size, args.random, args.retrain_random, args.seed)],
         "speed": speed(simulator, task, initial, args.speed_curricula, args.steps, 10, args.repeats, args.seed),
     }
-    text = json.dumps(results, indent=1)
-    print(text)
+    print(markdown(results))
     if args.json:
-        write_text_atomic(args.json, text)
+        write_text_atomic(args.json, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
