@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from simfluence.cli import main
 from simfluence.query import (Edit, apply_edits, epoch_curricula, influence_over_time, leave_group_out,
                               leave_one_out, optimize, parse_edit, simulate_curricula, whatif)
-from simfluence.runs import PAD, save_runs
+from simfluence.runs import PAD, RunDataError, save_runs
 from simfluence.simulators import AdditiveSimulator, LinearIdentitySimulator, LinearSimulator
 
 from synthetic import linear_runs
@@ -81,6 +81,18 @@ def test_test_subset_and_generic_simulate_path_agree(fitted, runs):
     subset = leave_one_out(generic, curriculum, initial, test_index=[4, 1])
     np.testing.assert_allclose(subset.final_delta, full.final_delta[:, [4, 1]], atol=1e-6)
     np.testing.assert_allclose(subset.baseline, full.baseline[:, [4, 1]], atol=1e-6)
+
+
+def test_chunked_rollouts_match_one_chunk_and_bad_indices_fail(fitted, runs, monkeypatch):
+    import simfluence.query
+
+    curriculum, initial = query_curriculum(runs)
+    whole = influence_over_time(fitted["linear"], curriculum, initial)
+    monkeypatch.setattr(simfluence.query, "CHUNK_BYTES", 1)  # one curriculum per rollout
+    np.testing.assert_array_equal(influence_over_time(fitted["linear"], curriculum, initial).final_delta,
+                                  whole.final_delta)
+    with pytest.raises(RunDataError, match="index out of range"):
+        simulate_curricula(fitted["linear"], curriculum[None] + 100, initial)
 
 
 def test_leave_group_out_interaction(fitted, runs):

@@ -98,7 +98,7 @@ def rollout_skipping_empty_steps(run: Callable, curricula: np.ndarray, initial: 
 def _rollouts(simulator: Simulator, curricula_of: Callable[[np.ndarray], np.ndarray], num_rows: int,
               num_steps: int, width: int, initial: np.ndarray, test_index: np.ndarray,
               reduce: Callable[[np.ndarray], tuple[np.ndarray, ...]], progress: bool = False,
-              chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, ...]:
+              ) -> tuple[np.ndarray, ...]:
     """Roll out ``curricula_of(rows)`` for all rows in chunks; concatenate ``reduce(trajectories)``.
 
     ``curricula_of`` builds the int ``[r, T, B]`` edited curricula of the given rows, so
@@ -111,7 +111,7 @@ def _rollouts(simulator: Simulator, curricula_of: Callable[[np.ndarray], np.ndar
         def run(curricula, start):
             return simulator.simulate(curricula, start)[:, :, test_index]
     per_row = 12 * (num_steps + 1) * columns + 16 * num_steps * width
-    chunk = int(max(1, min(num_rows, chunk_bytes // per_row)))
+    chunk = int(max(1, min(num_rows, CHUNK_BYTES // per_row)))
     parts: list[tuple[np.ndarray, ...]] = []
     with tqdm(total=num_rows, unit="curriculum", desc="simulate", disable=not progress, leave=False) as bar:
         for start in range(0, num_rows, chunk):
@@ -174,8 +174,9 @@ def simulate_curricula(simulator: Simulator, curricula, initial_losses, test_ind
     curricula = np.asarray(curricula)
     if curricula.ndim != 3:
         raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
-    if curricula.size and (curricula.min() < PAD or curricula.max() >= simulator.train_ids.size
-                           or curricula.dtype.kind not in "iu"):
+    # Empty steps are allowed here (they are skipped), so only dtype and range are checked.
+    if curricula.dtype.kind not in "iu" or (curricula.size and (
+            curricula.min() < PAD or curricula.max() >= simulator.train_ids.size)):
         validate_curriculum(curricula, simulator.train_ids.size, "curricula")  # raises the standard message
     initial = _check_initial(simulator, initial_losses)
     test_index = check_test_index(simulator, test_index)
