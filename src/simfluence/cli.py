@@ -17,7 +17,9 @@ from simfluence.runs import RunDataError, load_runs, save_runs
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.atomic import atomic_path
 
-METHODS = ["linear", "linear-identity", "additive", "mean-trajectory", "constant"]
+METHODS = ["linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive", "mean-trajectory",
+           "constant"]
+RIDGE_METHODS = ("linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive")
 GRADIENT_METHODS = ["grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled"]
 
 
@@ -49,7 +51,8 @@ def main() -> None:
 @click.option("--ridge", type=float, default=None, help="Ridge strength; default: chosen by cross-validation.")
 @click.option("--cv-folds", type=int, default=3, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device for fitting, e.g. cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="Default: float32 (float64 for linear-pairwise, whose L-BFGS fit needs it).")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
               help="tracin-cp: a run store collected with --checkpoint-steps (default: replay a fitting run).")
 @_user_errors
@@ -62,10 +65,11 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     if checkpoints and not method.startswith("tracin-cp"):
         raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
     params = {}
-    if method in ("linear", "linear-identity", "additive"):
-        params = {"ridge": ridge, "cv_folds": cv_folds, "device": device, "dtype": dtype}
+    precision = {"dtype": dtype} if dtype else {}
+    if method in RIDGE_METHODS:
+        params = {"ridge": ridge, "cv_folds": cv_folds, "device": device, **precision}
     elif method in GRADIENT_METHODS:
-        params = {"device": device, "dtype": dtype, **({"checkpoints": checkpoints} if checkpoints else {})}
+        params = {"device": device, **precision, **({"checkpoints": checkpoints} if checkpoints else {})}
     simulator = make_simulator(method, **params).fit(run_set)
     simulator.save(out)
     info = {key: value for key, value in simulator.fit_info.items() if key != "cv_scores"}
@@ -91,13 +95,15 @@ def evaluate(model: str, heldout: str, as_json: bool) -> None:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("curricula", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Trajectories file (.npz).")
+@click.option("--interval", type=float, default=None,
+              help="Also write prediction intervals at this level, e.g. 0.9 (linear-bootstrap models).")
 @_user_errors
-def simulate(model: str, curricula: str, out: str) -> None:
+def simulate(model: str, curricula: str, out: str, interval: float | None) -> None:
     """Simulate trajectories for CURRICULA.npz.
 
     The file holds ``curricula`` int [R, T, B] and ``initial_losses`` float [R, M] (an interchange
     file works too: its step-0 losses are used). Writes ``trajectories`` float32 [R, T + 1, M]
-    and ``test_ids``.
+    and ``test_ids``; with ``--interval``, also ``lower`` and ``upper`` of the same shape.
     """
     from simfluence.simulators import Simulator
 
@@ -109,9 +115,17 @@ def simulate(model: str, curricula: str, out: str) -> None:
         initial = arrays["losses"][:, 0]
     else:
         raise RunDataError(curricula, "initial_losses", "is missing", "add the losses before training, [runs, test]")
-    trajectories = simulator.simulate(arrays["curricula"], initial, source=curricula)
+    bands = {}
+    if interval is None:
+        trajectories = simulator.simulate(arrays["curricula"], initial, source=curricula)
+    elif not hasattr(simulator, "simulate_interval"):
+        raise ValueError(f"--interval: {model} is a '{simulator.kind}' model, which has no intervals "
+                         "(fit one with --method linear-bootstrap)")
+    else:
+        bands["lower"], trajectories, bands["upper"] = simulator.simulate_interval(
+            arrays["curricula"], initial, level=interval, source=curricula)
     with atomic_path(out, suffix=".npz") as temporary:
-        np.savez(temporary, trajectories=trajectories, test_ids=simulator.test_ids.astype(str))
+        np.savez(temporary, trajectories=trajectories, test_ids=simulator.test_ids.astype(str), **bands)
     click.echo(f"wrote {out}: trajectories {trajectories.shape}")
 
 

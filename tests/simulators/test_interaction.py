@@ -199,3 +199,18 @@ def test_two_key_real_training_interaction_is_captured():
     assert abs(pairwise["simulated_interaction_mean_needs_both"] - measured) < 0.5 * abs(measured)
     assert pairwise["interaction_abs_error_needs_both"] < 0.6 * linear["interaction_abs_error_needs_both"]
     assert pairwise["heldout_mse"] < linear["heldout_mse"]
+
+
+def test_cli_fits_pairwise(tmp_path):
+    from click.testing import CliRunner
+
+    from simfluence.cli import main
+    from simfluence.runs import save_runs
+
+    runs, _, _, _ = supermodular_runs(num_runs=8, num_steps=10)
+    save_runs(runs, tmp_path / "runs.npz")
+    result = CliRunner().invoke(main, ["fit", str(tmp_path / "runs.npz"), "--method", "linear-pairwise",
+                                       "--out", str(tmp_path / "pairwise.npz")])
+    assert result.exit_code == 0, result.output
+    loaded = Simulator.load(tmp_path / "pairwise.npz")
+    assert loaded.kind == "linear-pairwise" and loaded.dtype == "float64"

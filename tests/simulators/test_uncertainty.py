@@ -95,3 +95,34 @@ def test_errors_name_the_argument_and_the_fix(tmp_path, known_model):
     np.savez(tmp_path / "broken.npz", **arrays)
     with pytest.raises(RunDataError, match="field 'state'.*noise_variance"):
         Simulator.load(tmp_path / "broken.npz")
+
+
+def test_cli_fits_bootstrap_and_writes_intervals(tmp_path):
+    from click.testing import CliRunner
+
+    from simfluence.cli import main
+    from simfluence.runs import save_runs
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    runs, _, _ = linear_runs(num_runs=14, seed=1)
+    save_runs(runs.select(np.arange(10)), tmp_path / "fit.npz")
+    save_runs(runs.select(np.arange(10, 14)), tmp_path / "heldout.npz")
+    result = invoke("fit", tmp_path / "fit.npz", "--method", "linear-bootstrap", "--out", tmp_path / "boot.npz")
+    assert result.exit_code == 0, result.output
+    result = invoke("simulate", tmp_path / "boot.npz", tmp_path / "heldout.npz", "--interval", 0.9,
+                    "--out", tmp_path / "t.npz")
+    assert result.exit_code == 0, result.output
+    expected = Simulator.load(tmp_path / "boot.npz").simulate_interval(runs.curricula[10:], runs.initial_losses[10:])
+    with np.load(tmp_path / "t.npz") as out:
+        for name, array in zip(("lower", "trajectories", "upper"), expected):
+            assert np.array_equal(out[name], array)
+    result = invoke("simulate", tmp_path / "boot.npz", tmp_path / "heldout.npz", "--interval", 1.5,
+                    "--out", tmp_path / "t.npz")
+    assert result.exit_code == 2 and "level must lie strictly between 0 and 1" in result.output
+    invoke("fit", tmp_path / "fit.npz", "--method", "linear-identity", "--out", tmp_path / "plain.npz")
+    result = invoke("simulate", tmp_path / "plain.npz", tmp_path / "heldout.npz", "--interval", 0.9,
+                    "--out", tmp_path / "t.npz")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "--interval" in result.output and "linear-bootstrap" in result.output
