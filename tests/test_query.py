@@ -129,6 +129,8 @@ def test_apply_edits_by_hand():
     assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, curriculum.tolist()))
     with pytest.raises(ValueError, match="outside the curriculum's steps 1..3"):
         apply_edits(curriculum, [Edit("insert", 1, (4,))])
+    with pytest.raises(ValueError, match="example 0 is not in the curriculum"):
+        apply_edits(curriculum, [Edit("drop", 0), Edit("duplicate", 0)])
 
 
 def test_parse_edit_by_id_or_index():
@@ -242,8 +244,9 @@ def test_cli_queries_end_to_end(fitted, runs, tmp_path):
     with np.load(tmp_path / "best.npz") as best:
         assert best["curriculum"].shape == (10, runs.batch_size) and best["objective"] < np.median(
             best["random_objectives"])
+        first = int(best["order"][0])
     result = invoke("whatif", model, "--curriculum", tmp_path / "best.npz", "--edit", "shuffle:3", "--edit",
-                    "drop:0", "--test", "test-0", "--plot", tmp_path / "whatif.png")
+                    f"drop:{first}", "--test", "test-0", "--plot", tmp_path / "whatif.png")
     assert result.exit_code == 0 and "before" in result.output, result.output
     result = invoke("influence-over-time", model, "--curriculum", tmp_path / "runs.npz", "--test", "test-4",
                     "--top", 4, "--plot", tmp_path / "heat.png")

@@ -446,6 +446,9 @@ def apply_edits(curriculum, edits: Sequence[Edit], num_train: int | None = None)
                 raise ValueError(f"edit {edit}: step {step} is outside the curriculum's steps 1..{num_steps}")
         if edit.example is not None and num_train is not None and not 0 <= edit.example < num_train:
             raise ValueError(f"edit {edit}: training index {edit.example} is outside 0..{num_train - 1}")
+        if edit.kind in ("drop", "duplicate") and not (out == edit.example).any():
+            raise ValueError(f"edit {edit}: training example {edit.example} is not in the curriculum "
+                             f"(at this point of the edits), so there is nothing to {edit.kind}")
         if edit.kind == "drop":
             out = np.where(out == edit.example, PAD, out).astype(np.int32)
         elif edit.kind == "insert":
