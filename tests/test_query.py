@@ -73,6 +73,16 @@ def test_leave_one_out_equals_difference_of_explicit_rollouts(fitted, runs, kind
     assert result.top_harmful(1, by="mean", column=2)[0][1] == result.mean_delta[:, 2].min()
 
 
+def test_removing_everything_leaves_the_initial_loss(fitted, runs):
+    initial = runs.initial_losses[0].astype(np.float64)
+    curriculum = np.array([[3, 3], [3, PAD]])
+    for simulator in (fitted["linear"], GenericPath(ridge=0.05).fit(runs)):
+        result = leave_one_out(simulator, curriculum, initial)
+        trajectory = simulator.simulate(curriculum, initial)
+        np.testing.assert_allclose(result.final_delta[0], initial - trajectory[-1], atol=1e-6)
+        np.testing.assert_allclose(result.mean_delta[0], initial - trajectory[1:].mean(axis=0), atol=1e-6)
+
+
 def test_test_subset_and_generic_simulate_path_agree(fitted, runs):
     curriculum, initial = query_curriculum(runs)
     full = leave_one_out(fitted["linear-identity"], curriculum, initial)

@@ -87,8 +87,10 @@ def rollout_skipping_empty_steps(run: Callable, curricula: np.ndarray, initial: 
     out = None
     for length in np.unique(lengths):
         rows = np.flatnonzero(lengths == length)
-        compact = np.stack([curricula[r][nonempty[r]] for r in rows]) if length else None
-        part = run(compact, initial[rows]) if length else run(curricula[rows, :1], initial[rows])[:, :1]
+        if length:
+            part = run(np.stack([curricula[r][nonempty[r]] for r in rows]), initial[rows])
+        else:  # nothing left to train on: only L_0, read off a one-step run on example 0
+            part = run(np.zeros((rows.size, 1, curricula.shape[2]), dtype=curricula.dtype), initial[rows])[:, :1]
         if out is None:
             out = np.empty((len(curricula), curricula.shape[1] + 1, part.shape[-1]), dtype=np.float32)
         out[rows] = np.take_along_axis(part, position[rows][:, :, None], axis=1)
