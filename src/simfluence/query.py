@@ -3,7 +3,8 @@ r"""Counterfactual queries answered by a fitted simulator instead of by retraini
 Every query edits a curriculum ``c`` (int ``[T, B]``, ``-1`` pads) into many variants
 ``c'``, stacks them into one ``[R, T, B]`` array and rolls them all out from the same
 losses before training ``L_0`` (``[M]``) with one vectorised ``simulate`` per chunk of
-bounded memory, so it works for every simulator kind. Losses are in the task's units
+bounded memory, so it works for every simulator kind (for the Simfluence-Linear family only
+the requested test examples' columns are rolled out, same numbers). Losses are in the task's units
 (nats for cross-entropy); steps are counted from 1, ``L_t`` being the loss after step ``t``.
 
 Effects are reported as
