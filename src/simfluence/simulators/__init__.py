@@ -3,6 +3,7 @@
 from simfluence.simulators.additive import AdditiveSimulator
 from simfluence.simulators.base import NotFittedError, Simulator, simulator_kinds
 from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySimulator
+from simfluence.simulators.featurized import FeaturizedSimulator
 from simfluence.simulators.gradient import (GradDotScaledSimulator, GradDotSimulator, InfluenceScaledSimulator,
                                             InfluenceSimulator, TracInCPScaledSimulator, TracInCPSimulator)
 from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
@@ -13,7 +14,7 @@ SIMULATORS = {cls.kind: cls for cls in (
     LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, PairwiseSimulator, AdditiveSimulator,
     MeanTrajectorySimulator, ConstantSimulator,
     GradDotSimulator, GradDotScaledSimulator, TracInCPSimulator, TracInCPScaledSimulator, InfluenceSimulator,
-    InfluenceScaledSimulator)}
+    InfluenceScaledSimulator, FeaturizedSimulator)}
 
 
 def make_simulator(kind: str, **params) -> Simulator:
@@ -23,7 +24,7 @@ def make_simulator(kind: str, **params) -> Simulator:
     return SIMULATORS[kind](**params)
 
 
-__all__ = ["AdditiveSimulator", "BootstrapLinearSimulator", "ConstantSimulator", "GradDotScaledSimulator", "GradDotSimulator",
+__all__ = ["AdditiveSimulator", "BootstrapLinearSimulator", "ConstantSimulator", "FeaturizedSimulator", "GradDotScaledSimulator", "GradDotSimulator",
            "InfluenceScaledSimulator", "InfluenceSimulator", "TracInCPScaledSimulator", "TracInCPSimulator", "LinearIdentitySimulator", "LinearSimulator",
            "MeanTrajectorySimulator", "NotFittedError", "PairwiseSimulator", "SIMULATORS", "Simulator", "make_simulator",
            "simulator_kinds"]

@@ -144,6 +144,22 @@ class Task(ABC):
         """
         return str(getattr(self, f"{check_split(split)}_ids")[index])
 
+    def split_data(self, split: str) -> tuple[Inputs, torch.Tensor]:
+        """``(inputs, targets)`` of the ``"train"`` or ``"test"`` examples."""
+        data = self.data
+        return getattr(data, f"{check_split(split)}_inputs"), getattr(data, f"{split}_targets")
+
+    def example_features(self, split: str) -> np.ndarray:
+        """float32 ``[N, D]`` (``"train"``) or ``[M, D]`` (``"test"``): one feature row per example.
+
+        What the featurized simulator (:mod:`simfluence.simulators.featurized`) predicts each
+        example's effect from, so it generalises to examples no fitting run contains. Built-in
+        tasks return what their model sees of the example; a task without its own features
+        can use the generic gradient sketches (``features="gradients"`` there).
+        """
+        raise NotImplementedError(f"task '{self.name}' defines no example_features; override it or use "
+                                  "the featurized simulator with features='gradients'")
+
     def config(self) -> dict:
         """JSON-serialisable settings of this task object (recorded in a run store)."""
         if dataclasses.is_dataclass(self):
@@ -221,6 +237,11 @@ def check_split(split: str) -> str:
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     return split
+
+
+def output_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits) - one_hot(targets)`` ``[n, C]``: the cross-entropy gradient w.r.t. the logits."""
+    return torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(targets, logits.shape[-1]).to(logits.dtype)
 
 
 def json_safe(value: Any) -> Any:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData, check_split
+from simfluence.collect.tasks.base import Task, TaskData, check_split, output_error
 from simfluence.collect.tasks.optim import adam
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
@@ -95,6 +95,17 @@ class DigitsMLP(Task):
 
     def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def example_features(self, split: str) -> np.ndarray:
+        """float32 ``[n, 64 + hidden + 10]``: pixels, the starting checkpoint's hidden (tanh)
+        activations, and its output error ``softmax - one-hot`` (the factor that, times the hidden
+        activations, is the example's gradient of the last layer)."""
+        inputs, targets = self.split_data(split)
+        model = self.build_model().eval()
+        with torch.no_grad():
+            hidden = model[1](model[0](inputs))
+            error = output_error(model[2](hidden), targets)
+        return torch.cat([inputs, hidden, error], dim=1).numpy()
 
     def describe_example(self, split: str, index: int) -> np.ndarray:
         """The 8x8 image as float grey levels ``[8, 8]`` in [0, 1], ink dark."""

@@ -140,6 +140,15 @@ class TinyLM(Task):
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         return mean_token_loss(logits, targets)
 
+    def example_features(self, split: str) -> np.ndarray:
+        """float32 ``[n, n_embd]``: the pretrained model's last hidden state, averaged over the tokens."""
+        inputs, _ = self.split_data(split)
+        model = self.build_model().eval()
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).numpy()
+
     def describe_example(self, split: str, index: int) -> str:
         """The example's tokens decoded back to text: what the model sees, cut at ``max_length``."""
         inputs = getattr(self.data, f"{check_split(split)}_inputs")

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData, check_split
+from simfluence.collect.tasks.base import Task, TaskData, check_split, output_error
 from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, adam, cached_tensors, hub_offline, load_glosses,
                                               minilm_dir, minilm_fingerprint, take_slices)
 from simfluence.collect.tasks.registry import register_task
@@ -119,6 +119,15 @@ class TextMiniLM(Task):
 
     def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def example_features(self, split: str) -> np.ndarray:
+        """float32 ``[n, 384 + C]``: the frozen MiniLM embedding (the model's input) and the starting
+        head's output error ``softmax - one-hot`` (its outer product with the embedding is the gradient)."""
+        inputs, targets = self.split_data(split)
+        head = self.build_model()
+        with torch.no_grad():
+            error = output_error(head(inputs), targets)
+        return torch.cat([inputs, error], dim=1).numpy()
 
     def describe_example(self, split: str, index: int) -> str:
         """The gloss (WordNet definition) of the example, without computing embeddings."""

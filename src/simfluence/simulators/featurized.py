@@ -1,0 +1,488 @@
+r"""Featurized Simfluence: coefficients predicted from features of both examples.
+
+Simfluence-Linear keeps a free ``(A_i^m, B_i^m)`` per (training example ``i``, test example
+``m``), so it knows nothing about examples absent from the fitting runs. Here the
+coefficients are functions of a feature vector ``f_i`` of the training example and ``g_m`` of
+the test example, so they exist for any example whose features are known:
+
+.. math::
+
+    L^m_t = \Big(1 + \sum_{i \in c_t} a_i^m\Big) L^m_{t-1} + \sum_{i \in c_t} b_i^m, \qquad
+    a_i^m = \phi_i^\top W_a\, \psi_m + r^{a}_{im}, \qquad b_i^m = \phi_i^\top W_b\, \psi_m + r^{b}_{im}
+
+* ``phi_i = [P_f (f_i - mu_f) / s_f, 1]`` and ``psi_m = [P_g (g_m - mu_g) / s_g, 1]``: the
+  features centred, projected on their top ``dim`` principal directions ``P`` (fitted on
+  all ``N`` training examples' features and on the fitting test examples' features) and
+  scaled to unit mean square; the constant 1 gives every bilinear form per-example and
+  global main effects;
+* ``W_a, W_b`` ``[dim + 1, dim + 1]``: bilinear forms shared by all pairs, fitted by full-batch
+  L-BFGS (torch, float32) on the teacher-forced one-step transitions of the fitting runs
+  (:class:`~simfluence.simulators.linear.Transitions`), minimising
+
+  .. math::
+
+      \frac{1}{S M\,\sigma_\Delta^2}\sum_{s, m} \big(\hat\Delta^m_s - \Delta^m_s\big)^2
+      + \lambda \big(\lVert W_a \sigma_L / \sigma_\Delta\rVert^2 + \lVert W_b / \sigma_\Delta\rVert^2\big)
+
+  (``Delta`` the one-step loss changes, ``sigma`` root mean squares, so ``lambda`` is free
+  of loss units); ``lambda`` (``weight_decay``) is chosen by K-fold cross-validation over
+  the fitting runs on the rolled-out all-steps MSE unless given;
+* ``r^a, r^b`` ``[N, M]``: per-pair residuals, fitted afterwards by the ridge solver of
+  Simfluence-Linear on what the bilinear part leaves unexplained. Ridge keeps them exactly
+  0 for training examples that no fitting run trained on and they do not exist for test
+  examples added later, so unseen examples fall back to the feature part.
+
+Why bilinear: for one SGD step with batch-mean loss, ``b_i^m \approx -(\eta/|c|)\, g_m \cdot g_i``
+(``g`` the per-example gradients). With gradient sketches as features
+(:func:`gradient_sketch`: a random projection that preserves inner products) the
+bilinear form contains Grad-Dot exactly, and fitting on runs corrects it.
+
+Features come from the task (:meth:`simfluence.collect.tasks.Task.example_features`), from
+gradient sketches at the starting checkpoint, or from the caller
+(``train_features=``, ``test_features=``). :meth:`FeaturizedSimulator.for_test_examples`
+returns a simulator for other (possibly never seen) test examples from their features alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from simfluence.runs.log import RunDataError, RunSet
+from simfluence.simulators.base import Simulator, register
+from simfluence.simulators.design import BatchDesign
+from simfluence.simulators.linear import Transitions, all_steps_mse, rollout
+from simfluence.simulators.ridge import solve_transition_ridge
+
+FEATURE_SOURCES = ("task", "gradients", "task+gradients")
+DEFAULT_WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
+SPLITS = ("train", "test")
+
+
+def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk_size: int = 64) -> np.ndarray:
+    """float32 ``[n, min(P, dim)]``: per-example gradients at the starting checkpoint, sketched to ``dim``.
+
+    ``P`` is the number of trainable weights (:func:`~simfluence.func.gradients.per_example_gradients`).
+    When ``P <= dim`` the gradients are returned as they are. Otherwise each flattened gradient
+    ``g`` becomes ``S g`` with ``S`` a ``[dim, P]`` count sketch: coordinate ``j`` goes to a
+    random bucket ``h(j)`` with a random sign, so ``E[(S g) . (S g')] = g . g'`` (the inner
+    products Grad-Dot uses) with relative error about ``1 / sqrt(dim)``, in ``O(P)`` memory.
+    ``seed`` fixes ``S``; both splits share it.
+    """
+    from simfluence.collect.tasks.base import num_examples, take
+    from simfluence.func.gradients import per_example_gradients, trainable_params
+
+    inputs, targets = task.split_data(split)
+    model = task.build_model().eval()
+    params = trainable_params(model)
+    size = sum(value.numel() for value in params.values())
+    count = num_examples(inputs)
+    width = min(size, dim)
+    generator = torch.Generator().manual_seed(seed)
+    buckets = torch.randint(0, width, (size,), generator=generator)
+    signs = torch.randint(0, 2, (size,), generator=generator).to(torch.float32).mul_(2).sub_(1)
+    out = torch.zeros(count, width)
+    for start in range(0, count, chunk_size):
+        index = torch.arange(start, min(start + chunk_size, count))
+        grads = per_example_gradients(task, model, params, take(inputs, index), targets[index], chunk_size)
+        grads = grads.to(torch.float32)
+        out[index] = grads if size <= dim else torch.zeros(index.numel(), width).index_add_(1, buckets, grads * signs)
+    return out.numpy()
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Centre, project on the top principal directions, scale to unit mean square, append 1.
+
+    ``mean`` ``[D]``, ``basis`` ``[D, k]``, ``scale`` a scalar; :meth:`__call__` maps features
+    ``[n, D]`` to ``[n, k + 1]``.
+    """
+
+    mean: np.ndarray
+    basis: np.ndarray
+    scale: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, dim: int) -> Projection:
+        centred = features.astype(np.float64) - features.mean(axis=0)
+        _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+        # Directions with no variance would be scaled up from rounding noise.
+        rank = int((singular > 1e-6 * max(float(singular[0]), 1e-30)).sum()) if singular.size else 0
+        basis = directions[:max(min(dim, rank), 0)].T
+        projected = centred @ basis
+        scale = float(np.sqrt(np.mean(projected**2))) if projected.size else 1.0
+        return cls(features.mean(axis=0).astype(np.float64), basis, scale if scale > 0 else 1.0)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        projected = (features.astype(np.float64) - self.mean) @ self.basis / self.scale
+        return np.concatenate([projected, np.ones((features.shape[0], 1))], axis=1)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}_mean": self.mean, f"{prefix}_basis": self.basis, f"{prefix}_scale": np.array(self.scale)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str) -> Projection:
+        return cls(arrays[f"{prefix}_mean"], arrays[f"{prefix}_basis"], float(arrays[f"{prefix}_scale"]))
+
+
+def check_features(features: Any, ids: np.ndarray, name: str, dims: int | None = None) -> np.ndarray:
+    """float32 ``[len(ids), D]`` or a one-line :class:`RunDataError` naming ``name``."""
+    array = np.asarray(features)
+    if array.dtype.kind not in "fiu":
+        raise RunDataError(name, "dtype", f"expected numbers, got {array.dtype}", "pass a float array [examples, D]")
+    if array.ndim != 2 or array.shape[0] != ids.size or array.shape[1] == 0:
+        raise RunDataError(name, "shape", f"expected [{ids.size}, D] (one row per id), got {array.shape}",
+                           "give one feature row per example, in the order of the runs' ids")
+    if dims is not None and array.shape[1] != dims:
+        raise RunDataError(name, "shape", f"has {array.shape[1]} feature columns, the simulator was fitted on {dims}",
+                           "compute the features the same way as for fitting")
+    if not np.isfinite(array).all():
+        raise RunDataError(name, "values", "contain NaN or inf", "replace or drop those examples")
+    return array.astype(np.float32)
+
+
+def _align(features: np.ndarray, feature_ids: np.ndarray, wanted: np.ndarray, name: str) -> np.ndarray:
+    """Rows of ``features`` (one per ``feature_ids``) in the order of ``wanted``."""
+    position = {key: row for row, key in enumerate(feature_ids.tolist())}
+    missing = [key for key in wanted.tolist() if key not in position]
+    if missing:
+        raise RunDataError(name, "ids", f"{len(missing)} ids have no features, e.g. {missing[:3]}",
+                           "use runs of the same task, or pass the features directly")
+    return features[[position[key] for key in wanted.tolist()]]
+
+
+PARAMETERS = ("w_a", "w_b", "u_a", "u_b", "v_a", "v_b")
+
+
+def coefficient_table(phi: torch.Tensor, psi: torch.Tensor, kernels: torch.Tensor,
+                      params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[N, 2M]`` = ``[a | b]`` (the layout :func:`rollout` reads) from the module's formula.
+
+    Args:
+        phi: ``[N, K]`` projected training features (last column 1); psi: ``[M, K']`` (same).
+        kernels: ``[J, N, M]`` scaled feature inner products ``k_j``.
+        params: ``w_*`` ``[K, K']``, ``u_*`` ``[J, K]``, ``v_*`` ``[J, K' - 1]`` for ``* = a, b``.
+    """
+    heads = []
+    for head in ("a", "b"):
+        table = phi @ params[f"w_{head}"] @ psi.T
+        if kernels.shape[0]:
+            gain = (phi @ params[f"u_{head}"].T).T[:, :, None] + (psi[:, :-1] @ params[f"v_{head}"].T).T[:, None, :]
+            table = table + (kernels * gain).sum(dim=0)
+        heads.append(table)
+    return torch.cat(heads, dim=1).contiguous()
+
+
+def fit_coefficients(
+    design: BatchDesign, previous: torch.Tensor, delta: torch.Tensor, phi: torch.Tensor, psi: torch.Tensor,
+    kernels: torch.Tensor, weight_decay: float, max_iter: int, initial: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    r"""Parameters minimising the module's transition objective, by full-batch L-BFGS.
+
+    Args:
+        design: batch indicators ``X`` ``[S, N]`` of the transitions.
+        previous: ``[S, M]`` losses before each transition.
+        delta: ``[S, M]`` one-step loss changes ``L_t - L_{t-1}``.
+        phi, psi, kernels: as for :func:`coefficient_table`.
+        weight_decay: ``lambda``.
+        max_iter: L-BFGS iterations.
+        initial: warm start (loss units), e.g. the solution for a stronger ``lambda``.
+
+    Returns:
+        The parameters in loss units, and ``lbfgs_iterations`` and the final relative transition MSE.
+
+    Memory is ``O(S M + N M J)``: all transitions and the coefficient table at once.
+    """
+    delta_rms = float(delta.square().mean().sqrt().clamp_min(1e-12))
+    previous_rms = float(previous.square().mean().sqrt().clamp_min(1e-12))
+    # Work in loss-free units so that one weight-decay grid fits every task.
+    previous_scaled, delta_scaled = previous / previous_rms, delta / delta_rms
+    units = {"a": delta_rms / previous_rms, "b": delta_rms}
+    num_test = psi.shape[0]
+    shapes = {"w": (phi.shape[1], psi.shape[1]), "u": (kernels.shape[0], phi.shape[1]),
+              "v": (kernels.shape[0], psi.shape[1] - 1)}
+    params = {name: (torch.zeros(shapes[name[0]]) if initial is None else initial[name] / units[name[-1]])
+              .clone().requires_grad_(True) for name in PARAMETERS}
+    optimizer = torch.optim.LBFGS(list(params.values()), lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def transition_mse() -> torch.Tensor:
+        summed = design.matmul(coefficient_table(phi, psi, kernels, params))   # [S, 2M]: sums over each batch
+        predicted = summed[:, :num_test] * previous_scaled + summed[:, num_test:]
+        return (predicted - delta_scaled).square().mean()
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = transition_mse() + weight_decay * sum(value.square().sum() for value in params.values())
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    with torch.no_grad():
+        relative_mse = float(transition_mse())
+    state = optimizer.state[optimizer._params[0]]
+    info = {"lbfgs_iterations": int(state.get("n_iter", 0)), "transition_relative_mse": relative_mse}
+    return {name: value.detach() * units[name[-1]] for name, value in params.items()}, info
+
+
+@register
+class FeaturizedSimulator(Simulator):
+    r"""Identity-centred Simfluence-Linear whose coefficients are functions of example features.
+
+    Args:
+        train_features: float ``[N, D]``, one row per training id of the fitting runs (all ``N``
+            training examples, also those no fitting run trains on); default from ``task``.
+        test_features: float ``[M, D']``, one row per test id of the fitting runs.
+        task: a registered task name or a :class:`~simfluence.collect.tasks.Task` supplying
+            features by id; default: the task named in the runs' meta (runs made by ``collect``).
+        task_options: options for a task given by name (default: the runs' ``task_config``).
+        features: ``"gradients"`` (:func:`gradient_sketch`), ``"task"``
+            (:meth:`Task.example_features`) or ``"task+gradients"`` (both, each scaled to unit mean
+            square, each its own kernel).
+        sketch_dim: width of the gradient sketches (gradients with fewer weights are kept whole).
+        dim: principal directions kept per side (``k`` above).
+        weight_decay: ``lambda``; ``None`` chooses it from ``weight_decay_grid`` by cross-validation.
+        residual_ridge: ridge of the per-pair residuals as a multiple of the mean number of times a
+            training example was trained on (as ``linear``'s grid); ``None``: no residuals.
+        cv_folds: folds of fitting runs for the weight-decay choice.
+        max_iter: L-BFGS iterations per fit.
+        seed: seed of the folds and of the gradient sketch.
+    """
+
+    kind = "featurized"
+    alpha_offset = 1.0
+
+    def __init__(self, train_features: Any = None, test_features: Any = None, task: Any = None,
+                 task_options: Mapping[str, Any] | None = None, features: str = "gradients",
+                 sketch_dim: int = 4096, dim: int = 8, weight_decay: float | None = 1e-4,
+                 weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID, residual_ridge: float | None = 0.1,
+                 cv_folds: int = 3, max_iter: int = 200, seed: int = 0):
+        super().__init__()
+        if features not in FEATURE_SOURCES:
+            raise ValueError(f"features must be one of {list(FEATURE_SOURCES)}, got {features!r}")
+        for name, value in (("sketch_dim", sketch_dim), ("dim", dim), ("max_iter", max_iter)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if weight_decay is not None and not weight_decay > 0:
+            raise ValueError(f"weight_decay must be positive, got {weight_decay}")
+        if residual_ridge is not None and not residual_ridge > 0:
+            raise ValueError(f"residual_ridge must be positive or None, got {residual_ridge}")
+        if cv_folds < 2:
+            raise ValueError(f"cv_folds must be at least 2, got {cv_folds}")
+        self.given_features = {"train": train_features, "test": test_features}
+        self.task_spec, self.task_options = task, None if task_options is None else dict(task_options)
+        self.features, self.sketch_dim, self.dim = features, int(sketch_dim), int(dim)
+        self.weight_decay, self.weight_decay_grid = weight_decay, tuple(weight_decay_grid)
+        self.residual_ridge, self.cv_folds, self.max_iter, self.seed = residual_ridge, cv_folds, int(max_iter), seed
+        self.train_features: np.ndarray | None = None
+        self.test_features: np.ndarray | None = None
+        self.kernel_blocks = np.zeros((0, 2), dtype=np.int64)  # [J, 2] feature column ranges, one per kernel
+        self.kernel_scales = np.zeros(0)                        # [J]
+        self.projections: dict[str, Projection] = {}
+        self.params: dict[str, torch.Tensor] = {}
+        self.residuals: torch.Tensor | None = None  # [N, 2M] = [r_a | r_b], or None
+
+    # --- features -------------------------------------------------------------------
+    def task(self, runs: RunSet | None = None):
+        """The task that supplies features (resolved from the runs' meta when not given)."""
+        from simfluence.collect.tasks import Task, get_task
+
+        if isinstance(self.task_spec, Task):
+            return self.task_spec
+        name, options = self.task_spec, self.task_options
+        if name is None and runs is not None:
+            name = runs.meta.get("task")
+            options = runs.meta.get("task_config", {}) if options is None else options
+        if name is None:
+            raise RunDataError("<runs>", "meta.task", "names no task, so the featurized simulator has no example "
+                               "features", "pass train_features and test_features, or task=")
+        self.task_options = dict(options or {})
+        self.task_spec = get_task(name, **self.task_options)
+        return self.task_spec
+
+    def task_features(self, split: str, ids: np.ndarray, runs: RunSet | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``features`` of the ``split`` examples ``ids`` from the task: float32 ``[len(ids), D]`` and the
+        column ranges ``[J, 2]`` of its blocks (each block is one kernel)."""
+        task = self.task(runs)
+        blocks = []
+        if self.features in ("task", "task+gradients"):
+            blocks.append(task.example_features(split))
+        if self.features in ("gradients", "task+gradients"):
+            blocks.append(gradient_sketch(task, split, self.sketch_dim, self.seed))
+        # Unit mean square per block, so no block dominates the principal directions by its units.
+        blocks = [block / max(float(np.sqrt(np.mean(np.square(block, dtype=np.float64)))), 1e-12) for block in blocks]
+        ends = np.cumsum([block.shape[1] for block in blocks])
+        table = np.concatenate(blocks, axis=1).astype(np.float32)
+        features = _align(table, getattr(task, f"{split}_ids"), ids, f"task '{task.name}' {split} features")
+        return features, np.stack([ends - [block.shape[1] for block in blocks], ends], axis=1)
+
+    def _resolve(self, runs: RunSet) -> None:
+        given = self.given_features
+        if given["train"] is None and given["test"] is None:
+            self.train_features, self.kernel_blocks = self.task_features("train", runs.train_ids, runs)
+            self.test_features, _ = self.task_features("test", runs.test_ids, runs)
+            return
+        if given["train"] is None or given["test"] is None:
+            missing = "train_features" if given["train"] is None else "test_features"
+            raise RunDataError(missing, "value", "is missing", "pass both train_features and test_features, or neither")
+        self.train_features = check_features(given["train"], runs.train_ids, "train_features")
+        self.test_features = check_features(given["test"], runs.test_ids, "test_features")
+        width = self.train_features.shape[1]
+        # Features of one space (same width) also give one kernel: their inner products.
+        self.kernel_blocks = np.array([[0, width]] if self.test_features.shape[1] == width else [], dtype=np.int64
+                                      ).reshape(-1, 2)
+
+    def _kernels(self) -> torch.Tensor:
+        """``[J, N, M]`` scaled inner products of each feature block (float32)."""
+        kernels = [self.train_features[:, start:stop].astype(np.float64) @ self.test_features[:, start:stop].T.astype(
+            np.float64) / scale for (start, stop), scale in zip(self.kernel_blocks, self.kernel_scales)]
+        shape = (len(kernels), self.train_features.shape[0], self.test_features.shape[0])
+        return torch.as_tensor(np.stack(kernels) if kernels else np.zeros(shape), dtype=torch.float32)
+
+    # --- fitting ----------------------------------------------------------------------
+    def _fit(self, runs: RunSet) -> None:
+        self._resolve(runs)
+        if self.train_features.shape[1] == self.test_features.shape[1]:
+            # One feature space: one projection, fitted on all examples, so that the few test
+            # examples do not pick directions of their own that new test examples lack.
+            shared = Projection.fit(np.concatenate([self.train_features, self.test_features]), self.dim)
+            self.projections = {"train": shared, "test": shared}
+        else:
+            self.projections = {split: Projection.fit(getattr(self, f"{split}_features"), self.dim)
+                                for split in SPLITS}
+        self.kernel_scales = np.ones(len(self.kernel_blocks))
+        raw = self._kernels().to(torch.float64)
+        self.kernel_scales = raw.square().mean(dim=(1, 2)).sqrt().clamp_min(1e-12).numpy()
+        phi, psi, kernels = self._inputs()
+        weight_decay, scores = ((self.weight_decay, None) if self.weight_decay is not None
+                                else self._cross_validate(runs, phi, psi, kernels))
+        design, previous, delta = _problem(Transitions.of(runs))
+        self.params, info = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay, self.max_iter)
+        self.residuals = None
+        if self.residual_ridge is not None:
+            summed = design.matmul(coefficient_table(phi, psi, kernels, self.params))
+            unexplained = delta - summed[:, :runs.num_test] * previous - summed[:, runs.num_test:]
+            ridge = self.residual_ridge * float(design.occurrences.mean())
+            solution = solve_transition_ridge(design, previous, unexplained, ridge, fit_alpha=True)
+            self.residuals = torch.cat([solution.a, solution.b], dim=1)
+            info.update(residual_ridge=ridge, cg_iterations=solution.iterations)
+        self.fit_info.update(weight_decay=float(weight_decay), cv_scores=scores, features=self.features,
+                             feature_dims=[int(self.train_features.shape[1]), int(self.test_features.shape[1])],
+                             projected_dims=[int(phi.shape[1] - 1), int(psi.shape[1] - 1)],
+                             kernels=int(len(self.kernel_blocks)), **info)
+
+    def _cross_validate(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor,
+                        kernels: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """Choose ``weight_decay`` by rolled-out all-steps MSE on K folds of the fitting runs."""
+        if runs.num_runs < 2:
+            raise RunDataError("<runs>", "runs", "cross-validating the weight decay needs at least 2 fitting runs",
+                               "pass an explicit weight_decay")
+        folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
+                               min(self.cv_folds, runs.num_runs))
+        grid = sorted(self.weight_decay_grid, reverse=True)  # warm starts go strong -> weak
+        errors = np.zeros(len(grid))
+        for fold in folds:
+            fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
+            problem = _problem(Transitions.of(fitting))
+            params = None
+            for g, weight_decay in enumerate(grid):
+                params, _ = fit_coefficients(*problem, phi, psi, kernels, weight_decay, self.max_iter, params)
+                table = coefficient_table(phi, psi, kernels, params)
+                predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64), 1.0, True)
+                errors[g] += all_steps_mse(predicted, held_out) / len(folds)
+        return float(grid[int(np.argmin(errors))]), {f"{wd:.6g}": float(e) for wd, e in zip(grid, errors)}
+
+    # --- coefficients -----------------------------------------------------------------
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``phi [N, K]``, ``psi [M, K']``, ``kernels [J, N, M]`` (float32)."""
+        phi, psi = (torch.as_tensor(self.projections[split](features), dtype=torch.float32)
+                    for split, features in (("train", self.train_features), ("test", self.test_features)))
+        return phi, psi, self._kernels()
+
+    def _full_table(self) -> torch.Tensor:
+        table = coefficient_table(*self._inputs(), self.params)
+        return table if self.residuals is None else table + self.residuals
+
+    @property
+    def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(a, b)`` float32 ``[N, M]``: feature part plus residuals (``alpha = 1 + sum_i a_i``)."""
+        self._check_fitted()
+        table = self._full_table()
+        num_test = self.test_ids.size
+        return table[:, :num_test].numpy(), table[:, num_test:].numpy()
+
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        return rollout(self._full_table(), curricula, initial, 1.0, True)
+
+    # --- new test examples ------------------------------------------------------------
+    def for_test_examples(self, test_ids: Any, test_features: Any = None) -> FeaturizedSimulator:
+        """A copy that simulates the test examples ``test_ids`` ``[M']`` (any, also never seen).
+
+        ``test_features`` ``[M', D']`` default to the task's features of those ids. Residuals are
+        kept for ids the simulator was fitted on; new ids use the feature part alone. Their
+        ``mean_change`` (the mean-trajectory baseline) is the mean over the fitted test examples.
+        """
+        self._check_fitted()
+        test_ids = np.asarray(test_ids).astype(str)
+        if test_ids.ndim != 1 or test_ids.size == 0 or np.unique(test_ids).size != test_ids.size:
+            raise RunDataError("test_ids", "shape", "expected a non-empty 1-D list of unique ids")
+        width = self.test_features.shape[1]
+        features = (check_features(test_features, test_ids, "test_features", width) if test_features is not None
+                    else check_features(self.task_features("test", test_ids)[0], test_ids, "task test features", width))
+        position = {key: m for m, key in enumerate(self.test_ids.tolist())}
+        known = np.array([position.get(key, -1) for key in test_ids.tolist()])
+        other = copy.copy(self)
+        other.test_ids, other.test_features = test_ids, features
+        fallback = self.mean_change.mean(axis=1, keepdims=True)
+        other.mean_change = np.where(known >= 0, self.mean_change[:, np.maximum(known, 0)], fallback)
+        if self.residuals is not None:
+            num_test = self.test_ids.size
+            columns = torch.as_tensor(np.maximum(known, 0))
+            keep = torch.as_tensor(known >= 0, dtype=self.residuals.dtype)
+            other.residuals = torch.cat([self.residuals[:, :num_test][:, columns] * keep,
+                                         self.residuals[:, num_test:][:, columns] * keep], dim=1)
+        return other
+
+    # --- persistence --------------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        from simfluence.collect.tasks import Task
+
+        task, options = self.task_spec, self.task_options
+        if isinstance(task, Task):
+            task, options = task.name, task.config()
+        return {"task": task, "task_options": options, "features": self.features, "sketch_dim": self.sketch_dim,
+                "dim": self.dim, "weight_decay": self.weight_decay, "weight_decay_grid": list(self.weight_decay_grid),
+                "residual_ridge": self.residual_ridge, "cv_folds": self.cv_folds, "max_iter": self.max_iter,
+                "seed": self.seed}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"train_features": self.train_features, "test_features": self.test_features,
+                  "kernel_blocks": self.kernel_blocks, "kernel_scales": self.kernel_scales,
+                  **{name: value.numpy() for name, value in self.params.items()},
+                  **self.projections["train"].arrays("train"), **self.projections["test"].arrays("test")}
+        if self.residuals is not None:
+            arrays["residuals"] = self.residuals.numpy()
+        return arrays
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.train_features = check_features(arrays["train_features"], self.train_ids, "state.train_features")
+        self.test_features = check_features(arrays["test_features"], self.test_ids, "state.test_features")
+        self.kernel_blocks, self.kernel_scales = arrays["kernel_blocks"].reshape(-1, 2), arrays["kernel_scales"]
+        self.projections = {split: Projection.from_arrays(arrays, split) for split in SPLITS}
+        self.params = {name: torch.as_tensor(arrays[name]) for name in PARAMETERS}
+        phi, psi, kernels = self._inputs()
+        table = coefficient_table(phi, psi, kernels, self.params)  # raises on inconsistent shapes
+        self.residuals = torch.as_tensor(arrays["residuals"]) if "residuals" in arrays else None
+        if self.residuals is not None and self.residuals.shape != table.shape:
+            raise ValueError(f"residuals have shape {tuple(self.residuals.shape)}, expected {tuple(table.shape)}")
+
+
+def _problem(transitions: Transitions) -> tuple[BatchDesign, torch.Tensor, torch.Tensor]:
+    """Batch design ``X``, previous losses and one-step changes ``[S, M]`` (float32) of ``transitions``."""
+    previous, current = (torch.as_tensor(x, dtype=torch.float32) for x in transitions.columns(slice(None)))
+    return BatchDesign(transitions.batches, transitions.runs.num_train), previous, current - previous
