@@ -35,11 +35,14 @@ Fitting minimises the teacher-forced one-step squared error of Linear plus
 ``V`` for fixed ``U`` with one design ``F`` shared by all test examples, so ``V`` is solved
 exactly inside the objective (a ``k^2 x k^2`` ridge system; variable projection) and
 L-BFGS moves ``(a, b, U)`` jointly. Alternating exact ``(a, b)`` solves with ``U`` steps
-converges far more slowly: ``(a, b)`` first soak up part of the interaction.
+converges far more slowly: ``(a, b)`` first soak up part of the interaction. The number
+of L-BFGS rounds is chosen on a validation fold of the fitting runs (``validate``): on
+small run sets the pair terms overfit as the optimisation goes on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,7 +52,7 @@ from tqdm.auto import tqdm
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import register
 from simfluence.simulators.design import BatchDesign
-from simfluence.simulators.linear import _DTYPES, LinearIdentitySimulator, Transitions, rollout
+from simfluence.simulators.linear import _DTYPES, LinearIdentitySimulator, Transitions, all_steps_mse, rollout
 
 
 def pair_features(embeddings: torch.Tensor, curricula: np.ndarray, window: int | None) -> torch.Tensor:
@@ -85,11 +88,15 @@ class PairwiseSimulator(LinearIdentitySimulator):
         window: earlier steps whose examples pair with a step's examples; ``None`` pairs
             with every earlier step of the run, ``0`` only within a batch.
         pair_ridge: penalty on ``|U|^2 + |V|^2``; ``None``: a tenth of the Linear ridge strength.
-        rounds: L-BFGS restarts (the teacher-forced error after each is kept in ``fit_info``).
+        rounds: L-BFGS restarts (the teacher-forced error after each is kept in ``fit_info``);
+            with ``validate``, the most that are used.
         steps: L-BFGS iterations per round.
         learning_rate: L-BFGS step size (with a strong-Wolfe line search).
         init_scale: standard deviation of the random initial ``U`` (``V`` starts at 0, so
             the fit starts exactly at the ``linear-identity`` solution).
+        validate: choose the number of rounds (0 to ``rounds``; 0 is plain linear-identity)
+            by the rolled-out all-steps MSE on one of ``cv_folds`` folds of the fitting runs,
+            fitted on the others; then refit on all runs. Costs about twice the fit.
         dtype: ``"float64"`` by default: the objective sums many small squared errors, and
             L-BFGS stalls early on float32 rounding.
         **linear: the arguments of :class:`~simfluence.simulators.linear.LinearSimulator`;
@@ -99,8 +106,8 @@ class PairwiseSimulator(LinearIdentitySimulator):
     kind = "linear-pairwise"
 
     def __init__(self, rank: int = 4, window: int | None = None, pair_ridge: float | None = None, rounds: int = 8,
-                 steps: int = 50, learning_rate: float = 1.0, init_scale: float = 0.1, dtype: str = "float64",
-                 **linear: Any):
+                 steps: int = 50, learning_rate: float = 1.0, init_scale: float = 0.1, validate: bool = True,
+                 dtype: str = "float64", **linear: Any):
         super().__init__(dtype=dtype, **linear)
         for name, value in (("rank", rank), ("rounds", rounds), ("steps", steps)):
             if int(value) != value or value < 1:
@@ -114,23 +121,47 @@ class PairwiseSimulator(LinearIdentitySimulator):
             raise ValueError(f"pair_ridge must be positive, got {pair_ridge!r}")
         self.rank, self.window, self.pair_ridge = int(rank), None if window is None else int(window), pair_ridge
         self.rounds, self.steps, self.learning_rate, self.init_scale = int(rounds), int(steps), learning_rate, init_scale
+        self.validate = bool(validate)
         self.embeddings: torch.Tensor | None = None    # U [N, k]
         self.interactions: torch.Tensor | None = None  # V [k * k, M], symmetric in each column's k x k
 
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
         super()._fit(runs)  # linear-identity: ridge by cross-validation, the starting (a, b)
+        pair_ridge = 0.1 * self.chosen_ridge if self.pair_ridge is None else self.pair_ridge
+        linear_table, rounds = self.table, self.rounds
+        if self.validate:
+            # The pair terms overfit small run sets as L-BFGS goes on: choose how many rounds
+            # (0 = plain linear-identity) by rolled-out MSE on one fold of the fitting runs.
+            fold = np.random.default_rng(self.seed).permutation(runs.num_runs)[:max(1, runs.num_runs // self.cv_folds)]
+            validation, rest = runs.select(np.sort(fold)), runs.select(np.setdiff1d(np.arange(runs.num_runs), fold))
+            start, _ = self._solve(Transitions.of(rest), self.chosen_ridge)
+            errors = [all_steps_mse(rollout(start, validation.curricula, validation.initial_losses.astype(np.float64),
+                                            self.alpha_offset, self.fit_alpha), validation)]
+            self._refine(rest, start, self.rounds, pair_ridge, lambda: errors.append(
+                all_steps_mse(self._simulate(validation.curricula, validation.initial_losses.astype(np.float64)),
+                              validation)))
+            rounds = int(np.argmin(errors))
+            self.fit_info.update(validation_mse_per_round=errors)
+        history = self._refine(runs, linear_table, rounds, pair_ridge)
+        self.fit_info.update(pair_ridge=float(pair_ridge), rounds_used=rounds, transition_mse_per_round=history)
+
+    def _refine(self, runs: RunSet, table: torch.Tensor, rounds: int, pair_ridge: float,
+                after_round: Callable[[], None] | None = None) -> list[float]:
+        """Fit ``(a, b, U, V)`` from ``table`` (module docstring); sets the state after every round.
+
+        Returns the teacher-forced one-step MSE after each round.
+        """
         dtype, device = _DTYPES[self.dtype], torch.device(self.device)
         transitions = Transitions.of(runs)
         positions = runs.eval_steps[transitions.pairs]  # curriculum row of each transition's step
         design = BatchDesign(transitions.batches, runs.num_train, device)
         previous, current = (torch.as_tensor(x, dtype=dtype, device=device) for x in transitions.columns(slice(None)))
         target = current - previous
-        pair_ridge = 0.1 * self.chosen_ridge if self.pair_ridge is None else self.pair_ridge
         generator = torch.Generator().manual_seed(self.seed)
         embeddings = (torch.randn(runs.num_train, self.rank, generator=generator, dtype=dtype) * self.init_scale)
         embeddings = embeddings.to(device).requires_grad_()
-        table = self.table.clone().requires_grad_()
+        table = table.clone().to(dtype).requires_grad_()
         optimizer = torch.optim.LBFGS([table, embeddings], lr=self.learning_rate, max_iter=self.steps,
                                       history_size=20, line_search_fn="strong_wolfe")
         num_test, width = runs.num_test, self.rank * self.rank
@@ -155,15 +186,19 @@ class PairwiseSimulator(LinearIdentitySimulator):
             return objective
 
         history = []
-        with tqdm(total=self.rounds * self.steps, desc="fit linear-pairwise", unit="evaluation", leave=False) as bar:
-            for _ in range(self.rounds):
+        with torch.no_grad():
+            self.table, self.embeddings = table.detach().clone(), embeddings.detach().clone()
+            self.interactions = torch.zeros(width, num_test, dtype=dtype, device=device)  # rounds == 0: linear
+        with tqdm(total=rounds * self.steps, desc="fit linear-pairwise", unit="evaluation", leave=False) as bar:
+            for _ in range(rounds):
                 optimizer.step(closure)
                 with torch.no_grad():
-                    history.append(float(pair_fit()[1].mean()))
-        with torch.no_grad():
-            self.interactions = pair_fit()[0]
-        self.table, self.embeddings = table.detach(), embeddings.detach()
-        self.fit_info.update(pair_ridge=float(pair_ridge), transition_mse_per_round=history)
+                    self.interactions, error, _ = pair_fit()
+                    self.table, self.embeddings = table.detach().clone(), embeddings.detach().clone()
+                history.append(float(error.mean()))
+                if after_round is not None:
+                    after_round()
+        return history
 
     # --- prediction ---------------------------------------------------------------
     def pair_terms(self, curricula: np.ndarray) -> np.ndarray:
@@ -190,7 +225,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
     def _params(self) -> dict[str, Any]:
         return {**super()._params(), "rank": self.rank, "window": self.window, "pair_ridge": self.pair_ridge,
                 "rounds": self.rounds, "steps": self.steps, "learning_rate": self.learning_rate,
-                "init_scale": self.init_scale}
+                "init_scale": self.init_scale, "validate": self.validate}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {**super()._arrays(), "embeddings": self.embeddings.cpu().numpy(),
