@@ -299,8 +299,8 @@ def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ..
         click.echo(f"{'group':<16} {'size':>4} {'final delta':>12} {'sum of singles':>15} {'interaction':>12}"
                    "   (mean over the selected test examples)")
         for g, row in enumerate(rows):
-            click.echo(f"{row['group']:<16} {row['size']:>4} {result.final_delta[g].mean():>+12.4f} "
-                       f"{result.final_sum[g].mean():>+15.4f} {result.final_interaction[g].mean():>+12.2e}")
+            click.echo(f"{row['group']:<16} {row['size']:>4} {result.final_delta[g].mean():>+12.3g} "
+                       f"{result.final_sum[g].mean():>+15.3g} {result.final_interaction[g].mean():>+12.2e}")
         return
     result = leave_one_out(simulator, steps, initial, test_index, progress=not as_json)
 
@@ -322,8 +322,8 @@ def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ..
     for title, rows in (("most helpful", helpful), ("most harmful", harmful)):
         click.echo(f"\n{title}:\n{'train id':<20} {'times':>5} {'final delta':>12} {'mean delta':>11}")
         for row in rows:
-            click.echo(f"{row['train_id']:<20} {row['occurrences']:>5} {row['final_delta']:>+12.4f} "
-                       f"{row['mean_delta']:>+11.4f}")
+            click.echo(f"{row['train_id']:<20} {row['occurrences']:>5} {row['final_delta']:>+12.3g} "
+                       f"{row['mean_delta']:>+11.3g}")
 
 
 @main.command()
@@ -348,13 +348,13 @@ def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...],
         np.argsort(-np.abs(result.final_change), kind="stable")[:5]
     num_steps = result.before.shape[0] - 1
     shown = np.unique(np.linspace(0, num_steps, 6).round().astype(int))
-    click.echo(f"edits: {', '.join(str(edit) for edit in result.edits)}")
+    click.echo(f"edits: {', '.join(edits)}")
     for column in columns:
         click.echo(f"\n{simulator.test_ids[result.test_index[column]]}\n{'step':>6} {'before':>9} {'after':>9} "
                    f"{'change':>9}")
         for t in shown:
             before, after = result.before[t, column], result.after[t, column]
-            click.echo(f"{t:>6} {before:>9.4f} {after:>9.4f} {after - before:>+9.4f}")
+            click.echo(f"{t:>6} {before:>9.4g} {after:>9.4g} {after - before:>+9.3g}")
     if plot:
         from simfluence.report.static import plot_whatif
 
@@ -423,7 +423,7 @@ def influence_over_time(model: str, curriculum: str, run: int | None, tests: tup
     result = occurrences(simulator, steps, initial, _test_index(simulator, tests), progress=True)
     click.echo(f"{'step':>6} {'train id':<20} {'final delta':>12}   (without - with; positive: that appearance helped)")
     for step, example, delta in result.top_moments(top):
-        click.echo(f"{step:>6} {simulator.train_ids[example]:<20} {delta:>+12.4f}")
+        click.echo(f"{step:>6} {simulator.train_ids[example]:<20} {delta:>+12.3g}")
     if plot:
         from simfluence.report.static import plot_influence_over_time
 
