@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the built-in default task: collect real digits-mlp runs, fit simulators on
-# fitting runs, and score them on held-out runs beside the baselines.
+# fitting runs, score them on held-out runs beside the baselines, and write the HTML report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,3 +15,6 @@ for method in linear-identity linear additive; do
     echo
     simfluence evaluate "$OUT/$method.npz" "$OUT/digits-heldout.npz"
 done
+echo
+simfluence report "$OUT/linear-identity.npz" "$OUT/digits-heldout.npz" --out "$OUT/report.html"
+echo "open $OUT/report.html in a browser: metrics, trajectories, influence heat map, top examples"
