@@ -167,3 +167,15 @@ def test_task_features_and_fit_from_collected_runs(tmp_path):
     assert mse(predicted, runs) < mse(mean, runs)
     unseen = simulator.for_test_examples(runs.test_ids[:3])  # features looked up in the task by id
     assert np.allclose(unseen.test_features, simulator.test_features[:3])
+
+
+def test_rollout_refinement_lowers_the_fitting_runs_rollout_error(fitted):
+    fitting = fitted["fitting"]
+    params = dict(train_features=fitted["train"], test_features=fitted["test"][fitted["seen_test"]], dim=2,
+                  weight_decay=1e-4, residual_ridge=None)
+    one_step = FeaturizedSimulator(**params).fit(fitting)
+    refined = FeaturizedSimulator(**params, rollout_iterations=30).fit(fitting)
+    info = refined.fit_info
+    assert info["rollout_relative_mse_after"] < info["rollout_relative_mse_before"]
+    assert mse(refined.simulate(fitting.curricula, fitting.initial_losses), fitting) < \
+        mse(one_step.simulate(fitting.curricula, fitting.initial_losses), fitting)
