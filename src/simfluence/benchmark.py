@@ -24,11 +24,14 @@ import numpy as np
 from simfluence.evaluate import METRICS, evaluate, split_runs
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
+from simfluence.simulators.uncertainty import interval_coverage
 
-LEARNED = ("linear", "linear-identity", "additive")
+LEARNED = ("linear", "linear-identity", "additive", "featurized")  # featurized reads the task from the runs
+EXTENSIONS = ("linear-bootstrap", "linear-pairwise")
 GRADIENT = ("grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled")
 BASELINES = ("mean-trajectory", "constant")
-ALL_METHODS = LEARNED + GRADIENT + BASELINES
+ALL_METHODS = LEARNED + EXTENSIONS + GRADIENT + BASELINES
+INTERVAL_LEVEL = 0.9
 
 
 @dataclass
@@ -70,6 +73,9 @@ def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple
     result = evaluate(simulator, heldout)
     record = {"method": method, **result.metrics.as_dict(), "fit_seconds": fit_seconds,
               "simulate_seconds": simulate_seconds}
+    if hasattr(simulator, "simulate_interval"):
+        lower, _, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses, INTERVAL_LEVEL)
+        record["interval"] = {"level": INTERVAL_LEVEL, **interval_coverage(lower, upper, heldout)}
     for key in ("ridge", "scale"):
         if key in simulator.fit_info:
             record[key] = simulator.fit_info[key]
@@ -102,7 +108,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
         if size > fitting.num_runs:
             continue
         subset = fitting.select(np.arange(size))
-        for method in ("linear", "linear-identity", "additive"):
+        for method in LEARNED:
             record, _ = _fit_and_score(method, task, subset, heldout)
             efficiency.append({"num_runs": size, **record})
 
@@ -144,6 +150,12 @@ def benchmark_markdown(result: dict) -> str:
             "Metrics on held-out runs, rolled out from the true initial losses; "
             "`mse vs mean-trajectory` > 1 means better than the mean-trajectory baseline.", "",
             _table(rows, columns + (["mse vs mean-trajectory"] if baseline else [])), ""]
+    intervals = [{"method": r["method"], **r["interval"]} for r in result["methods"] if "interval" in r]
+    if intervals:
+        text += ["## Prediction intervals", "",
+                 "Share of held-out (run, step, test example) losses inside the interval, all steps and final step; "
+                 "mean width in loss units.", "",
+                 _table(intervals, ["method", "level", "coverage", "final_coverage", "width", "final_width"]), ""]
     if result["data_efficiency"]:
         text += ["## Data efficiency", "", "Learned simulators fitted on the first n fitting runs.", "",
                  _table(result["data_efficiency"], ["num_runs", "method", *METRICS]), ""]
