@@ -20,7 +20,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from simfluence.collect.curricula import UniformSampler
@@ -77,11 +76,12 @@ def main() -> None:
     for task_name in args.tasks.split(","):
         result = measure(task_name.strip(), args.runs, args.steps, args.heldout, args.replicas, args.seed)
         results.append(result)
-        print(f"\n== {result['task']}: {result['num_fitting_runs']} fitting / {result['num_heldout_runs']} held-out runs, "
+        print(f"\n== {result['task']}: {result['num_fitting_runs']} fitting / {result['num_heldout_runs']} "
+              f"held-out runs, "
               f"{result['num_steps']} steps, {result['num_test']} test examples, {result['replicas']} replicas "
               f"(collect {result['collect_seconds']:.1f} s, fit {result['fit_seconds']:.1f} s)")
-        print(f"point prediction all-steps MSE {result['mse']:.5f} (mean trajectory {result['mean_trajectory_mse']:.5f}),"
-              f" final MSE {result['final_mse']:.5f}")
+        print(f"point prediction all-steps MSE {result['mse']:.5f} "
+              f"(mean trajectory {result['mean_trajectory_mse']:.5f}), final MSE {result['final_mse']:.5f}")
         print(f"{'level':>6} {'scale':>6} {'coverage':>9} {'final cov.':>10} {'width':>8} {'final width':>11}")
         for level, row in result["intervals"].items():
             print(f"{level:>6} {row['scale']:>6.2f} {row['coverage']:>9.3f} {row['final_coverage']:>10.3f} "

@@ -120,7 +120,8 @@ class PairwiseSimulator(LinearIdentitySimulator):
         if pair_ridge is not None and not pair_ridge > 0:
             raise ValueError(f"pair_ridge must be positive, got {pair_ridge!r}")
         self.rank, self.window, self.pair_ridge = int(rank), None if window is None else int(window), pair_ridge
-        self.rounds, self.steps, self.learning_rate, self.init_scale = int(rounds), int(steps), learning_rate, init_scale
+        self.rounds, self.steps = int(rounds), int(steps)
+        self.learning_rate, self.init_scale = learning_rate, init_scale
         self.validate = bool(validate)
         self.embeddings: torch.Tensor | None = None    # U [N, k]
         self.interactions: torch.Tensor | None = None  # V [k * k, M], symmetric in each column's k x k

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import register
@@ -94,7 +95,7 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         rng = np.random.default_rng(self.seed)
         draws = rng.integers(0, runs.num_runs, (self.replicas, runs.num_runs))
         tables = [self._solve(Transitions.of(runs.select(draw)), self.chosen_ridge, initial=self.table)[0]
-                  for draw in draws]
+                  for draw in tqdm(draws, desc="fit linear-bootstrap", unit="replica", leave=False)]
         self.replica_tables = torch.stack(tables)
         in_bag = np.zeros((self.replicas, runs.num_runs), dtype=bool)
         in_bag[np.arange(self.replicas)[:, None], draws] = True
@@ -176,7 +177,8 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         return (lower[0], prediction[0], upper[0]) if single else (lower, prediction, upper)
 
     def _validated(self, curricula: Any, initial_losses: Any, source: str) -> tuple[np.ndarray, ...]:
-        """``simulate``'s prediction ``[R, T + 1, M]`` (it validates the inputs), curricula ``[R, T, B]``, losses ``[R, M]``."""
+        """``simulate``'s prediction ``[R, T + 1, M]`` (it validates the inputs), curricula ``[R, T, B]``,
+        initial losses ``[R, M]``."""
         prediction = self.simulate(curricula, initial_losses, source)
         curricula, initial = np.asarray(curricula, dtype=np.int32), np.asarray(initial_losses, dtype=np.float64)
         if curricula.ndim == 2:
