@@ -26,7 +26,7 @@ from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
 from simfluence.simulators.uncertainty import interval_coverage
 
-LEARNED = ("linear", "linear-identity", "additive")
+LEARNED = ("linear", "linear-identity", "additive", "featurized")  # featurized reads the task from the runs
 EXTENSIONS = ("linear-bootstrap", "linear-pairwise")
 GRADIENT = ("grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled")
 BASELINES = ("mean-trajectory", "constant")
@@ -108,7 +108,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
         if size > fitting.num_runs:
             continue
         subset = fitting.select(np.arange(size))
-        for method in ("linear", "linear-identity", "additive"):
+        for method in LEARNED:
             record, _ = _fit_and_score(method, task, subset, heldout)
             efficiency.append({"num_runs": size, **record})
 

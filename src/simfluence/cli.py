@@ -18,7 +18,7 @@ from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.atomic import atomic_path
 
 METHODS = ["linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive", "mean-trajectory",
-           "constant"]
+           "constant", "featurized"]
 RIDGE_METHODS = ("linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive")
 GRADIENT_METHODS = ["grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled"]
 
@@ -46,7 +46,7 @@ def main() -> None:
 @main.command()
 @click.argument("runs", type=click.Path(exists=True))
 @click.option("--method", type=click.Choice(METHODS + GRADIENT_METHODS), default="linear-identity",
-              show_default=True, help="Gradient methods take the task (model, data) from the runs' meta.")
+              show_default=True, help="Gradient methods and featurized take the task (model, data) from the runs' meta.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
 @click.option("--ridge", type=float, default=None, help="Ridge strength; default: chosen by cross-validation.")
 @click.option("--cv-folds", type=int, default=3, show_default=True)

@@ -179,3 +179,17 @@ def test_rollout_refinement_lowers_the_fitting_runs_rollout_error(fitted):
     assert info["rollout_relative_mse_after"] < info["rollout_relative_mse_before"]
     assert mse(refined.simulate(fitting.curricula, fitting.initial_losses), fitting) < \
         mse(one_step.simulate(fitting.curricula, fitting.initial_losses), fitting)
+
+
+def test_cli_fit_featurized_without_task_or_features_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from simfluence.cli import main
+    from simfluence.runs.interchange import write_interchange
+
+    train, test, a, b = bilinear_truth()
+    path = tmp_path / "synthetic.npz"
+    write_interchange(runs_of(a, b, np.arange(NUM_TRAIN), 3, seed=3), path)
+    result = CliRunner().invoke(main, ["fit", str(path), "--method", "featurized", "--out", str(tmp_path / "f.npz")])
+    assert result.exit_code == 2
+    assert "meta.task" in result.output and result.output.strip().count("\n") == 0
