@@ -218,6 +218,22 @@ def test_user_data_is_escaped(hostile, tmp_path):
     assert hostile.test_id in "".join(page.text)
 
 
+def test_simulators_with_intervals_get_a_band_around_their_trajectories(tmp_path):
+    from simfluence.simulators import make_simulator
+
+    runs, _, _ = linear_runs(num_train=12, num_test=5, num_runs=16, num_steps=15, seed=3)
+    fitting, heldout = split_runs(runs, num_heldout=4)
+    simulator = make_simulator("linear-bootstrap", replicas=8, ridge=0.1).fit(fitting)
+    data = build_report_data(simulator, heldout, num_examples=1, progress=False)
+    lower, upper = data.interval
+    assert lower.shape == upper.shape == data.predicted.shape
+    assert (lower <= data.predicted + 1e-6).all() and (data.predicted <= upper + 1e-6).all() and (upper > lower).any()
+    text = write_report(simulator, heldout, tmp_path / "r.html", num_examples=1, progress=False).read_text("utf-8")
+    assert "90% interval" in text and "90% prediction interval" in text
+    plain = LinearIdentitySimulator(ridge=0.1).fit(fitting)
+    assert build_report_data(plain, heldout, num_examples=1, progress=False).interval is None
+
+
 # --- the command ------------------------------------------------------------------------
 def test_cli_report(digits_fit, tmp_path):
     runner = CliRunner()

@@ -29,6 +29,7 @@ from simfluence.simulators.base import Simulator
 DEFAULT_EXAMPLES = 4
 DEFAULT_RUNS = 3
 DEFAULT_TOP = 5
+INTERVAL_LEVEL = 0.9
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ReportData:
         influence_runs: int ``[N]`` held-out runs holding each training example.
         ranked: one :class:`Ranked` per entry of ``examples``.
         fit_info: the simulator's fit summary.
+        interval: ``(lower, upper)`` float32 ``[R, T + 1, M]`` 90% prediction band, for
+            simulators that give one (``simulate_interval``), else ``None``.
     """
 
     evaluation: Evaluation
@@ -64,6 +67,7 @@ class ReportData:
     influence_runs: np.ndarray
     ranked: list[Ranked]
     fit_info: dict
+    interval: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def influence_matrix(simulator: Simulator, runs: RunSet, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +134,11 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
     else:
         examples = spread_over_difficulty(heldout, num_examples)
     predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
+    interval = None
+    if hasattr(simulator, "simulate_interval"):
+        lower, _, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses, INTERVAL_LEVEL)
+        interval = (lower, upper)
     influence, influence_runs = influence_matrix(simulator, heldout, progress)
     return ReportData(evaluation, heldout, predicted, examples, np.arange(min(num_runs, heldout.num_runs)),
                       influence, influence_runs, [rank_training_examples(influence, m, top) for m in examples],
-                      dict(simulator.fit_info))
+                      dict(simulator.fit_info), interval)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from simfluence.evaluate import METRICS, Metrics
-from simfluence.report.data import DEFAULT_EXAMPLES, DEFAULT_RUNS, DEFAULT_TOP, ReportData, build_report_data
+from simfluence.report.data import (DEFAULT_EXAMPLES, DEFAULT_RUNS, DEFAULT_TOP, INTERVAL_LEVEL, ReportData,
+                                    build_report_data)
 from simfluence.report.examples import ExampleViews, example_views
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
@@ -106,6 +107,11 @@ def trajectory_figure(data: ReportData, test_index: int):
         figure.add_scatter(x=runs.eval_steps, y=runs.losses[r, :, test_index], name=f"{run_id} true", mode=mode,
                            legendgroup=run_id, line={"color": colour, "width": 2.5},
                            hovertemplate=f"{run_id} true<br>step %{{x}}: %{{y:.4g}}<extra></extra>")
+        if data.interval is not None:
+            lower, upper = (band[r, :, test_index] for band in data.interval)
+            figure.add_scatter(x=np.concatenate([steps, steps[::-1]]), y=np.concatenate([upper, lower[::-1]]),
+                               fill="toself", fillcolor=colour, opacity=0.15, line={"width": 0},
+                               name=f"{run_id} {INTERVAL_LEVEL:.0%} interval", legendgroup=run_id, hoverinfo="skip")
         figure.add_scatter(x=steps, y=data.predicted[r, :, test_index], name=f"{run_id} simulated",
                            legendgroup=run_id, line={"color": colour, "width": 1.8, "dash": "dash"},
                            hovertemplate=f"{run_id} simulated<br>step %{{x}}: %{{y:.4g}}<extra></extra>")
@@ -190,6 +196,8 @@ def example_section(data: ReportData, views: ExampleViews, position: int) -> str
              ("across-run Spearman", per_example["across_run_spearman"][m])]
     facts_html = "".join(f"<dt>{html.escape(name)}</dt><dd>{_number(float(value))}</dd>" for name, value in facts)
     ranked = data.ranked[position]
+    band_caption = "" if data.interval is None else \
+        f" Shaded: the simulator's {INTERVAL_LEVEL:.0%} prediction interval."
     return f"""
 <section class="card example-card" id="example-{position}">
   <h3>Test example {views.id_html("test", m)}</h3>
@@ -198,7 +206,7 @@ def example_section(data: ReportData, views: ExampleViews, position: int) -> str
     <dl class="facts">{facts_html}</dl>
   </div>
   <p class="caption">Means over the {runs.num_runs} held-out runs. Solid: true loss; dashed: simulated from the
-  same loss before training and the same curriculum. Legend entries toggle lines.</p>
+  same loss before training and the same curriculum.{band_caption} Legend entries toggle lines.</p>
   <div class="plot" data-plot="trajectory">{_figure_html(trajectory_figure(data, m), f"trajectory-{position}")}</div>
   <div class="ranked-pair">
     <div><h4 class="helpful">Most helpful</h4>{ranked_table(data, views, ranked.helpful, "helpful")}</div>
