@@ -169,6 +169,29 @@ def test_task_features_and_fit_from_collected_runs(tmp_path):
     assert np.allclose(unseen.test_features, simulator.test_features[:3])
 
 
+def test_gradient_features_at_checkpoints_of_a_replayed_fitting_run(tmp_path):
+    from simfluence.collect import collect, get_task
+    from simfluence.collect.train import train_states
+    from simfluence.func.gradients import gradient_products, trainable_params
+
+    torch.set_num_threads(1)
+    task = get_task("digits-mlp", num_train=40, num_test=12)
+    runs = collect(task, tmp_path / "runs", 4, 20, progress=False).load()
+    simulator = make_simulator("featurized", checkpoints=2).fit(runs)
+    assert simulator.checkpoint_steps() == [0, 10]
+    # The kernel adds the gradient inner products at both checkpoints (TracIn-CP's sum).
+    expected = 0
+    for state in train_states(task, runs.curricula[0], [0, 10]):
+        model = task.build_model().eval()
+        model.load_state_dict(state)
+        expected = expected + gradient_products(task, model, trainable_params(model)).numpy()
+    kernel = simulator._kernels()[0].numpy() * simulator.kernel_scales[0] * simulator.feature_scales[0] ** 2
+    assert np.allclose(kernel, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    loaded = Simulator.load(simulator.save(tmp_path / "f.npz"))
+    again = loaded.for_test_examples(runs.test_ids[:2])  # replays the stored fitting curriculum
+    assert np.allclose(again.test_features, simulator.test_features[:2], atol=1e-6)
+
+
 def test_rollout_refinement_lowers_the_fitting_runs_rollout_error(fitted):
     fitting = fitted["fitting"]
     params = dict(train_features=fitted["train"], test_features=fitted["test"][fitted["seen_test"]], dim=2,

@@ -3,50 +3,59 @@ r"""Featurized Simfluence: coefficients predicted from features of both examples
 Simfluence-Linear keeps a free ``(A_i^m, B_i^m)`` per (training example ``i``, test example
 ``m``), so it knows nothing about examples absent from the fitting runs. Here the
 coefficients are functions of a feature vector ``f_i`` of the training example and ``g_m`` of
-the test example, so they exist for any example whose features are known:
+the test example, so they exist for any example whose features are known
+(identity-centred, as ``linear-identity``):
 
 .. math::
 
     L^m_t = \Big(1 + \sum_{i \in c_t} a_i^m\Big) L^m_{t-1} + \sum_{i \in c_t} b_i^m, \qquad
-    a_i^m = \phi_i^\top W_a\, \psi_m + r^{a}_{im}, \qquad b_i^m = \phi_i^\top W_b\, \psi_m + r^{b}_{im}
+    a_i^m = \phi_i^\top W_a\, \psi_m + \sum_j k_j(i, m)\,\big(\phi_i^\top u_{a,j} + \tilde\psi_m^\top v_{a,j}\big)
+            + r^{a}_{im}
 
-* ``phi_i = [P_f (f_i - mu_f) / s_f, 1]`` and ``psi_m = [P_g (g_m - mu_g) / s_g, 1]``: the
-  features centred, projected on their top ``dim`` principal directions ``P`` (fitted on
-  all ``N`` training examples' features and on the fitting test examples' features) and
-  scaled to unit mean square; the constant 1 gives every bilinear form per-example and
-  global main effects;
-* ``W_a, W_b`` ``[dim + 1, dim + 1]``: bilinear forms shared by all pairs, fitted by full-batch
-  L-BFGS (torch, float32) on the teacher-forced one-step transitions of the fitting runs
-  (:class:`~simfluence.simulators.linear.Transitions`), minimising
+and the same for ``b`` with ``W_b, u_b, v_b, r^b``:
+
+* kernels ``k_j(i, m) = f_{i,j} \cdot g_{m,j} / \sigma_j``: the inner products of the examples'
+  feature block ``j`` (blocks: the task's features, the gradient features), scaled to unit
+  root mean square over the fitting pairs. With gradient features (:func:`gradient_sketch`, at
+  ``checkpoints`` checkpoints of a replayed fitting run) the kernel is Grad-Dot (one
+  checkpoint) or TracIn-CP's sum (several): for one SGD step with batch-mean loss,
+  ``b_i^m \approx -(\eta/|c|)\, g_m \cdot g_i``, so the bilinear form ``f_i^\top (\theta I) g_m``
+  already holds the first-order effect, and fitting on runs calibrates it;
+* ``phi_i = [P (f_i - mu) / s, 1]``, ``psi_m = [P (g_m - mu) / s, 1]`` (``psi~`` without the 1):
+  the features centred, projected on their top ``dim`` principal directions ``P`` (fitted on all
+  ``N`` training examples and the fitting test examples; one projection when both share a
+  space) and scaled to unit mean square. ``W [dim + 1, dim + 1]`` is a low-rank bilinear
+  correction, ``u, v`` let the kernels' gains vary with the examples. With ``dim = 0`` (the
+  default: it generalises best to new test examples, see ``docs/benchmarks.md``) only the
+  constant is left: ``a = w_a + \sum_j \theta_{a,j} k_j``, likewise ``b``;
+* all of these are fitted together by full-batch L-BFGS (torch, float32) on the teacher-forced
+  one-step transitions of the fitting runs (:class:`~simfluence.simulators.linear.Transitions`),
+  minimising
 
   .. math::
 
       \frac{1}{S M\,\sigma_\Delta^2}\sum_{s, m} \big(\hat\Delta^m_s - \Delta^m_s\big)^2
-      + \lambda \big(\lVert W_a \sigma_L / \sigma_\Delta\rVert^2 + \lVert W_b / \sigma_\Delta\rVert^2\big)
+      + \lambda \lVert \text{parameters in units of } \sigma_\Delta, \sigma_L \rVert^2
 
   (``Delta`` the one-step loss changes, ``sigma`` root mean squares, so ``lambda`` is free
-  of loss units); ``lambda`` (``weight_decay``) is chosen by K-fold cross-validation over
-  the fitting runs on the rolled-out all-steps MSE unless given;
+  of loss units; ``weight_decay``, or chosen by K-fold cross-validation over the fitting
+  runs on the rolled-out all-steps MSE when ``None``), optionally followed by Adam on the
+  rolled-out trajectories (``rollout_iterations``);
 * ``r^a, r^b`` ``[N, M]``: per-pair residuals, fitted afterwards by the ridge solver of
-  Simfluence-Linear on what the bilinear part leaves unexplained. Ridge keeps them exactly
-  0 for training examples that no fitting run trained on and they do not exist for test
-  examples added later, so unseen examples fall back to the feature part.
-
-Why bilinear: for one SGD step with batch-mean loss, ``b_i^m \approx -(\eta/|c|)\, g_m \cdot g_i``
-(``g`` the per-example gradients). With gradient sketches as features
-(:func:`gradient_sketch`: a random projection that preserves inner products) the
-bilinear form contains Grad-Dot exactly, and fitting on runs corrects it.
+  Simfluence-Linear on what the feature part leaves unexplained. Ridge keeps them exactly
+  0 for training examples that no fitting run trained on, and test examples added later
+  have none, so unseen examples fall back to the feature part.
 
 Features come from the task (:meth:`simfluence.collect.tasks.Task.example_features`), from
-gradient sketches at the starting checkpoint, or from the caller
-(``train_features=``, ``test_features=``). :meth:`FeaturizedSimulator.for_test_examples`
-returns a simulator for other (possibly never seen) test examples from their features alone.
+per-example gradients, or from the caller (``train_features=``, ``test_features=``).
+:meth:`FeaturizedSimulator.for_test_examples` returns a simulator for other (possibly never
+seen) test examples from their features alone.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +73,13 @@ DEFAULT_WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 SPLITS = ("train", "test")
 
 
-def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk_size: int = 64) -> np.ndarray:
-    """float32 ``[n, min(P, dim)]``: per-example gradients at the starting checkpoint, sketched to ``dim``.
+def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk_size: int = 64,
+                    states: Sequence[Mapping[str, torch.Tensor] | None] = (None,)) -> np.ndarray:
+    """float32 ``[n, K min(P, dim)]``: per-example gradients at ``K`` checkpoints, each sketched to ``dim``.
+
+    ``states`` are the checkpoints' state dicts (``None``: the task's starting checkpoint);
+    their sketches are concatenated, so inner products of the result add the checkpoints'
+    gradient inner products, as TracIn-CP does.
 
     ``P`` is the number of trainable weights (:func:`~simfluence.func.gradients.per_example_gradients`).
     When ``P <= dim`` the gradients are returned as they are. Otherwise each flattened gradient
@@ -78,21 +92,26 @@ def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk
     from simfluence.func.gradients import per_example_gradients, trainable_params
 
     inputs, targets = task.split_data(split)
-    model = task.build_model().eval()
-    params = trainable_params(model)
-    size = sum(value.numel() for value in params.values())
     count = num_examples(inputs)
-    width = min(size, dim)
-    generator = torch.Generator().manual_seed(seed)
-    buckets = torch.randint(0, width, (size,), generator=generator)
-    signs = torch.randint(0, 2, (size,), generator=generator).to(torch.float32).mul_(2).sub_(1)
-    out = torch.zeros(count, width)
-    for start in range(0, count, chunk_size):
-        index = torch.arange(start, min(start + chunk_size, count))
-        grads = per_example_gradients(task, model, params, take(inputs, index), targets[index], chunk_size)
-        grads = grads.to(torch.float32)
-        out[index] = grads if size <= dim else torch.zeros(index.numel(), width).index_add_(1, buckets, grads * signs)
-    return out.numpy()
+    blocks = []
+    for state in states:
+        model = task.build_model().eval()
+        if state is not None:
+            model.load_state_dict(state)
+        params = trainable_params(model)
+        size = sum(value.numel() for value in params.values())
+        width = min(size, dim)
+        generator = torch.Generator().manual_seed(seed)
+        buckets = torch.randint(0, width, (size,), generator=generator)
+        signs = torch.randint(0, 2, (size,), generator=generator).to(torch.float32).mul_(2).sub_(1)
+        out = torch.zeros(count, width)
+        for start in range(0, count, chunk_size):
+            index = torch.arange(start, min(start + chunk_size, count))
+            grads = per_example_gradients(task, model, params, take(inputs, index), targets[index], chunk_size)
+            grads = grads.to(torch.float32)
+            out[index] = grads if size <= dim else torch.zeros(index.numel(), width).index_add_(1, buckets, grads * signs)
+        blocks.append(out)
+    return torch.cat(blocks, dim=1).numpy()
 
 
 @dataclass(frozen=True)
@@ -288,7 +307,7 @@ class FeaturizedSimulator(Simulator):
             (:meth:`Task.example_features`) or ``"task+gradients"`` (both, each scaled to unit mean
             square, each its own kernel).
         sketch_dim: width of the gradient sketches (gradients with fewer weights are kept whole).
-        dim: principal directions kept per side (``k`` above).
+        dim: principal directions of the low-rank bilinear correction (0: kernels and constants only).
         weight_decay: ``lambda``; ``None`` chooses it from ``weight_decay_grid`` by cross-validation.
         residual_ridge: ridge of the per-pair residuals as a multiple of the mean number of times a
             training example was trained on (as ``linear``'s grid); ``None``: no residuals.
@@ -296,6 +315,9 @@ class FeaturizedSimulator(Simulator):
         max_iter: L-BFGS iterations per fit.
         rollout_iterations: Adam steps of fine-tuning on rolled-out trajectories after the
             one-step fit (:func:`refine_on_rollouts`); 0: none.
+        checkpoints: gradient features are taken at this many checkpoints, after steps
+            ``0, T/K, 2T/K, ...`` of the first fitting run (replayed with the task's trainer, as
+            TracIn-CP does); 1: the starting checkpoint only.
         seed: seed of the folds and of the gradient sketch.
     """
 
@@ -304,15 +326,16 @@ class FeaturizedSimulator(Simulator):
 
     def __init__(self, train_features: Any = None, test_features: Any = None, task: Any = None,
                  task_options: Mapping[str, Any] | None = None, features: str = "gradients",
-                 sketch_dim: int = 4096, dim: int = 8, weight_decay: float | None = 1e-4,
+                 sketch_dim: int = 4096, dim: int = 0, weight_decay: float | None = 1e-4,
                  weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID, residual_ridge: float | None = 0.1,
-                 cv_folds: int = 3, max_iter: int = 200, rollout_iterations: int = 0, seed: int = 0):
+                 cv_folds: int = 3, max_iter: int = 200, rollout_iterations: int = 0, checkpoints: int = 4,
+                 seed: int = 0):
         super().__init__()
         if features not in FEATURE_SOURCES:
             raise ValueError(f"features must be one of {list(FEATURE_SOURCES)}, got {features!r}")
-        for name, value in (("sketch_dim", sketch_dim), ("dim", dim), ("max_iter", max_iter)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, least in (("sketch_dim", sketch_dim, 1), ("dim", dim, 0), ("max_iter", max_iter, 1)):
+            if int(value) != value or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if weight_decay is not None and not weight_decay > 0:
             raise ValueError(f"weight_decay must be positive, got {weight_decay}")
         if residual_ridge is not None and not residual_ridge > 0:
@@ -327,10 +350,15 @@ class FeaturizedSimulator(Simulator):
         if int(rollout_iterations) != rollout_iterations or rollout_iterations < 0:
             raise ValueError(f"rollout_iterations must be a non-negative integer, got {rollout_iterations!r}")
         self.rollout_iterations = int(rollout_iterations)
+        if int(checkpoints) != checkpoints or checkpoints < 1:
+            raise ValueError(f"checkpoints must be a positive integer, got {checkpoints!r}")
+        self.checkpoints = int(checkpoints)
+        self.checkpoint_curriculum: np.ndarray | None = None  # int [T, B]: the fitting run replayed for them
         self.train_features: np.ndarray | None = None
         self.test_features: np.ndarray | None = None
         self.kernel_blocks = np.zeros((0, 2), dtype=np.int64)  # [J, 2] feature column ranges, one per kernel
-        self.kernel_scales = np.zeros(0)                        # [J]
+        self.kernel_scales = np.zeros(0)                        # [J]: root mean square of each kernel
+        self.feature_scales = np.zeros(0)                       # [J]: of each block of task features
         self.projections: dict[str, Projection] = {}
         self.params: dict[str, torch.Tensor] = {}
         self.residuals: torch.Tensor | None = None  # [N, 2M] = [r_a | r_b], or None
@@ -354,26 +382,50 @@ class FeaturizedSimulator(Simulator):
         return self.task_spec
 
     def task_features(self, split: str, ids: np.ndarray, runs: RunSet | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``features`` of the ``split`` examples ``ids`` from the task: float32 ``[len(ids), D]`` and the
-        column ranges ``[J, 2]`` of its blocks (each block is one kernel)."""
+        """Unscaled ``features`` of the ``split`` examples ``ids`` from the task: float32 ``[len(ids), D]``
+        and the column ranges ``[J, 2]`` of its blocks (each block is one kernel)."""
         task = self.task(runs)
         blocks = []
         if self.features in ("task", "task+gradients"):
             blocks.append(task.example_features(split))
         if self.features in ("gradients", "task+gradients"):
-            blocks.append(gradient_sketch(task, split, self.sketch_dim, self.seed))
-        # Unit mean square per block, so no block dominates the principal directions by its units.
-        blocks = [block / max(float(np.sqrt(np.mean(np.square(block, dtype=np.float64)))), 1e-12) for block in blocks]
+            blocks.append(gradient_sketch(task, split, self.sketch_dim, self.seed, states=self._states(task)))
         ends = np.cumsum([block.shape[1] for block in blocks])
         table = np.concatenate(blocks, axis=1).astype(np.float32)
         features = _align(table, getattr(task, f"{split}_ids"), ids, f"task '{task.name}' {split} features")
         return features, np.stack([ends - [block.shape[1] for block in blocks], ends], axis=1)
 
+    def _scaled(self, features: np.ndarray) -> np.ndarray:
+        """``features`` with each kernel block divided by its scale (fitted on the training features)."""
+        out = features.astype(np.float32, copy=True)
+        for (start, stop), scale in zip(self.kernel_blocks, self.feature_scales):
+            out[:, start:stop] /= scale
+        return out
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the replayed fitting run after which gradient features are taken."""
+        num_steps = 0 if self.checkpoint_curriculum is None else self.checkpoint_curriculum.shape[0]
+        return sorted({int(round(k * num_steps / self.checkpoints)) for k in range(self.checkpoints)})
+
+    def _states(self, task) -> list[Mapping[str, torch.Tensor] | None]:
+        steps = self.checkpoint_steps()
+        if steps == [0]:
+            return [None]
+        from simfluence.collect.train import train_states
+
+        return train_states(task, self.checkpoint_curriculum, steps)
+
     def _resolve(self, runs: RunSet) -> None:
         given = self.given_features
         if given["train"] is None and given["test"] is None:
-            self.train_features, self.kernel_blocks = self.task_features("train", runs.train_ids, runs)
-            self.test_features, _ = self.task_features("test", runs.test_ids, runs)
+            self.checkpoint_curriculum = runs.curricula[0]
+            train, self.kernel_blocks = self.task_features("train", runs.train_ids, runs)
+            # Unit mean square per block (over the training examples, so that every later test
+            # example is scaled alike): no block dominates the principal directions by its units.
+            self.feature_scales = np.array([max(float(np.sqrt(np.mean(np.square(train[:, start:stop], dtype=np.float64)))),
+                                                1e-12) for start, stop in self.kernel_blocks])
+            self.train_features = self._scaled(train)
+            self.test_features = self._scaled(self.task_features("test", runs.test_ids, runs)[0])
             return
         if given["train"] is None or given["test"] is None:
             missing = "train_features" if given["train"] is None else "test_features"
@@ -384,6 +436,7 @@ class FeaturizedSimulator(Simulator):
         # Features of one space (same width) also give one kernel: their inner products.
         self.kernel_blocks = np.array([[0, width]] if self.test_features.shape[1] == width else [], dtype=np.int64
                                       ).reshape(-1, 2)
+        self.feature_scales = np.ones(len(self.kernel_blocks))
 
     def _kernels(self) -> torch.Tensor:
         """``[J, N, M]`` scaled inner products of each feature block (float32)."""
@@ -485,7 +538,8 @@ class FeaturizedSimulator(Simulator):
             raise RunDataError("test_ids", "shape", "expected a non-empty 1-D list of unique ids")
         width = self.test_features.shape[1]
         features = (check_features(test_features, test_ids, "test_features", width) if test_features is not None
-                    else check_features(self.task_features("test", test_ids)[0], test_ids, "task test features", width))
+                    else check_features(self._scaled(self.task_features("test", test_ids)[0]), test_ids, "task test features",
+                                   width))
         position = {key: m for m, key in enumerate(self.test_ids.tolist())}
         known = np.array([position.get(key, -1) for key in test_ids.tolist()])
         other = copy.copy(self)
@@ -510,26 +564,31 @@ class FeaturizedSimulator(Simulator):
         return {"task": task, "task_options": options, "features": self.features, "sketch_dim": self.sketch_dim,
                 "dim": self.dim, "weight_decay": self.weight_decay, "weight_decay_grid": list(self.weight_decay_grid),
                 "residual_ridge": self.residual_ridge, "cv_folds": self.cv_folds, "max_iter": self.max_iter,
-                "rollout_iterations": self.rollout_iterations, "seed": self.seed}
+                "rollout_iterations": self.rollout_iterations, "checkpoints": self.checkpoints, "seed": self.seed}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {"train_features": self.train_features, "test_features": self.test_features,
                   "kernel_blocks": self.kernel_blocks, "kernel_scales": self.kernel_scales,
+                  "feature_scales": self.feature_scales,
                   **{name: value.numpy() for name, value in self.params.items()},
                   **self.projections["train"].arrays("train"), **self.projections["test"].arrays("test")}
         if self.residuals is not None:
             arrays["residuals"] = self.residuals.numpy()
+        if self.checkpoint_curriculum is not None:
+            arrays["checkpoint_curriculum"] = self.checkpoint_curriculum
         return arrays
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.train_features = check_features(arrays["train_features"], self.train_ids, "state.train_features")
         self.test_features = check_features(arrays["test_features"], self.test_ids, "state.test_features")
         self.kernel_blocks, self.kernel_scales = arrays["kernel_blocks"].reshape(-1, 2), arrays["kernel_scales"]
+        self.feature_scales = arrays["feature_scales"]
         self.projections = {split: Projection.from_arrays(arrays, split) for split in SPLITS}
         self.params = {name: torch.as_tensor(arrays[name]) for name in PARAMETERS}
         phi, psi, kernels = self._inputs()
         table = coefficient_table(phi, psi, kernels, self.params)  # raises on inconsistent shapes
         self.residuals = torch.as_tensor(arrays["residuals"]) if "residuals" in arrays else None
+        self.checkpoint_curriculum = arrays.get("checkpoint_curriculum")
         if self.residuals is not None and self.residuals.shape != table.shape:
             raise ValueError(f"residuals have shape {tuple(self.residuals.shape)}, expected {tuple(table.shape)}")
 
