@@ -327,7 +327,7 @@ class FeaturizedSimulator(Simulator):
     def __init__(self, train_features: Any = None, test_features: Any = None, task: Any = None,
                  task_options: Mapping[str, Any] | None = None, features: str = "gradients",
                  sketch_dim: int = 4096, dim: int = 0, weight_decay: float | None = 1e-4,
-                 weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID, residual_ridge: float | None = 0.1,
+                 weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID, residual_ridge: float | None = 0.01,
                  cv_folds: int = 3, max_iter: int = 200, rollout_iterations: int = 0, checkpoints: int = 4,
                  seed: int = 0):
         super().__init__()
