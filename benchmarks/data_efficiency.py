@@ -113,6 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[0][column].set(title=task, xscale="log", yscale="log", ylabel="held-out all-steps MSE")
         axes[1][column].set(xscale="log", xlabel="fitting runs", ylabel="held-out across-run Spearman")
         for axis in axes[:, column]:
+            axis.minorticks_off()
             axis.set_xticks(sorted({row["num_runs"] for row in rows}))
             axis.set_xticklabels(sorted({row["num_runs"] for row in rows}))
             axis.grid(alpha=0.3)

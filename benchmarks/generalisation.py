@@ -88,7 +88,7 @@ def collect_runs(task_name: str, out: Path, args) -> dict:
 
 
 def featurized(args):
-    return make_simulator("featurized", features=args.features)
+    return make_simulator("featurized", features=args.features, dim=args.dim, checkpoints=args.checkpoints)
 
 
 def evaluate_task(task_name: str, args) -> list[dict]:
@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of training and of test examples hidden")
     parser.add_argument("--features", default="gradients", help="featurized simulator's features")
+    parser.add_argument("--dim", type=int, default=0, help="featurized simulator's low-rank bilinear dimension")
+    parser.add_argument("--checkpoints", type=int, default=4, help="featurized simulator's gradient checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default="out/generalisation", help="run stores (reused when present)")
