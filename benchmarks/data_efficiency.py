@@ -70,7 +70,8 @@ def markdown(rows: list[dict], sizes: list[int]) -> str:
                   "|---|---|" + "---|" * len(sizes)]
         for task in dict.fromkeys(row["task"] for row in rows):
             for method in METHODS:
-                values = {row["num_runs"]: row[metric] for row in rows if row["task"] == task and row["method"] == method}
+                values = {row["num_runs"]: row[metric] for row in rows
+                          if row["task"] == task and row["method"] == method}
                 lines.append(f"| {task} | {method} | " + " | ".join(cell(values.get(size)) for size in sizes) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -115,6 +115,13 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert np.array_equal(loaded.simulate(heldout.curricula, heldout.initial_losses), expected)
     new = loaded.for_test_examples(["test-29"], fitted["test"][[29]])
     assert new.simulate(heldout.curricula, heldout.initial_losses[:, :1]).shape == (8, 41, 1)
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = dict(saved)
+    arrays["state.w_a"] = arrays["state.w_a"][:-1]
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, **arrays)
+    with pytest.raises(RunDataError, match="state.*featurized"):
+        Simulator.load(broken)
 
 
 def test_bad_features_give_one_line_errors(fitted):
@@ -216,3 +223,13 @@ def test_cli_fit_featurized_without_task_or_features_is_a_one_line_error(tmp_pat
     result = CliRunner().invoke(main, ["fit", str(path), "--method", "featurized", "--out", str(tmp_path / "f.npz")])
     assert result.exit_code == 2
     assert "meta.task" in result.output and result.output.strip().count("\n") == 0
+
+
+def test_weight_decay_chosen_by_cross_validation(fitted):
+    params = dict(train_features=fitted["train"], test_features=fitted["test"][fitted["seen_test"]], dim=WIDTH,
+                  residual_ridge=None, weight_decay=None, weight_decay_grid=(1e-1, 1e-7), max_iter=300)
+    simulator = FeaturizedSimulator(**params).fit(fitted["fitting"])
+    scores = simulator.fit_info["cv_scores"]
+    assert set(scores) == {"0.1", "1e-07"}
+    # The truth is exactly bilinear and nearly noise-free: the weak penalty must win, by far.
+    assert simulator.fit_info["weight_decay"] == 1e-7 and scores["1e-07"] < 0.1 * scores["0.1"]

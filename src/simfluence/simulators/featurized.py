@@ -109,7 +109,9 @@ def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk
             index = torch.arange(start, min(start + chunk_size, count))
             grads = per_example_gradients(task, model, params, take(inputs, index), targets[index], chunk_size)
             grads = grads.to(torch.float32)
-            out[index] = grads if size <= dim else torch.zeros(index.numel(), width).index_add_(1, buckets, grads * signs)
+            if size > dim:
+                grads = torch.zeros(index.numel(), width).index_add_(1, buckets, grads * signs)
+            out[index] = grads
         blocks.append(out)
     return torch.cat(blocks, dim=1).numpy()
 
@@ -129,10 +131,12 @@ class Projection:
     @classmethod
     def fit(cls, features: np.ndarray, dim: int) -> Projection:
         centred = features.astype(np.float64) - features.mean(axis=0)
-        _, singular, directions = np.linalg.svd(centred, full_matrices=False)
-        # Directions with no variance would be scaled up from rounding noise.
-        rank = int((singular > 1e-6 * max(float(singular[0]), 1e-30)).sum()) if singular.size else 0
-        basis = directions[:max(min(dim, rank), 0)].T
+        basis = np.zeros((features.shape[1], 0))
+        if dim > 0:
+            _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+            # Directions with no variance would be scaled up from rounding noise.
+            rank = int((singular > 1e-6 * max(float(singular[0]), 1e-30)).sum()) if singular.size else 0
+            basis = directions[:min(dim, rank)].T
         projected = centred @ basis
         scale = float(np.sqrt(np.mean(projected**2))) if projected.size else 1.0
         return cls(features.mean(axis=0).astype(np.float64), basis, scale if scale > 0 else 1.0)
@@ -422,8 +426,9 @@ class FeaturizedSimulator(Simulator):
             train, self.kernel_blocks = self.task_features("train", runs.train_ids, runs)
             # Unit mean square per block (over the training examples, so that every later test
             # example is scaled alike): no block dominates the principal directions by its units.
-            self.feature_scales = np.array([max(float(np.sqrt(np.mean(np.square(train[:, start:stop], dtype=np.float64)))),
-                                                1e-12) for start, stop in self.kernel_blocks])
+            self.feature_scales = np.array([max(float(np.sqrt(np.mean(np.square(train[:, start:stop],
+                                                                                dtype=np.float64)))), 1e-12)
+                                            for start, stop in self.kernel_blocks])
             self.train_features = self._scaled(train)
             self.test_features = self._scaled(self.task_features("test", runs.test_ids, runs)[0])
             return
@@ -537,9 +542,11 @@ class FeaturizedSimulator(Simulator):
         if test_ids.ndim != 1 or test_ids.size == 0 or np.unique(test_ids).size != test_ids.size:
             raise RunDataError("test_ids", "shape", "expected a non-empty 1-D list of unique ids")
         width = self.test_features.shape[1]
-        features = (check_features(test_features, test_ids, "test_features", width) if test_features is not None
-                    else check_features(self._scaled(self.task_features("test", test_ids)[0]), test_ids, "task test features",
-                                   width))
+        if test_features is None:
+            test_features, name = self._scaled(self.task_features("test", test_ids)[0]), "task test features"
+        else:
+            name = "test_features"
+        features = check_features(test_features, test_ids, name, width)
         position = {key: m for m, key in enumerate(self.test_ids.tolist())}
         known = np.array([position.get(key, -1) for key in test_ids.tolist()])
         other = copy.copy(self)
@@ -585,8 +592,10 @@ class FeaturizedSimulator(Simulator):
         self.feature_scales = arrays["feature_scales"]
         self.projections = {split: Projection.from_arrays(arrays, split) for split in SPLITS}
         self.params = {name: torch.as_tensor(arrays[name]) for name in PARAMETERS}
-        phi, psi, kernels = self._inputs()
-        table = coefficient_table(phi, psi, kernels, self.params)  # raises on inconsistent shapes
+        try:
+            table = coefficient_table(*self._inputs(), self.params)
+        except RuntimeError as error:  # inconsistent shapes
+            raise ValueError(str(error).splitlines()[0]) from None
         self.residuals = torch.as_tensor(arrays["residuals"]) if "residuals" in arrays else None
         self.checkpoint_curriculum = arrays.get("checkpoint_curriculum")
         if self.residuals is not None and self.residuals.shape != table.shape:
