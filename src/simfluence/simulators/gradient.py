@@ -293,22 +293,22 @@ class InfluenceSimulator(GradientSimulator):
                     return torch.func.jvp(torch.func.grad(mean_train_loss), (point,), (v,))[1]
                 return torch.func.vmap(one)(vectors.float()).double()
 
-        if flat0.numel() > self.exact_max_params and self.solver == "lanczos":
-            eigenvalues, eigenvectors = _lanczos(hvp, flat0.numel(), self.rank)
-            damping = _positive_damping(float(eigenvalues.min()), float(eigenvalues.abs().max()), self.damping)
+            if self.solver == "lanczos":
+                eigenvalues, eigenvectors = _lanczos(hvp, flat0.numel(), self.rank)
+                damping = _positive_damping(float(eigenvalues.min()), float(eigenvalues.abs().max()), self.damping)
 
-            def solve(test_grads: torch.Tensor) -> torch.Tensor:
-                test_grads = test_grads.double()
-                coordinates = test_grads @ eigenvectors                        # [M, k]
-                inside = (coordinates / (eigenvalues + damping)) @ eigenvectors.T
-                return inside + (test_grads - coordinates @ eigenvectors.T) / damping
-        elif flat0.numel() > self.exact_max_params:
-            top = _power_iteration(hvp, flat0.numel())
-            smallest = top - _power_iteration(lambda v: top * v - hvp(v), flat0.numel())
-            damping = _positive_damping(smallest, abs(top), self.damping)
+                def solve(test_grads: torch.Tensor) -> torch.Tensor:
+                    test_grads = test_grads.double()
+                    coordinates = test_grads @ eigenvectors                        # [M, k]
+                    inside = (coordinates / (eigenvalues + damping)) @ eigenvectors.T
+                    return inside + (test_grads - coordinates @ eigenvectors.T) / damping
+            else:
+                top = _power_iteration(hvp, flat0.numel())
+                smallest = top - _power_iteration(lambda v: top * v - hvp(v), flat0.numel())
+                damping = _positive_damping(smallest, abs(top), self.damping)
 
-            def solve(test_grads: torch.Tensor) -> torch.Tensor:
-                return _batched_cg(lambda v: hvp(v) + damping * v, test_grads.double(), self.cg_iterations)
+                def solve(test_grads: torch.Tensor) -> torch.Tensor:
+                    return _batched_cg(lambda v: hvp(v) + damping * v, test_grads.double(), self.cg_iterations)
 
         self.fit_info["damping_absolute"] = damping
         products = gradient_products(task, model, params, test_transform=solve, chunk_size=self.chunk_size)

@@ -6,5 +6,5 @@ from simfluence.collect.tasks.digits import DigitsMLP  # noqa: E402  (registers 
 from simfluence.collect.tasks.text import TextMiniLM  # noqa: E402  (registers "text-minilm")
 from simfluence.collect.tasks.lm import TinyLM  # noqa: E402  (registers "tiny-lm")
 
-__all__ = ["DigitsMLP", "Inputs", "Task", "TaskData", "TaskInfo", "get_task", "list_tasks", "num_examples",
-           "register_task", "take"]
+__all__ = ["DigitsMLP", "Inputs", "Task", "TaskData", "TaskInfo", "TextMiniLM", "TinyLM", "get_task", "list_tasks",
+           "num_examples", "register_task", "take"]

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simfluence.collect.tasks.optim import adam  # noqa: F401  (shared by the text tasks)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 GLOSSES_PATH = DATA_DIR / "wordnet_glosses.tsv"

@@ -61,8 +61,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.tasks.base import Task, TaskData, check_split
-from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, adam, cached_tensors, hub_offline, load_glosses,
-                                              minilm_dir, minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, hub_offline, load_glosses, minilm_dir,
+                                              minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.optim import adam
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
 

@@ -46,8 +46,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.tasks.base import Task, TaskData, check_split, output_error
-from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, adam, cached_tensors, hub_offline, load_glosses,
-                                              minilm_dir, minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, hub_offline, load_glosses, minilm_dir,
+                                              minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.optim import adam
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
 
