@@ -51,7 +51,7 @@ def fitted():
     fitting = select_columns(runs_of(a, b, np.arange(48), 24, seed=1), seen_test)
     heldout = runs_of(a, b, np.arange(NUM_TRAIN), 8, seed=2)
     simulator = FeaturizedSimulator(train_features=train, test_features=test[seen_test], dim=WIDTH,
-                                    weight_decay=1e-7, residual_ridge=None, max_iter=500).fit(fitting)
+                                    weight_decay=1e-7, fit_residuals=False, max_iter=500).fit(fitting)
     return dict(simulator=simulator, fitting=fitting, heldout=heldout, train=train, test=test, a=a, b=b,
                 hidden_train=hidden_train, hidden_test=hidden_test, seen_test=seen_test)
 
@@ -202,7 +202,7 @@ def test_gradient_features_at_checkpoints_of_a_replayed_fitting_run(tmp_path):
 def test_rollout_refinement_lowers_the_fitting_runs_rollout_error(fitted):
     fitting = fitted["fitting"]
     params = dict(train_features=fitted["train"], test_features=fitted["test"][fitted["seen_test"]], dim=2,
-                  weight_decay=1e-4, residual_ridge=None)
+                  weight_decay=1e-4, fit_residuals=False)
     one_step = FeaturizedSimulator(**params).fit(fitting)
     refined = FeaturizedSimulator(**params, rollout_iterations=30).fit(fitting)
     info = refined.fit_info
@@ -227,9 +227,21 @@ def test_cli_fit_featurized_without_task_or_features_is_a_one_line_error(tmp_pat
 
 def test_weight_decay_chosen_by_cross_validation(fitted):
     params = dict(train_features=fitted["train"], test_features=fitted["test"][fitted["seen_test"]], dim=WIDTH,
-                  residual_ridge=None, weight_decay=None, weight_decay_grid=(1e-1, 1e-7), max_iter=300)
+                  fit_residuals=False, weight_decay=None, weight_decay_grid=(1e-1, 1e-7), max_iter=300)
     simulator = FeaturizedSimulator(**params).fit(fitted["fitting"])
     scores = simulator.fit_info["cv_scores"]
     assert set(scores) == {"0.1", "1e-07"}
     # The truth is exactly bilinear and nearly noise-free: the weak penalty must win, by far.
     assert simulator.fit_info["weight_decay"] == 1e-7 and scores["1e-07"] < 0.1 * scores["0.1"]
+
+
+def test_residual_ridge_chosen_by_cross_validation(fitted):
+    params = dict(train_features=fitted["train"], test_features=fitted["test"][fitted["seen_test"]], dim=0,
+                  weight_decay=1e-4, residual_ridge=None, residual_ridge_grid=(1e-3, 1e3))
+    simulator = FeaturizedSimulator(**params).fit(fitted["fitting"])
+    scores = simulator.fit_info["residual_cv_scores"]
+    assert len(scores) == 2
+    # Without the bilinear part (dim=0) the residuals must carry the pairs: the weak ridge wins.
+    occurrences = 24 * 40 * 4 / NUM_TRAIN  # the mean over all training examples, hidden ones included
+    assert simulator.fit_info["residual_ridge"] == pytest.approx(1e-3 * occurrences)
+    assert min(scores.values()) < 0.5 * max(scores.values())

@@ -65,7 +65,7 @@ import torch
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Simulator, register
 from simfluence.simulators.design import BatchDesign
-from simfluence.simulators.linear import Transitions, all_steps_mse, rollout
+from simfluence.simulators.linear import DEFAULT_RIDGE_GRID, Transitions, all_steps_mse, rollout
 from simfluence.simulators.ridge import solve_transition_ridge
 
 FEATURE_SOURCES = ("task", "gradients", "task+gradients")
@@ -314,8 +314,10 @@ class FeaturizedSimulator(Simulator):
         dim: principal directions of the low-rank bilinear correction (0: kernels and constants only).
         weight_decay: ``lambda``; ``None`` chooses it from ``weight_decay_grid`` by cross-validation.
         residual_ridge: ridge of the per-pair residuals as a multiple of the mean number of times a
-            training example was trained on (as ``linear``'s grid); ``None``: no residuals.
-        cv_folds: folds of fitting runs for the weight-decay choice.
+            training example was trained on (as ``linear``'s grid); ``None`` chooses it from
+            ``residual_ridge_grid`` by cross-validation (rolled-out MSE), as ``linear`` does.
+        fit_residuals: ``False`` leaves the per-pair residuals out (the feature part alone).
+        cv_folds: folds of fitting runs for the cross-validated choices.
         max_iter: L-BFGS iterations per fit.
         rollout_iterations: Adam steps of fine-tuning on rolled-out trajectories after the
             one-step fit (:func:`refine_on_rollouts`); 0: none.
@@ -332,6 +334,7 @@ class FeaturizedSimulator(Simulator):
                  task_options: Mapping[str, Any] | None = None, features: str = "gradients",
                  sketch_dim: int = 4096, dim: int = 0, weight_decay: float | None = 1e-4,
                  weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID, residual_ridge: float | None = 0.01,
+                 residual_ridge_grid: tuple[float, ...] = DEFAULT_RIDGE_GRID, fit_residuals: bool = True,
                  cv_folds: int = 3, max_iter: int = 200, rollout_iterations: int = 0, checkpoints: int = 4,
                  seed: int = 0):
         super().__init__()
@@ -343,14 +346,15 @@ class FeaturizedSimulator(Simulator):
         if weight_decay is not None and not weight_decay > 0:
             raise ValueError(f"weight_decay must be positive, got {weight_decay}")
         if residual_ridge is not None and not residual_ridge > 0:
-            raise ValueError(f"residual_ridge must be positive or None, got {residual_ridge}")
+            raise ValueError(f"residual_ridge must be positive or None (cross-validated), got {residual_ridge}")
         if cv_folds < 2:
             raise ValueError(f"cv_folds must be at least 2, got {cv_folds}")
         self.given_features = {"train": train_features, "test": test_features}
         self.task_spec, self.task_options = task, None if task_options is None else dict(task_options)
         self.features, self.sketch_dim, self.dim = features, int(sketch_dim), int(dim)
         self.weight_decay, self.weight_decay_grid = weight_decay, tuple(weight_decay_grid)
-        self.residual_ridge, self.cv_folds, self.max_iter, self.seed = residual_ridge, cv_folds, int(max_iter), seed
+        self.residual_ridge, self.residual_ridge_grid = residual_ridge, tuple(residual_ridge_grid)
+        self.fit_residuals, self.cv_folds, self.max_iter, self.seed = bool(fit_residuals), cv_folds, int(max_iter), seed
         if int(rollout_iterations) != rollout_iterations or rollout_iterations < 0:
             raise ValueError(f"rollout_iterations must be a non-negative integer, got {rollout_iterations!r}")
         self.rollout_iterations = int(rollout_iterations)
@@ -474,13 +478,14 @@ class FeaturizedSimulator(Simulator):
                                                       self.rollout_iterations)
             info.update(refined)
         self.residuals = None
-        if self.residual_ridge is not None:
-            summed = design.matmul(coefficient_table(phi, psi, kernels, self.params))
-            unexplained = delta - summed[:, :runs.num_test] * previous - summed[:, runs.num_test:]
-            ridge = self.residual_ridge * float(design.occurrences.mean())
-            solution = solve_transition_ridge(design, previous, unexplained, ridge, fit_alpha=True)
-            self.residuals = torch.cat([solution.a, solution.b], dim=1)
-            info.update(residual_ridge=ridge, cg_iterations=solution.iterations)
+        if self.fit_residuals:
+            scale = float(design.occurrences.mean())
+            ridge, info["residual_cv_scores"] = ((self.residual_ridge * scale, None) if self.residual_ridge is not None
+                                                 else self._choose_residual_ridge(runs, phi, psi, kernels, weight_decay,
+                                                                                  scale))
+            table = coefficient_table(phi, psi, kernels, self.params)
+            self.residuals, info["cg_iterations"] = _residuals(design, previous, delta, table, ridge)
+            info["residual_ridge"] = ridge
         self.fit_info.update(weight_decay=float(weight_decay), cv_scores=scores, features=self.features,
                              feature_dims=[int(self.train_features.shape[1]), int(self.test_features.shape[1])],
                              projected_dims=[int(phi.shape[1] - 1), int(psi.shape[1] - 1)],
@@ -489,11 +494,7 @@ class FeaturizedSimulator(Simulator):
     def _cross_validate(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor,
                         kernels: torch.Tensor) -> tuple[float, dict[str, float]]:
         """Choose ``weight_decay`` by rolled-out all-steps MSE on K folds of the fitting runs."""
-        if runs.num_runs < 2:
-            raise RunDataError("<runs>", "runs", "cross-validating the weight decay needs at least 2 fitting runs",
-                               "pass an explicit weight_decay")
-        folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
-                               min(self.cv_folds, runs.num_runs))
+        folds = self._folds(runs)
         grid = sorted(self.weight_decay_grid, reverse=True)  # warm starts go strong -> weak
         errors = np.zeros(len(grid))
         for fold in folds:
@@ -506,6 +507,32 @@ class FeaturizedSimulator(Simulator):
                 predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64), 1.0, True)
                 errors[g] += all_steps_mse(predicted, held_out) / len(folds)
         return float(grid[int(np.argmin(errors))]), {f"{wd:.6g}": float(e) for wd, e in zip(grid, errors)}
+
+    def _choose_residual_ridge(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor, kernels: torch.Tensor,
+                               weight_decay: float, scale: float) -> tuple[float, dict[str, float]]:
+        """Residual ridge (absolute) by rolled-out all-steps MSE on K folds of the fitting runs."""
+        folds = self._folds(runs)
+        grid = sorted((scale * factor for factor in self.residual_ridge_grid), reverse=True)  # warm starts
+        errors = np.zeros(len(grid))
+        for fold in folds:
+            fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
+            design, previous, delta = _problem(Transitions.of(fitting))
+            params, _ = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay, self.max_iter)
+            table = coefficient_table(phi, psi, kernels, params)
+            residuals = None
+            for g, ridge in enumerate(grid):
+                residuals, _ = _residuals(design, previous, delta, table, ridge, residuals)
+                predicted = rollout(table + residuals, held_out.curricula, held_out.initial_losses.astype(np.float64),
+                                    1.0, True)
+                errors[g] += all_steps_mse(predicted, held_out) / len(folds)
+        return float(grid[int(np.argmin(errors))]), {f"{ridge:.6g}": float(e) for ridge, e in zip(grid, errors)}
+
+    def _folds(self, runs: RunSet) -> list[np.ndarray]:
+        if runs.num_runs < 2:
+            raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs",
+                               "pass an explicit weight_decay and residual_ridge")
+        return np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
+                              min(self.cv_folds, runs.num_runs))
 
     # --- coefficients -----------------------------------------------------------------
     def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -570,7 +597,8 @@ class FeaturizedSimulator(Simulator):
             task, options = task.name, task.config()
         return {"task": task, "task_options": options, "features": self.features, "sketch_dim": self.sketch_dim,
                 "dim": self.dim, "weight_decay": self.weight_decay, "weight_decay_grid": list(self.weight_decay_grid),
-                "residual_ridge": self.residual_ridge, "cv_folds": self.cv_folds, "max_iter": self.max_iter,
+                "residual_ridge": self.residual_ridge, "residual_ridge_grid": list(self.residual_ridge_grid),
+                "fit_residuals": self.fit_residuals, "cv_folds": self.cv_folds, "max_iter": self.max_iter,
                 "rollout_iterations": self.rollout_iterations, "checkpoints": self.checkpoints, "seed": self.seed}
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -600,6 +628,16 @@ class FeaturizedSimulator(Simulator):
         self.checkpoint_curriculum = arrays.get("checkpoint_curriculum")
         if self.residuals is not None and self.residuals.shape != table.shape:
             raise ValueError(f"residuals have shape {tuple(self.residuals.shape)}, expected {tuple(table.shape)}")
+
+
+def _residuals(design: BatchDesign, previous: torch.Tensor, delta: torch.Tensor, table: torch.Tensor, ridge: float,
+               initial: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Per-pair residuals ``[N, 2M]`` for what ``table`` leaves unexplained, and the CG iterations."""
+    num_test = previous.shape[1]
+    summed = design.matmul(table)
+    unexplained = delta - summed[:, :num_test] * previous - summed[:, num_test:]
+    solution = solve_transition_ridge(design, previous, unexplained, ridge, fit_alpha=True, initial=initial)
+    return torch.cat([solution.a, solution.b], dim=1), solution.iterations
 
 
 def _problem(transitions: Transitions) -> tuple[BatchDesign, torch.Tensor, torch.Tensor]:
