@@ -4,7 +4,8 @@ For each task, ``--fit-runs`` (64) fitting runs and ``--heldout-runs`` (16) held
 collected (uniform curricula over all training examples, different seeds). Each method is
 fitted on the first n fitting runs, n in ``--sizes`` (4, 8, 16, 32, 64), and scored on the same
 held-out runs (:func:`simfluence.evaluate.score`): all-steps MSE and across-run Spearman.
-The mean trajectory of the same n runs is the baseline.
+The mean trajectory of the same n runs is the baseline; "featurized (features only)" is the
+featurized simulator without its per-pair residuals.
 
 Target: ``featurized`` reaches Linear's 32-run all-steps MSE with at most 8 runs.
 
@@ -33,7 +34,8 @@ from simfluence.runs.atomic import atomic_path, write_text_atomic
 from simfluence.simulators import make_simulator
 
 TASKS = ("digits-mlp", "text-minilm")
-METHODS = ("featurized", "linear-identity", "linear", "additive", "mean-trajectory")
+METHODS = ("featurized", "featurized (features only)", "linear-identity", "linear", "additive", "mean-trajectory")
+VARIANTS = {"featurized (features only)": ("featurized", {"fit_residuals": False})}  # no per-pair residuals
 
 
 def measure(task_name: str, args) -> list[dict]:
@@ -46,7 +48,8 @@ def measure(task_name: str, args) -> list[dict]:
     for size in args.sizes:
         subset = fitting.select(np.arange(size))
         for method in METHODS:
-            simulator = make_simulator(method)
+            kind, params = VARIANTS.get(method, (method, {}))
+            simulator = make_simulator(kind, **params)
             start = time.perf_counter()
             simulator.fit(subset)
             seconds = time.perf_counter() - start
@@ -106,8 +109,8 @@ def plot(rows: list[dict], path: Path) -> None:
             mine = sorted((row for row in rows if row["task"] == task and row["method"] == method),
                           key=lambda row: row["num_runs"])
             sizes = [row["num_runs"] for row in mine]
-            style = dict(marker="o", label=method, color=plt.cm.tab10(k), linestyle="--" if method == "mean-trajectory"
-                         else "-")
+            style = dict(marker="o", label=method, color=plt.cm.tab10(k),
+                         linestyle="--" if method in ("mean-trajectory", "featurized (features only)") else "-")
             axes[0][column].plot(sizes, [row["mse"] for row in mine], **style)
             if method != "mean-trajectory":
                 axes[1][column].plot(sizes, [row["across_run_spearman"] for row in mine], **style)

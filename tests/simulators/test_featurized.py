@@ -102,6 +102,9 @@ def test_residuals_stay_zero_for_unseen_training_examples(fitted):
     num = 2
     assert torch.equal(other.residuals[:, [0, num]], simulator.residuals[:, [0, simulator.test_ids.size]])
     assert torch.all(other.residuals[:, [1, num + 1]] == 0)
+    assert simulator.offsets is not None and torch.any(simulator.offsets != 0)
+    assert torch.equal(other.offsets[0, [0, num]], simulator.offsets[0, [0, simulator.test_ids.size]])
+    assert torch.all(other.offsets[0, [1, num + 1]] == 0)
 
 
 def test_save_load_round_trip(fitted, tmp_path):

@@ -316,7 +316,9 @@ class FeaturizedSimulator(Simulator):
         residual_ridge: ridge of the per-pair residuals as a multiple of the mean number of times a
             training example was trained on (as ``linear``'s grid); ``None`` chooses it from
             ``residual_ridge_grid`` by cross-validation (rolled-out MSE), as ``linear`` does.
-        fit_residuals: ``False`` leaves the per-pair residuals out (the feature part alone).
+        fit_offsets: fit per-test-example offsets ``(c_a, c_b)`` of every coefficient after the
+            feature part (its level for each fitted test example; new test examples get 0).
+        fit_residuals: ``False`` leaves the per-pair residuals out.
         cv_folds: folds of fitting runs for the cross-validated choices.
         max_iter: L-BFGS iterations per fit.
         rollout_iterations: Adam steps of fine-tuning on rolled-out trajectories after the
@@ -333,8 +335,9 @@ class FeaturizedSimulator(Simulator):
     def __init__(self, train_features: Any = None, test_features: Any = None, task: Any = None,
                  task_options: Mapping[str, Any] | None = None, features: str = "gradients",
                  sketch_dim: int = 4096, dim: int = 0, weight_decay: float | None = 1e-4,
-                 weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID, residual_ridge: float | None = 0.01,
-                 residual_ridge_grid: tuple[float, ...] = DEFAULT_RIDGE_GRID, fit_residuals: bool = True,
+                 weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID, residual_ridge: float | None = None,
+                 residual_ridge_grid: tuple[float, ...] = DEFAULT_RIDGE_GRID, fit_offsets: bool = True,
+                 fit_residuals: bool = True,
                  cv_folds: int = 3, max_iter: int = 200, rollout_iterations: int = 0, checkpoints: int = 4,
                  seed: int = 0):
         super().__init__()
@@ -354,6 +357,8 @@ class FeaturizedSimulator(Simulator):
         self.features, self.sketch_dim, self.dim = features, int(sketch_dim), int(dim)
         self.weight_decay, self.weight_decay_grid = weight_decay, tuple(weight_decay_grid)
         self.residual_ridge, self.residual_ridge_grid = residual_ridge, tuple(residual_ridge_grid)
+        self.fit_offsets = bool(fit_offsets)
+        self.offsets: torch.Tensor | None = None  # [1, 2M]
         self.fit_residuals, self.cv_folds, self.max_iter, self.seed = bool(fit_residuals), cv_folds, int(max_iter), seed
         if int(rollout_iterations) != rollout_iterations or rollout_iterations < 0:
             raise ValueError(f"rollout_iterations must be a non-negative integer, got {rollout_iterations!r}")
@@ -477,6 +482,11 @@ class FeaturizedSimulator(Simulator):
             self.params, refined = refine_on_rollouts(runs, phi, psi, kernels, self.params, weight_decay,
                                                       self.rollout_iterations)
             info.update(refined)
+        self.offsets = None
+        if self.fit_offsets:
+            # Fitted after the shared part, so that part keeps the level of an average test example,
+            # which is what a new test example gets.
+            self.offsets = _test_offsets(design, previous, delta, coefficient_table(phi, psi, kernels, self.params))
         self.residuals = None
         if self.fit_residuals:
             scale = float(design.occurrences.mean())
@@ -484,6 +494,7 @@ class FeaturizedSimulator(Simulator):
                                                  else self._choose_residual_ridge(runs, phi, psi, kernels, weight_decay,
                                                                                   scale))
             table = coefficient_table(phi, psi, kernels, self.params)
+            table = table if self.offsets is None else table + self.offsets
             self.residuals, info["cg_iterations"] = _residuals(design, previous, delta, table, ridge)
             info["residual_ridge"] = ridge
         self.fit_info.update(weight_decay=float(weight_decay), cv_scores=scores, features=self.features,
@@ -519,6 +530,8 @@ class FeaturizedSimulator(Simulator):
             design, previous, delta = _problem(Transitions.of(fitting))
             params, _ = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay, self.max_iter)
             table = coefficient_table(phi, psi, kernels, params)
+            if self.fit_offsets:
+                table = table + _test_offsets(design, previous, delta, table)
             residuals = None
             for g, ridge in enumerate(grid):
                 residuals, _ = _residuals(design, previous, delta, table, ridge, residuals)
@@ -542,8 +555,12 @@ class FeaturizedSimulator(Simulator):
         return phi, psi, self._kernels()
 
     def _full_table(self) -> torch.Tensor:
-        table = coefficient_table(*self._inputs(), self.params)
+        table = self._feature_table()
         return table if self.residuals is None else table + self.residuals
+
+    def _feature_table(self) -> torch.Tensor:
+        table = coefficient_table(*self._inputs(), self.params)
+        return table if self.offsets is None else table + self.offsets
 
     @property
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
@@ -580,6 +597,11 @@ class FeaturizedSimulator(Simulator):
         other.test_ids, other.test_features = test_ids, features
         fallback = self.mean_change.mean(axis=1, keepdims=True)
         other.mean_change = np.where(known >= 0, self.mean_change[:, np.maximum(known, 0)], fallback)
+        if self.offsets is not None:  # new test examples: the feature part's own level (offset 0)
+            num_test, columns = self.test_ids.size, torch.as_tensor(np.maximum(known, 0))
+            keep = torch.as_tensor(known >= 0, dtype=self.offsets.dtype)
+            other.offsets = torch.cat([self.offsets[:, :num_test][:, columns] * keep,
+                                       self.offsets[:, num_test:][:, columns] * keep], dim=1)
         if self.residuals is not None:
             num_test = self.test_ids.size
             columns = torch.as_tensor(np.maximum(known, 0))
@@ -598,7 +620,7 @@ class FeaturizedSimulator(Simulator):
         return {"task": task, "task_options": options, "features": self.features, "sketch_dim": self.sketch_dim,
                 "dim": self.dim, "weight_decay": self.weight_decay, "weight_decay_grid": list(self.weight_decay_grid),
                 "residual_ridge": self.residual_ridge, "residual_ridge_grid": list(self.residual_ridge_grid),
-                "fit_residuals": self.fit_residuals, "cv_folds": self.cv_folds, "max_iter": self.max_iter,
+                "fit_offsets": self.fit_offsets, "fit_residuals": self.fit_residuals, "cv_folds": self.cv_folds, "max_iter": self.max_iter,
                 "rollout_iterations": self.rollout_iterations, "checkpoints": self.checkpoints, "seed": self.seed}
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -609,6 +631,8 @@ class FeaturizedSimulator(Simulator):
                   **self.projections["train"].arrays("train"), **self.projections["test"].arrays("test")}
         if self.residuals is not None:
             arrays["residuals"] = self.residuals.numpy()
+        if self.offsets is not None:
+            arrays["offsets"] = self.offsets.numpy()
         if self.checkpoint_curriculum is not None:
             arrays["checkpoint_curriculum"] = self.checkpoint_curriculum
         return arrays
@@ -625,9 +649,29 @@ class FeaturizedSimulator(Simulator):
         except RuntimeError as error:  # inconsistent shapes
             raise ValueError(str(error).splitlines()[0]) from None
         self.residuals = torch.as_tensor(arrays["residuals"]) if "residuals" in arrays else None
+        self.offsets = torch.as_tensor(arrays["offsets"]) if "offsets" in arrays else None
+        if self.offsets is not None and self.offsets.shape != (1, table.shape[1]):
+            raise ValueError(f"offsets have shape {tuple(self.offsets.shape)}, expected {(1, table.shape[1])}")
         self.checkpoint_curriculum = arrays.get("checkpoint_curriculum")
         if self.residuals is not None and self.residuals.shape != table.shape:
             raise ValueError(f"residuals have shape {tuple(self.residuals.shape)}, expected {tuple(table.shape)}")
+
+
+def _test_offsets(design: BatchDesign, previous: torch.Tensor, delta: torch.Tensor, table: torch.Tensor,
+                  ridge: float = 1e-3) -> torch.Tensor:
+    """``[1, 2M]``: per-test-example ``(c_a, c_b)`` added to every training example's coefficients,
+    least squares on what ``table`` leaves unexplained (2 x 2 normal equations per test example)."""
+    num_test = previous.shape[1]
+    summed = design.matmul(table)
+    unexplained = (delta - summed[:, :num_test] * previous - summed[:, num_test:]).double()
+    counts = design.matmul(torch.ones(design.num_train, 1)).double()        # [S, 1] examples per batch
+    x_a, x_b = counts * previous.double(), counts.expand_as(unexplained)
+    scale = float((x_b * x_b).sum(0).mean())
+    aa, ab, bb = (x_a * x_a).sum(0) + ridge * scale, (x_a * x_b).sum(0), (x_b * x_b).sum(0) + ridge * scale
+    ya, yb = (x_a * unexplained).sum(0), (x_b * unexplained).sum(0)
+    determinant = aa * bb - ab * ab
+    c_a, c_b = (bb * ya - ab * yb) / determinant, (aa * yb - ab * ya) / determinant
+    return torch.cat([c_a, c_b]).to(torch.float32)[None]
 
 
 def _residuals(design: BatchDesign, previous: torch.Tensor, delta: torch.Tensor, table: torch.Tensor, ridge: float,
