@@ -10,9 +10,9 @@ the test example, so they exist for any example whose features are known
 
     L^m_t = \Big(1 + \sum_{i \in c_t} a_i^m\Big) L^m_{t-1} + \sum_{i \in c_t} b_i^m, \qquad
     a_i^m = \phi_i^\top W_a\, \psi_m + \sum_j k_j(i, m)\,\big(\phi_i^\top u_{a,j} + \tilde\psi_m^\top v_{a,j}\big)
-            + r^{a}_{im}
+            + c^a_m + r^{a}_{im}
 
-and the same for ``b`` with ``W_b, u_b, v_b, r^b``:
+and the same for ``b`` with ``W_b, u_b, v_b, c^b, r^b``:
 
 * kernels ``k_j(i, m) = f_{i,j} \cdot g_{m,j} / \sigma_j``: the inner products of the examples'
   feature block ``j`` (blocks: the task's features, the gradient features), scaled to unit
@@ -41,10 +41,14 @@ and the same for ``b`` with ``W_b, u_b, v_b, r^b``:
   of loss units; ``weight_decay``, or chosen by K-fold cross-validation over the fitting
   runs on the rolled-out all-steps MSE when ``None``), optionally followed by Adam on the
   rolled-out trajectories (``rollout_iterations``);
-* ``r^a, r^b`` ``[N, M]``: per-pair residuals, fitted afterwards by the ridge solver of
-  Simfluence-Linear on what the feature part leaves unexplained. Ridge keeps them exactly
-  0 for training examples that no fitting run trained on, and test examples added later
-  have none, so unseen examples fall back to the feature part.
+* ``c^a, c^b`` ``[M]``: one offset per fitted test example, fitted afterwards by least squares
+  (its curve's level: the shared part describes an average test example); 0 for test
+  examples added later;
+* ``r^a, r^b`` ``[N, M]``: per-pair residuals, fitted last by the ridge solver of
+  Simfluence-Linear on what is left unexplained (ridge chosen by cross-validation on rolled-out
+  MSE unless given). Ridge keeps them exactly 0 for training examples that no fitting run
+  trained on, and test examples added later have none, so unseen examples fall back to the
+  feature part.
 
 Features come from the task (:meth:`simfluence.collect.tasks.Task.example_features`), from
 per-example gradients, or from the caller (``train_features=``, ``test_features=``).
