@@ -69,7 +69,7 @@ import torch
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Simulator, register
 from simfluence.simulators.design import BatchDesign
-from simfluence.simulators.linear import DEFAULT_RIDGE_GRID, Transitions, all_steps_mse, rollout
+from simfluence.simulators.linear import DEFAULT_RIDGE_GRID, Transitions, cross_validate, rollout
 from simfluence.simulators.ridge import solve_transition_ridge
 
 FEATURE_SOURCES = ("task", "gradients", "task+gradients")
@@ -303,6 +303,8 @@ def refine_on_rollouts(
     return refined, {"rollout_relative_mse_before": first, "rollout_relative_mse_after": last}
 
 
+_CV_FIX = "pass an explicit weight_decay and residual_ridge"
+
 @register
 class FeaturizedSimulator(Simulator):
     r"""Identity-centred Simfluence-Linear whose coefficients are functions of example features.
@@ -386,19 +388,10 @@ class FeaturizedSimulator(Simulator):
     # --- features -------------------------------------------------------------------
     def task(self, runs: RunSet | None = None):
         """The task that supplies features (resolved from the runs' meta when not given)."""
-        from simfluence.collect.tasks import Task, get_task
+        from simfluence.collect.tasks.registry import task_for_runs
 
-        if isinstance(self.task_spec, Task):
-            return self.task_spec
-        name, options = self.task_spec, self.task_options
-        if name is None and runs is not None:
-            name = runs.meta.get("task")
-            options = runs.meta.get("task_config", {}) if options is None else options
-        if name is None:
-            raise RunDataError("<runs>", "meta.task", "names no task, so the featurized simulator has no example "
-                               "features", "pass train_features and test_features, or task=")
-        self.task_options = dict(options or {})
-        self.task_spec = get_task(name, **self.task_options)
+        self.task_spec = task_for_runs(self.task_spec, self.task_options, {} if runs is None else runs.meta,
+                                       "pass train_features and test_features, or task=")
         return self.task_spec
 
     def task_features(self, split: str, ids: np.ndarray, runs: RunSet | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -512,47 +505,33 @@ class FeaturizedSimulator(Simulator):
     def _cross_validate(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor,
                         kernels: torch.Tensor) -> tuple[float, dict[str, float]]:
         """Choose ``weight_decay`` by rolled-out all-steps MSE on K folds of the fitting runs."""
-        folds = self._folds(runs)
         grid = sorted(self.weight_decay_grid, reverse=True)  # warm starts go strong -> weak
-        errors = np.zeros(len(grid))
-        for fold in folds:
-            fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
-            problem = _problem(Transitions.of(fitting))
-            params = None
-            for g, weight_decay in enumerate(grid):
+
+        def tables(fitting: RunSet):
+            problem, params = _problem(Transitions.of(fitting)), None
+            for weight_decay in grid:
                 params, _ = fit_coefficients(*problem, phi, psi, kernels, weight_decay, self.max_iter, params)
-                table = coefficient_table(phi, psi, kernels, params)
-                predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64), 1.0, True)
-                errors[g] += all_steps_mse(predicted, held_out) / len(folds)
-        return float(grid[int(np.argmin(errors))]), {f"{wd:.6g}": float(e) for wd, e in zip(grid, errors)}
+                yield coefficient_table(phi, psi, kernels, params)
+
+        return cross_validate(runs, grid, tables, self.cv_folds, self.seed, fix=_CV_FIX)
 
     def _choose_residual_ridge(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor, kernels: torch.Tensor,
                                weight_decay: float, scale: float) -> tuple[float, dict[str, float]]:
         """Residual ridge (absolute) by rolled-out all-steps MSE on K folds of the fitting runs."""
-        folds = self._folds(runs)
         grid = sorted((scale * factor for factor in self.residual_ridge_grid), reverse=True)  # warm starts
-        errors = np.zeros(len(grid))
-        for fold in folds:
-            fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
+
+        def tables(fitting: RunSet):
             design, previous, delta = _problem(Transitions.of(fitting))
             params, _ = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay, self.max_iter)
             table = coefficient_table(phi, psi, kernels, params)
             if self.fit_offsets:
                 table = table + _test_offsets(design, previous, delta, table)
             residuals = None
-            for g, ridge in enumerate(grid):
+            for ridge in grid:
                 residuals, _ = _residuals(design, previous, delta, table, ridge, residuals)
-                predicted = rollout(table + residuals, held_out.curricula, held_out.initial_losses.astype(np.float64),
-                                    1.0, True)
-                errors[g] += all_steps_mse(predicted, held_out) / len(folds)
-        return float(grid[int(np.argmin(errors))]), {f"{ridge:.6g}": float(e) for ridge, e in zip(grid, errors)}
+                yield table + residuals
 
-    def _folds(self, runs: RunSet) -> list[np.ndarray]:
-        if runs.num_runs < 2:
-            raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs",
-                               "pass an explicit weight_decay and residual_ridge")
-        return np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
-                              min(self.cv_folds, runs.num_runs))
+        return cross_validate(runs, grid, tables, self.cv_folds, self.seed, fix=_CV_FIX)
 
     # --- coefficients -----------------------------------------------------------------
     def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

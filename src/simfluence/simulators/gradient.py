@@ -77,20 +77,15 @@ class GradientSimulator(LinearSimulator):
                  chunk_size: int = 256, device: str = "cpu", dtype: str = "float32"):
         super().__init__(ridge=1.0, device=device, dtype=dtype)
         self.task_spec = task
-        self.task_options = dict(task_options or {})
+        self.task_options = None if task_options is None else dict(task_options)
         self.chunk_size = chunk_size
         self.scale = 1.0
 
     def _task_for(self, runs: RunSet):
-        from simfluence.collect.tasks import Task, get_task
+        from simfluence.collect.tasks.registry import task_for_runs
 
-        if self.task_spec is None:
-            if "task" not in runs.meta:
-                raise RunDataError("<runs>", "meta.task", "is missing, so the model and data behind the runs "
-                                   "are unknown", "pass task=... (the Task the runs were collected from)")
-            self.task_spec, self.task_options = runs.meta["task"], dict(runs.meta.get("task_config", {}))
-        if not isinstance(self.task_spec, Task):
-            self.task_spec = get_task(self.task_spec, **self.task_options)
+        self.task_spec = task_for_runs(self.task_spec, self.task_options, runs.meta,
+                                       "pass task=... (the Task the runs were collected from)")
         return self.task_spec
 
     @staticmethod

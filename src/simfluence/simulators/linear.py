@@ -22,6 +22,7 @@ scoring the rolled-out all-steps MSE on each held-out fold.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,28 @@ def all_steps_mse(predicted: np.ndarray, runs: RunSet) -> float:
     return float(np.mean((predicted[:, runs.eval_steps[1:]] - runs.losses[:, 1:]) ** 2, dtype=np.float64))
 
 
+def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet], Iterable[torch.Tensor]],
+                   cv_folds: int, seed: int, alpha_offset: float = 1.0, fit_alpha: bool = True,
+                   fix: str = "pass the setting explicitly") -> tuple[float, dict[str, float]]:
+    """Choose a setting from ``grid`` by rolled-out all-steps MSE on K folds of the fitting runs.
+
+    ``tables(fitting_runs)`` yields one coefficient table (as :func:`rollout` takes it) per
+    grid value, in grid order, so a caller can warm-start each fit from the previous one.
+    Returns the best value and the mean error of each (keyed by the value).
+    """
+    if runs.num_runs < 2:
+        raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs", fix)
+    folds = np.array_split(np.random.default_rng(seed).permutation(runs.num_runs), min(cv_folds, runs.num_runs))
+    errors = np.zeros(len(grid))
+    for fold in folds:
+        fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
+        for g, table in enumerate(tables(fitting)):
+            predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
+                                alpha_offset, fit_alpha)
+            errors[g] += all_steps_mse(predicted, held_out) / len(folds)
+    return float(grid[int(np.argmin(errors))]), {f"{value:.6g}": float(error) for value, error in zip(grid, errors)}
+
+
 @register
 class LinearSimulator(Simulator):
     """Simfluence-Linear (``alpha_0 = 0``, as in the paper).
@@ -201,25 +224,17 @@ class LinearSimulator(Simulator):
 
     def _cross_validate(self, runs: RunSet) -> tuple[float, dict[str, float]]:
         """Choose ``ridge`` by rolled-out all-steps MSE on K folds of the fitting runs."""
-        if runs.num_runs < 2:
-            raise RunDataError("<runs>", "runs", "cross-validating the ridge strength needs at least 2 fitting runs",
-                               "pass an explicit ridge (--ridge)")
-        folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
-                               min(self.cv_folds, runs.num_runs))
         scale = float(BatchDesign(Transitions.of(runs).batches, runs.num_train).occurrences.mean())
         grid = sorted((scale * factor for factor in self.ridge_grid), reverse=True)  # warm starts go strong -> weak
-        errors = np.zeros(len(grid))
-        for fold in folds:
-            fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
-            transitions = Transitions.of(fitting)
-            table = None
-            for g, ridge in enumerate(grid):
+
+        def tables(fitting: RunSet):
+            transitions, table = Transitions.of(fitting), None
+            for ridge in grid:
                 table, _ = self._solve(transitions, ridge, initial=table)
-                predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
-                                    self.alpha_offset, self.fit_alpha)
-                errors[g] += all_steps_mse(predicted, held_out) / len(folds)
-        scores = {f"{ridge:.6g}": float(error) for ridge, error in zip(grid, errors)}
-        return float(grid[int(np.argmin(errors))]), scores
+                yield table
+
+        return cross_validate(runs, grid, tables, self.cv_folds, self.seed, self.alpha_offset, self.fit_alpha,
+                              "pass an explicit ridge (--ridge)")
 
     # --- prediction ---------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from simfluence.collect.tasks.base import Task
+from simfluence.runs.log import RunDataError
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -40,6 +42,23 @@ def get_task(name: str | Task, **options) -> Task:
         return _TASKS[name](**options)
     except TypeError as error:
         raise ValueError(f"task '{name}': bad options {sorted(options)} ({error})") from None
+
+
+def task_for_runs(task: str | Task | None, options: Mapping[str, Any] | None, meta: Mapping[str, Any],
+                  fix: str) -> Task:
+    """The task behind some runs: ``task`` (a Task, or a name built with ``options``), else the
+    one the runs' ``meta`` names, with the options it recorded unless ``options`` are given.
+
+    ``fix`` completes the error raised when neither names a task.
+    """
+    if isinstance(task, Task):
+        return task
+    if task is None:
+        if "task" not in meta:
+            raise RunDataError("<runs>", "meta.task", "is missing, so the model and data behind the runs are unknown",
+                               fix)
+        task, options = meta["task"], meta.get("task_config", {}) if options is None else options
+    return get_task(task, **dict(options or {}))
 
 
 def list_tasks() -> list[TaskInfo]:
