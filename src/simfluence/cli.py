@@ -64,6 +64,8 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     run_set = load_runs(runs)
     if checkpoints and not method.startswith("tracin-cp"):
         raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
+    if ridge is not None and method not in RIDGE_METHODS:
+        raise ValueError(f"--ridge: '{method}' has no ridge strength; it applies to {', '.join(RIDGE_METHODS)}")
     params = {}
     precision = {"dtype": dtype} if dtype else {}
     if method in RIDGE_METHODS:
