@@ -53,7 +53,8 @@ from simfluence.runs.log import RunSet
 from simfluence.simulators import make_simulator
 from simfluence.simulators.baselines import mean_trajectory
 
-TASKS = ("digits-mlp", "text-minilm")
+TASKS = ("digits-mlp", "text-minilm", "tiny-lm")
+DEFAULT_TASKS = ("digits-mlp", "text-minilm")
 
 
 def select_columns(runs: RunSet, columns: np.ndarray) -> RunSet:
@@ -164,7 +165,7 @@ def targets(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", action="append", choices=TASKS, help="repeatable; default: both")
+    parser.add_argument("--task", action="append", choices=TASKS, help="repeatable; default: digits-mlp and text-minilm")
     parser.add_argument("--fit-runs", type=int, default=40)
     parser.add_argument("--heldout-runs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=100)
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write every number here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [row for task in (args.task or TASKS) for row in evaluate_task(task, args)]
+    rows = [row for task in (args.task or DEFAULT_TASKS) for row in evaluate_task(task, args)]
     print()
     print(markdown(rows))
     print()
