@@ -33,14 +33,17 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from simfluence.runs.atomic import atomic_path, write_text_atomic
 from simfluence.runs.interchange import read_npz_arrays
+
+if TYPE_CHECKING:
+    import torch
 from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet, validate_meta
 
 MANIFEST = "simfluence-store.json"
@@ -178,6 +181,8 @@ class RunStore:
 
     def read_checkpoint(self, run_id: str, step: int) -> dict[str, torch.Tensor]:
         """The state dict stored after ``step`` of run ``run_id`` (loaded without unpickling)."""
+        import torch  # here, not at the top: reading runs (and starting the CLI) need no torch
+
         path = self.checkpoint_path(run_id, step)
         if not path.is_file():
             raise RunDataError(str(path), "checkpoint", f"run '{run_id}' has no checkpoint at step {step}",
