@@ -22,6 +22,7 @@ from simfluence.collect.curricula import Sampler, UniformSampler
 from simfluence.collect.executors import Chunk, Executor, get_executor, run_chunk, run_id_of, split_chunks
 from simfluence.collect.tasks.base import Task
 from simfluence.collect.tasks.registry import get_task
+from simfluence.collect.train import checkpoint_steps_of
 from simfluence.runs.log import validate_eval_steps
 from simfluence.runs.store import RunStore
 
@@ -108,9 +109,7 @@ def collect(
     if eval_steps is not None:
         eval_steps = tuple(int(step) for step in validate_eval_steps(list(eval_steps), num_steps, "eval_steps"))
     task.learning_rates(num_steps)  # an unknown schedule fails here, not in a worker
-    checkpoint_steps = tuple(sorted({int(step) for step in checkpoint_steps or ()}))
-    if checkpoint_steps and (checkpoint_steps[0] < 0 or checkpoint_steps[-1] > num_steps):
-        raise ValueError(f"checkpoint_steps: must lie in 0..{num_steps} (the run length), got {list(checkpoint_steps)}")
+    checkpoint_steps = checkpoint_steps_of(checkpoint_steps, num_steps)
     executor = get_executor(executor, workers, address=address)
 
     store = RunStore.create(out_dir, task.train_ids, task.test_ids,

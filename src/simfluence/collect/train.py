@@ -116,13 +116,19 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
     return RunLog(run_id, curriculum, torch.stack(losses).numpy(), eval_steps, seed, dict(meta or {}))
 
 
+def checkpoint_steps_of(steps: Sequence[int] | None, num_steps: int) -> tuple[int, ...]:
+    """``steps`` sorted without repeats, each checked to lie in ``0..num_steps`` (the run length)."""
+    steps = tuple(sorted({int(step) for step in steps or ()}))
+    if steps and (steps[0] < 0 or steps[-1] > num_steps):
+        raise ValueError(f"checkpoint_steps: must lie in 0..{num_steps} (the run length), got {list(steps)}")
+    return steps
+
+
 def _check_checkpoint_steps(steps: Sequence[int], num_steps: int, callback) -> set[int]:
-    steps = {int(step) for step in steps}
+    steps = checkpoint_steps_of(steps, num_steps)
     if steps and callback is None:
         raise ValueError("checkpoint_steps: given without on_checkpoint, so the checkpoints would be lost")
-    if steps and (min(steps) < 0 or max(steps) > num_steps):
-        raise ValueError(f"checkpoint_steps: must lie in 0..{num_steps}, got {sorted(steps)}")
-    return steps
+    return set(steps)
 
 
 def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence[str] | None = None,
