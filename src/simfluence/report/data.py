@@ -133,11 +133,13 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
         examples = np.array([resolve_id(str(name), heldout.test_ids, "test_ids", "test") for name in test_ids])
     else:
         examples = spread_over_difficulty(heldout, num_examples)
-    predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
     interval = None
-    if hasattr(simulator, "simulate_interval"):
-        lower, _, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses, INTERVAL_LEVEL)
+    if hasattr(simulator, "simulate_interval"):  # its prediction is simulate's; no second rollout
+        lower, predicted, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses,
+                                                              INTERVAL_LEVEL)
         interval = (lower, upper)
+    else:
+        predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
     influence, influence_runs = influence_matrix(simulator, heldout, progress)
     return ReportData(evaluation, heldout, predicted, examples, np.arange(min(num_runs, heldout.num_runs)),
                       influence, influence_runs, [rank_training_examples(influence, m, top) for m in examples],
