@@ -71,3 +71,15 @@ def test_split_is_seeded_and_disjoint():
     assert np.array_equal(split_runs(runs, 3, seed=7)[1].run_ids, b.run_ids)
     with pytest.raises(ValueError, match="--heldout"):
         split_runs(runs, 12)
+
+
+def test_evaluate_takes_the_callers_predictions_when_given():
+    runs, _, _ = linear_runs(num_runs=12, seed=4)
+    fitting, heldout = split_runs(runs, num_heldout=4)
+    simulator = LinearIdentitySimulator(ridge=0.1).fit(fitting)
+    predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
+    assert evaluate(simulator, heldout, predicted=predicted).as_dict() == evaluate(simulator, heldout).as_dict()
+    shifted = evaluate(simulator, heldout, predicted=predicted + 1.0)
+    assert shifted.metrics.mse > evaluate(simulator, heldout).metrics.mse + 0.5
+    with pytest.raises(ValueError, match="^predicted: shape"):
+        evaluate(simulator, heldout, predicted=predicted[:, 1:])

@@ -70,7 +70,7 @@ def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple
     start = time.perf_counter()
     predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
     simulate_seconds = time.perf_counter() - start
-    result = evaluate(simulator, heldout)
+    result = evaluate(simulator, heldout, predicted=predicted)
     record = {"method": method, **result.metrics.as_dict(), "fit_seconds": fit_seconds,
               "simulate_seconds": simulate_seconds}
     if hasattr(simulator, "simulate_interval"):

@@ -136,11 +136,20 @@ def _fmt(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.4g}"
 
 
-def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out runs>") -> Evaluation:
-    """Score ``simulator`` on ``heldout`` runs, with the mean-trajectory and constant baselines."""
+def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out runs>",
+             predicted: np.ndarray | None = None) -> Evaluation:
+    """Score ``simulator`` on ``heldout`` runs, with the mean-trajectory and constant baselines.
+
+    ``predicted``: the simulator's ``[R, T + 1, M]`` trajectories of these runs when the caller
+    already has them (they are simulated otherwise).
+    """
     simulator.check_compatible(heldout, source)
     initial = heldout.initial_losses.astype(np.float64)
-    predicted = simulator.simulate(heldout.curricula, initial)
+    expected = (heldout.num_runs, heldout.num_steps + 1, heldout.num_test)
+    if predicted is None:
+        predicted = simulator.simulate(heldout.curricula, initial)
+    elif np.shape(predicted) != expected:
+        raise ValueError(f"predicted: shape {np.shape(predicted)} does not match the held-out runs {expected}")
     constant = np.repeat(initial[:, None], heldout.num_steps + 1, axis=1)
     baselines = {
         "mean-trajectory": score(mean_trajectory(simulator.mean_change, initial, heldout.num_steps), heldout),

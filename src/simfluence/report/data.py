@@ -128,11 +128,11 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
     if not isinstance(heldout, RunSet):
         raise TypeError(f"heldout: expected a RunSet, got {type(heldout).__name__}")
-    evaluation = evaluate(simulator, heldout, source)
     if test_ids:
         examples = np.array([resolve_id(str(name), heldout.test_ids, "test_ids", "test") for name in test_ids])
     else:
         examples = spread_over_difficulty(heldout, num_examples)
+    simulator.check_compatible(heldout, source)  # before simulating: the clearer error for other runs
     interval = None
     if hasattr(simulator, "simulate_interval"):  # its prediction is simulate's; no second rollout
         lower, predicted, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses,
@@ -140,6 +140,7 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
         interval = (lower, upper)
     else:
         predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
+    evaluation = evaluate(simulator, heldout, source, predicted)
     influence, influence_runs = influence_matrix(simulator, heldout, progress)
     return ReportData(evaluation, heldout, predicted, examples, np.arange(min(num_runs, heldout.num_runs)),
                       influence, influence_runs, [rank_training_examples(influence, m, top) for m in examples],
