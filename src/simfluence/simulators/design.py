@@ -21,20 +21,25 @@ class BatchDesign:
     """Sparse ``X [S, N]`` built from batches ``[S, B]`` of indices (``-1`` pads).
 
     Args:
-        batches: int ``[S, B]`` training-example indices per step.
+        batches: int ``[S, B]`` training-example indices per step: an array, or a torch
+            tensor on any device (never converted through NumPy).
         num_train: ``N``, the number of training examples.
         device: torch device for all products.
     """
 
     def __init__(self, batches: np.ndarray | torch.Tensor, num_train: int, device: str | torch.device = "cpu"):
-        batches = torch.as_tensor(np.asarray(batches), dtype=torch.int64)
+        if isinstance(batches, torch.Tensor):
+            # Stays on its own device (a CUDA tensor has no NumPy view); indices are built there.
+            batches = batches.detach().to(torch.int64)
+        else:
+            batches = torch.as_tensor(np.asarray(batches), dtype=torch.int64)
         if batches.ndim != 2:
             raise ValueError(f"batches must be [steps, batch], got shape {tuple(batches.shape)}")
         self.num_steps, self.num_train = int(batches.shape[0]), int(num_train)
         self.device = torch.device(device)
         # Unique (step, example) pairs with their multiplicity: duplicates in one batch count twice.
         valid = batches != PAD
-        steps = torch.arange(self.num_steps).unsqueeze(1).expand_as(batches)[valid]
+        steps = torch.arange(self.num_steps, device=batches.device).unsqueeze(1).expand_as(batches)[valid]
         examples = batches[valid]
         keys, counts = torch.unique(steps * self.num_train + examples, return_counts=True)
         rows, cols = keys // self.num_train, keys % self.num_train
@@ -47,8 +52,8 @@ class BatchDesign:
         self._col_rows = rows[order].to(self.device)
         self._col_offsets = _offsets(cols[order], self.num_train).to(self.device)
         self._col_counts = counts[order].to(self.device)
-        self.occurrences = torch.bincount(cols, weights=counts, minlength=self.num_train)
-        """float64 ``[N]``: how many times each example was trained on."""
+        self.occurrences = torch.bincount(cols, weights=counts, minlength=self.num_train).cpu()
+        """float64 ``[N]`` on the CPU: how many times each example was trained on."""
 
     @property
     def nnz(self) -> int:
