@@ -563,7 +563,8 @@ class FeaturizedSimulator(Simulator):
     def for_test_examples(self, test_ids: Any, test_features: Any = None) -> FeaturizedSimulator:
         """A copy that simulates the test examples ``test_ids`` ``[M']`` (any, also never seen).
 
-        ``test_features`` ``[M', D']`` default to the task's features of those ids. Residuals are
+        ``test_features`` ``[M', D']`` default to the task's features of those ids; either are
+        unscaled (as the task gives them or as passed to fit) and get the fitted scaling. Residuals are
         kept for ids the simulator was fitted on; new ids use the feature part alone. Their
         ``mean_change`` (the mean-trajectory baseline) is the mean over the fitted test examples.
         """
@@ -573,10 +574,12 @@ class FeaturizedSimulator(Simulator):
             raise RunDataError("test_ids", "shape", "expected a non-empty 1-D list of unique ids")
         width = self.test_features.shape[1]
         if test_features is None:
-            test_features, name = self._scaled(self.task_features("test", test_ids)[0]), "task test features"
+            test_features, name = self.task_features("test", test_ids)[0], "task test features"
         else:
             name = "test_features"
-        features = check_features(test_features, test_ids, name, width)
+        # The fitted per-block scaling, for the task's features and the caller's alike (the same
+        # raw features as for fitting; a no-op when the simulator was fitted on given features).
+        features = self._scaled(check_features(test_features, test_ids, name, width))
         position = {key: m for m, key in enumerate(self.test_ids.tolist())}
         known = np.array([position.get(key, -1) for key in test_ids.tolist()])
         other = copy.copy(self)
