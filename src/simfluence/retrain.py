@@ -19,7 +19,9 @@ and, when a ``reference`` row is given (the unedited curriculum), the same for t
 right sign.
 
 A step that an edit empties (all ``-1``) is skipped in training just as in simulation:
-no update, the loss carries over.
+no update, the loss carries over. It keeps its place in the task's learning-rate schedule:
+every later step trains at the rate it has in the unedited ``T``-step run (with a linear or
+cosine schedule, deleting the step instead would shift all later rates).
 """
 
 from __future__ import annotations
@@ -34,14 +36,34 @@ from tqdm.auto import tqdm
 from simfluence.collect.tasks.base import Task
 from simfluence.collect.train import train_run, train_runs_vmap
 from simfluence.evaluate import spearman
-from simfluence.query import check_test_index, rollout_skipping_empty_steps, simulate_curricula
+from simfluence.query import check_test_index, simulate_curricula
+from simfluence.runs.log import PAD
 from simfluence.simulators.base import Simulator
 
 RETRAIN_CHUNK = 64
 """Runs trained at once by the vectorised trainer (beyond this, CPU gains little per run)."""
 
 
-def _train(task: Task, curricula: np.ndarray, _initial: np.ndarray) -> np.ndarray:
+class _Rescheduled:
+    """``task`` training at the given ``rates`` ``[T']`` instead of its own ``T'``-step schedule.
+
+    A curriculum with its emptied steps deleted trains at the rates its remaining steps have
+    in the full run. Everything else is the task's own (attribute access is forwarded).
+    """
+
+    def __init__(self, task: Task, rates: np.ndarray):
+        self._task, self._rates = task, rates
+
+    def __getattr__(self, name: str):
+        return getattr(self._task, name)
+
+    def learning_rates(self, num_steps: int) -> np.ndarray:
+        if num_steps != self._rates.size:
+            raise ValueError(f"learning_rates: asked for {num_steps} steps, the kept steps are {self._rates.size}")
+        return self._rates
+
+
+def _train(task: Task | _Rescheduled, curricula: np.ndarray) -> np.ndarray:
     """float32 ``[R, T + 1, M]`` real losses of ``curricula`` ``[R, T, B]`` (no empty steps)."""
     if task.optimizer == "sgd":
         logs = train_runs_vmap(task, curricula)
@@ -50,12 +72,41 @@ def _train(task: Task, curricula: np.ndarray, _initial: np.ndarray) -> np.ndarra
     return np.stack([log.losses for log in logs])
 
 
+def _train_skipping_empty_steps(task: Task, curricula: np.ndarray) -> np.ndarray:
+    """float32 ``[R, T + 1, M]`` real losses of ``curricula`` ``[R, T, B]``, all-padding steps skipped.
+
+    A skipped step makes no update and holds the loss; every other step trains at its rate
+    in the task's ``T``-step schedule. Rows whose kept steps have the same rates (with a
+    constant schedule: the same number of kept steps) train together, their emptied steps
+    deleted.
+    """
+    nonempty = (curricula != PAD).any(axis=-1)                      # [R, T]
+    if nonempty.all():
+        return _train(task, curricula)
+    rates = task.learning_rates(curricula.shape[1])                 # [T]
+    # Position of L_t in the compacted trajectory: the number of real steps up to t.
+    position = np.concatenate([np.zeros((len(curricula), 1), dtype=np.int64), np.cumsum(nonempty, axis=1)], axis=1)
+    groups: dict[bytes, list[int]] = {}
+    for r in range(len(curricula)):
+        groups.setdefault(rates[nonempty[r]].tobytes(), []).append(r)
+    out = np.empty((len(curricula), curricula.shape[1] + 1, task.num_test), dtype=np.float32)
+    for rows in map(np.array, groups.values()):
+        kept = rates[nonempty[rows[0]]]
+        if kept.size:
+            part = _train(_Rescheduled(task, kept), np.stack([curricula[r][nonempty[r]] for r in rows]))
+        else:  # nothing left to train on: only L_0, read off a one-step run on example 0
+            part = _train(task, np.zeros((rows.size, 1, curricula.shape[2]), dtype=curricula.dtype))[:, :1]
+        out[rows] = np.take_along_axis(part, position[rows][:, :, None], axis=1)
+    return out
+
+
 def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bool = False) -> np.ndarray:
     """Train ``task``'s model along each curriculum for real.
 
     Args:
         task: the task the simulator's runs were collected from.
-        curricula: int ``[R, T, B]`` training-example indices, ``-1`` pads; all-padding steps are skipped.
+        curricula: int ``[R, T, B]`` training-example indices, ``-1`` pads; all-padding steps are
+            skipped (no update, the loss held) and keep their place in the learning-rate schedule.
         chunk_size: runs trained at once.
 
     Returns:
@@ -67,12 +118,9 @@ def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bo
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
     parts = []
-    placeholder = np.zeros((len(curricula), task.num_test))  # real training starts from the checkpoint
     for start in tqdm(range(0, len(curricula), chunk_size), desc=f"retrain {task.name}", unit="chunk",
                       disable=not progress):
-        rows = slice(start, start + chunk_size)
-        parts.append(rollout_skipping_empty_steps(lambda c, i: _train(task, c, i), curricula[rows],
-                                                  placeholder[rows]))
+        parts.append(_train_skipping_empty_steps(task, curricula[start:start + chunk_size]))
     return np.concatenate(parts)
 
 
