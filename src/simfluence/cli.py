@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from simfluence.errors import SimfluenceError
 from simfluence.runs import RunDataError, load_runs, save_runs
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.atomic import atomic_path
@@ -30,7 +31,7 @@ def _user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (RunDataError, ValueError, FileNotFoundError) as error:
+        except (SimfluenceError, ValueError, FileNotFoundError) as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
 

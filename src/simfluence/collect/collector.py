@@ -110,6 +110,10 @@ def collect(
         eval_steps = tuple(int(step) for step in validate_eval_steps(list(eval_steps), num_steps, "eval_steps"))
     task.learning_rates(num_steps)  # an unknown schedule fails here, not in a worker
     checkpoint_steps = checkpoint_steps_of(checkpoint_steps, num_steps)
+    if getattr(task, "runner", None) == "trainer":
+        return _collect_with_trainer(task, out_dir, num_runs, num_steps, seed, sampler, eval_steps, checkpoint_steps,
+                                     executor=executor, workers=workers, address=address, threads=threads,
+                                     progress=progress)
     executor = get_executor(executor, workers, address=address)
 
     store = RunStore.create(out_dir, task.train_ids, task.test_ids,
@@ -129,3 +133,25 @@ def collect(
         for written in executor.map(run_chunk, chunks):
             bar.update(len(written))
     return store
+
+
+def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, seed: int, sampler: Sampler,
+                          eval_steps, checkpoint_steps, **options) -> RunStore:
+    """Collect a task whose runs go through the Hugging Face ``Trainer`` (``task.runner == "trainer"``)."""
+    from simfluence.collect.hf import TrainerSpec, collect_spec
+
+    if checkpoint_steps:
+        raise ValueError(f"checkpoint_steps: not supported for task '{task.name}' (trained by the Hugging Face "
+                         "Trainer); collect without it")
+    eval_every = 1
+    if eval_steps is not None:
+        eval_every = eval_steps[1] - eval_steps[0] if len(eval_steps) > 1 else num_steps
+        regular = sorted(set(range(0, num_steps + 1, eval_every)) | {num_steps})
+        if list(eval_steps) != regular:
+            raise ValueError(f"eval_steps: task '{task.name}' evaluates every k-th step (and the last); "
+                             f"give steps 0, k, 2k, ..., {num_steps}")
+    spec = TrainerSpec(task.make_trainer, task.examples("test"), tuple(task.train_ids.tolist()),
+                       tuple(task.test_ids.tolist()), task.collator(), None, eval_every)
+    meta = collection_meta(task, num_steps, seed, sampler, eval_steps)
+    return collect_spec(spec, out_dir, num_runs, num_steps, sampler, seed, meta, desc=f"collect {task.name}",
+                        **options)

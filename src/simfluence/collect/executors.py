@@ -26,6 +26,7 @@ import numpy as np
 from simfluence.collect.curricula import Sampler, derive_seed
 from simfluence.collect.tasks.base import Task
 from simfluence.collect.threads import torch_threads
+from simfluence.errors import require_extra
 
 
 WRITER_THREADS = 4
@@ -134,15 +135,11 @@ class LocalExecutor(Executor):
         return f"LocalExecutor(workers={self.workers})"
 
 
-RAY_REQUIREMENT = "ray>=2.9"
-
-
 def _import_ray():
-    """``ray``, or a one-line ImportError saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise ImportError(f"executor 'ray' needs Ray, which is not installed: pip install '{RAY_REQUIREMENT}'") from None
+    """``ray``, or a :class:`~simfluence.errors.MissingExtraError` naming the ``ray`` extra."""
+    require_extra("ray", "ray", "executor 'ray'")
+    import ray
+
     return ray
 
 
@@ -165,6 +162,8 @@ class RayExecutor(Executor):
             local one. Ray is left running after :meth:`map` (call ``ray.shutdown()``).
         max_retries: retries of a task whose worker died (Ray's ``max_retries``);
             exceptions raised by the task itself are not retried.
+        gpus_per_task: GPUs each task asks Ray for (``"auto"``: 1 where the cluster has
+            GPUs, else 0); default 0.
 
     Workers must be able to import ``simfluence``: local workers use this interpreter
     (so its virtual environment); on a cluster, install the package on every node or
@@ -174,7 +173,7 @@ class RayExecutor(Executor):
     """
 
     def __init__(self, workers: int = 1, address: str | None = None, max_retries: int = 2,
-                 runtime_env: dict | None = None):
+                 runtime_env: dict | None = None, gpus_per_task: float | str = 0):
         if int(workers) != workers or workers < 1:
             raise ValueError(f"workers: must be a positive integer, got {workers!r}")
         if int(max_retries) != max_retries or max_retries < 0:
@@ -184,6 +183,9 @@ class RayExecutor(Executor):
         self.address = address
         self.max_retries = int(max_retries)
         self.runtime_env = runtime_env
+        if gpus_per_task != "auto" and (isinstance(gpus_per_task, str) or not 0 <= gpus_per_task):
+            raise ValueError(f"gpus_per_task: expected a number >= 0 or 'auto', got {gpus_per_task!r}")
+        self.gpus_per_task = gpus_per_task
 
     def _init(self):
         ray = _import_ray()
@@ -197,7 +199,10 @@ class RayExecutor(Executor):
 
     def map(self, function, chunks):
         ray = self._init()
-        task = ray.remote(num_cpus=1, max_retries=self.max_retries)(function)
+        gpus = self.gpus_per_task
+        if gpus == "auto":   # one GPU per task where the cluster has GPUs
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries)(function)
         pending = [task.remote(chunk) for chunk in chunks]
         try:
             while pending:
@@ -216,17 +221,19 @@ class RayExecutor(Executor):
 EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}
 
 
-def get_executor(executor: str | Executor, workers: int = 1, address: str | None = None) -> Executor:
+def get_executor(executor: str | Executor, workers: int = 1, address: str | None = None,
+                 gpus_per_task: float | str = 0) -> Executor:
     """An executor by name (``"local"``, ``"ray"``), or pass an :class:`Executor` through.
 
-    ``address`` is the Ray cluster's (``executor="ray"`` only; default: a local Ray).
+    ``address`` is the Ray cluster's (``executor="ray"`` only; default: a local Ray);
+    ``gpus_per_task`` the GPUs each Ray task asks for (``"auto"``: 1 where the cluster has GPUs).
     """
     if isinstance(executor, Executor):
         return executor
     if executor not in EXECUTORS:
         raise ValueError(f"executor '{executor}' is unknown; choose one of: {', '.join(sorted(EXECUTORS))}")
     if executor == "ray":
-        return RayExecutor(workers, address=address)
+        return RayExecutor(workers, address=address, gpus_per_task=gpus_per_task)
     if address is not None:
         raise ValueError(f"address: only for executor='ray', got executor='{executor}'")
     return EXECUTORS[executor](workers)

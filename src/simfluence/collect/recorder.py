@@ -29,10 +29,10 @@ written. Without ``with``: :meth:`Recorder.start`, :meth:`Recorder.step`,
 
 Hugging Face ``Trainer`` (see :class:`SimfluenceCallback` for how batches are identified)::
 
-    from simfluence.collect.recorder import SimfluenceCallback, causal_lm_loss
+    from simfluence.collect.recorder import SimfluenceCallback
 
     callback = SimfluenceCallback("runs/", test_inputs=test_examples, test_collate=collator,
-                                  loss_fn=causal_lm_loss, eval_every=1)
+                                  eval_every=1)   # loss_fn: auto_loss, chosen from the model's output
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
     callback.attach(trainer)          # wraps dataset and collator, adds the callback
     trainer.train()                   # the run is written when training ends
@@ -72,7 +72,7 @@ FLUSH_BYTES = 64 << 20
 
 __all__ = [  # noqa: F822 (SimfluenceCallback is built on first access, see __getattr__)
     "INDEX_KEY", "IndexedCollator", "IndexedDataset", "Recorder", "SimfluenceCallback",
-    "causal_lm_example_loss", "causal_lm_loss", "from_criterion",
+    "auto_loss", "causal_lm_example_loss", "causal_lm_loss", "from_criterion",
 ]
 
 
@@ -128,11 +128,15 @@ def causal_lm_loss(model: nn.Module, inputs: Mapping[str, torch.Tensor],
 
 
 def from_criterion(criterion: Callable[[Any, Any], torch.Tensor]) -> LossFn:
-    """Turn a per-element criterion ``criterion(outputs, targets)`` into a ``loss_fn``.
+    """Turn a per-element criterion ``criterion(logits, targets)`` into a ``loss_fn``.
 
     The criterion must not reduce over examples, e.g. ``nn.CrossEntropyLoss(reduction="none")``;
     losses with more than one value per example (``nn.MSELoss(reduction="none")`` on
     ``[n, d]`` outputs) are averaged over the non-example dimensions.
+
+    The criterion gets the model's logits (``outputs.logits`` of a Hugging Face output, the
+    first element of a tuple, or the tensor itself) and the targets: ``targets`` when given,
+    else the ``labels`` of a dict batch, which is then not passed to the model.
     """
     reduction = getattr(criterion, "reduction", "none")
     if reduction != "none":
@@ -140,10 +144,79 @@ def from_criterion(criterion: Callable[[Any, Any], torch.Tensor]) -> LossFn:
                          "construct it with reduction='none'")
 
     def loss_fn(model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
-        losses = criterion(_call(model, inputs), targets)
+        inputs, labels = _split_labels(inputs, targets)
+        if labels is None:
+            raise ValueError("from_criterion: no targets: pass test_targets, or put 'labels' in the test batches")
+        losses = criterion(_logits(_call(model, inputs)), labels)
         return losses.flatten(1).mean(dim=1) if losses.ndim > 1 else losses
 
     return loss_fn
+
+
+def auto_loss(model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tensor:
+    """``loss_fn`` chosen from the model's output type: float32 ``[n]``, one loss per example.
+
+    * ``*CausalLMOutput*``: mean next-token cross-entropy (:func:`causal_lm_example_loss`;
+      labels default to ``input_ids`` with padding excluded);
+    * ``*SequenceClassifierOutput*``: cross-entropy of the class logits ``[n, C]`` for int labels
+      ``[n]``; squared error for one output (``num_labels=1``, regression); mean binary
+      cross-entropy for float multi-label targets ``[n, C]``;
+    * ``*TokenClassifierOutput*``: mean cross-entropy over each example's labelled tokens
+      (labels ``-100`` and padding excluded).
+
+    Labels are ``targets`` when given, else the batch's ``labels`` (never passed to the model,
+    so it does not compute its own batch-mean loss). Any other output type is a ``ValueError``
+    naming it: pass your own ``loss_fn`` then.
+    """
+    inputs, labels = _split_labels(inputs, targets)
+    outputs = _call(model, inputs)
+    kind = type(outputs).__name__
+    logits = _logits(outputs)
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if "CausalLM" in kind:
+        if labels is None:
+            labels = inputs["input_ids"]
+        return causal_lm_example_loss(logits, labels, mask)
+    if labels is None:
+        raise ValueError(f"auto_loss: the test batches of a {kind} model need 'labels' (or pass test_targets)")
+    if "SequenceClassifier" in kind:
+        logits = logits.float()
+        if logits.shape[-1] == 1 and labels.ndim == 1:
+            return (logits[:, 0] - labels.float()) ** 2
+        if labels.is_floating_point() and labels.shape == logits.shape:
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
+        return nn.functional.cross_entropy(logits, labels.long(), reduction="none")
+    if "TokenClassifier" in kind:
+        valid = labels != -100
+        if mask is not None:
+            valid = valid & mask.bool()
+        token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.masked_fill(~valid, -100)
+                                                 .flatten(), ignore_index=-100, reduction="none").view(labels.shape)
+        return token_loss.sum(dim=1) / valid.sum(dim=1)
+    raise ValueError(f"auto_loss: no per-example loss is known for model outputs of type {kind}; pass "
+                     "loss_fn=your_loss(model, inputs, targets) -> [n] (or from_criterion(...))")
+
+
+def _split_labels(inputs: Any, targets: Any) -> tuple[Any, Any]:
+    """``(inputs without 'labels', targets or the batch's labels)``."""
+    labels = targets
+    if isinstance(inputs, Mapping) and "labels" in inputs:
+        inputs = dict(inputs)
+        batch_labels = inputs.pop("labels")
+        if labels is None:
+            labels = batch_labels
+    return inputs, labels
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise ValueError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; pass your own loss_fn")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -234,6 +307,9 @@ class Recorder:
             (looked up at :meth:`start`).
         test_on_device: move the test inputs to ``device`` once at start (default) rather
             than per evaluation.
+        sort_by_length: with ``test_collate``, collate the test examples in order of length
+            (``len(example["input_ids"])`` or ``len(example)``), so each chunk is padded only to
+            its own longest member; losses are put back in ``test_ids`` order.
         overwrite: replace an existing run of the same id (default: refuse at start).
 
     Evaluation runs under ``torch.no_grad()`` with the model in eval mode; every module's
@@ -262,6 +338,7 @@ class Recorder:
         seed: int | None = None,
         device: str | torch.device | None = None,
         test_on_device: bool = True,
+        sort_by_length: bool = True,
         overwrite: bool = False,
     ):
         if not isinstance(model, nn.Module):
@@ -282,6 +359,8 @@ class Recorder:
         self.store_meta = store_meta
         self.overwrite = overwrite
         self.test_on_device = test_on_device
+        self.sort_by_length = sort_by_length
+        self._inverse: torch.Tensor | None = None   # puts length-sorted losses back in id order
         self._device = None if device is None else torch.device(device)
         self._store: RunStore | None = store if isinstance(store, RunStore) else None
         self._root = store.root if isinstance(store, RunStore) else Path(store)
@@ -505,6 +584,8 @@ class Recorder:
                 else:
                     module.training = flag
         losses = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self._inverse is not None:
+            losses = losses[self._inverse.to(losses.device)]
         if losses._base is not None:   # a view would keep the loss_fn's outputs alive
             losses = losses.clone()
         return losses.float()
@@ -516,7 +597,10 @@ class Recorder:
 
     def _prepare_chunks(self) -> list[tuple[Any, Any]]:
         size = self.eval_batch_size
-        rows = [self._subset[start:start + size] for start in range(0, self._subset.size, size)]
+        order = self._length_order()
+        subset = self._subset if order is None else self._subset[order]
+        self._inverse = None if order is None else torch.from_numpy(np.argsort(order))
+        rows = [subset[start:start + size] for start in range(0, subset.size, size)]
         chunks = []
         if self._test_collate is not None:
             for index in rows:
@@ -535,6 +619,21 @@ class Recorder:
         if self.test_on_device:
             chunks = [(self._to_device(inputs), self._to_device(targets)) for inputs, targets in chunks]
         return chunks
+
+    def _length_order(self) -> np.ndarray | None:
+        """Positions in ``test_ids`` sorted by example length (stable), or ``None`` to keep the order."""
+        if self._test_collate is None or not self.sort_by_length:
+            return None
+        lengths = []
+        for row in self._subset:
+            example = self._test_inputs[int(row)]
+            tokens = example.get("input_ids") if isinstance(example, Mapping) else example
+            try:
+                lengths.append(len(tokens))
+            except TypeError:
+                return None
+        order = np.argsort(np.asarray(lengths), kind="stable")
+        return None if bool((order == np.arange(order.size)).all()) else order
 
     def _keep(self, step: int, losses: torch.Tensor) -> None:
         self._eval_steps.append(step)
@@ -701,7 +800,7 @@ class _SimfluenceCallbackImpl:
         test_inputs: Any,
         test_targets: Any = None,
         test_collate: Callable[[list], Any] | None = None,
-        loss_fn: LossFn = causal_lm_loss,
+        loss_fn: LossFn = auto_loss,
         train_ids: Sequence[str] | int | None = None,
         test_ids: Sequence[str] | None = None,
         test_subset: Sequence[int] | None = None,
@@ -712,6 +811,7 @@ class _SimfluenceCallbackImpl:
         store_meta: dict | None = None,
         seed: int | None = None,
         overwrite: bool = False,
+        sort_by_length: bool = True,
         key: str = INDEX_KEY,
     ):
         self.store = store
@@ -719,6 +819,7 @@ class _SimfluenceCallbackImpl:
             test_inputs=test_inputs, test_targets=test_targets, test_collate=test_collate, loss_fn=loss_fn,
             test_ids=test_ids, test_subset=test_subset, run_id=run_id, eval_every=eval_every,
             eval_batch_size=eval_batch_size, store_meta=store_meta, seed=seed, overwrite=overwrite,
+            sort_by_length=sort_by_length,
         )
         self.train_ids = train_ids
         self.meta = dict(meta or {})
@@ -728,6 +829,7 @@ class _SimfluenceCallbackImpl:
         self._hook = None
         self._in_step = False
         self._micro_batches: list[torch.Tensor] = []
+        self._rates: list[float] = []
 
     def attach(self, trainer: Any) -> Any:
         """Wrap ``trainer``'s training dataset and collator for indexing, and add this callback.
@@ -770,17 +872,22 @@ class _SimfluenceCallbackImpl:
         self._remove_hook()
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.log = None
+        self._rates = []
         self.recorder = Recorder(self.store, model=model, train_ids=train_ids,
-                                 meta={**_trainer_meta(args), **self.meta}, **self.options)
+                                 meta={**_trainer_meta(args, state), **self.meta},
+                                 **self.options)
         try:
             self.recorder.start()
         except BaseException:
             self._remove_hook()
             raise
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         self._in_step = True
         self._micro_batches = []
+        # The scheduler steps after the optimizer, so the rate now is the one this step uses.
+        if optimizer is not None and optimizer.param_groups:
+            self._rates.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_step_end(self, args, state, control, **kwargs):
         self._in_step = False
@@ -803,6 +910,8 @@ class _SimfluenceCallbackImpl:
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hook()
         if self.recorder is not None and self.recorder._state == "recording":
+            if len(self._rates) == self.recorder.num_steps and all(map(math.isfinite, self._rates)):
+                self.recorder.meta["learning_rates"] = self._rates
             # Stopped early (e.g. EarlyStoppingCallback) after an unevaluated step: evaluate the
             # model now unless the Trainer has swapped in its best checkpoint.
             self.log = self.recorder.finish(evaluate_last=not getattr(args, "load_best_model_at_end", False))
@@ -822,16 +931,32 @@ class _SimfluenceCallbackImpl:
             self._hook = None
 
 
-def _trainer_meta(args: Any) -> dict:
-    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-            "max_steps", "weight_decay", "lr_scheduler_type", "optim", "seed", "max_grad_norm", "warmup_steps")
+TRAINER_KEYS = (
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "weight_decay",
+    "lr_scheduler_type", "warmup_steps", "warmup_ratio", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "seed", "data_seed", "fp16", "bf16", "tf32", "label_smoothing_factor",
+    "dataloader_drop_last", "use_cpu",
+)
+"""``TrainingArguments`` fields that decide a run, recorded in its meta under ``"trainer"``."""
+
+
+def _trainer_meta(args: Any, state: Any = None) -> dict:
+    """The run-deciding Trainer settings, with the steps actually taken (``state.max_steps``).
+
+    ``num_train_epochs`` is recorded only when it decides the run length (``max_steps <= 0``).
+    """
     meta = {}
-    for key in keys:
+    for key in TRAINER_KEYS + (("num_train_epochs",) if getattr(args, "max_steps", 0) <= 0 else ()):
         value = getattr(args, key, None)
         value = getattr(value, "value", value)   # enums
-        if isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+        if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
             meta[key] = value
-    return {"trainer": meta} if meta else {}
+    if state is not None and getattr(state, "max_steps", 0):
+        meta["effective_steps"] = int(state.max_steps)
+    device = getattr(args, "device", None)
+    if device is not None:
+        meta["device"] = str(device)
+    return {"trainer": meta}
 
 
 _CALLBACK_DOC = """Hugging Face ``TrainerCallback`` that records the run a ``Trainer`` trains.
@@ -860,7 +985,7 @@ Trainer's settings (learning rate, batch size, ...) are stored in the run's meta
 ``"trainer"``. Single-process training only; a resumed run (``global_step > 0``) is refused.
 
 Args are those of :class:`Recorder` except ``model`` (the Trainer's) and ``device`` (the
-model's); ``loss_fn`` defaults to :func:`causal_lm_loss`; ``train_ids`` defaults to
+model's); ``loss_fn`` defaults to :func:`auto_loss` (chosen from the model's output type); ``train_ids`` defaults to
 ``"0".."N-1"`` for the ``N`` training examples; ``test_inputs`` is either a batch dict of
 tensors (one row per test example) or, with ``test_collate`` (e.g. your data collator),
 a sequence of test examples, collated ``eval_batch_size`` at a time; ``key`` renames

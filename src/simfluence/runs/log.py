@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from simfluence.errors import SimfluenceError
+
 PAD = -1
 """Curriculum entry that pads a batch smaller than the widest batch."""
 
 
-class RunDataError(ValueError):
+class RunDataError(SimfluenceError, ValueError):
     """Bad run data: names the file (or other source), the field and what to do."""
 
     def __init__(self, source: str, field_name: str, problem: str, fix: str = ""):

@@ -27,17 +27,23 @@ and a retried writer of the same run simply replaces an identical file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; creation is then only atomic, not exclusive
+    fcntl = None
 
 from simfluence.runs.atomic import atomic_path, write_text_atomic
 from simfluence.runs.interchange import read_npz_arrays
@@ -51,6 +57,20 @@ FORMAT = "simfluence-runstore"
 VERSION = 1
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+CREATE_LOCK = ".simfluence-store.lock"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``path`` (created if missing) for the block; waits for other holders."""
+    with open(path, "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
@@ -103,21 +123,25 @@ class RunStore:
         source = str(root / MANIFEST)
         ids = RunSet.create(np.zeros((0, 1, 1), np.int32), np.zeros((0, 2, len(test_ids)), np.float32),
                             train_ids, test_ids, meta=meta, source=source)
-        if (root / MANIFEST).exists():
-            if not exist_ok:
-                raise RunDataError(str(root), MANIFEST, "already exists", "choose a new directory or resume")
-            store = cls(root)
-            if store.digest != ids_digest(ids.train_ids, ids.test_ids):
-                raise RunDataError(source, "train_ids/test_ids", "differ from the ids requested now",
-                                   "use a new directory for a different task or data")
-            if json.loads(json.dumps(ids.meta)) != store.meta:
-                raise RunDataError(source, "meta", "differs from the settings requested now",
-                                   "resume with the same arguments, or use a new directory")
-            return store
-        manifest = {"format": FORMAT, "version": VERSION, "train_ids": ids.train_ids.tolist(),
-                    "test_ids": ids.test_ids.tolist(), "meta": ids.meta}
-        (root / "runs").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
+        root.mkdir(parents=True, exist_ok=True)
+        # Check-and-create under an OS lock: two processes creating one new store (two recorders,
+        # two collections) must not both write a manifest, the second silently replacing the first.
+        with _locked(root / CREATE_LOCK):
+            if (root / MANIFEST).exists():
+                if not exist_ok:
+                    raise RunDataError(str(root), MANIFEST, "already exists", "choose a new directory or resume")
+                store = cls(root)
+                if store.digest != ids_digest(ids.train_ids, ids.test_ids):
+                    raise RunDataError(source, "train_ids/test_ids", "differ from the ids requested now",
+                                       "use a new directory for a different task or data")
+                if json.loads(json.dumps(ids.meta)) != store.meta:
+                    raise RunDataError(source, "meta", "differs from the settings requested now",
+                                       "resume with the same arguments, or use a new directory")
+                return store
+            manifest = {"format": FORMAT, "version": VERSION, "train_ids": ids.train_ids.tolist(),
+                        "test_ids": ids.test_ids.tolist(), "meta": ids.meta}
+            (root / "runs").mkdir(parents=True, exist_ok=True)
+            write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
         return cls(root)
 
     # --- runs ---------------------------------------------------------------------

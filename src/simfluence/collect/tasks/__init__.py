@@ -5,6 +5,7 @@ from simfluence.collect.tasks.registry import TaskInfo, get_task, list_tasks, re
 from simfluence.collect.tasks.digits import DigitsMLP  # noqa: E402  (registers "digits-mlp")
 from simfluence.collect.tasks.text import TextMiniLM  # noqa: E402  (registers "text-minilm")
 from simfluence.collect.tasks.lm import TinyLM  # noqa: E402  (registers "tiny-lm")
+from simfluence.collect.tasks.finetune import MiniLMFinetune  # noqa: E402  (registers "minilm-finetune")
 
-__all__ = ["DigitsMLP", "Inputs", "Task", "TaskData", "TaskInfo", "TextMiniLM", "TinyLM", "get_task", "list_tasks",
+__all__ = ["DigitsMLP", "Inputs", "MiniLMFinetune", "Task", "TaskData", "TaskInfo", "TextMiniLM", "TinyLM", "get_task", "list_tasks",
            "num_examples", "register_task", "take"]

