@@ -15,11 +15,16 @@ test examples) and ``K - 1`` the final recorded step:
   runs, such as the baselines'.
 
 Every metric is also kept per test example (``[M]``).
+
+Held-out runs that the simulator was fitted on (recognised by their digest,
+:func:`simfluence.simulators.base.run_digests`) are not held out: :func:`evaluate` warns
+(:class:`UserWarning`) and says so in the table.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,7 +102,11 @@ def score(predicted: np.ndarray, runs: RunSet) -> Metrics:
 
 @dataclass
 class Evaluation:
-    """Metrics of one simulator and of the baselines on the same held-out runs."""
+    """Metrics of one simulator and of the baselines on the same held-out runs.
+
+    ``fitting_runs``: how many of the held-out runs the simulator was fitted on (0 when none,
+    ``None`` when unknown: a simulator saved without the digests of its fitting runs).
+    """
 
     method: str
     metrics: Metrics
@@ -105,10 +114,18 @@ class Evaluation:
     num_runs: int
     num_steps: int
     num_test: int
+    fitting_runs: int | None = None
+
+    def fitting_runs_note(self) -> str | None:
+        """One line saying how many held-out runs were also fitting runs, or ``None`` when none were."""
+        if not self.fitting_runs:
+            return None
+        return (f"{self.fitting_runs} of {self.num_runs} held-out runs were also fitting runs of this simulator: "
+                "these metrics are not held-out (evaluate on runs it was not fitted on)")
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "num_runs": self.num_runs, "num_steps": self.num_steps,
-               "num_test": self.num_test, **self.metrics.as_dict()}
+               "num_test": self.num_test, "heldout_fitting_runs": self.fitting_runs, **self.metrics.as_dict()}
         for name, metrics in self.baselines.items():
             prefix = "baseline_" + name.replace("-", "_")
             out.update({f"{prefix}_{key}": value for key, value in metrics.as_dict().items()})
@@ -129,6 +146,9 @@ class Evaluation:
             verdict = f"{ratio:.2f}x lower than" if ratio >= 1 else f"{1 / ratio:.2f}x higher than"
             lines.append(f"\nall-steps MSE: {verdict} the mean trajectory's "
                          f"({self.num_runs} held-out runs, {self.num_steps} steps, {self.num_test} test examples)")
+        note = self.fitting_runs_note()
+        if note:
+            lines.append(f"\nWARNING: {note}")
         return "\n".join(lines)
 
 
@@ -141,9 +161,11 @@ def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out run
     """Score ``simulator`` on ``heldout`` runs, with the mean-trajectory and constant baselines.
 
     ``predicted``: the simulator's ``[R, T + 1, M]`` trajectories of these runs when the caller
-    already has them (they are simulated otherwise).
+    already has them (they are simulated otherwise). Held-out runs that the simulator was
+    fitted on give a :class:`UserWarning` and a line in :meth:`Evaluation.table`.
     """
     simulator.check_compatible(heldout, source)
+    fitting_runs = simulator.fitting_runs_among(heldout)
     initial = heldout.initial_losses.astype(np.float64)
     expected = (heldout.num_runs, heldout.num_steps + 1, heldout.num_test)
     if predicted is None:
@@ -155,8 +177,12 @@ def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out run
         "mean-trajectory": score(mean_trajectory(simulator.mean_change, initial, heldout.num_steps), heldout),
         "constant": score(constant, heldout),
     }
-    return Evaluation(simulator.kind, score(predicted, heldout), baselines, heldout.num_runs, heldout.num_steps,
-                      heldout.num_test)
+    evaluation = Evaluation(simulator.kind, score(predicted, heldout), baselines, heldout.num_runs,
+                            heldout.num_steps, heldout.num_test, fitting_runs)
+    note = evaluation.fitting_runs_note()
+    if note:
+        warnings.warn(f"{source}: {note}", UserWarning, stacklevel=2)
+    return evaluation
 
 
 def split_runs(runs: RunSet, num_heldout: int, seed: int = 0) -> tuple[RunSet, RunSet]:

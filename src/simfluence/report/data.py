@@ -117,7 +117,8 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
 
     Args:
         simulator: a fitted simulator.
-        heldout: runs it was not fitted on, with the simulator's training and test ids.
+        heldout: runs it was not fitted on, with the simulator's training and test ids (runs it
+            was fitted on give a warning, and ``evaluation.fitting_runs`` counts them).
         test_ids: test examples to show in detail, by id (or index); default ``num_examples``
             of them spread over difficulty (:func:`spread_over_difficulty`).
         num_runs: held-out runs whose trajectories are plotted (the first ones).

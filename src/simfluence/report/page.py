@@ -58,8 +58,13 @@ def _number(value: float, signed: bool = False) -> str:
 
 # --- sections -------------------------------------------------------------------------
 def metrics_table(data: ReportData) -> str:
-    """The simulator's and the baselines' metrics, the best value of each column in bold."""
+    """The simulator's and the baselines' metrics, the best value of each column in bold.
+
+    Preceded by a warning when some held-out runs were also fitting runs (not held out).
+    """
     evaluation = data.evaluation
+    note = evaluation.fitting_runs_note()
+    warning = f'<p class="warning" role="alert">Warning: {html.escape(note)}.</p>' if note else ""
     rows: list[tuple[str, Metrics]] = [(evaluation.method, evaluation.metrics)]
     rows += [(f"{name} (baseline)", metrics) for name, metrics in evaluation.baselines.items()]
     best = {}
@@ -89,7 +94,7 @@ def metrics_table(data: ReportData) -> str:
             text = (f"All-steps MSE {1 / ratio:.2f}× higher than the mean trajectory's: the simulator does not "
                     "beat knowing how training goes on average.")
         verdict = f'<p class="verdict {"good" if ratio >= 1 else "bad"}">{text}</p>'
-    return (f'<table class="metrics"><thead><tr><th>method</th>{header}</tr></thead>'
+    return (f'{warning}<table class="metrics"><thead><tr><th>method</th>{header}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table>{verdict}")
 
 
@@ -304,7 +309,8 @@ def write_report(simulator: Simulator, heldout_runs: RunSet, path: str | os.Path
 
     Args:
         simulator: a fitted simulator.
-        heldout_runs: runs it was not fitted on (same training and test ids).
+        heldout_runs: runs it was not fitted on (same training and test ids); runs it was
+            fitted on give a warning, in Python and on the page.
         path: the ``.html`` file to write.
         test_ids: test example ids to show in detail; default ``num_examples`` spread over
             difficulty (mean true final loss).
@@ -354,6 +360,8 @@ td.num { font-variant-numeric: tabular-nums; text-align: right; white-space: now
 .verdict { margin: 12px 0 0; font-weight: 500; }
 .verdict.good { color: var(--good); }
 .verdict.bad { color: var(--bad); }
+.warning { background: #fde8e8; color: var(--bad); border: 1px solid #f3b7b7; border-radius: 6px;
+           padding: 8px 12px; margin: 0 0 12px; font-weight: 600; }
 .plot { width: 100%; }
 .example-head { display: flex; gap: 24px; align-items: flex-start; margin-bottom: 8px; }
 .example-view:empty { display: none; }

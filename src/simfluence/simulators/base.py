@@ -11,11 +11,14 @@ A *simulator* learns from logged runs how a curriculum moves each test example's
 
 Every fitted simulator also keeps the mean loss change of its fitting runs per step
 (``mean_change``, ``[T_fit + 1, M]``), so the mean-trajectory baseline can always be
-reported beside it, even from a saved model alone.
+reported beside it, even from a saved model alone, and a digest of each fitting run
+(``fit_digests``, :func:`run_digests`), so that evaluating on runs it was fitted on
+(which are not held out) can be flagged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
@@ -26,7 +29,7 @@ import numpy as np
 
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
-from simfluence.runs.log import RunDataError, RunSet, validate_curriculum, validate_losses
+from simfluence.runs.log import PAD, RunDataError, RunSet, validate_curriculum, validate_losses
 
 FORMAT = "simfluence-simulator"
 VERSION = 1
@@ -55,6 +58,26 @@ def mean_change(runs: RunSet) -> np.ndarray:
     return np.stack([np.interp(steps, runs.eval_steps, change[:, m]) for m in range(runs.num_test)], axis=1)
 
 
+def run_digests(runs: RunSet) -> np.ndarray:
+    """str ``[R]``: SHA-256 (hex) of each run's curriculum and losses before training.
+
+    The digest depends on the run's content only: not its id, nor padding columns that
+    none of its steps uses, so a run matches itself whether it comes from a store, an
+    interchange file or memory, and whichever runs it was loaded beside.
+    """
+    curricula = np.asarray(runs.curricula, dtype="<i4")
+    initial = np.asarray(runs.losses[:, 0], dtype="<f4")
+    digests = []
+    for curriculum, losses in zip(curricula, initial):
+        used = np.flatnonzero((curriculum != PAD).any(axis=0))
+        width = int(used[-1]) + 1 if used.size else 0
+        digest = hashlib.sha256(f"simfluence-run:{curriculum.shape[0]}x{width}:{losses.size}:".encode())
+        digest.update(np.ascontiguousarray(curriculum[:, :width]).tobytes())
+        digest.update(np.ascontiguousarray(losses).tobytes())
+        digests.append(digest.hexdigest())
+    return np.array(digests, dtype="<U64").reshape(-1)
+
+
 class Simulator(ABC):
     """Base class: subclasses implement ``_fit``, ``_simulate``, ``_params`` and the array state."""
 
@@ -64,6 +87,8 @@ class Simulator(ABC):
         self.train_ids: np.ndarray | None = None
         self.test_ids: np.ndarray | None = None
         self.mean_change: np.ndarray | None = None
+        self.fit_digests: np.ndarray | None = None
+        """str ``[R_fit]``: :func:`run_digests` of the fitting runs; ``None`` if saved without them."""
         self.fit_info: dict[str, Any] = {}
 
     # --- protocol -----------------------------------------------------------------
@@ -75,6 +100,7 @@ class Simulator(ABC):
             raise RunDataError("<runs>", "runs", "no runs to fit on")
         self.train_ids, self.test_ids = runs.train_ids, runs.test_ids
         self.mean_change = mean_change(runs)
+        self.fit_digests = run_digests(runs)
         self.fit_info = {"num_runs": runs.num_runs, "num_steps": runs.num_steps, "batch_size": runs.batch_size}
         self._fit(runs)
         return self
@@ -130,6 +156,8 @@ class Simulator(ABC):
                   "fit_info": self.fit_info}
         arrays = {f"state.{name}": value for name, value in self._arrays().items()}
         path = Path(path)
+        if self.fit_digests is not None:
+            arrays["fit_digests"] = np.asarray(self.fit_digests, dtype="<U64")
         with atomic_path(path, suffix=".npz") as temporary:
             np.savez(temporary, config=np.array(json.dumps(config)), train_ids=self.train_ids.astype(str),
                      test_ids=self.test_ids.astype(str), mean_change=self.mean_change, **arrays)
@@ -157,6 +185,11 @@ class Simulator(ABC):
             raise RunDataError(source, "config.params", str(error)) from None
         simulator.train_ids, simulator.test_ids = arrays["train_ids"], arrays["test_ids"]
         simulator.mean_change = arrays["mean_change"]
+        digests = arrays.get("fit_digests")  # absent in files saved before digests were recorded
+        if digests is not None and (digests.dtype.kind != "U" or digests.ndim != 1):
+            raise RunDataError(source, "fit_digests", f"expected a 1-D str array, got dtype {digests.dtype} "
+                               f"shape {digests.shape}")
+        simulator.fit_digests = digests
         simulator.fit_info = config.get("fit_info", {})
         state = {name.removeprefix("state."): value for name, value in arrays.items() if name.startswith("state.")}
         try:
@@ -169,6 +202,13 @@ class Simulator(ABC):
     def _check_fitted(self) -> None:
         if self.train_ids is None:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(runs) or Simulator.load")
+
+    def fitting_runs_among(self, runs: RunSet) -> int | None:
+        """How many of ``runs`` the simulator was fitted on (same digest); ``None`` when unknown."""
+        self._check_fitted()
+        if self.fit_digests is None:
+            return None
+        return int(np.isin(run_digests(runs), self.fit_digests).sum())
 
     def check_compatible(self, runs: RunSet, source: str = "<runs>") -> None:
         """Raise unless ``runs`` use this simulator's training and test ids."""
