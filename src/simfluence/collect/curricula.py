@@ -30,6 +30,9 @@ def _digest(array: np.ndarray) -> str:
 
 
 def _check_pool(pool, name: str = "pool") -> np.ndarray:
+    """int32 ``[P]`` indices; an int ``N`` stands for all of ``0..N-1``."""
+    if isinstance(pool, (int, np.integer)) and not isinstance(pool, bool) and pool >= 1:
+        pool = np.arange(int(pool))
     array = np.asarray(pool)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"{name}: expected a non-empty 1-D array of training-example indices, got shape {array.shape}")
@@ -72,7 +75,8 @@ class UniformSampler(Sampler):
     """Each batch slot drawn uniformly, with replacement, from ``pool``.
 
     Args:
-        pool: int ``[P]`` training-example indices to draw from (repeats weight an index).
+        pool: int ``[P]`` training-example indices to draw from (repeats weight an index),
+            or the number ``N`` of training examples for all of ``0..N-1``.
         batch_size: examples per step ``B``.
     """
 

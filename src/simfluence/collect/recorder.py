@@ -171,6 +171,9 @@ def auto_loss(model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tenso
     inputs, labels = _split_labels(inputs, targets)
     outputs = _call(model, inputs)
     kind = type(outputs).__name__
+    if not any(known in kind for known in ("CausalLM", "SequenceClassifier", "TokenClassifier")):
+        raise ValueError(f"auto_loss: no per-example loss is known for model outputs of type {kind}; pass "
+                         "loss_fn=your_loss(model, inputs, targets) -> [n] (or from_criterion(...))")
     logits = _logits(outputs)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if "CausalLM" in kind:
@@ -186,15 +189,12 @@ def auto_loss(model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tenso
         if labels.is_floating_point() and labels.shape == logits.shape:
             return nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
         return nn.functional.cross_entropy(logits, labels.long(), reduction="none")
-    if "TokenClassifier" in kind:
-        valid = labels != -100
-        if mask is not None:
-            valid = valid & mask.bool()
-        token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.masked_fill(~valid, -100)
-                                                 .flatten(), ignore_index=-100, reduction="none").view(labels.shape)
-        return token_loss.sum(dim=1) / valid.sum(dim=1)
-    raise ValueError(f"auto_loss: no per-example loss is known for model outputs of type {kind}; pass "
-                     "loss_fn=your_loss(model, inputs, targets) -> [n] (or from_criterion(...))")
+    valid = labels != -100   # token classification
+    if mask is not None:
+        valid = valid & mask.bool()
+    token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.masked_fill(~valid, -100).flatten(),
+                                             ignore_index=-100, reduction="none").view(labels.shape)
+    return token_loss.sum(dim=1) / valid.sum(dim=1)
 
 
 def _split_labels(inputs: Any, targets: Any) -> tuple[Any, Any]:

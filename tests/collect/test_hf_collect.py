@@ -1,0 +1,349 @@
+"""Runs through the real Hugging Face Trainer: minilm-finetune, a user's own Trainer (locally, in worker
+processes, on a real `ray start --head` cluster, resumed after kill -9), and the recorder's losses."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import hf_tiny  # noqa: E402
+from simfluence.collect import UniformSampler, collect, derive_seed  # noqa: E402
+from simfluence.collect.hf import CurriculumBatchSampler, collect_trainer, use_curriculum  # noqa: E402
+from simfluence.collect.recorder import Recorder, auto_loss, causal_lm_loss, from_criterion  # noqa: E402
+from simfluence.collect.tasks.finetune import MiniLMFinetune, PadCollator  # noqa: E402
+from simfluence.runs import RunDataError, RunStore  # noqa: E402
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+# --- minilm-finetune through the real Trainer -------------------------------------------------------------
+def _eval_one_by_one(model, examples) -> np.ndarray:
+    """Each test example's loss from its own unpadded eval-mode forward pass (no batching, no recorder)."""
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example["input_ids"]])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            losses.append(float(F.cross_entropy(logits, torch.tensor([example["labels"]]))))
+    return np.asarray(losses, dtype=np.float32)
+
+
+def test_minilm_finetune_two_runs_match_a_replay_and_manual_evaluation(tmp_path):
+    task = MiniLMFinetune(warmup_steps=1)
+    store = collect(task, tmp_path / "store", num_runs=2, num_steps=3, seed=0, progress=False)
+    runs = store.load()
+    assert runs.losses.shape == (2, 4, 48) and runs.curricula.shape == (2, 3, 4)
+    assert store.meta["task"] == "minilm-finetune" and store.meta["optimizer"] == "adamw"
+
+    # The recorded curriculum is the one our sampler drew for each run.
+    sampler = UniformSampler(task.default_pool(), task.batch_size)
+    for r in range(2):
+        np.testing.assert_array_equal(runs.curricula[r], sampler.sample(3, derive_seed(0, r)))
+
+    # The run's meta records what decided it, including the rate the scheduler gave each step.
+    meta = RunStore(tmp_path / "store").read("run-000000").meta
+    trainer = meta["trainer"]
+    assert trainer["optim"] == "adamw_torch" and trainer["effective_steps"] == 3 and trainer["data_seed"] == 0
+    assert "num_train_epochs" not in trainer   # max_steps decides the length
+    np.testing.assert_allclose(meta["learning_rates"], task.learning_rates(3), rtol=1e-12)
+    assert meta["learning_rates"][0] == 0.0    # HF's warm-up: the first step has rate 0
+
+    # Replay run 0 by hand: plain AdamW + the same rates + gradient clipping, each test loss from its own forward.
+    model = task.build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=task.learning_rate, weight_decay=0.0)
+    train = task.examples("train")
+    expected = [_eval_one_by_one(model, task.examples("test"))]
+    for rate, row in zip(task.learning_rates(3), runs.curricula[0]):
+        model.train()
+        batch = PadCollator()([train[i] for i in row])
+        labels = batch.pop("labels")
+        for group in optimizer.param_groups:
+            group["lr"] = float(rate)
+        F.cross_entropy(model(**batch).logits, labels).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(_eval_one_by_one(model, task.examples("test")))
+    np.testing.assert_allclose(runs.losses[0], np.stack(expected), rtol=2e-4, atol=2e-5)
+    assert np.abs(runs.losses[0, -1] - runs.losses[0, 0]).max() > 1e-3   # training moved the losses
+
+
+def test_minilm_finetune_cli_and_its_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from simfluence.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["collect", "minilm-finetune", "--runs", "1", "--steps", "2", "--out",
+                                  str(tmp_path / "s"), "--option", "test_per_class=2", "--option", "train_per_class=3"])
+    assert result.exit_code == 0, result.output
+    assert RunStore(tmp_path / "s").load().losses.shape == (1, 3, 8)
+    for args, message in ((["--device", "bogus"], "device: 'bogus' is not a torch device"),
+                          (["--option", "lr_schedule=step"], "lr_schedule: unknown schedule 'step'")):
+        result = runner.invoke(main, ["collect", "minilm-finetune", "--runs", "1", "--steps", "2", "--out",
+                                      str(tmp_path / "t"), *args])
+        assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+        assert message in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(main, ["collect", "minilm-finetune", "--runs", "1", "--steps", "2", "--out",
+                                      str(tmp_path / "t"), "--device", "cuda"])
+        assert result.exit_code == 2 and "no CUDA GPU is available" in result.output
+
+
+@pytest.mark.parametrize("module, extra, task", [("transformers", "text,hf", "minilm-finetune"),
+                                                 ("tokenizers", "text", "text-minilm")])
+def test_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, module, extra, task):
+    from click.testing import CliRunner
+
+    from simfluence.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)   # `import module` now fails as if it were not installed
+    result = CliRunner().invoke(main, ["collect", task, "--runs", "1", "--steps", "2", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: task '{task}' needs '{module}', which is not installed: "
+                                     f"pip install 'simfluence[{extra}]'")
+    assert not (tmp_path / "s").exists()
+
+
+# --- a user's own Trainer -----------------------------------------------------------------------------------
+def _collect_tiny(root, **options):
+    settings = dict(num_runs=3, num_steps=4, sampler=UniformSampler(hf_tiny.NUM_TRAIN, 2), train_ids=hf_tiny.NUM_TRAIN,
+                    test_examples=hf_tiny.TEST, test_collate=hf_tiny.collate, seed=7, progress=False)
+    settings.update(options)
+    return collect_trainer(hf_tiny.make_tiny_trainer, root, **settings)
+
+
+def _replay_tiny(curriculum: np.ndarray) -> np.ndarray:
+    """The tiny run by hand: AdamW, HF's linear warm-up/decay rates, clipping; test losses in eval mode."""
+    model = hf_tiny.tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, 1, len(curriculum))
+    test = hf_tiny.collate(hf_tiny.TEST)
+    labels = test.pop("labels")
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            return F.cross_entropy(model(**test).logits, labels, reduction="none").numpy()
+
+    losses = [evaluate()]
+    for row in curriculum:
+        model.train()
+        batch = hf_tiny.collate([hf_tiny.TRAIN[i] for i in row])
+        targets = batch.pop("labels")
+        F.cross_entropy(model(**batch).logits, targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(evaluate())
+    return np.stack(losses)
+
+
+def test_user_trainer_runs_follow_the_curriculum_and_equal_a_replay(tmp_path):
+    store = _collect_tiny(tmp_path / "a")
+    runs = store.load()
+    sampler = UniformSampler(hf_tiny.NUM_TRAIN, 2)
+    for r in range(3):
+        np.testing.assert_array_equal(runs.curricula[r], sampler.sample(4, derive_seed(7, r)))
+        np.testing.assert_allclose(runs.losses[r], _replay_tiny(runs.curricula[r]), rtol=1e-5, atol=1e-6)
+    assert store.meta["collector"] == "trainer" and store.meta["make_trainer"] == "hf_tiny.make_tiny_trainer"
+
+    # Worker processes give the same runs; a second call with the same settings trains nothing.
+    pooled = _collect_tiny(tmp_path / "b", workers=2).load()
+    np.testing.assert_allclose(pooled.losses, runs.losses, rtol=0, atol=1e-6)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "runs").iterdir()}
+    _collect_tiny(tmp_path / "a")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "runs").iterdir()} == before
+    with pytest.raises(RunDataError, match="meta"):
+        _collect_tiny(tmp_path / "a", seed=8)
+
+
+def test_curriculum_sampler_splits_rows_for_gradient_accumulation():
+    curriculum = np.array([[0, 1, 2, 3], [4, 5, -1, -1]])
+    assert list(CurriculumBatchSampler(curriculum, 2)) == [[0, 1], [2, 3], [4], [5]]
+    with pytest.raises(ValueError, match="step 2 has 2 examples, fewer than the 3"):
+        CurriculumBatchSampler(curriculum, 3)
+
+
+def test_gradient_accumulation_records_whole_steps(tmp_path):
+    trainer = hf_tiny.make_tiny_trainer(0, np.zeros((3, 4)))
+    trainer.args.gradient_accumulation_steps = 2
+    curriculum = UniformSampler(hf_tiny.NUM_TRAIN, 4).sample(3, 1)
+    from simfluence.collect.recorder import SimfluenceCallback
+
+    callback = SimfluenceCallback(tmp_path / "s", test_inputs=hf_tiny.TEST, test_collate=hf_tiny.collate)
+    callback.attach(trainer)
+    use_curriculum(trainer, curriculum)
+    trainer.train()
+    np.testing.assert_array_equal(callback.log.curriculum, curriculum)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_user_trainer_on_a_ray_cluster(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray_bin = Path(sys.executable).with_name("ray")
+    if not ray_bin.exists():
+        pytest.skip("the `ray` command is not installed beside this Python")
+    if ray.is_initialized():
+        ray.shutdown()
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "RAY_DISABLE_USAGE_STATS": "1"}
+    started = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+                              "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True,
+                             text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        by_ray = _collect_tiny(tmp_path / "ray", executor="ray", workers=2, address=f"127.0.0.1:{port}").load()
+        local = _collect_tiny(tmp_path / "local").load()
+        np.testing.assert_array_equal(by_ray.curricula, local.curricula)
+        np.testing.assert_allclose(by_ray.losses, local.losses, rtol=0, atol=1e-6)
+    finally:
+        ray.shutdown()
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import hf_tiny
+from simfluence.collect import UniformSampler
+from simfluence.collect.hf import collect_trainer
+collect_trainer(hf_tiny.make_tiny_trainer, {root!r}, num_runs={runs}, num_steps=4,
+                sampler=UniformSampler(hf_tiny.NUM_TRAIN, 2), train_ids=hf_tiny.NUM_TRAIN, test_examples=hf_tiny.TEST,
+                test_collate=hf_tiny.collate, seed=7, progress=False)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_user_trainer_collection_resumes_after_kill(tmp_path):
+    runs = 12
+    root = tmp_path / "store"
+    script = KILL_SCRIPT.format(tests=str(TESTS), root=str(root), runs=runs)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            if (root / "runs").is_dir() and len(list((root / "runs").glob("run-*.parquet"))) >= 2:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, f"collection ended before it could be killed: {process.stderr.read()}"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    done = RunStore(root).run_ids()
+    assert 2 <= len(done) < runs
+    resumed = _collect_tiny(root, num_runs=runs).load()
+    reference = _collect_tiny(tmp_path / "reference", num_runs=runs).load()
+    assert list(resumed.run_ids) == list(reference.run_ids)
+    np.testing.assert_allclose(resumed.losses, reference.losses, rtol=0, atol=1e-6)
+
+
+# --- the recorder's per-example losses ------------------------------------------------------------------------
+def _tiny_config(**extra):
+    return dict(vocab_size=hf_tiny.VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=32, **extra)
+
+
+def test_auto_loss_by_output_type_equals_manual_losses():
+    torch.manual_seed(0)
+    batch = hf_tiny.collate(hf_tiny.TEST)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+    classifier = transformers.BertForSequenceClassification(transformers.BertConfig(**_tiny_config(num_labels=3))).eval()
+    with torch.no_grad():
+        manual = F.cross_entropy(classifier(input_ids=ids, attention_mask=mask).logits, labels, reduction="none")
+        np.testing.assert_allclose(auto_loss(classifier, batch), manual, rtol=1e-6)
+        np.testing.assert_allclose(from_criterion(torch.nn.CrossEntropyLoss(reduction="none"))(classifier, batch, None),
+                                   manual, rtol=1e-6)
+        # Regression head (num_labels=1): squared error.
+        regressor = transformers.BertForSequenceClassification(transformers.BertConfig(**_tiny_config(num_labels=1)))
+        targets = torch.linspace(-1, 1, len(labels))
+        out = regressor.eval()(input_ids=ids, attention_mask=mask).logits[:, 0]
+        np.testing.assert_allclose(auto_loss(regressor, {**batch, "labels": targets}), (out - targets) ** 2, rtol=1e-6)
+
+        # Token classification: mean over each example's labelled, unpadded tokens.
+        tagger = transformers.BertForTokenClassification(transformers.BertConfig(**_tiny_config(num_labels=4))).eval()
+        tags = (ids % 4).masked_fill(mask == 0, -100)
+        tags[:, 0] = -100
+        logits = tagger(input_ids=ids, attention_mask=mask).logits
+        expected = torch.stack([F.cross_entropy(logits[i][tags[i] != -100], tags[i][tags[i] != -100])
+                                for i in range(len(ids))])
+        np.testing.assert_allclose(auto_loss(tagger, {"input_ids": ids, "attention_mask": mask, "labels": tags}),
+                                   expected, rtol=1e-5)
+
+        # Causal LM: the same as causal_lm_loss.
+        lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16,
+                                                                  vocab_size=hf_tiny.VOCAB, n_positions=32,
+                                                                  bos_token_id=1, eos_token_id=2)).eval()
+        np.testing.assert_allclose(auto_loss(lm, {"input_ids": ids, "attention_mask": mask}),
+                                   causal_lm_loss(lm, {"input_ids": ids, "attention_mask": mask}), rtol=1e-6)
+
+    with pytest.raises(ValueError, match="no per-example loss is known for model outputs of type BaseModelOutput"):
+        auto_loss(classifier.bert, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+
+def test_length_sorted_test_chunks_give_the_same_losses_with_less_padding(tmp_path):
+    model = hf_tiny.tiny_model().eval()
+    results = {}
+    for sort in (True, False):
+        recorder = Recorder(tmp_path / f"s{sort}", model=model, loss_fn=auto_loss, train_ids=hf_tiny.NUM_TRAIN,
+                            test_inputs=hf_tiny.TEST, test_collate=hf_tiny.collate, eval_batch_size=2,
+                            sort_by_length=sort)
+        recorder.start()
+        widths = [inputs["input_ids"].shape[1] for inputs, _ in recorder._chunks]
+        results[sort] = (recorder.evaluate().numpy(), sum(widths))
+        recorder.abort()
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert results[True][1] < results[False][1]   # fewer padded positions
+
+
+def _create(root, meta, barrier, results):
+    barrier.wait()
+    try:
+        RunStore.create(root, ["a", "b"], ["t"], meta=meta, exist_ok=True)
+        results.put("ok")
+    except RunDataError as error:
+        results.put(f"error: {error}")
+
+
+def test_concurrent_creation_of_one_store_lets_exactly_one_win(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    for trial in range(4):
+        root = tmp_path / f"store-{trial}"
+        barrier, results = context.Barrier(2), context.Queue()
+        workers = [context.Process(target=_create, args=(root, {"lr": lr}, barrier, results)) for lr in (0.1, 0.2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        outcomes = sorted(results.get(timeout=10) for _ in workers)
+        assert outcomes[1] == "ok" and outcomes[0].startswith("error:") and "meta" in outcomes[0], outcomes
+        assert json.loads((root / "simfluence-store.json").read_text())["meta"]["lr"] in (0.1, 0.2)
+        shutil.rmtree(root)
