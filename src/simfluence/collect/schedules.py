@@ -14,6 +14,8 @@ run of a collection follows the same schedule and the vectorised trainer can app
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -37,3 +39,32 @@ def learning_rates(base: float, num_steps: int, schedule: str = "constant", warm
     if warmup:
         factor = np.where(steps <= warmup, steps / warmup, factor)
     return float(base) * factor
+
+
+def run_learning_rates(meta: dict, num_steps: int) -> np.ndarray | None:
+    """float64 ``[T]``: the learning rate of each step of runs described by ``meta``, or ``None``.
+
+    In order: the rates the recorder saw the optimizer use (``meta["learning_rates"]``, when it
+    has ``T`` finite entries); the schedule of the task the meta names (its own convention,
+    e.g. Hugging Face's warm-up); the meta's ``learning_rate`` with ``task_config``'s schedule.
+    """
+    rates = meta.get("learning_rates")
+    if isinstance(rates, list) and len(rates) == num_steps:
+        array = np.asarray(rates, dtype=np.float64)
+        if np.isfinite(array).all():
+            return array
+    config = meta.get("task_config") if isinstance(meta.get("task_config"), dict) else {}
+    if isinstance(meta.get("task"), str):
+        from simfluence.collect.tasks.registry import get_task
+
+        try:
+            return get_task(meta["task"], **config).learning_rates(num_steps)
+        except (ValueError, ImportError):
+            pass
+    base = meta.get("learning_rate")
+    if isinstance(base, (int, float)) and math.isfinite(base):
+        try:
+            return learning_rates(base, num_steps, config.get("lr_schedule", "constant"), config.get("warmup_steps", 0))
+        except ValueError:
+            return None
+    return None

@@ -180,8 +180,13 @@ class RunStore:
     def load(self, run_ids: Iterable[str] | None = None) -> RunSet:
         """All (or the given) runs as one :class:`RunSet`."""
         ids = self.run_ids() if run_ids is None else list(run_ids)
-        return RunSet.from_logs([self.read(run_id) for run_id in ids], self.train_ids, self.test_ids,
-                                self.meta, source=str(self.root))
+        logs = [self.read(run_id) for run_id in ids]
+        meta = dict(self.meta)
+        # The learning rate of every step, as the recorder saw the optimizer use it, when all runs agree.
+        rates = [log.meta.get("learning_rates") for log in logs]
+        if rates and rates[0] is not None and all(rate == rates[0] for rate in rates):
+            meta.setdefault("learning_rates", rates[0])
+        return RunSet.from_logs(logs, self.train_ids, self.test_ids, meta, source=str(self.root))
 
     # --- checkpoints --------------------------------------------------------------
     def checkpoint_path(self, run_id: str, step: int) -> Path:

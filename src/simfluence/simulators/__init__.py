@@ -9,12 +9,14 @@ from simfluence.simulators.gradient import (GradDotScaledSimulator, GradDotSimul
 from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
 from simfluence.simulators.interaction import PairwiseSimulator
 from simfluence.simulators.uncertainty import BootstrapLinearSimulator
+from simfluence.simulators.trajectory import TrajectorySimulator
+from simfluence.simulators.auto import AutoSimulator
 
 SIMULATORS = {cls.kind: cls for cls in (
     LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, PairwiseSimulator, AdditiveSimulator,
     MeanTrajectorySimulator, ConstantSimulator,
     GradDotSimulator, GradDotScaledSimulator, TracInCPSimulator, TracInCPScaledSimulator, InfluenceSimulator,
-    InfluenceScaledSimulator, FeaturizedSimulator)}
+    InfluenceScaledSimulator, FeaturizedSimulator, TrajectorySimulator, AutoSimulator)}
 
 
 def make_simulator(kind: str, **params) -> Simulator:
@@ -27,4 +29,4 @@ def make_simulator(kind: str, **params) -> Simulator:
 __all__ = ["AdditiveSimulator", "BootstrapLinearSimulator", "ConstantSimulator", "FeaturizedSimulator", "GradDotScaledSimulator", "GradDotSimulator",
            "InfluenceScaledSimulator", "InfluenceSimulator", "TracInCPScaledSimulator", "TracInCPSimulator", "LinearIdentitySimulator", "LinearSimulator",
            "MeanTrajectorySimulator", "NotFittedError", "PairwiseSimulator", "SIMULATORS", "Simulator", "make_simulator",
-           "simulator_kinds"]
+           "simulator_kinds", "TrajectorySimulator", "AutoSimulator"]

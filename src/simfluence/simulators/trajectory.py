@@ -1,0 +1,345 @@
+r"""``linear-trajectory``: a linear model of the whole rolled-out trajectory that knows the step.
+
+Simfluence-Linear predicts one step from the last and compounds its errors over the rollout;
+its effects are the same at every step. Real fine-tuning (AdamW, warm-up and decay) breaks
+both: an example's effect scales with the step's learning rate, Adam's momentum carries a
+batch's gradient into the following steps, and later training partly overwrites earlier
+steps. This simulator models the trajectory itself:
+
+.. math::
+
+    z^m_t = z^m_0 + G^m_t + F_t \cdot b^m, \qquad
+    F_t = \delta\, F_{t-1} + s_t\, u_t, \qquad
+    u_t = \rho\, u_{t-1} + (1 - \rho)\, x_t,
+
+* :math:`z = L` (``space="loss"``) or :math:`z = \log L` (``space="log"``: effects
+  proportional to the loss, predictions never negative);
+* :math:`x_t \in \mathbb{R}^N`: the batch of step ``t`` as example counts divided by the
+  batch size; :math:`u_t` its momentum-smoothed form (``momentum`` :math:`\rho`, Adam's
+  :math:`\beta_1` where the runs name it; 0 for SGD);
+* :math:`s_t = \eta_t / \max_k \eta_k`: the step's learning rate (read from the runs' meta:
+  the rates the recorder saw, else the task's schedule), or 1 with ``schedule=False``;
+* :math:`\delta` (``decay``): how much of an earlier step's effect survives each later step
+  (1: effects are permanent);
+* :math:`G^m_t`: a free term per step and test example. With :math:`b = 0` the model is
+  exactly the mean-trajectory baseline (in loss space), so it nests that baseline;
+* :math:`b^m \in \mathbb{R}^N`: the effect of each training example on test example ``m``.
+
+Because the rollout is linear in the parameters, the fit minimises the error of the rolled-out
+trajectory directly (all recorded steps of every fitting run), not of one-step transitions:
+with :math:`G` free, :math:`b^m` is the ridge regression of the per-step-centred trajectories
+on the per-step-centred features :math:`F`, and :math:`G^m_t = \overline{z_t - z_0} - \bar F_t
+\cdot b^m`. The ridge strength is chosen **per test example** by K-fold cross-validation over
+fitting runs on a grid scaled to the features' spectrum (extended when the best value lies on
+an edge), so one extreme test example cannot set it for the others; ``space``, ``momentum``
+and ``decay`` are chosen by the same cross-validation (total held-out-fold all-steps MSE in
+loss units) unless fixed.
+
+Test examples that are alike are moved by the same training examples (same class, same
+topic), so the effect matrix :math:`B = [b^1 \dots b^M]` (``[N, M]``) is close to low rank.
+With few fitting runs the per-pair estimates are noisy; ``rank`` keeps the ``k`` leading
+directions of the fitted trajectories (reduced-rank ridge: :math:`B_k = B\, V_k V_k^\top`, with
+:math:`V_k` the top right singular vectors of the fitted centred trajectories :math:`X B`), so
+every test example borrows strength from the ones like it. ``rank="auto"`` cross-validates
+``k`` over powers of two and the full rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+
+from simfluence.runs.log import PAD, RunDataError, RunSet
+from simfluence.simulators.base import Simulator, register
+
+SPACES = ("loss", "log")
+DECAYS = (1.0, 0.97, 0.9)
+GRID_DECADES = (-8.0, 1.0)
+GRID_POINTS = 19
+ADAM_OPTIMIZERS = ("adam", "adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused")
+
+
+def batch_matrix(curricula: np.ndarray, num_train: int) -> np.ndarray:
+    """float64 ``[R, T, N]``: example counts of each step's batch divided by the batch's size."""
+    runs, steps, _ = curricula.shape
+    x = np.zeros((runs, steps, num_train))
+    r, t, slot = np.nonzero(curricula != PAD)
+    sizes = np.maximum((curricula != PAD).sum(axis=2), 1)
+    np.add.at(x, (r, t, curricula[r, t, slot]), 1.0 / sizes[r, t])
+    return x
+
+
+def trajectory_features(curricula: np.ndarray, num_train: int, rates: np.ndarray, momentum: float,
+                        decay: float) -> np.ndarray:
+    """float64 ``[R, T + 1, N]``: :math:`F_t` of the module docstring (``F_0 = 0``).
+
+    ``rates`` is float ``[T]`` (the :math:`s_t`, steps past its end use its last value).
+    """
+    x = batch_matrix(curricula, num_train)
+    runs, steps, _ = x.shape
+    scale = np.asarray(rates, dtype=np.float64)[np.minimum(np.arange(steps), len(rates) - 1)]
+    features = np.zeros((runs, steps + 1, num_train))
+    smoothed = np.zeros((runs, num_train))
+    for t in range(steps):
+        smoothed = momentum * smoothed + (1.0 - momentum) * x[:, t]
+        features[:, t + 1] = decay * features[:, t] + scale[t] * smoothed
+    return features
+
+
+def step_weights(runs: RunSet) -> np.ndarray:
+    """float64 ``[T]``: each step's learning rate over the largest (ones if the runs do not say)."""
+    from simfluence.collect.schedules import run_learning_rates
+
+    rates = run_learning_rates(runs.meta, runs.num_steps)
+    if rates is None or not np.isfinite(rates).all() or rates.max() <= 0:
+        return np.ones(runs.num_steps)
+    return rates / rates.max()
+
+
+def adam_momentum(meta: dict) -> float | None:
+    """Adam's ``beta1`` when the runs' meta says they were trained with Adam(W), else ``None``."""
+    trainer = meta.get("trainer") if isinstance(meta.get("trainer"), dict) else {}
+    optimizer = str(trainer.get("optim") or meta.get("optimizer") or "").lower()
+    if optimizer.startswith("adam") or optimizer in ADAM_OPTIMIZERS:
+        beta1 = trainer.get("adam_beta1", 0.9)
+        return float(beta1) if isinstance(beta1, (int, float)) and 0 <= beta1 < 1 else 0.9
+    return None
+
+
+@register
+class TrajectorySimulator(Simulator):
+    """Linear model of the rolled-out trajectory with step-aware effects (see the module docstring).
+
+    Args:
+        ridge: fixed ridge strength for every test example; ``None`` (default) chooses one per
+            test example by cross-validation.
+        space: ``"loss"``, ``"log"`` or ``"auto"`` (cross-validated; ``"log"`` only where every
+            fitting loss is positive).
+        momentum: :math:`\\rho` in ``[0, 1)``, or ``"auto"``: cross-validated over ``{0, beta1}``
+            for runs trained with Adam(W) (their meta says so), else 0.
+        decay: :math:`\\delta` in ``(0, 1]``, or ``"auto"``: cross-validated over
+            :data:`DECAYS`.
+        rank: keep the ``k`` leading directions of the effect matrix (0: full rank), or
+            ``"auto"``: cross-validated over 1, 2, 4, ... and the full rank.
+        schedule: scale each step's effects by its learning rate (from the runs' meta).
+        cv_folds: folds of fitting runs for the cross-validation.
+        seed: the folds' shuffle.
+
+    Fitted state: ``coef_`` float64 ``[N, M]`` (:math:`b`), ``offset_`` ``[T_fit + 1, M]``
+    (:math:`G`), ``rates_`` ``[T_fit]`` (:math:`s`), ``ridge_`` ``[M]``, and the chosen
+    ``space_``, ``momentum_``, ``decay_``.
+    """
+
+    kind = "linear-trajectory"
+
+    def __init__(self, ridge: float | None = None, space: str = "auto", momentum: float | str = "auto",
+                 decay: float | str = "auto", rank: int | str = "auto", schedule: bool = True, cv_folds: int = 3,
+                 seed: int = 0):
+        super().__init__()
+        if ridge is not None and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"ridge: expected a finite number >= 0 or None, got {ridge!r}")
+        if space not in SPACES + ("auto",):
+            raise ValueError(f"space: expected one of {SPACES + ('auto',)}, got {space!r}")
+        if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum: expected a number in [0, 1) or 'auto', got {momentum!r}")
+        if decay != "auto" and not (isinstance(decay, (int, float)) and 0 < decay <= 1):
+            raise ValueError(f"decay: expected a number in (0, 1] or 'auto', got {decay!r}")
+        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, (int, float)) or int(rank) != rank
+                               or rank < 0):
+            raise ValueError(f"rank: expected an integer >= 1, 0 for full rank, or 'auto', got {rank!r}")
+        if isinstance(cv_folds, bool) or int(cv_folds) != cv_folds or cv_folds < 2:
+            raise ValueError(f"cv_folds: expected an integer >= 2, got {cv_folds!r}")
+        self.ridge, self.space, self.momentum, self.decay = ridge, space, momentum, decay
+        self.rank = rank if rank == "auto" else int(rank)
+        self.schedule, self.cv_folds, self.seed = bool(schedule), int(cv_folds), int(seed)
+
+    def _params(self) -> dict[str, Any]:
+        return {"ridge": self.ridge, "space": self.space, "momentum": self.momentum, "decay": self.decay,
+                "rank": self.rank, "schedule": self.schedule, "cv_folds": self.cv_folds, "seed": self.seed}
+
+    # --- fitting ---------------------------------------------------------------------
+    def _fit(self, runs: RunSet) -> None:
+        losses = runs.losses.astype(np.float64)
+        rates = step_weights(runs) if self.schedule else np.ones(runs.num_steps)
+        positive = bool((losses > 0).all())
+        spaces = [self.space] if self.space != "auto" else (["loss", "log"] if positive else ["loss"])
+        if "log" in spaces and not positive:
+            raise RunDataError("<runs>", "losses", "space='log' needs every loss > 0", "use space='loss'")
+        beta1 = adam_momentum(runs.meta)
+        momenta = [float(self.momentum)] if self.momentum != "auto" else ([0.0] if beta1 is None else [0.0, beta1])
+        decays = [float(self.decay)] if self.decay != "auto" else list(DECAYS)
+        folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
+                               min(self.cv_folds, runs.num_runs))
+        table = []
+        best = None
+        for space, momentum, decay in itertools.product(spaces, momenta, decays):
+            features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay)[:, runs.eval_steps]
+            target = _transform(losses, space)
+            if runs.num_runs >= 2:
+                ridges = _cross_validate(features, target, losses, space, folds, self.ridge)
+                ranks = _ranks(runs.num_train, runs.num_test) if self.rank == "auto" else [self.rank]
+                rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
+                error, rank = min(zip(rank_errors, ranks))
+                if self.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them
+                    ridges = ridges * len(folds) / (len(folds) - 1)
+            else:
+                error, ridges, rank = float("nan"), np.full(runs.num_test, self.ridge or 1.0), 0
+            table.append({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error})
+            if best is None or (math.isfinite(error) and error < best[0]):
+                best = (error, space, momentum, decay, rank, features, target, ridges)
+        error, space, momentum, decay, rank, features, target, ridges = best
+        coef, offset = _solve(features, target, ridges, rank)
+        self.coef_, self.ridge_, self.rates_ = coef, ridges, rates
+        self.space_, self.momentum_, self.decay_ = space, momentum, decay
+        self.offset_ = _interpolate(offset, runs.eval_steps, runs.num_steps)
+        self.floor_ = 0.0 if bool((losses >= 0).all()) else -np.inf
+        self.rank_ = rank
+        self.fit_info.update({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error,
+                              "ridge_median": float(np.median(ridges)), "cv_table": table})
+
+    # --- simulation ------------------------------------------------------------------
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        features = trajectory_features(curricula, self.train_ids.size, self.rates_, self.momentum_, self.decay_)
+        steps = np.minimum(np.arange(curricula.shape[1] + 1), self.offset_.shape[0] - 1)
+        z0 = _transform(initial[:, None, :], self.space_)
+        z = z0 + self.offset_[steps][None] + features @ self.coef_
+        losses = np.exp(z) if self.space_ == "log" else np.maximum(z, self.floor_)
+        losses[:, 0] = initial
+        return losses.astype(np.float32)
+
+    # --- persistence -----------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"coef": self.coef_, "offset": self.offset_, "rates": self.rates_, "ridge": self.ridge_,
+                "choice": np.array([SPACES.index(self.space_), self.momentum_, self.decay_, self.floor_, self.rank_])}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.coef_, self.offset_, self.rates_, self.ridge_ = (np.asarray(arrays[key], dtype=np.float64)
+                                                              for key in ("coef", "offset", "rates", "ridge"))
+        choice = np.asarray(arrays["choice"], dtype=np.float64)
+        n, m = self.train_ids.size, self.test_ids.size
+        if self.coef_.shape != (n, m) or self.offset_.ndim != 2 or self.offset_.shape[1] != m or choice.shape != (5,):
+            raise ValueError("array shapes do not match the ids")
+        for name, value in (("coef", self.coef_), ("offset", self.offset_), ("rates", self.rates_),
+                            ("ridge", self.ridge_), ("choice", choice[:3])):
+            if not np.isfinite(value).all():
+                raise ValueError(f"'{name}' holds NaN or inf")
+        if int(choice[0]) not in (0, 1):
+            raise ValueError("'choice' names no known space")
+        self.space_, self.momentum_, self.decay_, self.floor_ = SPACES[int(choice[0])], *map(float, choice[1:4])
+        self.rank_ = int(choice[4])
+
+
+def _transform(losses: np.ndarray, space: str) -> np.ndarray:
+    return np.log(losses) if space == "log" else losses
+
+
+def _inverse(z: np.ndarray, space: str) -> np.ndarray:
+    return np.exp(z) if space == "log" else z
+
+
+def _interpolate(offset: np.ndarray, eval_steps: np.ndarray, num_steps: int) -> np.ndarray:
+    """``[K, M]`` at ``eval_steps`` -> ``[T + 1, M]`` at every step (linear between evaluations)."""
+    if offset.shape[0] == num_steps + 1:
+        return offset
+    steps = np.arange(num_steps + 1)
+    return np.stack([np.interp(steps, eval_steps, offset[:, m]) for m in range(offset.shape[1])], axis=1)
+
+
+def _centred(features: np.ndarray, target: np.ndarray):
+    """Per-step centring over runs, steps ``1..`` only: ``(F - mean F, Δz - mean Δz)`` flattened, and the means."""
+    delta = target[:, 1:] - target[:, :1]
+    f_mean, d_mean = features[:, 1:].mean(axis=0), delta.mean(axis=0)
+    x = (features[:, 1:] - f_mean).reshape(-1, features.shape[-1])
+    y = (delta - d_mean).reshape(-1, target.shape[-1])
+    return x, y, f_mean, d_mean
+
+
+def _solve(features: np.ndarray, target: np.ndarray, ridges: np.ndarray, rank: int = 0):
+    """Ridge coefficients ``[N, M]`` (one strength per test example, reduced to ``rank`` unless 0)
+    and the per-step offsets ``[K, M]``."""
+    x, y, f_mean, d_mean = _centred(features, target)
+    values, vectors = np.linalg.eigh(x.T @ x)
+    projected = vectors.T @ (x.T @ y)                                  # [N, M]
+    coef = vectors @ (projected / (np.maximum(values, 0)[:, None] + ridges[None, :]))
+    if rank:
+        coef = _reduce(coef, x, [rank])[0]
+    offset = np.vstack([np.zeros((1, target.shape[-1])), d_mean - f_mean @ coef])
+    return coef, offset
+
+
+def _ranks(num_train: int, num_test: int) -> list[int]:
+    """Candidate ranks: 1, 2, 4, ... below ``min(N, M)``, and 0 (full rank)."""
+    limit = min(num_train, num_test)
+    return [2 ** k for k in range(int(math.log2(max(limit, 1))) + 1) if 2 ** k < limit] + [0]
+
+
+def _reduce(coef: np.ndarray, x: np.ndarray, ranks: list[int]) -> list[np.ndarray]:
+    """``coef`` ``[N, M]`` reduced to each rank (0: unchanged): ``B V_k V_k^T`` with ``V`` the right
+    singular vectors of the fitted values ``x @ coef``."""
+    _, _, vt = np.linalg.svd(x @ coef, full_matrices=False)
+    return [coef if not k else (coef @ vt[:k].T) @ vt[:k] for k in ranks]
+
+
+def _rank_errors(features, target, losses, space, folds, ridges, ranks) -> list[float]:
+    """Held-out-fold all-steps MSE (loss units) of each rank, at the chosen ridges."""
+    num_runs = losses.shape[0]
+    errors = np.zeros(len(ranks))
+    for fold in folds:
+        train = np.setdiff1d(np.arange(num_runs), fold)
+        x, y, f_mean, d_mean = _centred(features[train], target[train])
+        values, vectors = np.linalg.eigh(x.T @ x)
+        coef = vectors @ ((vectors.T @ (x.T @ y)) / (np.maximum(values, 0)[:, None] + ridges[None, :]))
+        base = target[fold][:, :1] + d_mean
+        centred = features[fold][:, 1:] - f_mean
+        for j, reduced in enumerate(_reduce(coef, x, ranks)):
+            predicted = _inverse(base + centred @ reduced, space)
+            if space == "loss" and (losses >= 0).all():
+                predicted = np.maximum(predicted, 0.0)
+            errors[j] += ((predicted - losses[fold][:, 1:]) ** 2).sum()
+    return (errors / (num_runs * (losses.shape[1] - 1) * losses.shape[2])).tolist()
+
+
+def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray, space: str, folds: list,
+                    ridge: float | None) -> np.ndarray:
+    """Each test example's ridge ``[M]``: the grid value with the least held-out-fold error.
+
+    The grid spans :data:`GRID_DECADES` below the largest eigenvalue of the features' Gram
+    matrix; where a test example's best value lies on an edge, the grid is extended by three
+    decades on that side and searched again (up to four times).
+    """
+    num_runs, _, num_test = losses.shape
+    decades = GRID_DECADES
+    for _ in range(5):
+        grid = np.array([ridge]) if ridge is not None else None
+        errors = None
+        for fold in folds:
+            train = np.setdiff1d(np.arange(num_runs), fold)
+            x, y, f_mean, d_mean = _centred(features[train], target[train])
+            values, vectors = np.linalg.eigh(x.T @ x)
+            if grid is None:
+                top = max(float(values.max()), 1e-12)
+                grid = top * np.logspace(*decades, GRID_POINTS)
+            projected = vectors.T @ (x.T @ y)                           # [N, M]
+            rotated = (features[fold][:, 1:] - f_mean) @ vectors          # [r, K-1, N]
+            base = target[fold][:, :1] + d_mean                           # [r, K-1, M]
+            fold_errors = np.empty((grid.size, num_test))
+            for g, value in enumerate(grid):
+                coef = projected / (np.maximum(values, 0)[:, None] + value)
+                predicted = _inverse(base + rotated @ coef, space)
+                if space == "loss" and (losses >= 0).all():
+                    predicted = np.maximum(predicted, 0.0)
+                fold_errors[g] = ((predicted - losses[fold][:, 1:]) ** 2).sum(axis=(0, 1))
+            errors = fold_errors if errors is None else errors + fold_errors
+        best = errors.argmin(axis=0)
+        if ridge is not None or grid.size == 1:
+            break
+        low, high = (best == 0).any(), (best == grid.size - 1).any()
+        if not (low or high):
+            break
+        decades = (decades[0] - 3 * low, decades[1] + 3 * high)
+        if decades[1] > 12:   # effects shrunk to nothing: the per-step term alone (the mean trajectory)
+            break
+    return grid[best]
