@@ -26,7 +26,7 @@ from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
 from simfluence.simulators.uncertainty import interval_coverage
 
-LEARNED = ("linear", "linear-identity", "additive", "featurized")  # featurized reads the task from the runs
+LEARNED = ("auto", "linear-trajectory", "linear", "linear-identity", "additive", "featurized")  # featurized: task
 EXTENSIONS = ("linear-bootstrap", "linear-pairwise")
 GRADIENT = ("grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled")
 BASELINES = ("mean-trajectory", "constant")

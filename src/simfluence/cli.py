@@ -18,7 +18,7 @@ from simfluence.runs import RunDataError, load_runs, save_runs
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.atomic import atomic_path
 
-METHODS = ["linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive", "mean-trajectory",
+METHODS = ["auto", "linear-trajectory", "linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive", "mean-trajectory",
            "constant", "featurized"]
 RIDGE_METHODS = ("linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive")
 GRADIENT_METHODS = ["grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled"]
@@ -46,8 +46,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("runs", type=click.Path(exists=True))
-@click.option("--method", type=click.Choice(METHODS + GRADIENT_METHODS), default="linear-identity",
-              show_default=True, help="Gradient methods and featurized take the task (model, data) from the runs' meta.")
+@click.option("--method", type=click.Choice(METHODS + GRADIENT_METHODS), default="auto", show_default=True,
+              help="auto: the family with the least cross-validated error on the fitting runs. Gradient methods "
+                   "and featurized take the task (model, data) from the runs' meta.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
 @click.option("--ridge", type=float, default=None, help="Ridge strength; default: chosen by cross-validation.")
 @click.option("--cv-folds", type=int, default=3, show_default=True)
@@ -65,17 +66,28 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     run_set = load_runs(runs)
     if checkpoints and not method.startswith("tracin-cp"):
         raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
-    if ridge is not None and method not in RIDGE_METHODS:
-        raise ValueError(f"--ridge: '{method}' has no ridge strength; it applies to {', '.join(RIDGE_METHODS)}")
+    if ridge is not None and method not in RIDGE_METHODS + ("linear-trajectory",):
+        raise ValueError(f"--ridge: '{method}' has no single ridge strength; it applies to "
+                         f"{', '.join(RIDGE_METHODS + ('linear-trajectory',))}")
     params = {}
     precision = {"dtype": dtype} if dtype else {}
     if method in RIDGE_METHODS:
         params = {"ridge": ridge, "cv_folds": cv_folds, "device": device, **precision}
+    elif method == "linear-trajectory":
+        params = {"ridge": ridge, "cv_folds": cv_folds}
+    elif method == "auto":
+        params = {"cv_folds": cv_folds}
     elif method in GRADIENT_METHODS:
         params = {"device": device, **precision, **({"checkpoints": checkpoints} if checkpoints else {})}
     simulator = make_simulator(method, **params).fit(run_set)
     simulator.save(out)
-    info = {key: value for key, value in simulator.fit_info.items() if key != "cv_scores"}
+    info = {key: value for key, value in simulator.fit_info.items() if key not in ("cv_scores", "cv_table")}
+    table = simulator.fit_info.get("cv_table") if method == "auto" else None
+    if table:
+        click.echo("cross-validated all-steps MSE on the fitting runs (lower is better):")
+        for row in sorted(table, key=lambda row: row["cv_mse"]):
+            click.echo(f"  {row['method']:<20} {row['cv_mse']:.4g}")
+        click.echo(f"chose {simulator.chosen_}")
     click.echo(f"fitted {method} on {run_set!r}: {json.dumps(info)}")
     click.echo(f"wrote {out}")
 

@@ -141,9 +141,10 @@ class Evaluation:
                  for row in [header] + body]
         lines.insert(1, "  ".join("-" * w for w in widths))
         baseline = self.baselines.get("mean-trajectory")
-        if baseline is not None and self.metrics.mse > 0:
+        if baseline is not None and self.metrics.mse > 0 and math.isfinite(self.metrics.mse):
             ratio = baseline.mse / self.metrics.mse
-            verdict = f"{ratio:.2f}x lower than" if ratio >= 1 else f"{1 / ratio:.2f}x higher than"
+            verdict = f"{ratio:.2f}x lower than" if ratio >= 1 else \
+                ("higher than" if ratio == 0 else f"{1 / ratio:.2f}x higher than")
             lines.append(f"\nall-steps MSE: {verdict} the mean trajectory's "
                          f"({self.num_runs} held-out runs, {self.num_steps} steps, {self.num_test} test examples)")
         note = self.fitting_runs_note()

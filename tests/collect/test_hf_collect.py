@@ -347,3 +347,13 @@ def test_concurrent_creation_of_one_store_lets_exactly_one_win(tmp_path):
         assert outcomes[1] == "ok" and outcomes[0].startswith("error:") and "meta" in outcomes[0], outcomes
         assert json.loads((root / "simfluence-store.json").read_text())["meta"]["lr"] in (0.1, 0.2)
         shutil.rmtree(root)
+
+
+def test_example_script_collects_a_users_trainer_and_fits(tmp_path):
+    script = TESTS.parent / "examples" / "own_trainer.py"
+    result = subprocess.run([sys.executable, str(script), "--runs", "3", "--steps", "2", "--heldout", "1",
+                             "--out", str(tmp_path / "own")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "96 training and 48 test examples" in result.stdout and "auto chose" in result.stdout
+    runs = RunStore(tmp_path / "own").load()
+    assert runs.num_runs == 3 and runs.losses.shape[1:] == (3, 48)

@@ -22,6 +22,9 @@ from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Simulator, register
 
 CANDIDATES = ("linear-trajectory", "linear-identity", "mean-trajectory")
+MIN_RUNS = 4
+"""Fewer fitting runs leave a fold too few to fit a candidate with its own cross-validation:
+then the first candidate is used without a choice."""
 
 
 @register
@@ -65,7 +68,7 @@ class AutoSimulator(Simulator):
         from simfluence.simulators.linear import all_steps_mse
 
         table = []
-        if runs.num_runs >= 2 and len(self.candidates) > 1:
+        if runs.num_runs >= MIN_RUNS and len(self.candidates) > 1:
             folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
                                    min(self.cv_folds, runs.num_runs))
             for kind in self.candidates:

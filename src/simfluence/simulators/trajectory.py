@@ -59,6 +59,13 @@ SPACES = ("loss", "log")
 DECAYS = (1.0, 0.97, 0.9)
 GRID_DECADES = (-8.0, 1.0)
 GRID_POINTS = 19
+MIN_CV_RUNS = 4
+"""With fewer fitting runs nothing is cross-validated: loss space, no forgetting, and a ridge
+as large as the features' largest eigenvalue (effects strongly shrunk towards the mean
+trajectory)."""
+CLIP = 2.0
+"""Simulated losses are kept within ``[0, CLIP x the largest fitting loss]`` (non-negative
+losses): beyond that a linear model extrapolates far outside anything it has seen."""
 ADAM_OPTIMIZERS = ("adam", "adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused")
 
 
@@ -175,10 +182,13 @@ class TrajectorySimulator(Simulator):
                                min(self.cv_folds, runs.num_runs))
         table = []
         best = None
+        if runs.num_runs < MIN_CV_RUNS:   # too few runs to cross-validate: strong shrinkage, no choices
+            spaces, momenta = ["loss"] if self.space == "auto" else spaces, momenta[-1:]
+            decays = [1.0] if self.decay == "auto" else decays
         for space, momentum, decay in itertools.product(spaces, momenta, decays):
             features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay)[:, runs.eval_steps]
             target = _transform(losses, space)
-            if runs.num_runs >= 2:
+            if runs.num_runs >= MIN_CV_RUNS:
                 ridges = _cross_validate(features, target, losses, space, folds, self.ridge)
                 ranks = _ranks(runs.num_train, runs.num_test) if self.rank == "auto" else [self.rank]
                 rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
@@ -186,7 +196,10 @@ class TrajectorySimulator(Simulator):
                 if self.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them
                     ridges = ridges * len(folds) / (len(folds) - 1)
             else:
-                error, ridges, rank = float("nan"), np.full(runs.num_test, self.ridge or 1.0), 0
+                x = _centred(features, target)[0]
+                strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
+                error, ridges = float("nan"), np.full(runs.num_test, self.ridge if self.ridge is not None else strong)
+                rank = self.rank if self.rank != "auto" else 0
             table.append({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error})
             if best is None or (math.isfinite(error) and error < best[0]):
                 best = (error, space, momentum, decay, rank, features, target, ridges)
@@ -196,6 +209,7 @@ class TrajectorySimulator(Simulator):
         self.space_, self.momentum_, self.decay_ = space, momentum, decay
         self.offset_ = _interpolate(offset, runs.eval_steps, runs.num_steps)
         self.floor_ = 0.0 if bool((losses >= 0).all()) else -np.inf
+        self.ceiling_ = CLIP * float(losses.max()) if bool((losses >= 0).all()) else np.inf
         self.rank_ = rank
         self.fit_info.update({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error,
                               "ridge_median": float(np.median(ridges)), "cv_table": table})
@@ -206,21 +220,24 @@ class TrajectorySimulator(Simulator):
         steps = np.minimum(np.arange(curricula.shape[1] + 1), self.offset_.shape[0] - 1)
         z0 = _transform(initial[:, None, :], self.space_)
         z = z0 + self.offset_[steps][None] + features @ self.coef_
-        losses = np.exp(z) if self.space_ == "log" else np.maximum(z, self.floor_)
+        if self.space_ == "log":
+            z = np.minimum(z, np.log(self.ceiling_))
+        losses = np.clip(_inverse(z, self.space_), self.floor_, self.ceiling_)
         losses[:, 0] = initial
         return losses.astype(np.float32)
 
     # --- persistence -----------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"coef": self.coef_, "offset": self.offset_, "rates": self.rates_, "ridge": self.ridge_,
-                "choice": np.array([SPACES.index(self.space_), self.momentum_, self.decay_, self.floor_, self.rank_])}
+                "choice": np.array([SPACES.index(self.space_), self.momentum_, self.decay_, self.floor_, self.rank_,
+                                    self.ceiling_])}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.coef_, self.offset_, self.rates_, self.ridge_ = (np.asarray(arrays[key], dtype=np.float64)
                                                               for key in ("coef", "offset", "rates", "ridge"))
         choice = np.asarray(arrays["choice"], dtype=np.float64)
         n, m = self.train_ids.size, self.test_ids.size
-        if self.coef_.shape != (n, m) or self.offset_.ndim != 2 or self.offset_.shape[1] != m or choice.shape != (5,):
+        if self.coef_.shape != (n, m) or self.offset_.ndim != 2 or self.offset_.shape[1] != m or choice.shape != (6,):
             raise ValueError("array shapes do not match the ids")
         for name, value in (("coef", self.coef_), ("offset", self.offset_), ("rates", self.rates_),
                             ("ridge", self.ridge_), ("choice", choice[:3])):
@@ -229,7 +246,7 @@ class TrajectorySimulator(Simulator):
         if int(choice[0]) not in (0, 1):
             raise ValueError("'choice' names no known space")
         self.space_, self.momentum_, self.decay_, self.floor_ = SPACES[int(choice[0])], *map(float, choice[1:4])
-        self.rank_ = int(choice[4])
+        self.rank_, self.ceiling_ = int(choice[4]), float(choice[5])
 
 
 def _transform(losses: np.ndarray, space: str) -> np.ndarray:
