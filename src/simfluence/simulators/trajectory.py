@@ -12,8 +12,11 @@ steps. This simulator models the trajectory itself:
     F_t = \delta\, F_{t-1} + s_t\, u_t, \qquad
     u_t = \rho\, u_{t-1} + (1 - \rho)\, x_t,
 
-* :math:`z = L` (``space="loss"``) or :math:`z = \log L` (``space="log"``: effects
-  proportional to the loss, predictions never negative);
+* :math:`z = L` (``space="loss"``), :math:`z = \log L` (``space="log"``: effects
+  proportional to the loss, predictions never negative) or :math:`z = \log(e^L - 1)`
+  (``space="margin"``, the inverse of softplus: for a cross-entropy :math:`L =
+  \log(1 + e^{-\text{margin}})` this is minus the margin, in which training moves a
+  classifier about linearly; like ``log`` for small losses and like ``loss`` for large ones);
 * :math:`x_t \in \mathbb{R}^N`: the batch of step ``t`` as example counts divided by the
   batch size; :math:`u_t` its momentum-smoothed form (``momentum`` :math:`\rho`, Adam's
   :math:`\beta_1` where the runs name it; 0 for SGD);
@@ -55,8 +58,8 @@ import numpy as np
 from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Simulator, register
 
-SPACES = ("loss", "log")
-DECAYS = (1.0, 0.97, 0.9)
+SPACES = ("loss", "log", "margin")
+DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7)
 GRID_DECADES = (-8.0, 1.0)
 GRID_POINTS = 19
 MIN_CV_RUNS = 4
@@ -123,8 +126,8 @@ class TrajectorySimulator(Simulator):
     Args:
         ridge: fixed ridge strength for every test example; ``None`` (default) chooses one per
             test example by cross-validation.
-        space: ``"loss"``, ``"log"`` or ``"auto"`` (cross-validated; ``"log"`` only where every
-            fitting loss is positive).
+        space: ``"loss"``, ``"log"``, ``"margin"`` or ``"auto"`` (cross-validated; ``"log"`` and
+            ``"margin"`` only where every fitting loss is positive).
         momentum: :math:`\\rho` in ``[0, 1)``, or ``"auto"``: cross-validated over ``{0, beta1}``
             for runs trained with Adam(W) (their meta says so), else 0.
         decay: :math:`\\delta` in ``(0, 1]``, or ``"auto"``: cross-validated over
@@ -172,9 +175,9 @@ class TrajectorySimulator(Simulator):
         losses = runs.losses.astype(np.float64)
         rates = step_weights(runs) if self.schedule else np.ones(runs.num_steps)
         positive = bool((losses > 0).all())
-        spaces = [self.space] if self.space != "auto" else (["loss", "log"] if positive else ["loss"])
-        if "log" in spaces and not positive:
-            raise RunDataError("<runs>", "losses", "space='log' needs every loss > 0", "use space='loss'")
+        spaces = [self.space] if self.space != "auto" else (list(SPACES) if positive else ["loss"])
+        if self.space in ("log", "margin") and not positive:
+            raise RunDataError("<runs>", "losses", f"space='{self.space}' needs every loss > 0", "use space='loss'")
         beta1 = adam_momentum(runs.meta)
         momenta = [float(self.momentum)] if self.momentum != "auto" else ([0.0] if beta1 is None else [0.0, beta1])
         decays = [float(self.decay)] if self.decay != "auto" else list(DECAYS)
@@ -220,8 +223,8 @@ class TrajectorySimulator(Simulator):
         steps = np.minimum(np.arange(curricula.shape[1] + 1), self.offset_.shape[0] - 1)
         z0 = _transform(initial[:, None, :], self.space_)
         z = z0 + self.offset_[steps][None] + features @ self.coef_
-        if self.space_ == "log":
-            z = np.minimum(z, np.log(self.ceiling_))
+        if self.space_ != "loss":   # keep exp() finite; the clip below bounds the loss anyway
+            z = np.minimum(z, _transform(np.array(self.ceiling_), self.space_))
         losses = np.clip(_inverse(z, self.space_), self.floor_, self.ceiling_)
         losses[:, 0] = initial
         return losses.astype(np.float32)
@@ -243,18 +246,26 @@ class TrajectorySimulator(Simulator):
                             ("ridge", self.ridge_), ("choice", choice[:3])):
             if not np.isfinite(value).all():
                 raise ValueError(f"'{name}' holds NaN or inf")
-        if int(choice[0]) not in (0, 1):
+        if int(choice[0]) not in range(len(SPACES)):
             raise ValueError("'choice' names no known space")
         self.space_, self.momentum_, self.decay_, self.floor_ = SPACES[int(choice[0])], *map(float, choice[1:4])
         self.rank_, self.ceiling_ = int(choice[4]), float(choice[5])
 
 
 def _transform(losses: np.ndarray, space: str) -> np.ndarray:
-    return np.log(losses) if space == "log" else losses
+    if space == "log":
+        return np.log(losses)
+    if space == "margin":   # log(e^L - 1), written to stay accurate for small and large L
+        return np.where(losses > 20, losses, np.log(np.expm1(np.minimum(losses, 20))))
+    return losses
 
 
 def _inverse(z: np.ndarray, space: str) -> np.ndarray:
-    return np.exp(z) if space == "log" else z
+    if space == "log":
+        return np.exp(z)
+    if space == "margin":
+        return np.logaddexp(0.0, z)
+    return z
 
 
 def _interpolate(offset: np.ndarray, eval_steps: np.ndarray, num_steps: int) -> np.ndarray:
