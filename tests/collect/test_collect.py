@@ -123,3 +123,13 @@ def test_process_pool_matches_in_process(tmp_path):
     pooled = _collect(tmp_path / "pool", num_runs=4, num_steps=10, workers=2).load()
     np.testing.assert_array_equal(pooled.curricula, local.curricula)
     np.testing.assert_array_equal(pooled.losses, local.losses)
+
+
+def test_a_second_collection_into_a_store_in_use_is_refused(tmp_path):
+    import os
+
+    store = collect("digits-mlp", tmp_path / "s", num_runs=1, num_steps=3, progress=False)
+    with store.collecting():
+        with pytest.raises(RunDataError, match=rf"the store is in use by PID {os.getpid()} \(another collection\)"):
+            collect("digits-mlp", tmp_path / "s", num_runs=2, num_steps=3, progress=False)
+    assert len(collect("digits-mlp", tmp_path / "s", num_runs=2, num_steps=3, progress=False)) == 2

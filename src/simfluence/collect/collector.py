@@ -121,20 +121,27 @@ def collect(
     store = RunStore.create(out_dir, task.train_ids, task.test_ids,
                             collection_meta(task, num_steps, seed, sampler, eval_steps, checkpoint_steps),
                             exist_ok=True)
+    with store.collecting():
+        _train_pending(task, store, num_runs, num_steps, seed, sampler, eval_steps, executor, vectorize, chunk_size,
+                       threads, checkpoint_steps, progress)
+    return store
+
+
+def _train_pending(task, store, num_runs, num_steps, seed, sampler, eval_steps, executor, vectorize, chunk_size,
+                   threads, checkpoint_steps, progress) -> None:
     done = set(store.run_ids())
     pending = [index for index in range(num_runs) if run_id_of(index) not in done]
     if not pending:
-        return store
+        return
 
     if chunk_size is None:
         chunk_size = min(MAX_CHUNK, math.ceil(len(pending) / executor.workers))
     chunks = [Chunk(task, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
                     eval_steps, vectorize, threads, checkpoint_steps)
               for indices in split_chunks(pending, int(chunk_size))]
-    with tqdm(total=len(pending), unit="run", desc=f"collect {task.name}", disable=not progress) as bar:
+    with tqdm(total=len(pending), unit="run", desc=f"collect {task.name}", disable=None if progress else True) as bar:
         for written in executor.map(run_chunk, chunks):
             bar.update(len(written))
-    return store
 
 
 def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, seed: int, sampler: Sampler,
@@ -153,7 +160,7 @@ def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, se
             raise ValueError(f"eval_steps: task '{task.name}' evaluates every k-th step (and the last); "
                              f"give steps 0, k, 2k, ..., {num_steps}")
     spec = TrainerSpec(task.make_trainer, task.examples("test"), tuple(task.train_ids.tolist()),
-                       tuple(task.test_ids.tolist()), task.collator(), None, eval_every)
+                       tuple(task.test_ids.tolist()), task.collator(), None, eval_every, task.eval_batch_size)
     meta = collection_meta(task, num_steps, seed, sampler, eval_steps)
     return collect_spec(spec, out_dir, num_runs, num_steps, sampler, seed, meta, desc=f"collect {task.name}",
                         **options)

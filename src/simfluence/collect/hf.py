@@ -279,17 +279,18 @@ def collect_spec(spec: TrainerSpec, out_dir: str | os.PathLike, num_runs: int, n
     from tqdm.auto import tqdm
 
     store = RunStore.create(out_dir, list(spec.train_ids), list(spec.test_ids), store_meta, exist_ok=True)
-    done = set(store.run_ids())
-    pending = [index for index in range(num_runs) if run_id_of(index) not in done]
-    if not pending:
-        return store
-    runner = get_executor(executor, workers, address=address, gpus_per_task="auto")
-    chunk_size = max(1, math.ceil(len(pending) / (runner.workers * 4)))
-    chunks = [TrainerChunk(spec, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
-                           threads) for indices in split_chunks(pending, chunk_size)]
-    with tqdm(total=len(pending), unit="run", desc=desc, disable=None if progress else True) as bar:
-        for written in runner.map(run_trainer_chunk, chunks):
-            bar.update(len(written))
+    with store.collecting():
+        done = set(store.run_ids())
+        pending = [index for index in range(num_runs) if run_id_of(index) not in done]
+        if not pending:
+            return store
+        runner = get_executor(executor, workers, address=address, gpus_per_task="auto")
+        chunk_size = max(1, math.ceil(len(pending) / (runner.workers * 4)))
+        chunks = [TrainerChunk(spec, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
+                               threads) for indices in split_chunks(pending, chunk_size)]
+        with tqdm(total=len(pending), unit="run", desc=desc, disable=None if progress else True) as bar:
+            for written in runner.map(run_trainer_chunk, chunks):
+                bar.update(len(written))
     return store
 
 

@@ -58,6 +58,7 @@ VERSION = 1
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 CREATE_LOCK = ".simfluence-store.lock"
+COLLECT_LOCK = ".simfluence-collect.lock"
 
 
 @contextlib.contextmanager
@@ -143,6 +144,37 @@ class RunStore:
             (root / "runs").mkdir(parents=True, exist_ok=True)
             write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
         return cls(root)
+
+    # --- exclusive use ------------------------------------------------------------
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[RunStore]:
+        """Hold the store's collection lock for the block (an OS lock, released if the process dies).
+
+        Two collections into one store would train the same runs twice and, with other
+        settings, mix runs of different settings; the second one is refused at once with a
+        :class:`RunDataError` naming the holder's PID.
+        """
+        path = self.root / COLLECT_LOCK
+        with open(path, "a+") as handle:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    raise RunDataError(str(self.root), "lock", f"the store is in use by PID {holder} (another "
+                                       "collection)", "wait for it to finish, or collect into another directory") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield self
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     # --- runs ---------------------------------------------------------------------
     def run_path(self, run_id: str) -> Path:

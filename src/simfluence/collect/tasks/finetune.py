@@ -30,7 +30,7 @@ import functools
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -88,6 +88,8 @@ class MiniLMFinetune(Task):
     optimizer = "adamw"
     runner = "trainer"
     extras = ("text", "hf")
+    eval_batch_size: ClassVar[int] = 8
+    """Test examples per forward pass: small length-sorted chunks pad little (benchmarks/minilm_finetune.py)."""
 
     learning_rate: float = 5e-5
     batch_size: int = 4
