@@ -59,9 +59,10 @@ from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Simulator, register
 
 SPACES = ("loss", "log", "margin")
-DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7)
+DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
 GRID_DECADES = (-8.0, 1.0)
-GRID_POINTS = 19
+GRID_STEP = 0.5
+"""Ridge grid: ``10**e`` times the features' largest Gram eigenvalue, ``e`` in steps of half a decade."""
 MIN_CV_RUNS = 4
 """With fewer fitting runs nothing is cross-validated: loss space, no forgetting, and a ridge
 as large as the features' largest eigenvalue (effects strongly shrunk towards the mean
@@ -183,30 +184,32 @@ class TrajectorySimulator(Simulator):
         decays = [float(self.decay)] if self.decay != "auto" else list(DECAYS)
         folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
                                min(self.cv_folds, runs.num_runs))
-        table = []
-        best = None
+        table: list[dict] = []
         if runs.num_runs < MIN_CV_RUNS:   # too few runs to cross-validate: strong shrinkage, no choices
-            spaces, momenta = ["loss"] if self.space == "auto" else spaces, momenta[-1:]
-            decays = [1.0] if self.decay == "auto" else decays
-        for space, momentum, decay in itertools.product(spaces, momenta, decays):
+            space = "loss" if self.space == "auto" else self.space
+            momentum, decay = momenta[-1], 1.0 if self.decay == "auto" else decays[0]
             features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay)[:, runs.eval_steps]
             target = _transform(losses, space)
-            if runs.num_runs >= MIN_CV_RUNS:
-                ridges = _cross_validate(features, target, losses, space, folds, self.ridge)
-                ranks = _ranks(runs.num_train, runs.num_test) if self.rank == "auto" else [self.rank]
-                rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
-                error, rank = min(zip(rank_errors, ranks))
-                if self.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them
-                    ridges = ridges * len(folds) / (len(folds) - 1)
-            else:
-                x = _centred(features, target)[0]
-                strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
-                error, ridges = float("nan"), np.full(runs.num_test, self.ridge if self.ridge is not None else strong)
-                rank = self.rank if self.rank != "auto" else 0
-            table.append({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error})
-            if best is None or (math.isfinite(error) and error < best[0]):
-                best = (error, space, momentum, decay, rank, features, target, ridges)
-        error, space, momentum, decay, rank, features, target, ridges = best
+            x = _centred(features, target)[0]
+            strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
+            error, ridges = float("nan"), np.full(runs.num_test, self.ridge if self.ridge is not None else strong)
+            rank = self.rank if self.rank != "auto" else 0
+        else:
+            cache: dict[tuple, tuple] = {}
+            for space, momentum, decay in itertools.product(spaces, momenta, decays):
+                features = trajectory_features(runs.curricula, runs.num_train, rates, momentum,
+                                               decay)[:, runs.eval_steps]
+                target = _transform(losses, space)
+                ridges, error = _cross_validate(features, target, losses, space, folds, self.ridge)
+                cache[(space, momentum, decay)] = (error, features, target, ridges)
+                table.append({"space": space, "momentum": momentum, "decay": decay, "cv_mse": error})
+            space, momentum, decay = min(cache, key=lambda key: cache[key][0])
+            error, features, target, ridges = cache[(space, momentum, decay)]
+            ranks = _ranks(runs.num_train, runs.num_test) if self.rank == "auto" else [self.rank]
+            rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
+            error, rank = min(zip(rank_errors, ranks))
+            if self.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them
+                ridges = ridges * len(folds) / (len(folds) - 1)
         coef, offset = _solve(features, target, ridges, rank)
         self.coef_, self.ridge_, self.rates_ = coef, ridges, rates
         self.space_, self.momentum_, self.decay_ = space, momentum, decay
@@ -307,7 +310,9 @@ def _ranks(num_train: int, num_test: int) -> list[int]:
 def _reduce(coef: np.ndarray, x: np.ndarray, ranks: list[int]) -> list[np.ndarray]:
     """``coef`` ``[N, M]`` reduced to each rank (0: unchanged): ``B V_k V_k^T`` with ``V`` the right
     singular vectors of the fitted values ``x @ coef``."""
-    _, _, vt = np.linalg.svd(x @ coef, full_matrices=False)
+    fitted = x @ coef
+    values, vectors = np.linalg.eigh(fitted.T @ fitted)       # right singular vectors, ascending
+    vt = vectors[:, ::-1].T
     return [coef if not k else (coef @ vt[:k].T) @ vt[:k] for k in ranks]
 
 
@@ -331,43 +336,50 @@ def _rank_errors(features, target, losses, space, folds, ridges, ranks) -> list[
 
 
 def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray, space: str, folds: list,
-                    ridge: float | None) -> np.ndarray:
-    """Each test example's ridge ``[M]``: the grid value with the least held-out-fold error.
+                    ridge: float | None) -> tuple[np.ndarray, float]:
+    """Each test example's ridge ``[M]`` (the grid value with the least held-out-fold error) and the
+    resulting all-steps MSE in loss units.
 
-    The grid spans :data:`GRID_DECADES` below the largest eigenvalue of the features' Gram
-    matrix; where a test example's best value lies on an edge, the grid is extended by three
-    decades on that side and searched again (up to four times).
+    The grid is one value per :data:`GRID_STEP` decades over :data:`GRID_DECADES` times the largest eigenvalue of
+    the features' Gram matrix (on the first fold); where a test example's best value lies on an
+    edge, the grid grows by three decades on that side (down to ``1e-20`` and up to ``1e12`` times
+    that eigenvalue, where the effects have shrunk to nothing and the model is the mean trajectory).
     """
     num_runs, _, num_test = losses.shape
-    decades = GRID_DECADES
-    for _ in range(5):
-        grid = np.array([ridge]) if ridge is not None else None
-        errors = None
-        for fold in folds:
-            train = np.setdiff1d(np.arange(num_runs), fold)
-            x, y, f_mean, d_mean = _centred(features[train], target[train])
-            values, vectors = np.linalg.eigh(x.T @ x)
-            if grid is None:
-                top = max(float(values.max()), 1e-12)
-                grid = top * np.logspace(*decades, GRID_POINTS)
-            projected = vectors.T @ (x.T @ y)                           # [N, M]
-            rotated = (features[fold][:, 1:] - f_mean) @ vectors          # [r, K-1, N]
-            base = target[fold][:, :1] + d_mean                           # [r, K-1, M]
-            fold_errors = np.empty((grid.size, num_test))
-            for g, value in enumerate(grid):
-                coef = projected / (np.maximum(values, 0)[:, None] + value)
-                predicted = _inverse(base + rotated @ coef, space)
-                if space == "loss" and (losses >= 0).all():
+    clip = space == "loss" and bool((losses >= 0).all())
+    parts = []
+    for fold in folds:
+        train = np.setdiff1d(np.arange(num_runs), fold)
+        x, y, f_mean, d_mean = _centred(features[train], target[train])
+        values, vectors = np.linalg.eigh(x.T @ x)
+        parts.append((np.maximum(values, 0), vectors.T @ (x.T @ y), (features[fold][:, 1:] - f_mean) @ vectors,
+                      target[fold][:, :1] + d_mean, losses[fold][:, 1:]))
+    top = max(float(parts[0][0].max()), 1e-12)
+    cache: dict[float, np.ndarray] = {}
+
+    def errors_at(exponent: float) -> np.ndarray:
+        if exponent not in cache:
+            value = ridge if ridge is not None else top * 10.0 ** exponent
+            total = np.zeros(num_test)
+            for values, projected, rotated, base, truth in parts:
+                predicted = _inverse(base + rotated @ (projected / (values[:, None] + value)), space)
+                if clip:
                     predicted = np.maximum(predicted, 0.0)
-                fold_errors[g] = ((predicted - losses[fold][:, 1:]) ** 2).sum(axis=(0, 1))
-            errors = fold_errors if errors is None else errors + fold_errors
+                total += ((predicted - truth) ** 2).sum(axis=(0, 1))
+            cache[exponent] = total
+        return cache[exponent]
+
+    low, high = GRID_DECADES
+    while True:
+        exponents = [0.0] if ridge is not None else [float(e) for e in np.arange(low, high + 0.25, GRID_STEP)]
+        errors = np.stack([errors_at(e) for e in exponents])
         best = errors.argmin(axis=0)
-        if ridge is not None or grid.size == 1:
+        grow_low = bool((best == 0).any()) and low > -20
+        grow_high = bool((best == len(exponents) - 1).any()) and high < 12
+        if ridge is not None or not (grow_low or grow_high):
             break
-        low, high = (best == 0).any(), (best == grid.size - 1).any()
-        if not (low or high):
-            break
-        decades = (decades[0] - 3 * low, decades[1] + 3 * high)
-        if decades[1] > 12:   # effects shrunk to nothing: the per-step term alone (the mean trajectory)
-            break
-    return grid[best]
+        low, high = low - 3 * grow_low, min(high + 3 * grow_high, 12)
+    chosen = np.asarray(exponents)[best]
+    ridges = np.full(num_test, ridge, dtype=np.float64) if ridge is not None else top * 10.0 ** chosen
+    count = num_runs * (losses.shape[1] - 1) * num_test
+    return ridges, float(errors[best, np.arange(num_test)].sum() / count)
