@@ -5,7 +5,8 @@ held-out runs, fits every simulator (learned, gradient-based and baselines), sco
 on the held-out runs with :mod:`simfluence.evaluate`, and writes
 
 * ``benchmark.json``: all metrics per method with fit and simulate times (seconds), plus
-  a data-efficiency table (learned simulators fitted on the first 4, 8, 16, 32 runs);
+  a data-efficiency table (the learned simulators among the methods, fitted on the first 4, 8,
+  16, 32 runs);
 * ``benchmark.md``: the same as Markdown tables;
 * ``trajectories.png``: true vs simulated losses of a few test examples in one held-out run.
 """
@@ -108,7 +109,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
         if size > fitting.num_runs:
             continue
         subset = fitting.select(np.arange(size))
-        for method in LEARNED:
+        for method in (method for method in LEARNED if method in config.methods):
             record, _ = _fit_and_score(method, task, subset, heldout)
             efficiency.append({"num_runs": size, **record})
 

@@ -67,7 +67,7 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     if checkpoints and not method.startswith("tracin-cp"):
         raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
     if ridge is not None and method not in RIDGE_METHODS + ("linear-trajectory",):
-        raise ValueError(f"--ridge: '{method}' has no single ridge strength; it applies to "
+        raise ValueError(f"--ridge: '{method}' has no ridge strength; it applies to "
                          f"{', '.join(RIDGE_METHODS + ('linear-trajectory',))}")
     params = {}
     precision = {"dtype": dtype} if dtype else {}

@@ -214,8 +214,7 @@ class TrajectorySimulator(Simulator):
         self.coef_, self.ridge_, self.rates_ = coef, ridges, rates
         self.space_, self.momentum_, self.decay_ = space, momentum, decay
         self.offset_ = _interpolate(offset, runs.eval_steps, runs.num_steps)
-        self.floor_ = 0.0 if bool((losses >= 0).all()) else -np.inf
-        self.ceiling_ = CLIP * float(losses.max()) if bool((losses >= 0).all()) else np.inf
+        self.floor_, self.ceiling_ = _bounds(losses)
         self.rank_ = rank
         self.fit_info.update({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error,
                               "ridge_median": float(np.median(ridges)), "cv_table": table})
@@ -226,9 +225,7 @@ class TrajectorySimulator(Simulator):
         steps = np.minimum(np.arange(curricula.shape[1] + 1), self.offset_.shape[0] - 1)
         z0 = _transform(initial[:, None, :], self.space_)
         z = z0 + self.offset_[steps][None] + features @ self.coef_
-        if self.space_ != "loss":   # keep exp() finite; the clip below bounds the loss anyway
-            z = np.minimum(z, _transform(np.array(self.ceiling_), self.space_))
-        losses = np.clip(_inverse(z, self.space_), self.floor_, self.ceiling_)
+        losses = _to_losses(z, self.space_, self.floor_, self.ceiling_)
         losses[:, 0] = initial
         return losses.astype(np.float32)
 
@@ -261,6 +258,20 @@ def _transform(losses: np.ndarray, space: str) -> np.ndarray:
     if space == "margin":   # log(e^L - 1), written to stay accurate for small and large L
         return np.where(losses > 20, losses, np.log(np.expm1(np.minimum(losses, 20))))
     return losses
+
+
+def _bounds(losses: np.ndarray) -> tuple[float, float]:
+    """``(floor, ceiling)`` of simulated losses: ``[0, CLIP x max]`` for non-negative losses, else unbounded."""
+    if bool((losses >= 0).all()):
+        return 0.0, CLIP * float(losses.max())
+    return -np.inf, np.inf
+
+
+def _to_losses(z: np.ndarray, space: str, floor: float, ceiling: float) -> np.ndarray:
+    """Losses from ``z`` in ``space``, kept within ``[floor, ceiling]`` (``exp`` kept finite)."""
+    if space != "loss" and np.isfinite(ceiling):
+        z = np.minimum(z, _transform(np.array(ceiling), space))
+    return np.clip(_inverse(z, space), floor, ceiling)
 
 
 def _inverse(z: np.ndarray, space: str) -> np.ndarray:
@@ -328,9 +339,7 @@ def _rank_errors(features, target, losses, space, folds, ridges, ranks) -> list[
         base = target[fold][:, :1] + d_mean
         centred = features[fold][:, 1:] - f_mean
         for j, reduced in enumerate(_reduce(coef, x, ranks)):
-            predicted = _inverse(base + centred @ reduced, space)
-            if space == "loss" and (losses >= 0).all():
-                predicted = np.maximum(predicted, 0.0)
+            predicted = _to_losses(base + centred @ reduced, space, *_bounds(losses))
             errors[j] += ((predicted - losses[fold][:, 1:]) ** 2).sum()
     return (errors / (num_runs * (losses.shape[1] - 1) * losses.shape[2])).tolist()
 
@@ -346,7 +355,7 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
     that eigenvalue, where the effects have shrunk to nothing and the model is the mean trajectory).
     """
     num_runs, _, num_test = losses.shape
-    clip = space == "loss" and bool((losses >= 0).all())
+    bounds = _bounds(losses)
     parts = []
     for fold in folds:
         train = np.setdiff1d(np.arange(num_runs), fold)
@@ -362,9 +371,7 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
             value = ridge if ridge is not None else top * 10.0 ** exponent
             total = np.zeros(num_test)
             for values, projected, rotated, base, truth in parts:
-                predicted = _inverse(base + rotated @ (projected / (values[:, None] + value)), space)
-                if clip:
-                    predicted = np.maximum(predicted, 0.0)
+                predicted = _to_losses(base + rotated @ (projected / (values[:, None] + value)), space, *bounds)
                 total += ((predicted - truth) ** 2).sum(axis=(0, 1))
             cache[exponent] = total
         return cache[exponent]
