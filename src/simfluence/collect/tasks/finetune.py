@@ -38,8 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.tasks.base import Task, TaskData, check_split
-from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, hub_offline, load_glosses, minilm_dir,
-                                              minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, checked_classes, hub_offline,
+                                              load_glosses, minilm_dir, minilm_fingerprint, take_slices)
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
 from simfluence.errors import require_extra
@@ -108,15 +108,7 @@ class MiniLMFinetune(Task):
     device: str = "cpu"
 
     def __post_init__(self):
-        self.classes = tuple(str(name) for name in self.classes)
-        self.pretrain_per_class = tuple(int(count) for count in self.pretrain_per_class)
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes: need at least two distinct lexicographer files, got {self.classes}")
-        if len(self.pretrain_per_class) != len(self.classes):
-            raise ValueError(f"pretrain_per_class: needs one count per class ({len(self.classes)}), "
-                             f"got {len(self.pretrain_per_class)}")
-        if sum(self.pretrain_per_class) == 0:
-            raise ValueError("pretrain_per_class: all zero; the head's warm-up needs at least one example")
+        self.classes, self.pretrain_per_class = checked_classes(self.classes, self.pretrain_per_class)
         for name in ("train_per_class", "test_per_class", "batch_size", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")

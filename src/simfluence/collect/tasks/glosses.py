@@ -90,6 +90,20 @@ def lexname_rows(lexname: str, salt: str) -> np.ndarray:
     return rows[np.argsort(keys, kind="stable")]
 
 
+def checked_classes(classes, pretrain_per_class) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``(classes, pretrain_per_class)`` as tuples, checked: two or more distinct lexicographer files,
+    one pretraining count per class, not all zero (a ``ValueError`` naming the field otherwise)."""
+    classes = tuple(str(name) for name in classes)
+    counts = tuple(int(count) for count in pretrain_per_class)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ValueError(f"classes: need at least two distinct lexicographer files, got {classes}")
+    if len(counts) != len(classes):
+        raise ValueError(f"pretrain_per_class: needs one count per class ({len(classes)}), got {len(counts)}")
+    if sum(counts) == 0:
+        raise ValueError("pretrain_per_class: all zero; the head's pretraining needs at least one example")
+    return classes, counts
+
+
 def take_slices(lexnames: tuple[str, ...], sizes: dict[str, tuple[int, ...]], salt: str,
                 eligible: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Disjoint row sets: ``sizes[split][k]`` rows of ``lexnames[k]`` for each split, in ``sizes``' order.
