@@ -1,7 +1,7 @@
 """``auto``: choose the simulator family by cross-validation over the fitting runs.
 
-No family wins everywhere: on small SGD tasks the one-step ``linear-identity`` recurrence
-(effects that scale with the current loss) predicts held-out runs best, while on AdamW
+No family wins everywhere: on small SGD tasks the one-step ``linear-identity`` or ``linear``
+recurrences (effects that scale with the current loss) predict held-out runs best, while on AdamW
 fine-tuning with a warm-up/decay schedule the step-aware ``linear-trajectory`` does, and
 where the curriculum barely matters the mean trajectory is hard to beat. ``auto`` fits each
 candidate on K-1 folds of the *fitting* runs (each candidate choosing its own
@@ -21,7 +21,7 @@ import numpy as np
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Simulator, register
 
-CANDIDATES = ("linear-trajectory", "linear-identity", "mean-trajectory")
+CANDIDATES = ("linear-trajectory", "linear-identity", "linear", "mean-trajectory")
 MIN_RUNS = 4
 """Fewer fitting runs leave a fold too few to fit a candidate with its own cross-validation:
 then the first candidate is used without a choice."""
