@@ -90,3 +90,27 @@ def test_interchange_errors(tmp_path, small_runs):
         read_interchange(tmp_path / "text.npz")
     with pytest.raises(RunDataError, match="does not exist"):
         load_runs(tmp_path / "absent.npz")
+
+
+def test_flipped_bytes_in_a_data_page_are_caught_by_page_checksums(tmp_path):
+    store = RunStore.create(tmp_path / "s", ["a", "b"], ["t0", "t1"])
+    losses = np.array([[1.25, 2.5], [0.125, 0.75]], dtype=np.float32)
+    path = store.write(RunLog("run-0", np.array([[0, 1]]), losses, np.array([0, 1]), 0, {}))
+    data = bytearray(path.read_bytes())
+    needle = np.float32(0.75).tobytes()   # neither the min nor the max: only in the data page, not statistics
+    offset = bytes(data).find(needle)
+    assert offset > 0
+    data[offset:offset + 4] = np.float32(6.0e23).tobytes()   # a plausible float: only a checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunDataError, match="corrupted"):
+        store.read("run-0")
+
+
+def test_run_files_of_another_version_are_rejected(tmp_path):
+    store = RunStore.create(tmp_path / "s", ["a", "b"], ["t0"])
+    path = store.write(RunLog("run-0", np.array([[0, 1]]), np.ones((2, 1), np.float32), np.array([0, 1]), 0, {}))
+    table = pq.read_table(path)
+    info = json.loads(table.schema.metadata[b"simfluence"])
+    pq.write_table(table.replace_schema_metadata({"simfluence": json.dumps({**info, "version": 99})}), path)
+    with pytest.raises(RunDataError, match="unsupported run-file version 99"):
+        store.read("run-0")

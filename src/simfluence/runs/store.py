@@ -203,7 +203,7 @@ class RunStore:
         path = self.run_path(log.run_id)
         log = log.validated(self.train_ids.size, self.test_ids.size, str(path))
         with atomic_path(path, suffix=".parquet") as temporary:
-            pq.write_table(_run_to_table(log, self.digest), temporary, use_dictionary=False)
+            pq.write_table(_run_to_table(log, self.digest), temporary, use_dictionary=False, write_page_checksum=True)
         return path
 
     def read(self, run_id: str) -> RunLog:
@@ -281,16 +281,26 @@ def _table_to_run(path: Path, digest: str, num_train: int, num_test: int) -> Run
     if not path.is_file():
         raise RunDataError(source, "<file>", "does not exist")
     try:
-        table = pq.read_table(path)
+        # Page checksums (written since this version) catch bytes flipped inside a data page.
+        table = pq.read_table(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as error:
-        raise RunDataError(source, "<file>", f"is not a readable Parquet file ({error})") from None
+        raise RunDataError(source, "<file>", f"is not a readable Parquet file or is corrupted ({error})",
+                           "delete it and collect that run again") from None
     for column in ("step", "batch", "loss"):
         if column not in table.column_names:
             raise RunDataError(source, column, "is missing", f"the file has columns {table.column_names}")
     raw = (table.schema.metadata or {}).get(b"simfluence")
     if raw is None:
         raise RunDataError(source, "simfluence (schema metadata)", "is missing: not written by a RunStore")
-    info = json.loads(raw)
+    try:
+        info = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        info = None
+    if not isinstance(info, dict):
+        raise RunDataError(source, "simfluence (schema metadata)", "is not a JSON object")
+    if info.get("version") != VERSION:
+        raise RunDataError(source, "version", f"unsupported run-file version {info.get('version')!r}",
+                           f"this simfluence reads version {VERSION}")
     if info.get("ids_digest") != digest:
         raise RunDataError(source, "ids_digest", "the run was logged with other training/test ids than this store",
                            "keep runs of different tasks in different stores")
