@@ -192,6 +192,10 @@ class Simulator(ABC):
         simulator.fit_digests = digests
         simulator.fit_info = config.get("fit_info", {})
         state = {name.removeprefix("state."): value for name, value in arrays.items() if name.startswith("state.")}
+        for name, value in [("mean_change", arrays["mean_change"]), *((f"state.{k}", v) for k, v in state.items())]:
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise RunDataError(source, name, "holds NaN or inf values: the saved model is broken",
+                                   "fit it again")
         try:
             simulator._restore(state)
         except (KeyError, ValueError) as error:

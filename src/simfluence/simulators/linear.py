@@ -22,6 +22,7 @@ scoring the rolled-out all-steps MSE on each held-out fold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,8 +167,8 @@ class LinearSimulator(Simulator):
                  cv_folds: int = 3, tol: float = 1e-5, max_iter: int = 1000, device: str = "cpu",
                  dtype: str = "float32", seed: int = 0):
         super().__init__()
-        if ridge is not None and not ridge > 0:
-            raise ValueError(f"ridge must be positive, got {ridge}")
+        if ridge is not None and not (ridge > 0 and math.isfinite(ridge)):
+            raise ValueError(f"ridge must be a finite number > 0, got {ridge}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if cv_folds < 2:

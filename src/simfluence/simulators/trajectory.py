@@ -243,7 +243,7 @@ class TrajectorySimulator(Simulator):
         if self.coef_.shape != (n, m) or self.offset_.ndim != 2 or self.offset_.shape[1] != m or choice.shape != (6,):
             raise ValueError("array shapes do not match the ids")
         for name, value in (("coef", self.coef_), ("offset", self.offset_), ("rates", self.rates_),
-                            ("ridge", self.ridge_), ("choice", choice[:3])):
+                            ("ridge", self.ridge_), ("choice", choice)):
             if not np.isfinite(value).all():
                 raise ValueError(f"'{name}' holds NaN or inf")
         if int(choice[0]) not in range(len(SPACES)):
@@ -261,15 +261,16 @@ def _transform(losses: np.ndarray, space: str) -> np.ndarray:
 
 
 def _bounds(losses: np.ndarray) -> tuple[float, float]:
-    """``(floor, ceiling)`` of simulated losses: ``[0, CLIP x max]`` for non-negative losses, else unbounded."""
+    """``(floor, ceiling)`` of simulated losses: ``[0, CLIP x max]`` for non-negative losses, else the float range."""
     if bool((losses >= 0).all()):
         return 0.0, CLIP * float(losses.max())
-    return -np.inf, np.inf
+    big = float(np.finfo(np.float64).max)   # finite, so saved models hold no inf
+    return -big, big
 
 
 def _to_losses(z: np.ndarray, space: str, floor: float, ceiling: float) -> np.ndarray:
     """Losses from ``z`` in ``space``, kept within ``[floor, ceiling]`` (``exp`` kept finite)."""
-    if space != "loss" and np.isfinite(ceiling):
+    if space != "loss" and ceiling < np.finfo(np.float64).max:
         z = np.minimum(z, _transform(np.array(ceiling), space))
     return np.clip(_inverse(z, space), floor, ceiling)
 

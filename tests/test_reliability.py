@@ -1,0 +1,33 @@
+"""Non-finite models are refused: a ridge of inf at fitting, NaN or inf arrays at loading."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from simfluence.cli import main
+from simfluence.runs import RunDataError, save_runs
+from simfluence.simulators import LinearIdentitySimulator, Simulator, TrajectorySimulator
+from synthetic import linear_runs
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_non_finite_or_negative_ridge_is_a_one_line_error(tmp_path, value):
+    runs, _, _ = linear_runs(num_runs=4)
+    save_runs(runs, tmp_path / "runs.npz")
+    for method in ("linear-identity", "linear-trajectory"):
+        result = CliRunner().invoke(main, ["fit", str(tmp_path / "runs.npz"), "--method", method, "--ridge", value,
+                                           "--out", str(tmp_path / "m.npz")])
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and "ridge" in result.output, result.output
+        assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.parametrize("make", [lambda: LinearIdentitySimulator(ridge=1e-3), lambda: TrajectorySimulator()])
+def test_loading_a_model_with_nan_arrays_is_refused(tmp_path, make):
+    runs, _, _ = linear_runs(num_runs=6)
+    path = make().fit(runs).save(tmp_path / "m.npz")
+    arrays = dict(np.load(path, allow_pickle=False))
+    name = next(key for key, value in arrays.items() if key.startswith("state.") and value.dtype.kind == "f")
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    np.savez(tmp_path / "broken.npz", **arrays)
+    with pytest.raises(RunDataError, match=rf"field '{name}': holds NaN or inf values"):
+        Simulator.load(tmp_path / "broken.npz")
