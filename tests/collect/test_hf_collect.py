@@ -209,9 +209,12 @@ def test_user_trainer_on_a_ray_cluster(tmp_path):
     if ray.is_initialized():
         ray.shutdown()
     port = _free_port()
+    # A local test cluster: loopback only, and no token authentication (an earlier local Ray may have left
+    # ~/.ray/auth_token, which would switch `ray start` to token mode while this driver runs without it).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "RAY_DISABLE_USAGE_STATS": "1"}
-    started = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+           "RAY_DISABLE_USAGE_STATS": "1", "RAY_AUTH_MODE": "disabled"}
+    started = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                              "--num-cpus=2",
                               "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True,
                              text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
