@@ -360,3 +360,14 @@ def test_example_script_collects_a_users_trainer_and_fits(tmp_path):
     assert "96 training and 48 test examples" in result.stdout and "auto chose" in result.stdout
     runs = RunStore(tmp_path / "own").load()
     assert runs.num_runs == 3 and runs.losses.shape[1:] == (3, 48)
+
+
+def test_gradient_methods_and_featurized_refuse_trainer_runs():
+    from simfluence.runs import RunSet
+    from simfluence.simulators import FeaturizedSimulator, GradDotSimulator
+
+    runs = RunSet.create(np.zeros((1, 2, 1), np.int32), np.ones((1, 3, 2), np.float32), ["a"], ["t0", "t1"],
+                         meta={"task": "minilm-finetune", "task_config": {}})
+    for simulator in (GradDotSimulator(), FeaturizedSimulator()):
+        with pytest.raises(RunDataError, match="cannot replay"):
+            simulator.fit(runs)

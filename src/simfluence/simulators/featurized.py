@@ -388,11 +388,11 @@ class FeaturizedSimulator(Simulator):
     # --- features -------------------------------------------------------------------
     def task(self, runs: RunSet | None = None):
         """The task that supplies features (resolved from the runs' meta when not given)."""
-        from simfluence.collect.tasks.registry import task_for_runs
+        from simfluence.collect.tasks.registry import replayable_task, task_for_runs
 
         self.task_spec = task_for_runs(self.task_spec, self.task_options, {} if runs is None else runs.meta,
                                        "pass train_features and test_features, or task=")
-        return self.task_spec
+        return replayable_task(self.task_spec)
 
     def task_features(self, split: str, ids: np.ndarray, runs: RunSet | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Unscaled ``features`` of the ``split`` examples ``ids`` from the task: float32 ``[len(ids), D]``

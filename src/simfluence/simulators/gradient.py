@@ -82,11 +82,11 @@ class GradientSimulator(LinearSimulator):
         self.scale = 1.0
 
     def _task_for(self, runs: RunSet):
-        from simfluence.collect.tasks.registry import task_for_runs
+        from simfluence.collect.tasks.registry import replayable_task, task_for_runs
 
         self.task_spec = task_for_runs(self.task_spec, self.task_options, runs.meta,
                                        "pass task=... (the Task the runs were collected from)")
-        return self.task_spec
+        return replayable_task(self.task_spec)
 
     @staticmethod
     def _learning_rates(task, runs: RunSet) -> np.ndarray:

@@ -62,6 +62,15 @@ def task_for_runs(task: str | Task | None, options: Mapping[str, Any] | None, me
     return get_task(task, **dict(options or {}))
 
 
+def replayable_task(task: Task) -> Task:
+    """``task`` if our trainers can replay its runs (gradient methods, featurized), else a :class:`RunDataError`."""
+    if task.runner != "torch":
+        raise RunDataError("<runs>", "meta.task", f"task '{task.name}' trains with the Hugging Face Trainer "
+                           f"({task.optimizer}), which gradient methods and featurized cannot replay (they replay "
+                           "plain SGD)", "use auto or linear-trajectory for these runs")
+    return task
+
+
 def list_tasks() -> list[TaskInfo]:
     """Registered tasks, sorted by name."""
     return [TaskInfo(name, cls.description, cls.source, tuple(cls.extras)) for name, cls in sorted(_TASKS.items())]
