@@ -31,3 +31,21 @@ def test_loading_a_model_with_nan_arrays_is_refused(tmp_path, make):
     np.savez(tmp_path / "broken.npz", **arrays)
     with pytest.raises(RunDataError, match=rf"field '{name}': holds NaN or inf values"):
         Simulator.load(tmp_path / "broken.npz")
+
+
+@pytest.mark.parametrize("args, option", [(["attribute", "m.npz", "--top", "-5"], "--top"),
+                                          (["optimize", "m.npz", "--test-set", "0", "--budget", "3", "--steps", "4",
+                                            "--batch-size", "0"], "--batch-size"),
+                                          (["split", "runs.npz", "--heldout", "0"], "--heldout"),
+                                          (["fit", "runs.npz", "--out", "m.npz", "--cv-folds", "1"], "--cv-folds"),
+                                          (["collect", "digits-mlp", "--runs", "0", "--steps", "3", "--out", "s"],
+                                           "--runs")])
+def test_out_of_range_options_are_one_line_errors(tmp_path, monkeypatch, args, option):
+    monkeypatch.chdir(tmp_path)
+    runs, _, _ = linear_runs(num_runs=4)
+    save_runs(runs, tmp_path / "runs.npz")
+    LinearIdentitySimulator(ridge=1e-3).fit(runs).save(tmp_path / "m.npz")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith(f"error: Invalid value for '{option}'"), \
+        result.output

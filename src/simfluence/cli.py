@@ -20,6 +20,9 @@ from simfluence.runs.atomic import atomic_path
 
 METHODS = ["auto", "linear-trajectory", "linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive", "mean-trajectory",
            "constant", "featurized"]
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+CV_FOLDS = click.IntRange(min=2)
 RIDGE_METHODS = ("linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive")
 GRADIENT_METHODS = ["grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled"]
 
@@ -38,7 +41,26 @@ def _user_errors(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineGroup(click.Group):
+    """Click's own usage errors (a bad option value, a missing argument) as one line too, exit status 2."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else "simfluence"
+            click.echo(f"error: {error.format_message()} (see '{command} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="simfluence")
 def main() -> None:
     """Training data attribution by simulating training runs."""
@@ -50,8 +72,9 @@ def main() -> None:
               help="auto: the family with the least cross-validated error on the fitting runs. Gradient methods "
                    "and featurized take the task (model, data) from the runs' meta.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
-@click.option("--ridge", type=float, default=None, help="Ridge strength; default: chosen by cross-validation.")
-@click.option("--cv-folds", type=int, default=3, show_default=True)
+@click.option("--ridge", type=click.FloatRange(min=0), default=None,
+              help="Ridge strength; default: chosen by cross-validation.")
+@click.option("--cv-folds", type=CV_FOLDS, default=3, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device for fitting, e.g. cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="Default: float32 (float64 for linear-pairwise, whose L-BFGS fit needs it).")
@@ -146,7 +169,7 @@ def simulate(model: str, curricula: str, out: str, interval: float | None) -> No
 
 @main.command()
 @click.argument("runs", type=click.Path(exists=True))
-@click.option("--heldout", type=int, required=True, help="Number of held-out runs.")
+@click.option("--heldout", type=POSITIVE, required=True, help="Number of held-out runs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write NAME-train.npz and NAME-heldout.npz (default: beside RUNS).")
@@ -200,14 +223,14 @@ def tasks() -> None:
 
 @main.command()
 @click.argument("task")
-@click.option("--runs", "num_runs", type=int, required=True, help="Runs the store should hold.")
-@click.option("--steps", "num_steps", type=int, required=True, help="Optimizer steps per run.")
+@click.option("--runs", "num_runs", type=POSITIVE, required=True, help="Runs the store should hold.")
+@click.option("--steps", "num_steps", type=POSITIVE, required=True, help="Optimizer steps per run.")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run store directory.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (or Ray tasks at once).")
-@click.option("--eval-every", type=int, default=1, show_default=True, help="Record test losses every k steps.")
+@click.option("--workers", type=POSITIVE, default=1, show_default=True, help="Worker processes (or Ray tasks at once).")
+@click.option("--eval-every", type=POSITIVE, default=1, show_default=True, help="Record test losses every k steps.")
 @click.option("--checkpoint-steps", default=None,
               help="Comma-separated steps after which to keep every run's weights (0: the start), for tracin-cp.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
@@ -240,11 +263,11 @@ def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, execu
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: benchmark-TASK).")
 @click.option("--quick", is_flag=True, help="Small sizes for a smoke run (CI).")
-@click.option("--runs", "num_runs", type=int, default=None)
-@click.option("--steps", "num_steps", type=int, default=None)
-@click.option("--heldout", "num_heldout", type=int, default=None)
+@click.option("--runs", "num_runs", type=POSITIVE, default=None)
+@click.option("--steps", "num_steps", type=POSITIVE, default=None)
+@click.option("--heldout", "num_heldout", type=POSITIVE, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--workers", type=POSITIVE, default=1, show_default=True)
 @click.option("--methods", default=None, help="Comma-separated subset of methods (default: all).")
 @_user_errors
 def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
@@ -289,10 +312,10 @@ def _test_index(simulator, ids: tuple[str, ...], option: str = "--test"):
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--curriculum", "curriculum", type=click.Path(exists=True), required=True, help=_CURRICULUM_HELP)
-@click.option("--run", type=int, default=None, help="Run of a run file to query (default 0).")
+@click.option("--run", type=NON_NEGATIVE, default=None, help="Run of a run file to query (default 0).")
 @click.option("--test", "tests", multiple=True, help="Test id or index (repeatable; default all, averaged).")
 @click.option("--group", "groups", multiple=True, help="NAME=id,id,...: remove the group at once (repeatable).")
-@click.option("--top", type=int, default=10, show_default=True, help="Examples listed per side.")
+@click.option("--top", type=POSITIVE, default=10, show_default=True, help="Examples listed per side.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors
 def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ...], groups: tuple[str, ...],
@@ -355,7 +378,7 @@ def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ..
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--curriculum", "curriculum", type=click.Path(exists=True), required=True, help=_CURRICULUM_HELP)
-@click.option("--run", type=int, default=None, help="Run of a run file to edit (default 0).")
+@click.option("--run", type=NON_NEGATIVE, default=None, help="Run of a run file to edit (default 0).")
 @click.option("--edit", "edits", multiple=True, required=True,
               help="drop:ID, insert:ID@STEP, duplicate:ID, shuffle:SEED, swap:S,S, move:FROM,TO (repeatable, "
                    "applied in order; steps count from 1).")
@@ -391,15 +414,15 @@ def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...],
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--test-set", "test_set", multiple=True, required=True,
               help="Target test ids or indices, comma-separated (repeatable).")
-@click.option("--budget", type=int, required=True, help="Distinct training examples K.")
-@click.option("--steps", "num_steps", type=int, required=True, help="Steps T of the curriculum.")
-@click.option("--batch-size", type=int, default=None, help="Examples per step (default: the fitting runs').")
+@click.option("--budget", type=POSITIVE, required=True, help="Distinct training examples K.")
+@click.option("--steps", "num_steps", type=POSITIVE, required=True, help="Steps T of the curriculum.")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Examples per step (default: the fitting runs').")
 @click.option("--initial", "initial", type=click.Path(exists=True), required=True,
               help="Where the losses before training come from: " + _CURRICULUM_HELP)
-@click.option("--run", type=int, default=None, help="Run of a run file whose losses before training to use.")
-@click.option("--beam", type=int, default=4, show_default=True, help="Beam width of the growth search.")
-@click.option("--rounds", type=int, default=20, show_default=True, help="Local-search rounds.")
-@click.option("--random", "num_random", type=int, default=200, show_default=True, help="Random curricula.")
+@click.option("--run", type=NON_NEGATIVE, default=None, help="Run of a run file whose losses before training to use.")
+@click.option("--beam", type=POSITIVE, default=4, show_default=True, help="Beam width of the growth search.")
+@click.option("--rounds", type=NON_NEGATIVE, default=20, show_default=True, help="Local-search rounds.")
+@click.option("--random", "num_random", type=NON_NEGATIVE, default=200, show_default=True, help="Random curricula.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Curriculum file (.npz) to write.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the random-vs-optimised PNG.")
@@ -435,9 +458,9 @@ def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int,
 @main.command("influence-over-time")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--curriculum", "curriculum", type=click.Path(exists=True), required=True, help=_CURRICULUM_HELP)
-@click.option("--run", type=int, default=None, help="Run of a run file to query (default 0).")
+@click.option("--run", type=NON_NEGATIVE, default=None, help="Run of a run file to query (default 0).")
 @click.option("--test", "tests", multiple=True, required=True, help="Test id or index (repeatable: averaged).")
-@click.option("--top", type=int, default=10, show_default=True, help="Moments listed.")
+@click.option("--top", type=POSITIVE, default=10, show_default=True, help="Moments listed.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the steps x examples heat map.")
 @_user_errors
 def influence_over_time(model: str, curriculum: str, run: int | None, tests: tuple[str, ...], top: int,
@@ -464,8 +487,8 @@ def influence_over_time(model: str, curriculum: str, run: int | None, tests: tup
               help="Test id or index to show in detail (repeatable); default: 4 spread over difficulty.")
 @click.option("--task-data/--no-task-data", default=True, show_default=True,
               help="Show examples' text or images from the task named in the runs (else ids only).")
-@click.option("--runs", "num_runs", type=int, default=3, show_default=True, help="Held-out runs plotted.")
-@click.option("--top", type=int, default=5, show_default=True, help="Helpful and harmful examples listed.")
+@click.option("--runs", "num_runs", type=POSITIVE, default=3, show_default=True, help="Held-out runs plotted.")
+@click.option("--top", type=POSITIVE, default=5, show_default=True, help="Helpful and harmful examples listed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def report(model: str, heldout: str, out: str, tests: tuple[str, ...], task_data: bool, num_runs: int, top: int,
