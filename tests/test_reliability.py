@@ -1,6 +1,7 @@
 """Non-finite models are refused: a ridge of inf at fitting, NaN or inf arrays at loading."""
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 
@@ -49,3 +50,23 @@ def test_out_of_range_options_are_one_line_errors(tmp_path, monkeypatch, args, o
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and result.output.startswith(f"error: Invalid value for '{option}'"), \
         result.output
+
+
+def test_empty_runs_nested_meta_and_bad_devices_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs, _, _ = linear_runs(num_runs=4)
+    save_runs(runs, "runs.npz")
+    LinearIdentitySimulator(ridge=1e-3).fit(runs).save("m.npz")
+    np.savez("empty.npz", curricula=np.zeros((0, 30, 4), np.int32), losses=np.zeros((0, 31, 6), np.float32),
+             train_ids=runs.train_ids, test_ids=runs.test_ids, meta=np.array("{}"))
+    np.savez("nested.npz", curricula=runs.curricula, losses=runs.losses, train_ids=runs.train_ids,
+             test_ids=runs.test_ids, meta=np.array("[" * 100000 + "]" * 100000))
+    cases = [(["evaluate", "m.npz", "empty.npz"], "field 'curricula': holds no runs"),
+             (["simulate", "m.npz", "empty.npz", "--out", "t.npz"], "empty.npz: field 'curricula': holds no runs"),
+             (["fit", "nested.npz", "--out", "x.npz"], "nested.npz: field 'meta': is nested too deeply"),
+             (["fit", "runs.npz", "--out", "x.npz", "--device", "bogus"], "--device: 'bogus' is not a torch device")]
+    if not torch.cuda.is_available():
+        cases.append((["fit", "runs.npz", "--out", "x.npz", "--device", "cuda"], "no CUDA GPU is available"))
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output

@@ -86,6 +86,9 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     """Fit a simulator on RUNS (a run store directory or an interchange .npz)."""
     from simfluence.simulators import make_simulator
 
+    from simfluence.func.devices import check_device
+
+    check_device(device, "--device")
     run_set = load_runs(runs)
     if checkpoints and not method.startswith("tracin-cp"):
         raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")

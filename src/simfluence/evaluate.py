@@ -170,7 +170,7 @@ def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out run
     initial = heldout.initial_losses.astype(np.float64)
     expected = (heldout.num_runs, heldout.num_steps + 1, heldout.num_test)
     if predicted is None:
-        predicted = simulator.simulate(heldout.curricula, initial)
+        predicted = simulator.simulate(heldout.curricula, initial, source)
     elif np.shape(predicted) != expected:
         raise ValueError(f"predicted: shape {np.shape(predicted)} does not match the held-out runs {expected}")
     constant = np.repeat(initial[:, None], heldout.num_steps + 1, axis=1)

@@ -125,12 +125,17 @@ def validate_meta(meta: Any, source: str) -> dict:
             meta = json.loads(meta) if meta else {}
         except json.JSONDecodeError as error:
             raise RunDataError(source, "meta", f"is not valid JSON: {error.msg}") from None
+        except RecursionError:
+            raise RunDataError(source, "meta", "is nested too deeply", "keep meta a shallow JSON object") from None
     if not isinstance(meta, dict):
         raise RunDataError(source, "meta", f"expected a JSON object, got {type(meta).__name__}")
     try:
         json.dumps(meta)
     except TypeError as error:
         raise RunDataError(source, "meta", f"is not JSON-serialisable: {error}") from None
+    except (RecursionError, ValueError):
+        raise RunDataError(source, "meta", "is nested too deeply or circular", "keep meta a shallow JSON object") \
+            from None
     return meta
 
 

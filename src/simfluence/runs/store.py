@@ -96,6 +96,9 @@ class RunStore:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise RunDataError(source, "<file>", f"is not valid JSON ({error.msg})") from None
+        except (RecursionError, UnicodeDecodeError):
+            raise RunDataError(source, "<file>", "is not a readable JSON manifest (nested too deeply or not text)") \
+                from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise RunDataError(source, "format", f"expected '{FORMAT}'")
         if manifest.get("version") != VERSION:

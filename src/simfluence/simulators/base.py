@@ -122,6 +122,9 @@ class Simulator(ABC):
             curricula = curricula[None]
         if curricula.ndim != 3:
             raise RunDataError(source, "curricula", f"expected shape [runs, steps, batch], got {curricula.shape}")
+        if curricula.shape[0] == 0 or curricula.shape[1] == 0:
+            raise RunDataError(source, "curricula", f"holds no {'runs' if curricula.shape[0] == 0 else 'steps'} "
+                               f"(shape {curricula.shape})", "give at least one run of at least one step")
         initial = validate_losses(initial_losses, source, "initial_losses")
         initial = initial[None] if initial.ndim == 1 else initial
         if initial.shape != (curricula.shape[0], self.test_ids.size):
@@ -170,7 +173,7 @@ class Simulator(ABC):
         arrays = read_npz_arrays(path, ("config", "train_ids", "test_ids", "mean_change"))
         try:
             config = json.loads(str(arrays["config"].reshape(())))
-        except (json.JSONDecodeError, ValueError):
+        except (json.JSONDecodeError, ValueError, RecursionError):
             raise RunDataError(source, "config", "is not a JSON string") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise RunDataError(source, "config.format", f"expected '{FORMAT}': not a saved simulator")

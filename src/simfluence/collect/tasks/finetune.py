@@ -43,6 +43,7 @@ from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, ch
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
 from simfluence.errors import require_extra
+from simfluence.func.devices import check_device
 
 HF_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 """Our schedule names -> ``TrainingArguments.lr_scheduler_type``."""
@@ -117,7 +118,7 @@ class MiniLMFinetune(Task):
                              f"{', '.join(HF_SCHEDULES)}")
         if not (self.learning_rate > 0 and np.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate: must be a finite number > 0, got {self.learning_rate!r}")
-        self.device = _check_device(self.device)
+        self.device = check_device(self.device)
 
     # --- Task ------------------------------------------------------------------------
     def load_data(self) -> TaskData:
@@ -201,19 +202,6 @@ class MiniLMFinetune(Task):
     def _split(self) -> dict[str, np.ndarray]:
         return _split(self.classes, self.train_per_class, self.test_per_class, self.pretrain_per_class,
                       self.split_salt)
-
-
-def _check_device(device: str) -> str:
-    device = str(device)
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device: '{device}' is not a torch device; use cpu or cuda (cuda:N)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: '{device}' asked for, but no CUDA GPU is available here; use cpu")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: '{device}' is not supported; use cpu or cuda")
-    return device
 
 
 @functools.cache
