@@ -23,7 +23,7 @@ How the curriculum reaches the Trainer: :func:`use_curriculum` replaces the trai
 training ``DataLoader`` with one whose batch sampler yields the curriculum's rows (split
 into ``gradient_accumulation_steps`` micro-batches) and sets ``max_steps`` to its length.
 The callback records the ids of the examples that actually went through each training
-forward pass, and :func:`run_trainer_chunk` checks that they equal the curriculum drawn, so
+forward pass, and :func:`train_recorded` checks that they equal the curriculum drawn, so
 what is stored is what was trained on.
 
 Runs are independent and written atomically, one file per run id, so a collection that is

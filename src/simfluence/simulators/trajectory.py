@@ -195,16 +195,15 @@ class TrajectorySimulator(Simulator):
             error, ridges = float("nan"), np.full(runs.num_test, self.ridge if self.ridge is not None else strong)
             rank = self.rank if self.rank != "auto" else 0
         else:
-            cache: dict[tuple, tuple] = {}
-            for space, momentum, decay in itertools.product(spaces, momenta, decays):
-                features = trajectory_features(runs.curricula, runs.num_train, rates, momentum,
-                                               decay)[:, runs.eval_steps]
-                target = _transform(losses, space)
-                ridges, error = _cross_validate(features, target, losses, space, folds, self.ridge)
-                cache[(space, momentum, decay)] = (error, features, target, ridges)
-                table.append({"space": space, "momentum": momentum, "decay": decay, "cv_mse": error})
-            space, momentum, decay = min(cache, key=lambda key: cache[key][0])
-            error, features, target, ridges = cache[(space, momentum, decay)]
+            best: tuple | None = None   # only the best setting's arrays are kept
+            for setting in itertools.product(spaces, momenta, decays):
+                features = trajectory_features(runs.curricula, runs.num_train, rates, *setting[1:])[:, runs.eval_steps]
+                target = _transform(losses, setting[0])
+                ridges, error = _cross_validate(features, target, losses, setting[0], folds, self.ridge)
+                table.append({"space": setting[0], "momentum": setting[1], "decay": setting[2], "cv_mse": error})
+                if best is None or error < best[0]:
+                    best = (error, setting, features, target, ridges)
+            error, (space, momentum, decay), features, target, ridges = best
             ranks = _ranks(runs.num_train, runs.num_test) if self.rank == "auto" else [self.rank]
             rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
             error, rank = min(zip(rank_errors, ranks))
@@ -242,10 +241,6 @@ class TrajectorySimulator(Simulator):
         n, m = self.train_ids.size, self.test_ids.size
         if self.coef_.shape != (n, m) or self.offset_.ndim != 2 or self.offset_.shape[1] != m or choice.shape != (6,):
             raise ValueError("array shapes do not match the ids")
-        for name, value in (("coef", self.coef_), ("offset", self.offset_), ("rates", self.rates_),
-                            ("ridge", self.ridge_), ("choice", choice)):
-            if not np.isfinite(value).all():
-                raise ValueError(f"'{name}' holds NaN or inf")
         if int(choice[0]) not in range(len(SPACES)):
             raise ValueError("'choice' names no known space")
         self.space_, self.momentum_, self.decay_, self.floor_ = SPACES[int(choice[0])], *map(float, choice[1:4])
