@@ -70,3 +70,20 @@ def test_empty_runs_nested_meta_and_bad_devices_are_one_line_errors(tmp_path, mo
     for args, message in cases:
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
+
+
+def test_no_progress_output_when_not_a_terminal(tmp_path):
+    import io
+    import subprocess
+    import sys
+    from contextlib import redirect_stderr
+
+    from simfluence.progress import progress_bar
+
+    captured = io.StringIO()
+    with redirect_stderr(captured):
+        assert sum(progress_bar(range(5), desc="work")) == 10
+    assert captured.getvalue() == ""
+    result = subprocess.run([sys.executable, "-m", "simfluence.cli", "collect", "digits-mlp", "--runs", "2", "--steps",
+                             "3", "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
+from simfluence.progress import progress_bar
 
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
@@ -116,7 +116,7 @@ def _rollouts(simulator: Simulator, curricula_of: Callable[[np.ndarray], np.ndar
     per_row = 12 * (num_steps + 1) * columns + 16 * num_steps * width
     chunk = int(max(1, min(num_rows, CHUNK_BYTES // per_row)))
     parts: list[tuple[np.ndarray, ...]] = []
-    with tqdm(total=num_rows, unit="curriculum", desc="simulate", disable=not progress, leave=False) as bar:
+    with progress_bar(total=num_rows, unit="curriculum", desc="simulate", enabled=progress, leave=False) as bar:
         for start in range(0, num_rows, chunk):
             rows = np.arange(start, min(start + chunk, num_rows))
             starting = np.broadcast_to(initial, (rows.size, initial.size))
@@ -672,7 +672,7 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
 
     history = []
     beams = np.zeros((1, 0), dtype=np.int64)
-    for _ in tqdm(range(budget), desc="grow", unit="example", disable=not progress):
+    for _ in progress_bar(range(budget), desc="grow", unit="example", enabled=progress):
         grown = np.array([np.append(beam, i) for beam in beams for i in pool if i not in beam])
         score = objectives(grown)
         kept, seen = [], set()
@@ -689,7 +689,7 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
     best, best_score = beams[0], history[-1]
     positions = np.arange(budget)
     swaps = [(p, q) for p in positions for q in positions if p < q]
-    for _ in tqdm(range(rounds), desc="local search", unit="round", disable=not progress):
+    for _ in progress_bar(range(rounds), desc="local search", unit="round", enabled=progress):
         outside = np.setdiff1d(pool, best)
         neighbours = [np.where(positions == p, i, best) for p in positions for i in outside]
         for p, q in swaps:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
+from simfluence.progress import progress_bar
 
 from simfluence.collect.tasks.base import Task
 from simfluence.collect.train import train_run, train_runs_vmap
@@ -118,8 +118,8 @@ def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bo
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
     parts = []
-    for start in tqdm(range(0, len(curricula), chunk_size), desc=f"retrain {task.name}", unit="chunk",
-                      disable=not progress):
+    for start in progress_bar(range(0, len(curricula), chunk_size), desc=f"retrain {task.name}", unit="chunk",
+                      enabled=progress):
         parts.append(_train_skipping_empty_steps(task, curricula[start:start + chunk_size]))
     return np.concatenate(parts)
 

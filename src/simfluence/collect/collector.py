@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from simfluence.progress import progress_bar
 
 from simfluence.collect.curricula import Sampler, UniformSampler
 from simfluence.collect.executors import Chunk, Executor, get_executor, run_chunk, run_id_of, split_chunks
@@ -139,7 +139,7 @@ def _train_pending(task, store, num_runs, num_steps, seed, sampler, eval_steps, 
     chunks = [Chunk(task, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
                     eval_steps, vectorize, threads, checkpoint_steps)
               for indices in split_chunks(pending, int(chunk_size))]
-    with tqdm(total=len(pending), unit="run", desc=f"collect {task.name}", disable=None if progress else True) as bar:
+    with progress_bar(total=len(pending), unit="run", desc=f"collect {task.name}", enabled=progress) as bar:
         for written in executor.map(run_chunk, chunks):
             bar.update(len(written))
 

@@ -276,7 +276,7 @@ def collect_spec(spec: TrainerSpec, out_dir: str | os.PathLike, num_runs: int, n
                  address: str | None = None, threads: int | None = 1, progress: bool = True,
                  desc: str = "collect") -> RunStore:
     """Create or resume the store with ``store_meta`` and train the runs it lacks (:func:`collect_trainer`'s core)."""
-    from tqdm.auto import tqdm
+    from simfluence.progress import progress_bar
 
     store = RunStore.create(out_dir, list(spec.train_ids), list(spec.test_ids), store_meta, exist_ok=True)
     with store.collecting():
@@ -288,7 +288,7 @@ def collect_spec(spec: TrainerSpec, out_dir: str | os.PathLike, num_runs: int, n
         chunk_size = max(1, math.ceil(len(pending) / (runner.workers * 4)))
         chunks = [TrainerChunk(spec, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
                                threads) for indices in split_chunks(pending, chunk_size)]
-        with tqdm(total=len(pending), unit="run", desc=desc, disable=None if progress else True) as bar:
+        with progress_bar(total=len(pending), unit="run", desc=desc, enabled=progress) as bar:
             for written in runner.map(run_trainer_chunk, chunks):
                 bar.update(len(written))
     return store

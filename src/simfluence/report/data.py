@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
+from simfluence.progress import progress_bar
 
 from simfluence.evaluate import Evaluation, evaluate
 from simfluence.query import leave_one_out, resolve_id
@@ -79,7 +79,7 @@ def influence_matrix(simulator: Simulator, runs: RunSet, progress: bool = True) 
     """
     total = np.zeros((simulator.train_ids.size, simulator.test_ids.size))
     count = np.zeros(simulator.train_ids.size, dtype=np.int64)
-    for r in tqdm(range(runs.num_runs), desc="influence", unit="run", disable=not progress):
+    for r in progress_bar(range(runs.num_runs), desc="influence", unit="run", enabled=progress):
         attribution = leave_one_out(simulator, runs.curricula[r], runs.initial_losses[r])
         total[attribution.train_index] += attribution.final_delta
         count[attribution.train_index] += 1

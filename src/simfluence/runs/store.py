@@ -166,7 +166,8 @@ class RunStore:
                     handle.seek(0)
                     holder = handle.read().strip() or "unknown"
                     raise RunDataError(str(self.root), "lock", f"the store is in use by PID {holder} (another "
-                                       "collection)", "wait for it to finish, or collect into another directory") from None
+                                       "collection)", "wait for it to finish, or collect into another directory") \
+                        from None
             handle.seek(0)
             handle.truncate()
             handle.write(str(os.getpid()))

@@ -95,13 +95,13 @@ def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk
     from simfluence.collect.tasks.base import num_examples, take
     from simfluence.func.gradients import per_example_gradients, trainable_params
 
-    from tqdm.auto import tqdm
+    from simfluence.progress import progress_bar
 
     inputs, targets = task.split_data(split)
     count = num_examples(inputs)
     blocks = []
-    for state in tqdm(states, desc=f"gradient features ({split})", unit="checkpoint", leave=False,
-                      disable=len(states) < 2):
+    for state in progress_bar(states, desc=f"gradient features ({split})", unit="checkpoint", leave=False,
+                      enabled=len(states) >= 2):
         model = task.build_model().eval()
         if state is not None:
             model.load_state_dict(state)

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from simfluence.progress import progress_bar
 
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import register
@@ -190,7 +190,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
         with torch.no_grad():
             self.table, self.embeddings = table.detach().clone(), embeddings.detach().clone()
             self.interactions = torch.zeros(width, num_test, dtype=dtype, device=device)  # rounds == 0: linear
-        with tqdm(total=rounds * self.steps, desc="fit linear-pairwise", unit="evaluation", leave=False) as bar:
+        with progress_bar(total=rounds * self.steps, desc="fit linear-pairwise", unit="evaluation", leave=False) as bar:
             for _ in range(rounds):
                 optimizer.step(closure)
                 with torch.no_grad():

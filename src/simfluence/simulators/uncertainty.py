@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from simfluence.progress import progress_bar
 
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import register
@@ -95,7 +95,7 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         rng = np.random.default_rng(self.seed)
         draws = rng.integers(0, runs.num_runs, (self.replicas, runs.num_runs))
         tables = [self._solve(Transitions.of(runs.select(draw)), self.chosen_ridge, initial=self.table)[0]
-                  for draw in tqdm(draws, desc="fit linear-bootstrap", unit="replica", leave=False)]
+                  for draw in progress_bar(draws, desc="fit linear-bootstrap", unit="replica", leave=False)]
         self.replica_tables = torch.stack(tables)
         in_bag = np.zeros((self.replicas, runs.num_runs), dtype=bool)
         in_bag[np.arange(self.replicas)[:, None], draws] = True
