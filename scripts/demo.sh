@@ -3,7 +3,7 @@
 # fitting runs, score them on held-out runs beside the baselines, and write the HTML report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 export PATH="$PWD/.venv/bin:$PATH"
 OUT=${OUT:-out}
 simfluence collect digits-mlp --runs 48 --steps 100 --out "$OUT/digits"
