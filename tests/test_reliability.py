@@ -87,3 +87,39 @@ def test_no_progress_output_when_not_a_terminal(tmp_path):
     result = subprocess.run([sys.executable, "-m", "simfluence.cli", "collect", "digits-mlp", "--runs", "2", "--steps",
                              "3", "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_simulating_past_the_fitting_runs_warns_and_is_flagged(tmp_path, monkeypatch):
+    from simfluence.evaluate import evaluate
+    from simfluence.runs import RunSet
+    from simfluence.simulators.base import ExtrapolationWarning
+
+    runs, _, _ = linear_runs(num_runs=6, num_steps=30, batch=4)
+    model = LinearIdentitySimulator(ridge=1e-3).fit(runs)
+    with warnings_recorded() as caught:
+        model.simulate(runs.curricula, runs.initial_losses)
+    assert not caught
+    longer = np.concatenate([runs.curricula] * 3, axis=1)
+    wider = np.concatenate([runs.curricula] * 2, axis=2)
+    for curricula, initial, message in ((longer, runs.initial_losses, "90 steps, the fitting runs had 30"),
+                                        (wider, runs.initial_losses, "batches of up to 8 examples"),
+                                        (runs.curricula, runs.initial_losses * 100, "losses before training")):
+        with pytest.warns(ExtrapolationWarning, match=message):
+            model.simulate(curricula, initial)
+    far = RunSet.create(longer, np.concatenate([runs.losses, runs.losses[:, 1:], runs.losses[:, 1:]], axis=1),
+                        runs.train_ids, runs.test_ids)
+    with pytest.warns(ExtrapolationWarning):
+        result = evaluate(model, far)
+    assert result.as_dict()["extrapolation"] and "WARNING: extrapolating: 90 steps" in result.table()
+    monkeypatch.chdir(tmp_path)
+    model.save("m.npz")
+    save_runs(far, "far.npz")
+    out = CliRunner().invoke(main, ["evaluate", "m.npz", "far.npz"])
+    assert out.exit_code == 0, out.output
+    assert "warning: far.npz: extrapolating: 90 steps, the fitting runs had 30" in out.output
+
+
+def warnings_recorded():
+    import warnings
+
+    return warnings.catch_warnings(record=True)

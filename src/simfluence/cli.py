@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -28,17 +29,23 @@ GRADIENT_METHODS = ["grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scale
 
 
 def _user_errors(command):
-    """Turn bad-input exceptions into a one-line message and exit status 2."""
+    """Turn bad-input exceptions into a one-line message and exit status 2; warnings print as one line."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return command(*args, **kwargs)
         except (SimfluenceError, ValueError, FileNotFoundError) as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 class _OneLineGroup(click.Group):

@@ -115,6 +115,8 @@ class Evaluation:
     num_steps: int
     num_test: int
     fitting_runs: int | None = None
+    extrapolation: tuple[str, ...] = ()
+    """How the held-out runs go beyond the fitting runs (:meth:`Simulator.extrapolation`); empty if not."""
 
     def fitting_runs_note(self) -> str | None:
         """One line saying how many held-out runs were also fitting runs, or ``None`` when none were."""
@@ -125,7 +127,8 @@ class Evaluation:
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "num_runs": self.num_runs, "num_steps": self.num_steps,
-               "num_test": self.num_test, "heldout_fitting_runs": self.fitting_runs, **self.metrics.as_dict()}
+               "num_test": self.num_test, "heldout_fitting_runs": self.fitting_runs,
+               "extrapolation": list(self.extrapolation), **self.metrics.as_dict()}
         for name, metrics in self.baselines.items():
             prefix = "baseline_" + name.replace("-", "_")
             out.update({f"{prefix}_{key}": value for key, value in metrics.as_dict().items()})
@@ -150,6 +153,8 @@ class Evaluation:
         note = self.fitting_runs_note()
         if note:
             lines.append(f"\nWARNING: {note}")
+        for problem in self.extrapolation:
+            lines.append(f"\nWARNING: extrapolating: {problem}")
         return "\n".join(lines)
 
 
@@ -179,7 +184,8 @@ def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out run
         "constant": score(constant, heldout),
     }
     evaluation = Evaluation(simulator.kind, score(predicted, heldout), baselines, heldout.num_runs,
-                            heldout.num_steps, heldout.num_test, fitting_runs)
+                            heldout.num_steps, heldout.num_test, fitting_runs,
+                            tuple(simulator.extrapolation(heldout.curricula, initial)))
     note = evaluation.fitting_runs_note()
     if note:
         warnings.warn(f"{source}: {note}", UserWarning, stacklevel=2)

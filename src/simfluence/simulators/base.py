@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +35,10 @@ from simfluence.runs.log import PAD, RunDataError, RunSet, validate_curriculum, 
 FORMAT = "simfluence-simulator"
 VERSION = 1
 _REGISTRY: dict[str, type[Simulator]] = {}
+
+
+class ExtrapolationWarning(UserWarning):
+    """A simulation goes beyond what the fitting runs covered (:meth:`Simulator.extrapolation`)."""
 
 
 class NotFittedError(RuntimeError):
@@ -101,7 +106,8 @@ class Simulator(ABC):
         self.train_ids, self.test_ids = runs.train_ids, runs.test_ids
         self.mean_change = mean_change(runs)
         self.fit_digests = run_digests(runs)
-        self.fit_info = {"num_runs": runs.num_runs, "num_steps": runs.num_steps, "batch_size": runs.batch_size}
+        self.fit_info = {"num_runs": runs.num_runs, "num_steps": runs.num_steps, "batch_size": runs.batch_size,
+                         "loss_range": [float(runs.losses.min()), float(runs.losses.max())]}
         self._fit(runs)
         return self
 
@@ -130,8 +136,35 @@ class Simulator(ABC):
         if initial.shape != (curricula.shape[0], self.test_ids.size):
             raise RunDataError(source, "initial_losses", f"shape {initial.shape} does not match (runs, test examples)"
                                f" = ({curricula.shape[0]}, {self.test_ids.size})")
+        for problem in self.extrapolation(curricula, initial):
+            warnings.warn(f"{source}: extrapolating: {problem}; simulated losses there are guesses",
+                          ExtrapolationWarning, stacklevel=2)
         trajectories = self._simulate(curricula, initial.astype(np.float64))
         return trajectories[0] if single else trajectories
+
+    def extrapolation(self, curricula: np.ndarray, initial: np.ndarray) -> list[str]:
+        """How the inputs go beyond the fitting runs: more steps, larger batches, or losses before
+        training outside the range of the fitting losses. Empty when they do not (or the model
+        was saved without that information).
+
+        Args:
+            curricula: int ``[R, T, B]``; initial: float ``[R, M]``.
+        """
+        problems = []
+        steps, batch = self.fit_info.get("num_steps"), self.fit_info.get("batch_size")
+        if isinstance(steps, int) and curricula.shape[1] > steps:
+            problems.append(f"{curricula.shape[1]} steps, the fitting runs had {steps}")
+        widest = int((curricula != PAD).sum(axis=2).max()) if curricula.size else 0
+        if isinstance(batch, int) and widest > batch:
+            problems.append(f"batches of up to {widest} examples, the fitting runs had {batch}")
+        bounds = self.fit_info.get("loss_range")
+        if isinstance(bounds, list) and len(bounds) == 2 and initial.size:
+            low, high = bounds
+            margin = 0.5 * (high - low)
+            if initial.min() < low - margin or initial.max() > high + margin:
+                problems.append(f"losses before training in [{initial.min():.4g}, {initial.max():.4g}], the fitting "
+                                f"losses lie in [{low:.4g}, {high:.4g}]")
+        return problems
 
     # --- to implement -------------------------------------------------------------
     @abstractmethod
