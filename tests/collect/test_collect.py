@@ -133,3 +133,19 @@ def test_a_second_collection_into_a_store_in_use_is_refused(tmp_path):
         with pytest.raises(RunDataError, match=rf"the store is in use by PID {os.getpid()} \(another collection\)"):
             collect("digits-mlp", tmp_path / "s", num_runs=2, num_steps=3, progress=False)
     assert len(collect("digits-mlp", tmp_path / "s", num_runs=2, num_steps=3, progress=False)) == 2
+
+
+def test_a_collection_removes_temporaries_left_by_killed_writers(tmp_path):
+    import os
+    import time
+
+    store = collect("digits-mlp", tmp_path / "s", num_runs=1, num_steps=3, progress=False)
+    stale = store.root / "runs" / ".run-000001.parquet.abc.tmp.parquet"
+    fresh = store.root / "runs" / ".run-000002.parquet.def.tmp.parquet"
+    for path in (stale, fresh):
+        path.write_bytes(b"")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    collect("digits-mlp", tmp_path / "s", num_runs=2, num_steps=3, progress=False)
+    assert not stale.exists() and fresh.exists()   # a young temporary may still have a writer
+    assert store.run_ids() == ["run-000000", "run-000001"]

@@ -59,6 +59,8 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 CREATE_LOCK = ".simfluence-store.lock"
 COLLECT_LOCK = ".simfluence-collect.lock"
+STALE_SECONDS = 600.0
+"""Temporary files older than this (seconds) are taken to be left by a killed writer."""
 
 
 @contextlib.contextmanager
@@ -172,6 +174,7 @@ class RunStore:
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
+            self.remove_stale_temporaries()
             try:
                 yield self
             finally:
@@ -179,6 +182,29 @@ class RunStore:
                 handle.truncate()
                 if fcntl is not None:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def remove_stale_temporaries(self, older_than: float = STALE_SECONDS) -> list[Path]:
+        """Delete the temporary files that killed writers left (``.<name>.*.tmp*`` beside the runs and
+        checkpoints) once they are ``older_than`` seconds old; returns the paths removed.
+
+        Called when a collection takes the store's lock. A temporary younger than that may belong
+        to a writer that is still at work (a recorder does not take the collection lock), so it stays.
+        """
+        import time
+
+        removed = []
+        now = time.time()
+        for folder in (self.root / "runs", *sorted((self.root / "checkpoints").glob("*"))):
+            if not folder.is_dir():
+                continue
+            for path in folder.glob(".*.tmp*"):
+                try:
+                    if now - path.stat().st_mtime > older_than:
+                        path.unlink()
+                        removed.append(path)
+                except FileNotFoundError:   # its writer finished or removed it meanwhile
+                    continue
+        return removed
 
     # --- runs ---------------------------------------------------------------------
     def run_path(self, run_id: str) -> Path:
