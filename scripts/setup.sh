@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
     timed "creating .venv with $("$PYTHON" --version 2>&1)" "$PYTHON" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    timed "installing torch 2.13.0, the CPU build (about 200 MB)" \
+    timed "installing torch 2.13.0, the CPU build (about 0.2 GB to download, 0.75 GB installed)" \
         .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
 stamp=.venv/.simfluence-installed-$PROFILE

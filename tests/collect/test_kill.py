@@ -62,3 +62,48 @@ def test_sigkill_mid_collection_then_resume(tmp_path):
     np.testing.assert_array_equal(resumed.run_ids, reference.run_ids)
     np.testing.assert_array_equal(resumed.curricula, reference.curricula)
     np.testing.assert_array_equal(resumed.losses, reference.losses)  # identical, not merely close
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads parent ids from /proc")
+def test_workers_exit_when_the_collecting_parent_is_killed(tmp_path):
+    command = [sys.executable, "-m", "simfluence.cli", "collect", "digits-mlp", "--runs", "400", "--steps", "200",
+               "--workers", "2", "--out", str(tmp_path / "s")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "s" / "runs").is_dir():
+            time.sleep(0.05)
+        workers = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = [pid for pid in _children(process.pid)
+                       if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
+            time.sleep(0.05)
+        assert len(workers) == 2, "the pool's workers did not start"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") and
+                                                  open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                                                  for pid in workers):
+            time.sleep(0.1)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+                 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, f"workers {alive} outlived their killed parent"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import multiprocessing
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,23 @@ def run_chunk(chunk: Chunk) -> list[str]:
     return run_ids
 
 
+def exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """In a worker process: end it as soon as process ``parent`` is gone (killed with ``kill -9``, say).
+
+    A pool's workers otherwise wait forever on a queue whose other end died with the parent.
+    A daemon thread checks every ``interval`` seconds whether the worker was re-parented.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class Executor(ABC):
     """Runs independent chunks; yields each chunk's result as it finishes (any order)."""
 
@@ -121,7 +139,8 @@ class LocalExecutor(Executor):
                 yield function(chunk)
             return
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=exit_with_parent,
+                                                    initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(function, chunk) for chunk in chunks]
             try:
                 for future in concurrent.futures.as_completed(futures):
