@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from simfluence import RunDataError, RunLog, RunStore, load_runs, save_runs
+from simfluence import RunDataError, RunLog, RunSet, RunStore, load_runs, save_runs
 from simfluence.runs.interchange import read_interchange, write_interchange
 
 
@@ -114,3 +114,35 @@ def test_run_files_of_another_version_are_rejected(tmp_path):
     pq.write_table(table.replace_schema_metadata({"simfluence": json.dumps({**info, "version": 99})}), path)
     with pytest.raises(RunDataError, match="unsupported run-file version 99"):
         store.read("run-0")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array)
+    return buffer.getvalue()
+
+
+def test_npz_headers_are_checked_before_any_data_is_read(tmp_path, monkeypatch):
+    import zipfile
+
+    import simfluence.runs.interchange as interchange
+
+    runs = RunSet.create(np.zeros((1, 2, 1), np.int32), np.ones((1, 3, 2), np.float32), ["a"], ["t0", "t1"])
+    save_runs(runs, tmp_path / "good.npz")
+    # A member no one asked for is not read at all, even a broken one.
+    with zipfile.ZipFile(tmp_path / "good.npz", "a") as archive:
+        archive.writestr("extra.npy", b"\x93NUMPY garbage")
+    assert read_interchange(tmp_path / "good.npz").num_runs == 1
+    # A header that declares more data than the member holds is named as truncated; nothing is allocated.
+    lying = _npy_bytes(np.ones((1, 3, 2), np.float32)).replace(b"(1, 3, 2)", b"(9, 3, 2)")
+    with zipfile.ZipFile(tmp_path / "good.npz") as source, zipfile.ZipFile(tmp_path / "bad.npz", "w") as target:
+        for item in source.infolist():
+            target.writestr(item, lying if item.filename == "losses.npy" else source.read(item))
+    with pytest.raises(RunDataError, match="field 'losses': is truncated"):
+        read_interchange(tmp_path / "bad.npz")
+    # Declared sizes over the limit are refused before loading.
+    monkeypatch.setattr(interchange, "MAX_ARRAY_BYTES", 16)
+    with pytest.raises(RunDataError, match="declare more than 16 bytes"):
+        read_interchange(tmp_path / "good.npz")

@@ -31,29 +31,71 @@ REQUIRED = ("curricula", "losses", "train_ids", "test_ids", "meta")
 OPTIONAL = ("eval_steps", "run_ids")
 
 
-def read_npz_arrays(path: str | os.PathLike, required: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` file without pickle; missing ``required`` fields raise."""
+MAX_ARRAY_BYTES = int(os.environ.get("SIMFLUENCE_MAX_NPZ_BYTES", 16 << 30))
+"""Largest total size (bytes) the arrays of one ``.npz`` may declare; ``$SIMFLUENCE_MAX_NPZ_BYTES`` overrides."""
+
+
+def read_npz_arrays(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] | None = None,
+                    prefixes: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Load arrays of an ``.npz`` file without pickle, after checking every member's header.
+
+    Args:
+        required: members that must be present (a :class:`RunDataError` names the first missing one).
+        optional: other members to load when present; ``None`` loads every member.
+        prefixes: with ``optional``, also load the members whose names start with one of these.
+
+    Before any data is read, each loaded member's ``.npy`` header is parsed: object dtypes are
+    refused (they would need pickle), the declared size must match the member's size in the
+    archive (a truncated member is named as such), and the declared sizes together must stay
+    under :data:`MAX_ARRAY_BYTES`, so a small file cannot make a huge allocation.
+    """
     source = str(path)
     if not Path(path).is_file():
         raise RunDataError(source, "<file>", "does not exist")
     if not zipfile.is_zipfile(path):
         raise RunDataError(source, "<file>", "is not an .npz archive", "write it with numpy.savez")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = set(archive.files)
-            missing = [name for name in required if name not in names]
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()
+                       if info.filename.endswith(".npy")}
+            missing = [name for name in required if name not in members]
             if missing:
-                raise RunDataError(source, missing[0], "is missing", f"the file holds {sorted(names)}")
-            arrays = {}
-            for name in names:
-                try:
-                    arrays[name] = archive[name]
-                except ValueError:
-                    raise RunDataError(source, name, "is an object array, which would need pickle to load",
-                                       "save strings as fixed-width str arrays, e.g. np.array(ids, dtype=str)") from None
-            return arrays
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+                raise RunDataError(source, missing[0], "is missing", f"the file holds {sorted(members)}")
+            wanted = sorted(members) if optional is None else sorted(
+                name for name in members if name in required or name in optional or name.startswith(prefixes or ("\0",)))
+            total = 0
+            for name in wanted:
+                total += _checked_header(archive, members[name], name, source)
+                if total > MAX_ARRAY_BYTES:
+                    raise RunDataError(source, name, f"the arrays declare more than {MAX_ARRAY_BYTES} bytes",
+                                       "raise SIMFLUENCE_MAX_NPZ_BYTES if the file is genuine")
+        with np.load(path, allow_pickle=False) as loaded:
+            return {name: loaded[name] for name in wanted}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise RunDataError(source, "<file>", f"is not a readable .npz archive ({error})") from None
+
+
+def _checked_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, source: str) -> int:
+    """Bytes that member ``name`` declares, after checking its header (see :func:`read_npz_arrays`)."""
+    with archive.open(info) as stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+            reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in reader:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, _, dtype = reader[version](stream)
+            header_length = stream.tell()
+        except ValueError as error:
+            raise RunDataError(source, name, f"has no readable .npy header ({error})") from None
+    if dtype.hasobject:
+        raise RunDataError(source, name, "is an object array, which would need pickle to load",
+                           "save strings as fixed-width str arrays, e.g. np.array(ids, dtype=str)")
+    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if header_length + declared != info.file_size:
+        problem = "is truncated" if header_length + declared > info.file_size else "holds more bytes than declared"
+        raise RunDataError(source, name, f"{problem} (header says {declared} bytes of data, the archive holds "
+                           f"{info.file_size - header_length})", "write the file again")
+    return declared
 
 
 def _meta_text(arrays: dict[str, np.ndarray], source: str) -> str:
@@ -66,7 +108,7 @@ def _meta_text(arrays: dict[str, np.ndarray], source: str) -> str:
 def read_interchange(path: str | os.PathLike) -> RunSet:
     """Read and validate an interchange file."""
     source = str(path)
-    arrays = read_npz_arrays(path, REQUIRED)
+    arrays = read_npz_arrays(path, REQUIRED, OPTIONAL)
     return RunSet.create(
         curricula=arrays["curricula"],
         losses=arrays["losses"],

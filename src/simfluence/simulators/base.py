@@ -203,7 +203,8 @@ class Simulator(ABC):
     def load(path: str | os.PathLike) -> Simulator:
         """Load any saved simulator; the class comes from the file's config."""
         source = str(path)
-        arrays = read_npz_arrays(path, ("config", "train_ids", "test_ids", "mean_change"))
+        arrays = read_npz_arrays(path, ("config", "train_ids", "test_ids", "mean_change"), ("fit_digests",),
+                                 prefixes=("state.",))
         try:
             config = json.loads(str(arrays["config"].reshape(())))
         except (json.JSONDecodeError, ValueError, RecursionError):
