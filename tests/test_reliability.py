@@ -1,4 +1,6 @@
-"""Non-finite models are refused: a ridge of inf at fitting, NaN or inf arrays at loading."""
+"""Bad input and damaged files are refused with one line; nothing silently wrong."""
+
+import json
 
 import numpy as np
 import torch
@@ -29,6 +31,12 @@ def test_loading_a_model_with_nan_arrays_is_refused(tmp_path, make):
     arrays = dict(np.load(path, allow_pickle=False))
     name = next(key for key, value in arrays.items() if key.startswith("state.") and value.dtype.kind == "f")
     arrays[name] = np.full_like(arrays[name], np.nan)
+    # A consistent file (checksum matching its NaN arrays), as a buggy fit would write it.
+    from simfluence.simulators.base import arrays_checksum
+
+    config = json.loads(str(arrays["config"]))
+    config["checksum"] = arrays_checksum({key: value for key, value in arrays.items() if key != "config"})
+    arrays["config"] = np.array(json.dumps(config))
     np.savez(tmp_path / "broken.npz", **arrays)
     with pytest.raises(RunDataError, match=rf"field '{name}': holds NaN or inf values"):
         Simulator.load(tmp_path / "broken.npz")
@@ -123,3 +131,15 @@ def warnings_recorded():
     import warnings
 
     return warnings.catch_warnings(record=True)
+
+
+def test_a_saved_model_whose_arrays_were_altered_is_refused(tmp_path):
+    runs, _, _ = linear_runs(num_runs=6)
+    path = LinearIdentitySimulator(ridge=1e-3).fit(runs).save(tmp_path / "m.npz")
+    arrays = dict(np.load(path, allow_pickle=False))
+    name = next(key for key in arrays if key.startswith("state.") and arrays[key].dtype.kind == "f")
+    arrays[name] = arrays[name] * 1.001   # plausible, finite numbers: only the checksum can tell
+    np.savez(tmp_path / "altered.npz", **arrays)
+    with pytest.raises(RunDataError, match="field 'checksum': the arrays do not match"):
+        Simulator.load(tmp_path / "altered.npz")
+    assert isinstance(Simulator.load(path), LinearIdentitySimulator)

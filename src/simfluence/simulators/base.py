@@ -37,6 +37,16 @@ VERSION = 1
 _REGISTRY: dict[str, type[Simulator]] = {}
 
 
+def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of named arrays: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 class ExtrapolationWarning(UserWarning):
     """A simulation goes beyond what the fitting runs covered (:meth:`Simulator.extrapolation`)."""
 
@@ -188,15 +198,16 @@ class Simulator(ABC):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (an ``.npz``) atomically: arrays plus a JSON config, no pickle."""
         self._check_fitted()
-        config = {"format": FORMAT, "version": VERSION, "kind": self.kind, "params": self._params(),
-                  "fit_info": self.fit_info}
-        arrays = {f"state.{name}": value for name, value in self._arrays().items()}
-        path = Path(path)
+        arrays = {f"state.{name}": np.asarray(value) for name, value in self._arrays().items()}
+        arrays.update(train_ids=self.train_ids.astype(str), test_ids=self.test_ids.astype(str),
+                      mean_change=np.asarray(self.mean_change))
         if self.fit_digests is not None:
             arrays["fit_digests"] = np.asarray(self.fit_digests, dtype="<U64")
+        config = {"format": FORMAT, "version": VERSION, "kind": self.kind, "params": self._params(),
+                  "fit_info": self.fit_info, "checksum": arrays_checksum(arrays)}
+        path = Path(path)
         with atomic_path(path, suffix=".npz") as temporary:
-            np.savez(temporary, config=np.array(json.dumps(config)), train_ids=self.train_ids.astype(str),
-                     test_ids=self.test_ids.astype(str), mean_change=self.mean_change, **arrays)
+            np.savez(temporary, config=np.array(json.dumps(config)), **arrays)
         return path
 
     @staticmethod
@@ -237,6 +248,11 @@ class Simulator(ABC):
             simulator._restore(state)
         except (KeyError, ValueError) as error:
             raise RunDataError(source, "state", f"does not fit a '{kind}' simulator ({error})") from None
+        # Last, so that a damaged file whose arrays do not even fit the simulator is named by what is wrong.
+        checksum = config.get("checksum")   # absent in files saved before checksums were written
+        if checksum is not None and checksum != arrays_checksum({k: v for k, v in arrays.items() if k != "config"}):
+            raise RunDataError(source, "checksum", "the arrays do not match the checksum saved with them (the file was "
+                               "altered or damaged)", "fit the simulator again")
         return simulator
 
     # --- helpers ------------------------------------------------------------------
