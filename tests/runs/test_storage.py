@@ -146,3 +146,15 @@ def test_npz_headers_are_checked_before_any_data_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(interchange, "MAX_ARRAY_BYTES", 16)
     with pytest.raises(RunDataError, match="declare more than 16 bytes"):
         read_interchange(tmp_path / "good.npz")
+
+
+def test_a_run_copied_from_a_collection_with_other_settings_is_refused(tmp_path):
+    import shutil
+
+    first = RunStore.create(tmp_path / "a", ["a", "b"], ["t0"], meta={"learning_rate": 0.1})
+    second = RunStore.create(tmp_path / "b", ["a", "b"], ["t0"], meta={"learning_rate": 0.5})
+    path = first.write(RunLog("run-0", np.array([[0, 1]]), np.ones((2, 1), np.float32), np.array([0, 1]), 0, {}))
+    shutil.copy(path, second.run_path("run-0"))
+    with pytest.raises(RunDataError, match="field 'store_meta_digest': the run was collected with other settings"):
+        second.load()
+    assert first.load().num_runs == 1

@@ -84,6 +84,11 @@ def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def meta_digest(meta: dict) -> str:
+    """Digest of a store's meta (every setting that decides its runs), recorded in each run file."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class RunStore:
     """A run directory. Open an existing one with ``RunStore(path)``, make one with :meth:`create`."""
 
@@ -115,6 +120,7 @@ class RunStore:
         self.test_ids = empty.test_ids
         self.meta = empty.meta
         self.digest = ids_digest(self.train_ids, self.test_ids)
+        self.meta_digest = meta_digest(self.meta)
 
     # --- creation -----------------------------------------------------------------
     @classmethod
@@ -233,11 +239,13 @@ class RunStore:
         path = self.run_path(log.run_id)
         log = log.validated(self.train_ids.size, self.test_ids.size, str(path))
         with atomic_path(path, suffix=".parquet") as temporary:
-            pq.write_table(_run_to_table(log, self.digest), temporary, use_dictionary=False, write_page_checksum=True)
+            pq.write_table(_run_to_table(log, self.digest, self.meta_digest), temporary, use_dictionary=False,
+                           write_page_checksum=True)
         return path
 
     def read(self, run_id: str) -> RunLog:
-        return _table_to_run(self.run_path(run_id), self.digest, self.train_ids.size, self.test_ids.size)
+        return _table_to_run(self.run_path(run_id), self.digest, self.train_ids.size, self.test_ids.size,
+                             self.meta_digest)
 
     def load(self, run_ids: Iterable[str] | None = None) -> RunSet:
         """All (or the given) runs as one :class:`RunSet`."""
@@ -287,7 +295,7 @@ class RunStore:
         return f"RunStore('{self.root}', runs={len(self)}, train={self.train_ids.size}, test={self.test_ids.size})"
 
 
-def _run_to_table(log: RunLog, digest: str) -> pa.Table:
+def _run_to_table(log: RunLog, digest: str, store_meta_digest: str) -> pa.Table:
     num_evals, num_test = log.losses.shape
     steps = np.arange(log.num_steps + 1, dtype=np.int32)
     # Batches: strip padding, step 0 has an empty batch.
@@ -301,12 +309,13 @@ def _run_to_table(log: RunLog, digest: str) -> pa.Table:
     loss_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     loss = pa.ListArray.from_arrays(pa.array(loss_offsets), pa.array(log.losses.reshape(-1)),
                                     mask=pa.array(~evaluated))
-    info = {"run_id": log.run_id, "seed": log.seed, "meta": log.meta, "ids_digest": digest, "version": VERSION}
+    info = {"run_id": log.run_id, "seed": log.seed, "meta": log.meta, "ids_digest": digest,
+            "store_meta_digest": store_meta_digest, "version": VERSION}
     table = pa.table({"step": steps, "batch": batch, "loss": loss})
     return table.replace_schema_metadata({"simfluence": json.dumps(info)})
 
 
-def _table_to_run(path: Path, digest: str, num_train: int, num_test: int) -> RunLog:
+def _table_to_run(path: Path, digest: str, num_train: int, num_test: int, store_meta_digest: str) -> RunLog:
     source = str(path)
     if not path.is_file():
         raise RunDataError(source, "<file>", "does not exist")
@@ -331,6 +340,11 @@ def _table_to_run(path: Path, digest: str, num_train: int, num_test: int) -> Run
     if info.get("version") != VERSION:
         raise RunDataError(source, "version", f"unsupported run-file version {info.get('version')!r}",
                            f"this simfluence reads version {VERSION}")
+    written_with = info.get("store_meta_digest")   # absent in run files written before it was recorded
+    if written_with is not None and written_with != store_meta_digest:
+        raise RunDataError(source, "store_meta_digest", "the run was collected with other settings than this store's "
+                           "(task, learning rate, steps, sampler, ...)", "keep runs of different collections in "
+                           "different stores")
     if info.get("ids_digest") != digest:
         raise RunDataError(source, "ids_digest", "the run was logged with other training/test ids than this store",
                            "keep runs of different tasks in different stores")
