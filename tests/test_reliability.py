@@ -143,3 +143,23 @@ def test_a_saved_model_whose_arrays_were_altered_is_refused(tmp_path):
     with pytest.raises(RunDataError, match="field 'checksum': the arrays do not match"):
         Simulator.load(tmp_path / "altered.npz")
     assert isinstance(Simulator.load(path), LinearIdentitySimulator)
+
+
+@pytest.mark.parametrize("factor", [1e3, 1e6])
+def test_one_extreme_test_example_does_not_set_the_ridge_of_the_linear_family(factor):
+    from simfluence.evaluate import split_runs
+    from simfluence.runs import RunSet
+
+    runs, _, _ = linear_runs(num_test=8, num_runs=16, seed=5, noise=1e-2)
+    fitting, heldout = split_runs(runs, 4, 0)
+    clean = LinearIdentitySimulator().fit(fitting)
+    losses = fitting.losses.copy()
+    losses[:, :, 0] *= factor
+    spoiled = LinearIdentitySimulator().fit(RunSet.create(fitting.curricula, losses, fitting.train_ids,
+                                                          fitting.test_ids, meta=fitting.meta))
+    assert spoiled.chosen_ridge == clean.chosen_ridge
+    others = slice(1, None)
+    error = {name: float(np.mean((model.simulate(heldout.curricula, heldout.initial_losses)[:, 1:, others]
+                                  - heldout.losses[:, 1:, others]) ** 2))
+             for name, model in (("clean", clean), ("spoiled", spoiled))}
+    assert error["spoiled"] <= 1.05 * error["clean"], error

@@ -120,25 +120,42 @@ def all_steps_mse(predicted: np.ndarray, runs: RunSet) -> float:
     return float(np.mean((predicted[:, runs.eval_steps[1:]] - runs.losses[:, 1:]) ** 2, dtype=np.float64))
 
 
+def example_scales(runs: RunSet) -> np.ndarray:
+    """float64 ``[M]``: each test example's squared spread of losses across runs (mean over steps
+    ``1..``), the scale its cross-validation errors are divided by; its mean squared loss where the
+    runs do not differ, 1 where that is 0 too."""
+    losses = runs.losses[:, 1:].astype(np.float64)
+    spread = ((losses - losses.mean(axis=0)) ** 2).mean(axis=(0, 1))
+    level = (losses ** 2).mean(axis=(0, 1))
+    return np.where(spread > 0, spread, np.where(level > 0, level, 1.0))
+
+
 def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet], Iterable[torch.Tensor]],
                    cv_folds: int, seed: int, alpha_offset: float = 1.0, fit_alpha: bool = True,
                    fix: str = "pass the setting explicitly") -> tuple[float, dict[str, float]]:
-    """Choose a setting from ``grid`` by rolled-out all-steps MSE on K folds of the fitting runs.
+    """Choose a setting from ``grid`` by rolled-out all-steps error on K folds of the fitting runs.
 
     ``tables(fitting_runs)`` yields one coefficient table (as :func:`rollout` takes it) per
     grid value, in grid order, so a caller can warm-start each fit from the previous one.
+    The error is scale-normalised: each test example's squared errors are divided by the
+    spread of its own losses across the fitting runs (:func:`example_scales`) before averaging,
+    so one test example with huge losses cannot choose the setting for all the others.
     Returns the best value and the mean error of each (keyed by the value).
     """
     if runs.num_runs < 2:
         raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs", fix)
     folds = np.array_split(np.random.default_rng(seed).permutation(runs.num_runs), min(cv_folds, runs.num_runs))
+    scales = example_scales(runs)
     errors = np.zeros(len(grid))
     for fold in folds:
         fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
         for g, table in enumerate(tables(fitting)):
             predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
                                 alpha_offset, fit_alpha)
-            errors[g] += all_steps_mse(predicted, held_out) / len(folds)
+            squared = (predicted[:, held_out.eval_steps[1:]].astype(np.float64) - held_out.losses[:, 1:]) ** 2
+            with np.errstate(over="ignore", invalid="ignore"):
+                normalised = float(np.mean(squared.mean(axis=(0, 1)) / scales))
+            errors[g] += (normalised if np.isfinite(normalised) else np.inf) / len(folds)
     return float(grid[int(np.argmin(errors))]), {f"{value:.6g}": float(error) for value, error in zip(grid, errors)}
 
 
