@@ -120,14 +120,21 @@ def all_steps_mse(predicted: np.ndarray, runs: RunSet) -> float:
     return float(np.mean((predicted[:, runs.eval_steps[1:]] - runs.losses[:, 1:]) ** 2, dtype=np.float64))
 
 
-def example_scales(runs: RunSet) -> np.ndarray:
-    """float64 ``[M]``: each test example's squared spread of losses across runs (mean over steps
-    ``1..``), the scale its cross-validation errors are divided by; its mean squared loss where the
-    runs do not differ, 1 where that is 0 too."""
+def example_scales(runs: RunSet, cap: float = 3.0) -> np.ndarray:
+    """float64 ``[M]``: what each test example's cross-validation errors are divided by.
+
+    1 for every test example whose losses spread across the fitting runs (mean squared deviation
+    from the per-step mean, steps ``1..``) at most ``cap`` times the median example's, so for
+    ordinary run sets the criterion is the plain all-steps MSE; an example that spreads more is
+    divided by its excess (``spread / (cap x median)``), so it weighs like one at the cap and a
+    single example with huge losses cannot choose the setting for the rest.
+    """
     losses = runs.losses[:, 1:].astype(np.float64)
     spread = ((losses - losses.mean(axis=0)) ** 2).mean(axis=(0, 1))
-    level = (losses ** 2).mean(axis=(0, 1))
-    return np.where(spread > 0, spread, np.where(level > 0, level, 1.0))
+    reference = cap * float(np.median(spread))
+    if not reference > 0:
+        return np.ones(runs.num_test)
+    return np.maximum(spread / reference, 1.0)
 
 
 def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet], Iterable[torch.Tensor]],
@@ -137,9 +144,8 @@ def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet
 
     ``tables(fitting_runs)`` yields one coefficient table (as :func:`rollout` takes it) per
     grid value, in grid order, so a caller can warm-start each fit from the previous one.
-    The error is scale-normalised: each test example's squared errors are divided by the
-    spread of its own losses across the fitting runs (:func:`example_scales`) before averaging,
-    so one test example with huge losses cannot choose the setting for all the others.
+    The error is the all-steps MSE with outlying test examples scaled down (:func:`example_scales`):
+    one test example with huge losses cannot choose the setting for all the others.
     Returns the best value and the mean error of each (keyed by the value).
     """
     if runs.num_runs < 2:
