@@ -19,8 +19,8 @@ from simfluence.runs import RunDataError, load_runs, save_runs
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.atomic import atomic_path
 
-METHODS = ["auto", "linear-trajectory", "linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive", "mean-trajectory",
-           "constant", "featurized"]
+METHODS = ["auto", "linear-trajectory", "linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive",
+           "mean-trajectory", "constant", "featurized"]
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 CV_FOLDS = click.IntRange(min=2)
@@ -91,9 +91,8 @@ def main() -> None:
 def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, device: str, dtype: str,
         checkpoints: str | None) -> None:
     """Fit a simulator on RUNS (a run store directory or an interchange .npz)."""
-    from simfluence.simulators import make_simulator
-
     from simfluence.func.devices import check_device
+    from simfluence.simulators import make_simulator
 
     check_device(device, "--device")
     run_set = load_runs(runs)
