@@ -163,3 +163,16 @@ def test_one_extreme_test_example_does_not_set_the_ridge_of_the_linear_family(fa
                                   - heldout.losses[:, 1:, others]) ** 2))
              for name, model in (("clean", clean), ("spoiled", spoiled))}
     assert error["spoiled"] <= 1.05 * error["clean"], error
+
+
+def test_non_negative_losses_are_never_simulated_below_zero():
+    from simfluence.simulators import AdditiveSimulator
+
+    runs, _, _ = linear_runs(num_runs=8, num_steps=30)
+    model = AdditiveSimulator(ridge=1e-3).fit(runs)
+    long = np.tile(runs.curricula[:1], (1, 20, 1))   # 600 steps of mostly helpful examples
+    raw = model._simulate(long, runs.initial_losses[:1].astype(np.float64))
+    assert raw.min() < 0   # what the recurrence itself extrapolates to
+    with pytest.warns(UserWarning, match="extrapolating"):
+        clipped = model.simulate(long, runs.initial_losses[:1])
+    assert clipped.min() == 0 and np.array_equal(clipped, np.maximum(raw, 0))

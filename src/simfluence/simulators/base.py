@@ -129,7 +129,8 @@ class Simulator(ABC):
             initial_losses: float ``[R, M]`` (or ``[M]``) losses of the test examples before training.
 
         Returns:
-            float32 ``[R, T + 1, M]`` (``[T + 1, M]`` for one run) simulated losses.
+            float32 ``[R, T + 1, M]`` (``[T + 1, M]`` for one run) simulated losses; never below 0
+            when the fitting runs' losses were all non-negative.
         """
         self._check_fitted()
         curricula = validate_curriculum(curricula, self.train_ids.size, source, "curricula")
@@ -150,6 +151,10 @@ class Simulator(ABC):
             warnings.warn(f"{source}: extrapolating: {problem}; simulated losses there are guesses",
                           ExtrapolationWarning, stacklevel=2)
         trajectories = self._simulate(curricula, initial.astype(np.float64))
+        bounds = self.fit_info.get("loss_range")
+        if isinstance(bounds, list) and len(bounds) == 2 and bounds[0] >= 0:
+            # Losses that were never negative (cross-entropy, squared error) are not simulated below 0.
+            np.maximum(trajectories, 0, out=trajectories)
         return trajectories[0] if single else trajectories
 
     def extrapolation(self, curricula: np.ndarray, initial: np.ndarray) -> list[str]:
