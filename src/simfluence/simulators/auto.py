@@ -13,7 +13,6 @@ kept in ``fit_info["cv_table"]`` (and printed by ``simfluence fit``).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -100,7 +99,7 @@ class AutoSimulator(Simulator):
         chosen, params = self._saved_choice
         if chosen not in self.candidates:
             raise ValueError(f"the chosen simulator {chosen!r} is not among the candidates")
-        model = make_simulator(chosen, **json.loads(json.dumps(params or {})))
+        model = make_simulator(chosen, **(params or {}))
         model.train_ids, model.test_ids, model.mean_change = self.train_ids, self.test_ids, self.mean_change
         model.fit_digests, model.fit_info = self.fit_digests, {}
         model._restore(arrays)

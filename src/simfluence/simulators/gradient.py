@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from simfluence.collect.schedules import learning_rates
+from simfluence.collect.schedules import run_learning_rates
 from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import register
@@ -91,10 +91,8 @@ class GradientSimulator(LinearSimulator):
     @staticmethod
     def _learning_rates(task, runs: RunSet) -> np.ndarray:
         """float64 ``[T]``: the rates the runs were trained with (their meta first, then the task)."""
-        config = runs.meta.get("task_config", {})
-        return learning_rates(float(runs.meta.get("learning_rate", task.learning_rate)), runs.num_steps,
-                              config.get("lr_schedule", task.lr_schedule),
-                              config.get("warmup_steps", task.warmup_steps))
+        rates = run_learning_rates(runs.meta, runs.num_steps)
+        return task.learning_rates(runs.num_steps) if rates is None else rates
 
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
