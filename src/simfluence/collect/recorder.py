@@ -97,14 +97,23 @@ def causal_lm_example_loss(logits: torch.Tensor, labels: torch.Tensor,
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"causal_lm_example_loss: expected logits [n, L, V] and labels [n, L], "
                          f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    targets = labels[:, 1:]
-    valid = targets != ignore_index
-    if attention_mask is not None:
-        valid = valid & attention_mask[:, 1:].bool()
-    targets = targets.masked_fill(~valid, ignore_index)
-    token_loss = nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="none",
-    ).view(targets.shape)
+    return _token_mean_loss(logits[:, :-1], labels[:, 1:], None if attention_mask is None else attention_mask[:, 1:],
+                            ignore_index)
+
+
+def _token_mean_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
+                     ignore_index: int = -100) -> torch.Tensor:
+    """float32 ``[n]``: each example's mean cross-entropy over its counted tokens.
+
+    ``logits`` ``[n, L, V]``, ``labels`` ``[n, L]`` aligned with them; tokens whose label is
+    ``ignore_index`` or whose ``mask`` (``[n, L]``, optional) is 0 do not count. An example with
+    no counted token gets NaN (0 / 0).
+    """
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & mask.bool()
+    token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.masked_fill(~valid, ignore_index)
+                                             .flatten(), ignore_index=ignore_index, reduction="none").view(labels.shape)
     return token_loss.sum(dim=1) / valid.sum(dim=1)
 
 
@@ -117,14 +126,10 @@ def causal_lm_loss(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     through ``attention_mask``). Labels are never passed to the model, so it does not
     compute its own (batch-mean) loss.
     """
-    inputs = dict(inputs)
-    labels = inputs.pop("labels", None)
-    if targets is not None:
-        labels = targets
+    inputs, labels = _split_labels(dict(inputs), targets)
     if labels is None:
         labels = inputs["input_ids"]
-    logits = model(**inputs).logits
-    return causal_lm_example_loss(logits, labels, inputs.get("attention_mask"))
+    return causal_lm_example_loss(model(**inputs).logits, labels, inputs.get("attention_mask"))
 
 
 def from_criterion(criterion: Callable[[Any, Any], torch.Tensor]) -> LossFn:
@@ -189,12 +194,7 @@ def auto_loss(model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tenso
         if labels.is_floating_point() and labels.shape == logits.shape:
             return nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
         return nn.functional.cross_entropy(logits, labels.long(), reduction="none")
-    valid = labels != -100   # token classification
-    if mask is not None:
-        valid = valid & mask.bool()
-    token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.masked_fill(~valid, -100).flatten(),
-                                             ignore_index=-100, reduction="none").view(labels.shape)
-    return token_loss.sum(dim=1) / valid.sum(dim=1)
+    return _token_mean_loss(logits, labels, mask)   # token classification
 
 
 def _split_labels(inputs: Any, targets: Any) -> tuple[Any, Any]:
