@@ -122,26 +122,19 @@ def collect(
                             collection_meta(task, num_steps, seed, sampler, eval_steps, checkpoint_steps),
                             exist_ok=True)
     with store.collecting():
-        _train_pending(task, store, num_runs, num_steps, seed, sampler, eval_steps, executor, vectorize, chunk_size,
-                       threads, checkpoint_steps, progress)
+        done = set(store.run_ids())
+        pending = [index for index in range(num_runs) if run_id_of(index) not in done]
+        if not pending:
+            return store
+        if chunk_size is None:
+            chunk_size = min(MAX_CHUNK, math.ceil(len(pending) / executor.workers))
+        chunks = [Chunk(task, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
+                        eval_steps, vectorize, threads, checkpoint_steps)
+                  for indices in split_chunks(pending, int(chunk_size))]
+        with progress_bar(total=len(pending), unit="run", desc=f"collect {task.name}", enabled=progress) as bar:
+            for written in executor.map(run_chunk, chunks):
+                bar.update(len(written))
     return store
-
-
-def _train_pending(task, store, num_runs, num_steps, seed, sampler, eval_steps, executor, vectorize, chunk_size,
-                   threads, checkpoint_steps, progress) -> None:
-    done = set(store.run_ids())
-    pending = [index for index in range(num_runs) if run_id_of(index) not in done]
-    if not pending:
-        return
-
-    if chunk_size is None:
-        chunk_size = min(MAX_CHUNK, math.ceil(len(pending) / executor.workers))
-    chunks = [Chunk(task, str(Path(store.root).resolve()), indices, int(num_steps), int(seed), sampler,
-                    eval_steps, vectorize, threads, checkpoint_steps)
-              for indices in split_chunks(pending, int(chunk_size))]
-    with progress_bar(total=len(pending), unit="run", desc=f"collect {task.name}", enabled=progress) as bar:
-        for written in executor.map(run_chunk, chunks):
-            bar.update(len(written))
 
 
 def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, seed: int, sampler: Sampler,
