@@ -1,0 +1,291 @@
+"""The field's yardstick as one call: LDS of simulators, peers and metagradients on the same retrainings.
+
+:func:`run_lds` collects (or reuses) ``num_runs`` fitting runs of a task (keeping every
+run's final weights, which TRAK ensembles over: equal budgets), fits the simulators,
+computes the peers' scores and the reference run's metagradients, retrains the
+counterfactuals of both protocols of :mod:`simfluence.lds` for real, and writes
+
+* ``lds.json``: every method's LDS per protocol (mean, bootstrap interval, per-example
+  values), its cost in training-run equivalents and seconds, the noise ceiling, and for
+  simulators the trajectory errors on the retrained subset runs beside the mean trajectory;
+* ``lds.md``: the same as a Markdown table;
+* ``lds.png``: a bar chart with the bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simfluence.collect.curricula import derive_seed
+from simfluence.lds import (SUBSETS, Counterfactuals, Method, OccurrenceMethod, ScoreMethod, SimulatorMethod,
+                            bootstrap_mean, pool_sampler, removal_counterfactuals, score_method,
+                            subset_counterfactuals)
+from simfluence.runs.atomic import write_text_atomic
+from simfluence.runs.log import RunSet
+
+SIMULATORS = ("auto", "linear-trajectory", "linear", "linear-identity", "additive", "featurized", "grad-dot",
+              "tracin-cp", "influence")
+PEERS = ("trak", "ekfac", "tracin")
+METAGRADIENT = "metagradient"
+ALL_METHODS = SIMULATORS + PEERS + (METAGRADIENT,)
+DEFAULT_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", "trak", "ekfac", "tracin",
+                   METAGRADIENT)
+CORE_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", METAGRADIENT)
+"""Methods without the ``peers`` extra."""
+REPLAY_RUNS = {"grad-dot": 0, "influence": 0, "tracin-cp": 1}
+"""Training runs a gradient simulator consumes (checkpoints of one run; none at the start)."""
+
+
+@dataclass
+class LDSConfig:
+    """Settings of one LDS comparison; :meth:`quick` shrinks it for a smoke run (CI).
+
+    Attributes:
+        num_runs: fitting runs of the simulators, and TRAK's ensemble size (equal budgets).
+        num_subsets / fraction / draws: the subset protocol (``m``, ``alpha``, curricula a
+            simulator averages over per subset).
+        removal_fractions: fractions of the reference run's examples removed per set; a
+            ``single`` protocol (one example per set) is added with ``single=True``.
+        num_removals: sets per removal protocol.
+    """
+
+    task: str = "digits-mlp"
+    out_dir: str = "lds"
+    num_runs: int = 48
+    num_steps: int = 100
+    num_subsets: int = 50
+    fraction: float = 0.5
+    draws: int = 4
+    removal_fractions: tuple[float, ...] = (0.01, 0.05, 0.10)
+    single: bool = True
+    num_removals: int = 50
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    bootstrap: int = 1000
+    seed: int = 0
+    workers: int = 1
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **overrides) -> LDSConfig:
+        return cls(**{"num_runs": 16, "num_steps": 50, "num_subsets": 20, "draws": 2, "num_removals": 20,
+                      "bootstrap": 200, **overrides})
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.methods) - set(ALL_METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
+        for name in ("num_runs", "num_steps", "draws", "bootstrap"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("num_subsets", "num_removals"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 3:
+                raise ValueError(f"{name}: must be an integer >= 3 (a rank correlation needs 3)")
+        if not 0 < self.fraction < 1 or not all(0 < f < 1 for f in self.removal_fractions):
+            raise ValueError("fraction / removal_fractions: must lie strictly between 0 and 1")
+
+
+def _fit_simulators(config: LDSConfig, task, runs: RunSet, progress: bool) -> list[Method]:
+    from simfluence.simulators import make_simulator
+
+    methods = []
+    for name in (name for name in config.methods if name in SIMULATORS):
+        simulator = make_simulator(name, task=task) if name in REPLAY_RUNS or name == "featurized" else \
+            make_simulator(name)
+        start = time.perf_counter()
+        simulator.fit(runs)
+        seconds = time.perf_counter() - start
+        methods.append(SimulatorMethod(name, simulator, REPLAY_RUNS.get(name, runs.num_runs), seconds))
+        if progress:
+            print(f"  fitted {name:<18} {seconds:6.1f} s")
+    return methods
+
+
+def _peer_methods(config: LDSConfig, task, store, reference: np.ndarray, progress: bool) -> list[Method]:
+    names = [name for name in config.methods if name in PEERS]
+    if not names:
+        return []
+    from simfluence.peers import peer_checkpoints, run_peer
+
+    methods = []
+    for name in names:
+        checkpoints, runs_used = peer_checkpoints(name, task, store, reference)
+        start = time.perf_counter()
+        result = run_peer(name, task, checkpoints, progress=progress)
+        seconds = time.perf_counter() - start
+        methods.append(ScoreMethod(name, result.scores, runs_used, seconds, result.info))
+        if progress:
+            print(f"  scored {name:<18} {seconds:6.1f} s")
+    return methods
+
+
+def _metagradient_method(task, reference: np.ndarray, progress: bool) -> Method:
+    from simfluence.func.metagradients import metagradients
+
+    start = time.perf_counter()
+    result = metagradients(task, reference, progress=progress)
+    seconds = time.perf_counter() - start
+    return OccurrenceMethod(METAGRADIENT, result.occurrence, reference, 1.0, seconds)
+
+
+def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: RunSet) -> dict[str, dict]:
+    """All-steps and final MSE of each simulator on the retrained subset runs, beside the mean trajectory."""
+    from simfluence.query import simulate_curricula
+
+    true = subsets.trajectories.astype(np.float64)                     # [m, T + 1, M]
+    out = {}
+    mean = runs.losses.astype(np.float64).mean(axis=0)                  # [T + 1, M] (every-step runs)
+    if runs.every_step:
+        out["mean-trajectory"] = {"mse": float(np.mean((mean[1:] - true[:, 1:]) ** 2)),
+                                  "final_mse": float(np.mean((mean[-1] - true[:, -1]) ** 2))}
+    for method in methods:
+        if isinstance(method, SimulatorMethod):
+            predicted = simulate_curricula(method.simulator, subsets.trained, subsets.initial_losses)
+            out[method.name] = {"mse": float(np.mean((predicted[:, 1:] - true[:, 1:]) ** 2)),
+                                "final_mse": float(np.mean((predicted[:, -1] - true[:, -1]) ** 2))}
+    return out
+
+
+def run_lds(config: LDSConfig, progress: bool = True) -> dict:
+    """Run the comparison of the module docstring; returns the JSON record."""
+    from simfluence.collect import collect, get_task
+
+    config.validate()
+    out = Path(config.out_dir)
+    task = get_task(config.task, **config.task_options)
+    store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
+                    checkpoint_steps=(config.num_steps,), progress=progress)
+    runs = store.load()
+    kind = (runs.meta.get("sampler") or {}).get("kind", "uniform")
+    pool = task.default_pool()
+    reference = pool_sampler(kind, pool, runs.batch_size).sample(config.num_steps, derive_seed(config.seed, 10**6))
+
+    if progress:
+        print(f"retraining counterfactuals of {task.name} ({config.num_subsets} subsets, "
+              f"{len(config.removal_fractions) + config.single} removal protocols)")
+    protocols = [subset_counterfactuals(task, config.num_steps, num_subsets=config.num_subsets,
+                                        fraction=config.fraction, draws=config.draws, kind=kind,
+                                        batch_size=runs.batch_size, pool=pool, seed=config.seed, progress=progress)]
+    # Removal sets are fractions of the whole pool (as MAGIC removes from the training set); an
+    # example the reference never trains on is among them with its real effect, none.
+    sizes = ([1] if config.single else []) + [max(1, round(f * pool.size)) for f in config.removal_fractions]
+    for size in dict.fromkeys(sizes):
+        protocols.append(removal_counterfactuals(task, reference, size, num_sets=config.num_removals, pool=pool,
+                                                 seed=derive_seed(config.seed, size), progress=progress))
+
+    methods = _fit_simulators(config, task, runs, progress)
+    methods += _peer_methods(config, task, store, reference, progress)
+    if METAGRADIENT in config.methods:
+        methods.append(_metagradient_method(task, reference, progress))
+
+    records = [score_method(method, counterfactuals, config.bootstrap, config.seed)
+               for counterfactuals in protocols for method in methods]
+    ceilings = {c.protocol: bootstrap_mean(c.ceiling(), config.bootstrap, seed=config.seed).as_dict()
+                for c in protocols if c.repeat is not None}
+    seconds_per_run = protocols[0].train_seconds / (protocols[0].num_sets * (2 if protocols[0].repeat is not None
+                                                                              else 1))
+    result = {"config": {**asdict(config), "methods": list(config.methods)}, "task": task.name,
+              "num_train": task.num_train, "num_test": task.num_test, "num_steps": config.num_steps,
+              "removal_sizes": {c.protocol: int(c.masks[0].sum()) for c in protocols[1:]},
+              "seconds_per_training_run": seconds_per_run,
+              "costs": [{"method": m.name, "family": m.family, "training_runs": m.training_runs,
+                         "seconds": m.seconds, "run_equivalents": m.training_runs + m.seconds / seconds_per_run}
+                        for m in methods],
+              "noise_ceiling": ceilings, "scores": records,
+              "trajectory_errors": _trajectory_errors(methods, protocols[0], runs)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "lds.json", json.dumps(result, indent=1))
+    write_text_atomic(out / "lds.md", lds_markdown(result))
+    plot_lds(result, out / "lds.png")
+    return result
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _protocols(result: dict) -> list[str]:
+    return list(dict.fromkeys(record["protocol"] for record in result["scores"]))
+
+
+def lds_markdown(result: dict) -> str:
+    """One row per method: LDS per protocol with its interval, cost, trajectory errors."""
+    protocols = _protocols(result)
+    by = {(r["method"], r["protocol"]): r for r in result["scores"]}
+    names = {p: (f"subsets α={result['config']['fraction']}" if p == SUBSETS else
+                 f"remove {result['removal_sizes'][p]}") for p in protocols}
+    header = ["method", *[f"LDS {names[p]}" for p in protocols], "run equivalents", "seconds",
+              "subset-run MSE", "final MSE"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    trajectory = result["trajectory_errors"]
+    for cost in result["costs"]:
+        name = cost["method"]
+        cells = [name]
+        for p in protocols:
+            r = by[(name, p)]
+            cells.append(f"{_cell(r['mean'], 2)} [{_cell(r['low'], 2)}, {_cell(r['high'], 2)}]")
+        errors = trajectory.get(name, {})
+        cells += [_cell(cost["run_equivalents"]), _cell(cost["seconds"]), _cell(errors.get("mse")),
+                  _cell(errors.get("final_mse"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "mean-trajectory" in trajectory:
+        errors = trajectory["mean-trajectory"]
+        lines.append("| mean-trajectory (baseline) | " + " | ".join(["n/a"] * len(protocols)) +
+                     f" | {result['config']['num_runs']} | 0 | {_cell(errors['mse'])} | {_cell(errors['final_mse'])} |")
+    ceiling = result["noise_ceiling"].get(SUBSETS)
+    text = [f"# LDS: {result['task']}", "",
+            f"{result['num_train']} training and {result['num_test']} test examples, {result['num_steps']} steps; "
+            f"{result['config']['num_subsets']} subsets, {result['config']['num_removals']} sets per removal "
+            "protocol; mean Spearman over test examples with a 95 % bootstrap interval. "
+            f"One training run takes {result['seconds_per_training_run']:.3g} s here; "
+            "run equivalents = training runs consumed + own seconds / that.", ""]
+    if ceiling:
+        text += [f"Noise ceiling of the subset protocol (two curricula per subset): {_cell(ceiling['mean'], 2)} "
+                 f"[{_cell(ceiling['low'], 2)}, {_cell(ceiling['high'], 2)}].", ""]
+    return "\n".join(text + lines + [""])
+
+
+def plot_lds(result: dict, path: Path) -> Path:
+    """Grouped bar chart: LDS per protocol (groups) and method (bars), bootstrap intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = _protocols(result)
+    methods = [cost["method"] for cost in result["costs"]]
+    by = {(r["method"], r["protocol"]): r for r in result["scores"]}
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(protocols) + 0.3 * len(methods)), 3.8))
+    for k, method in enumerate(methods):
+        means = np.array([by[(method, p)]["mean"] if by[(method, p)]["mean"] is not None else np.nan
+                          for p in protocols], dtype=float)
+        low = np.array([by[(method, p)]["low"] if by[(method, p)]["low"] is not None else np.nan for p in protocols])
+        high = np.array([by[(method, p)]["high"] if by[(method, p)]["high"] is not None else np.nan
+                         for p in protocols])
+        x = np.arange(len(protocols)) + (k - (len(methods) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=np.stack([means - low, high - means]), capsize=2, label=method,
+               color=plt.cm.tab10(k % 10))
+    ceiling = result["noise_ceiling"].get(SUBSETS)
+    if ceiling and ceiling["mean"] is not None:
+        ax.hlines(ceiling["mean"], -0.45, 0.45, colors="black", linestyles="dashed", label="noise ceiling")
+    ax.set_xticks(np.arange(len(protocols)))
+    ax.set_xticklabels([f"subsets α={result['config']['fraction']}" if p == SUBSETS else
+                        f"remove {result['removal_sizes'][p]}" for p in protocols])
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_ylabel("LDS (mean Spearman)")
+    ax.set_title(f"{result['task']}: linear datamodeling score vs real retraining", fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

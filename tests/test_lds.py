@@ -1,0 +1,153 @@
+"""The linear datamodeling score: known answers on synthetic datamodels, the protocols, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from simfluence.cli import main
+from simfluence.collect import get_task
+from simfluence.collect.train import train_run
+from simfluence.lds import (Counterfactuals, OccurrenceMethod, ScoreMethod, bootstrap_mean, draw_subsets,
+                            lds_per_example, remove_occurrences, removal_counterfactuals, subset_counterfactuals)
+from simfluence.runs.log import PAD
+
+
+def _synthetic(num_sets=60, num_train=40, num_test=30, seed=0):
+    """A linear datamodel: y_j(z) = sum_{i in S_j} theta_i(z), exactly."""
+    rng = np.random.default_rng(seed)
+    masks = draw_subsets(np.arange(num_train), num_train, num_sets, 0.5, seed)
+    theta = rng.normal(size=(num_train, num_test))
+    actual = masks @ theta
+    empty = np.zeros((num_sets, 1, 1), dtype=np.int32)
+    return theta, Counterfactuals("subsets", masks, empty, empty[:, None], None, np.zeros(num_test), actual, None, 0.0)
+
+
+def test_exact_scores_give_lds_one_and_random_scores_about_zero():
+    theta, counterfactuals = _synthetic()
+    exact = lds_per_example(ScoreMethod("exact", theta, 0, 0).predict(counterfactuals), counterfactuals.actual)
+    np.testing.assert_allclose(exact, 1.0)
+    rng = np.random.default_rng(1)
+    random = lds_per_example(ScoreMethod("random", rng.normal(size=theta.shape), 0, 0).predict(counterfactuals),
+                             counterfactuals.actual)
+    assert abs(random.mean()) < 0.1
+    # Any per-example positive rescaling and shift keeps the ranking, so LDS stays 1.
+    rescaled = ScoreMethod("rescaled", theta * rng.uniform(1, 3, size=theta.shape[1]) + 5, 0, 0)
+    np.testing.assert_allclose(lds_per_example(rescaled.predict(counterfactuals), counterfactuals.actual), 1.0)
+    # Negated scores rank backwards.
+    flipped = lds_per_example(ScoreMethod("flipped", -theta, 0, 0).predict(counterfactuals), counterfactuals.actual)
+    np.testing.assert_allclose(flipped, -1.0)
+
+
+def test_noisy_datamodel_lds_matches_the_known_correlation():
+    """With y = Xθ + noise of variance equal to the signal's, Spearman ≈ (6/π)·asin(ρ/2), ρ = 1/√2."""
+    rng = np.random.default_rng(2)
+    theta, counterfactuals = _synthetic(num_sets=400, num_test=200)
+    signal = counterfactuals.actual
+    noisy = signal + rng.normal(size=signal.shape) * signal.std(axis=0)
+    values = lds_per_example(ScoreMethod("exact", theta, 0, 0).predict(counterfactuals), noisy)
+    expected = 6 / np.pi * np.arcsin(np.sqrt(0.5) / 2)
+    assert abs(values.mean() - expected) < 0.02
+
+
+def test_lds_marks_constant_columns_undefined_and_bootstrap_leaves_them_out():
+    values = lds_per_example(np.array([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]]), np.array([[1.0, 3], [2, 2], [3, 1]]))
+    assert values[0] == pytest.approx(1.0) and np.isnan(values[1])
+    score = bootstrap_mean(values, 100)
+    assert (score.mean, score.count, score.undefined) == (1.0, 1, 1)
+    score = bootstrap_mean(np.random.default_rng(0).normal(size=500), 500)
+    assert score.low < score.mean < score.high and score.high - score.low < 0.25
+    with pytest.raises(ValueError, match="at least 3"):
+        lds_per_example(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_remove_occurrences_matches_a_loop():
+    rng = np.random.default_rng(3)
+    reference = rng.integers(0, 10, size=(7, 3)).astype(np.int32)
+    reference[2, 1] = PAD
+    removed = rng.random((5, 10)) < 0.3
+    edited = remove_occurrences(reference, removed)
+    for j in range(5):
+        for t in range(7):
+            for b in range(3):
+                value = reference[t, b]
+                expected = PAD if value == PAD or removed[j, value] else value
+                assert edited[j, t, b] == expected
+
+
+def test_occurrence_and_score_methods_agree_when_every_occurrence_counts_the_same():
+    rng = np.random.default_rng(4)
+    num_train, num_test = 12, 5
+    reference = rng.integers(0, num_train, size=(9, 2)).astype(np.int32)
+    per_occurrence = rng.normal(size=(num_train, num_test))
+    occurrence = per_occurrence[reference]                        # [T, B, M]
+    removed = rng.random((6, num_train)) < 0.3
+    counterfactuals = Counterfactuals("removal-3", removed, remove_occurrences(reference, removed), None, reference,
+                                      np.zeros(num_test), np.zeros((6, num_test)), None, 0.0)
+    by_occurrence = OccurrenceMethod("metagradient", occurrence, reference, 1, 0).predict(counterfactuals)
+    by_example = ScoreMethod("scores", per_occurrence, 1, 0).predict(counterfactuals)
+    np.testing.assert_allclose(by_occurrence, by_example)
+    # Pooled per example, occurrences add up.
+    pooled = OccurrenceMethod("metagradient", occurrence, reference, 1, 0).per_example(num_train)
+    counts = np.bincount(reference.ravel(), minlength=num_train)
+    np.testing.assert_allclose(pooled, per_occurrence * counts[:, None])
+
+
+@pytest.fixture(scope="module")
+def tiny_task():
+    return get_task("digits-mlp", num_train=30, num_test=8)
+
+
+def test_subset_protocol_trains_only_on_the_subset_and_matches_a_plain_run(tiny_task):
+    subsets = subset_counterfactuals(tiny_task, 6, num_subsets=4, fraction=0.5, draws=2, seed=5)
+    assert subsets.masks.sum(axis=1).tolist() == [15] * 4
+    assert subsets.simulated.shape == (4, 2, 6, tiny_task.batch_size)
+    for j in range(4):
+        assert subsets.masks[j, subsets.trained[j]].all() and subsets.masks[j, subsets.simulated[j]].all()
+    reference = train_run(tiny_task, subsets.trained[1]).losses
+    np.testing.assert_allclose(subsets.actual[1], reference[-1], atol=1e-5)
+    np.testing.assert_allclose(subsets.trajectories[1], reference, atol=1e-5)
+    assert subsets.repeat is not None and not np.allclose(subsets.repeat, subsets.actual)
+    assert subsets.ceiling().shape == (tiny_task.num_test,)
+
+
+def test_removal_protocol_drops_every_occurrence_and_retrains(tiny_task):
+    reference = np.random.default_rng(6).integers(0, 30, size=(8, 4)).astype(np.int32)
+    removal = removal_counterfactuals(tiny_task, reference, 3, num_sets=3, seed=7)
+    for j in range(3):
+        removed = np.flatnonzero(removal.masks[j])
+        assert removed.size == 3 and not np.isin(removal.trained[j], removed).any()
+        kept = removal.trained[j] != PAD
+        assert (removal.trained[j][kept] == reference[kept]).all()
+    # Constant learning rate: skipping an emptied step is training on the remaining steps.
+    kept_steps = removal.trained[0][(removal.trained[0] != PAD).any(axis=1)]
+    np.testing.assert_allclose(removal.actual[0], train_run(tiny_task, kept_steps).losses[-1], atol=1e-5)
+
+
+def test_cli_lds_quick_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "lds"
+    result = CliRunner().invoke(main, ["lds", "digits-mlp", "--quick", "--runs", "6", "--steps", "12",
+                                       "--subsets", "6", "--removals", "4", "--methods", "additive,linear",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "lds.json").read_text())
+    protocols = {r["protocol"] for r in record["scores"]}
+    assert "subsets" in protocols and any(p.startswith("removal-") for p in protocols)
+    assert {c["method"] for c in record["costs"]} == {"additive", "linear"}
+    assert "noise_ceiling" in record and (out / "lds.png").stat().st_size > 1000
+    assert "| additive |" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "bogus"], "methods: unknown ['bogus']"),
+    (["--fraction", "1.5"], "--fraction"),
+    (["--subsets", "2"], "--subsets"),
+])
+def test_cli_lds_bad_options_give_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["lds", "digits-mlp", "--quick", "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
