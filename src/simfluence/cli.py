@@ -295,6 +295,51 @@ def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num
     click.echo(f"wrote {config.out_dir}/benchmark.md, benchmark.json, trajectories.png")
 
 
+_FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
+
+
+@main.command()
+@click.argument("task")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default: lds-TASK).")
+@click.option("--quick", is_flag=True, help="Small sizes for a smoke run (CI): 16 runs, 20 subsets, 20 removals.")
+@click.option("--runs", "num_runs", type=POSITIVE, default=None,
+              help="Fitting runs of the simulators, also TRAK's number of models (equal budgets). [48]")
+@click.option("--steps", "num_steps", type=POSITIVE, default=None, help="Steps per training run. [100]")
+@click.option("--subsets", "num_subsets", type=click.IntRange(min=3), default=None,
+              help="Random training subsets, each retrained for real. [50]")
+@click.option("--fraction", type=_FRACTION, default=None, help="Share of the pool in each subset (alpha). [0.5]")
+@click.option("--removals", "num_removals", type=click.IntRange(min=3), default=None,
+              help="Removal sets per removal protocol. [50]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--methods", default=None,
+              help="Comma-separated methods: simulator kinds, peers (trak, ekfac, tracin; need the 'peers' extra) "
+                   "and metagradient. [linear-trajectory, linear, additive, featurized, tracin-cp, trak, ekfac, "
+                   "tracin, metagradient]")
+@_user_errors
+def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
+        num_subsets: int | None, fraction: float | None, num_removals: int | None, seed: int,
+        methods: str | None) -> None:
+    """Linear datamodeling score of simulators, peers and metagradients on TASK against real retraining.
+
+    Two protocols: random subsets of the training pool retrained from scratch, and removals
+    of random examples from one reference run. Writes lds.md/.json and lds.png.
+    """
+    from simfluence.lds_benchmark import LDSConfig, lds_markdown, run_lds
+
+    overrides = {key: value for key, value in (("num_runs", num_runs), ("num_steps", num_steps),
+                                               ("num_subsets", num_subsets), ("fraction", fraction),
+                                               ("num_removals", num_removals)) if value is not None}
+    if methods:
+        overrides["methods"] = tuple(method.strip() for method in methods.split(",") if method.strip())
+    overrides.update(task=task, out_dir=out or f"lds-{task}", seed=seed)
+    config = LDSConfig.quick(**overrides) if quick else LDSConfig(**overrides)
+    config.validate()
+    result = run_lds(config, progress=sys.stderr.isatty())
+    click.echo(lds_markdown(result))
+    click.echo(f"wrote {config.out_dir}/lds.md, lds.json, lds.png")
+
+
 # --- counterfactual queries (simfluence.query) -------------------------------------------
 _CURRICULUM_HELP = ("Runs (store or interchange .npz: run --run N's curriculum and losses before training) or an "
                     ".npz with curriculum [T, B] and initial_losses [M] (e.g. from `optimize --out`).")
