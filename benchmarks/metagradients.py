@@ -1,0 +1,170 @@
+"""Benchmark: exact metagradients (:mod:`simfluence.func.metagradients`) on digits-mlp.
+
+1. Cost: seconds and peak memory of :func:`~simfluence.func.metagradients.metagradients` for the
+   default digits-mlp task (200 training, 100 test examples) on one uniform T=100, B=4
+   curriculum, all 100 test examples, with the default checkpointing (every ceil(sqrt(T))
+   steps, the rest recomputed) and with every step's parameters kept
+   (``checkpoint_every=1``). Each configuration runs in a fresh process, so its peak resident
+   memory (``ru_maxrss``) is its own; "extra" is the peak minus the resident memory after the
+   task's data and starting checkpoint are loaded.
+2. Removal LDS, MAGIC's protocol: one fixed reference curriculum (T=100, B=4, uniform over
+   the task's pool); ``--sets`` random removal sets, each dropping ``--fraction`` of the
+   training examples (all their occurrences replaced by -1, the rest of the curriculum in
+   place); every edited curriculum retrained for real (:func:`simfluence.retrain.retrain`,
+   all-padding steps skipped). Per test example, the Spearman correlation across the sets of
+   the predicted and the real final loss, averaged over test examples. Predictions:
+
+   * ``renormalised`` (:meth:`MetagradientResult.predict_removal`): the removal as an exact
+     weight change (a step that loses k of its n examples trains on the mean of the rest, so
+     its kept weights become n / (n - k)), to first order;
+   * ``sum of scores``: ``L_T - sum of the removed examples' per-example scores`` (what an
+     additive attribution method predicts; ignores the batch re-normalisation).
+
+   Repeated for ``--references`` reference curricula (seeds 0, 1, ...).
+
+Timings are on this machine with one torch thread (the model is tiny: more threads only
+add overhead).
+
+Usage::
+
+    python benchmarks/metagradients.py              # full: 50 sets x 3 references
+    python benchmarks/metagradients.py --quick      # small smoke version
+    python benchmarks/metagradients.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from simfluence.collect import UniformSampler, get_task
+from simfluence.evaluate import spearman
+from simfluence.func.metagradients import metagradients
+from simfluence.retrain import retrain
+from simfluence.runs import PAD
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def probe(checkpoint_every: int | None, steps: int, seed: int) -> dict:
+    """Run once in this (fresh) process: seconds and peak memory of one metagradient computation."""
+    torch.set_num_threads(1)
+    task = get_task("digits-mlp")
+    task.data, task.build_model()                                   # load data and pretrain first
+    curriculum = UniformSampler(task.default_pool(), task.batch_size).sample(steps, seed)
+    metagradients(get_task("digits-mlp", num_train=20, num_test=5),  # warm up torch.func
+                  UniformSampler(20, 4).sample(4, 0), checkpoint_every=checkpoint_every)
+    before = _rss_mib()
+    start, cpu = time.perf_counter(), time.process_time()
+    result = metagradients(task, curriculum, checkpoint_every=checkpoint_every)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    params = sum(p.numel() for p in task.build_model().parameters())
+    return {"checkpoint_every": result.checkpoint_every, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "rss_before_mib": before, "peak_rss_mib": peak, "extra_mib": peak - before,
+            "num_params": params, "num_test": int(result.test_index.size), "steps": steps}
+
+
+def cost(steps: int, seed: int) -> list[dict]:
+    rows = []
+    for every in ("default", "1"):
+        out = subprocess.run([sys.executable, __file__, "--probe", every, "--steps", str(steps), "--seed", str(seed)],
+                             check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def removal_lds(steps: int, num_sets: int, fraction: float, references: int) -> list[dict]:
+    torch.set_num_threads(1)
+    task = get_task("digits-mlp")
+    pool = task.default_pool()
+    drop = max(1, round(fraction * task.num_train))
+    out = []
+    for reference in range(references):
+        curriculum = UniformSampler(pool, task.batch_size).sample(steps, reference)
+        rng = np.random.default_rng(1000 + reference)
+        sets = [rng.choice(task.num_train, size=drop, replace=False) for _ in range(num_sets)]
+        start = time.perf_counter()
+        result = metagradients(task, curriculum)
+        metagradient_seconds = time.perf_counter() - start
+        edited = np.stack([np.where(np.isin(curriculum, removed), PAD, curriculum) for removed in sets])
+        start = time.perf_counter()
+        actual = retrain(task, edited)[:, -1].astype(np.float64)                       # [S, M]
+        retrain_seconds = time.perf_counter() - start
+        renormalised = result.predict_removals(sets)                                   # [S, M]
+        scores = result.per_example(task.num_train)
+        additive = result.final_losses - np.stack([scores[removed].sum(axis=0) for removed in sets])
+        row = {"reference_seed": reference, "removed_per_set": drop, "sets": num_sets,
+               "metagradient_seconds": metagradient_seconds, "retrain_seconds": retrain_seconds,
+               "mean_abs_effect": float(np.abs(actual - result.final_losses).mean())}
+        for name, predicted in (("renormalised", renormalised), ("sum_of_scores", additive)):
+            per_test = spearman(predicted, actual, axis=0)
+            row[f"lds_{name}"] = float(np.nanmean(per_test))
+            row[f"lds_{name}_min"] = float(np.nanmin(per_test))
+            effect_p, effect_a = predicted - result.final_losses, actual - result.final_losses
+            row[f"effect_rel_error_{name}"] = float(np.linalg.norm(effect_p - effect_a) / np.linalg.norm(effect_a))
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 sets, 1 reference, T=40")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--sets", type=int, default=50)
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--references", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="curriculum seed of the cost measurement")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe is not None:
+        print(json.dumps(probe(None if args.probe == "default" else int(args.probe), args.steps, args.seed)))
+        return
+    if args.quick:
+        args.steps, args.sets, args.references = 40, 10, 1
+
+    print(f"# metagradients on digits-mlp ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          "1 thread)\n")
+    rows = cost(args.steps, args.seed)
+    print(f"## cost: T={args.steps}, B=4, {rows[0]['num_test']} test examples, {rows[0]['num_params']} weights\n")
+    print("| checkpoint_every | seconds (wall) | seconds (CPU) | peak RSS MiB | extra MiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['checkpoint_every']} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
+              f"{row['peak_rss_mib']:.0f} | {row['extra_mib']:.1f} |")
+    lds = removal_lds(args.steps, args.sets, args.fraction, args.references)
+    print(f"\n## removal LDS: {args.sets} sets, each dropping {lds[0]['removed_per_set']} of 200 training examples "
+          f"({args.fraction:.0%}), T={args.steps}, B=4, 100 test examples\n")
+    print("| reference seed | LDS renormalised (min) | LDS sum of scores (min) | rel. error of effects "
+          "(renorm. / sum) | mean abs effect | metagradient s | retrain s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in lds:
+        print(f"| {row['reference_seed']} | {row['lds_renormalised']:.3f} ({row['lds_renormalised_min']:.2f}) | "
+              f"{row['lds_sum_of_scores']:.3f} ({row['lds_sum_of_scores_min']:.2f}) | "
+              f"{row['effect_rel_error_renormalised']:.3f} / {row['effect_rel_error_sum_of_scores']:.3f} | "
+              f"{row['mean_abs_effect']:.4f} | {row['metagradient_seconds']:.2f} | {row['retrain_seconds']:.1f} |")
+    mean = {key: float(np.mean([row[key] for row in lds])) for key in ("lds_renormalised", "lds_sum_of_scores")}
+    print(f"\nmean over references: LDS renormalised {mean['lds_renormalised']:.3f}, "
+          f"sum of scores {mean['lds_sum_of_scores']:.3f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"cost": rows, "lds": lds, "mean": mean, "args": vars(args)}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

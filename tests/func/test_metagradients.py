@@ -1,0 +1,176 @@
+"""Exact metagradients of SGD runs (simfluence.func.metagradients) against real training.
+
+The finite-difference reference is an independent float64 training loop (``model.double()``,
+``torch.optim.SGD`` on the weighted batch loss), not the replay under test.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from simfluence.collect import UniformSampler, get_task
+from simfluence.collect.tasks.digits import DigitsMLP
+from simfluence.collect.threads import torch_threads
+from simfluence.collect.train import train_run
+from simfluence.evaluate import spearman
+from simfluence.func.metagradients import MetagradientResult, metagradients
+from simfluence.retrain import retrain
+from simfluence.runs import PAD
+
+SMALL = {"num_train": 40, "num_test": 12}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: extra threads only add synchronisation (and contention with other tests)."""
+    with torch_threads(1):
+        yield
+
+
+@dataclass
+class FrozenFirstLayer(DigitsMLP):
+    """digits-mlp with its first layer frozen (requires_grad=False): SGD trains the head only."""
+
+    def build_model(self):
+        model = super().build_model()
+        model[0].requires_grad_(False)
+        return model
+
+
+@dataclass
+class AdamDigits(DigitsMLP):
+    optimizer = "adamw"
+
+
+def padded_curriculum(task, steps, seed):
+    curriculum = UniformSampler(task.default_pool(), 4).sample(steps, seed)
+    curriculum[3, 2:] = PAD        # two smaller batches
+    curriculum[steps - 2, 1:] = PAD
+    return curriculum
+
+
+def weighted_training(task, curriculum, weights, delta=None):
+    """float64 [M] final test losses of a plain float64 SGD loop on sum_b w_tb loss_tb / n_t.
+
+    ``delta``: ((t, b), eps) added to one weight.
+    """
+    weights = weights.copy()
+    if delta is not None:
+        (t, b), eps = delta
+        weights[t, b] += eps
+    model = task.build_model().double().eval()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=task.learning_rate)
+    data = task.data
+    inputs, targets = data.train_inputs.double(), data.train_targets
+    for rate, row, row_weights in zip(task.learning_rates(len(curriculum)), curriculum, weights):
+        real = row != PAD
+        if not real.any():
+            continue
+        index = torch.as_tensor(row[real], dtype=torch.long)
+        w = torch.as_tensor(row_weights[real], dtype=torch.float64)
+        optimizer.param_groups[0]["lr"] = float(rate)
+        optimizer.zero_grad()
+        (task.example_losses(model, inputs[index], targets[index]) * w).sum().div(real.sum()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return task.example_losses(model, data.test_inputs.double(), data.test_targets).numpy()
+
+
+def test_replay_with_unit_weights_is_train_run():
+    task = get_task("digits-mlp", lr_schedule="linear", warmup_steps=3, **SMALL)
+    curriculum = padded_curriculum(task, 24, seed=0)
+    result = metagradients(task, curriculum)
+    np.testing.assert_allclose(result.final_losses, train_run(task, curriculum).losses[-1], rtol=1e-5, atol=1e-6)
+    assert result.occurrence.shape == (24, 4, 12) and result.occurrence.dtype == np.float64
+    assert (result.occurrence[curriculum == PAD] == 0).all() and (result.occurrence[curriculum != PAD] != 0).all()
+    np.testing.assert_allclose(result.learning_rates, task.learning_rates(24))
+
+
+@pytest.mark.parametrize("task", [get_task("digits-mlp", lr_schedule="linear", warmup_steps=3, **SMALL),
+                                  FrozenFirstLayer(**SMALL)], ids=["linear-schedule", "frozen-layer"])
+def test_metagradient_matches_finite_differences_of_real_retraining(task):
+    curriculum = padded_curriculum(task, 20, seed=1)
+    weights = (curriculum != PAD).astype(np.float64)
+    entries = [(0, 0), (3, 1), (7, 2), (12, 3), (18, 0), (19, 1)]
+    eps = 1e-4
+    reference = np.stack([(weighted_training(task, curriculum, weights, (entry, eps))
+                           - weighted_training(task, curriculum, weights, (entry, -eps))) / (2 * eps)
+                          for entry in entries])                                                   # [E, M]
+    np.testing.assert_allclose(weighted_training(task, curriculum, weights),
+                               metagradients(task, curriculum, dtype=torch.float64).final_losses, rtol=1e-12)
+    rows, cols = zip(*entries)
+    exact = metagradients(task, curriculum, dtype=torch.float64).occurrence[rows, cols]             # [E, M]
+    assert np.abs(reference).max() > 1e-3   # the effects are not vanishing
+    np.testing.assert_allclose(exact, reference, rtol=1e-5, atol=1e-8)
+    single = metagradients(task, curriculum).occurrence[rows, cols]                                 # float32 run
+    assert np.linalg.norm(single - reference) / np.linalg.norm(reference) < 1e-3
+
+
+def test_first_order_removal_predicts_real_retraining():
+    task = get_task("digits-mlp", **SMALL)
+    curriculum = UniformSampler(task.default_pool(), 4).sample(30, seed=2)
+    result = metagradients(task, curriculum)
+    removed = np.random.default_rng(0).choice(np.unique(curriculum), size=20, replace=False)
+    edited = np.stack([np.where(curriculum == example, PAD, curriculum) for example in removed])
+    actual = retrain(task, edited)[:, -1].astype(np.float64)                                      # [20, M]
+    predicted = result.predict_removals([[example] for example in removed])                          # [20, M]
+    assert np.nanmean(spearman(predicted, actual, axis=0)) > 0.8   # 0.97-0.99 over curriculum seeds
+    effect, real_effect = predicted - result.final_losses, actual - result.final_losses
+    visible = np.abs(real_effect) > 1e-3
+    assert visible.sum() > 50 and np.mean(np.sign(effect[visible]) == np.sign(real_effect[visible])) > 0.9
+
+
+def test_checkpointing_recomputes_the_same_numbers():
+    task = get_task("digits-mlp", **SMALL)
+    curriculum = UniformSampler(task.default_pool(), 4).sample(25, seed=3)
+    curriculum[10] = PAD                                   # an empty step: skipped, like retrain
+    stored = metagradients(task, curriculum, checkpoint_every=1)
+    for every in (None, 7, 25, 100):
+        result = metagradients(task, curriculum, checkpoint_every=every)
+        np.testing.assert_allclose(result.occurrence, stored.occurrence, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(result.final_losses, stored.final_losses, rtol=1e-12, atol=0)
+    assert metagradients(task, curriculum).checkpoint_every == 5
+    assert (stored.occurrence[10] == 0).all()
+    # Chunks of test examples and a subset of them give the same columns.
+    subset = metagradients(task, curriculum, [5, 0, 11], test_chunk=2)
+    np.testing.assert_allclose(subset.occurrence, stored.occurrence[:, :, [5, 0, 11]], rtol=1e-5, atol=1e-7)
+
+
+def test_an_empty_step_is_skipped_and_keeps_its_place_in_the_schedule():
+    task = get_task("digits-mlp", **SMALL)
+    curriculum = UniformSampler(task.default_pool(), 4).sample(12, seed=4)
+    with_gap = np.insert(curriculum, 5, PAD, axis=0)
+    gap, plain = metagradients(task, with_gap), metagradients(task, curriculum)
+    np.testing.assert_allclose(gap.final_losses, plain.final_losses, rtol=1e-6)
+    np.testing.assert_allclose(np.delete(gap.occurrence, 5, axis=0), plain.occurrence, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(gap.final_losses, retrain(task, with_gap[None])[0, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_removal_weights_per_example_scores_and_predictions():
+    curriculum = np.array([[0, 1, 2, 3], [0, 0, PAD, PAD], [5, PAD, PAD, PAD]], dtype=np.int32)
+    occurrence = np.arange(24, dtype=np.float64).reshape(3, 4, 2) * (curriculum != PAD)[..., None]
+    result = MetagradientResult(occurrence, np.array([1.0, 2.0]), curriculum, np.arange(2), np.ones(3), 1, 0.0)
+    np.testing.assert_allclose(result.removal_weights([0, 5, 7]),
+                               [[-1, 1 / 3, 1 / 3, 1 / 3], [-1, -1, 0, 0], [-1, 0, 0, 0]])
+    scores = result.per_example(8)
+    np.testing.assert_allclose(scores[0], occurrence[0, 0] + occurrence[1, 0] + occurrence[1, 1])
+    np.testing.assert_allclose(scores[[4, 6, 7]], 0)
+    delta = result.removal_weights([1])
+    np.testing.assert_allclose(result.predict_removal([1]), [1.0, 2.0] + np.einsum("tb,tbm->m", delta, occurrence))
+    np.testing.assert_allclose(result.predict_removals([[1], [4]]), [result.predict_removal([1]), [1.0, 2.0]])
+    with pytest.raises(ValueError, match="num_train"):
+        result.per_example(3)
+
+
+def test_rejects_other_optimizers_and_bad_arguments():
+    with pytest.raises(ValueError, match="task 'digits-mlp'.*'adamw'"):
+        metagradients(AdamDigits(**SMALL), np.zeros((2, 4), dtype=np.int32))
+    task = get_task("digits-mlp", **SMALL)
+    with pytest.raises(ValueError, match="curriculum"):
+        metagradients(task, np.full((2, 4), 40))
+    with pytest.raises(ValueError, match="test_index"):
+        metagradients(task, np.zeros((2, 4), dtype=np.int32), [12])
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        metagradients(task, np.zeros((2, 4), dtype=np.int32), checkpoint_every=0)
