@@ -165,7 +165,18 @@ def benchmark_markdown(result: dict) -> str:
 
 def plot_trajectories(heldout: RunSet, predictions: dict[str, np.ndarray], path: Path, num_examples: int = 4,
                       run: int = 0) -> Path:
-    """PNG of true vs simulated trajectories for the test examples whose loss moves most in ``run``."""
+    """PNG of :func:`trajectories_figure` at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = trajectories_figure(heldout, predictions, num_examples, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def trajectories_figure(heldout: RunSet, predictions: dict[str, np.ndarray], num_examples: int = 4, run: int = 0):
+    """True vs simulated trajectories for the test examples whose loss moves most in ``run`` (matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,7 +185,7 @@ def plot_trajectories(heldout: RunSet, predictions: dict[str, np.ndarray], path:
     true = heldout.losses[run]
     movement = np.abs(true[-1] - true[0])
     examples = np.argsort(-movement)[:num_examples]
-    fig, axes = plt.subplots(1, len(examples), figsize=(4 * len(examples), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(examples), figsize=(4 * len(examples) + 2, 3.4), squeeze=False)
     steps = np.arange(heldout.num_steps + 1)
     for ax, m in zip(axes[0], examples):
         ax.plot(heldout.eval_steps, true[:, m], color="black", linewidth=2.5, label="true")
@@ -183,10 +194,9 @@ def plot_trajectories(heldout: RunSet, predictions: dict[str, np.ndarray], path:
         ax.set_title(f"{heldout.test_ids[m]}", fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("test loss")
-    axes[0][-1].legend(fontsize=6, loc="upper right")
+    # One legend for all panels, beside them: inside a panel it would cover data.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.86, 0.5), frameon=False)
     fig.suptitle(f"held-out run {heldout.run_ids[run]}: true vs simulated", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    return fig

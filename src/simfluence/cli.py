@@ -95,6 +95,7 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     from simfluence.simulators import make_simulator
 
     check_device(device, "--device")
+    _check_out(out)
     run_set = load_runs(runs)
     if checkpoints and not method.startswith("tracin-cp"):
         raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
@@ -122,6 +123,17 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
         click.echo(f"chose {simulator.chosen_}")
     click.echo(f"fitted {method} on {run_set!r}: {json.dumps(info)}")
     click.echo(f"wrote {out}")
+
+
+def _check_out(out: str) -> None:
+    """Fail before the work, not after it, when ``--out`` cannot be written (missing or read-only directory,
+    a directory in its place): one line naming the path and the fix."""
+    from simfluence.runs.atomic import check_writable
+
+    try:
+        check_writable(out)
+    except SimfluenceError as error:
+        raise ValueError(f"--out: {error}") from None
 
 
 @main.command()
@@ -461,7 +473,7 @@ def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...],
     if plot:
         from simfluence.report.static import plot_whatif
 
-        click.echo(f"\nwrote {plot_whatif(result, simulator.test_ids, plot)}")
+        click.echo(f"\nwrote {plot_whatif(result, simulator.test_ids, plot, columns, simulator.train_ids)}")
 
 
 @main.command()

@@ -386,6 +386,12 @@ class Edit:
             return f"{self.kind}:{self.steps[0]},{self.steps[1]}"
         return f"{self.kind}:{self.example}" + (f"@{self.steps[0]}" if self.steps else "")
 
+    def describe(self, train_ids: np.ndarray | None = None) -> str:
+        """The edit as a user writes it, naming the example by its id when ``train_ids`` are given."""
+        if self.example is None or train_ids is None:
+            return str(self)
+        return f"{self.kind}:{train_ids[self.example]}" + (f"@{self.steps[0]}" if self.steps else "")
+
 
 def resolve_id(text: str, ids: np.ndarray, where: str, what: str = "training") -> int:
     """Index of an example given by id (as in ``ids``, the model's train or test ids) or by integer index."""

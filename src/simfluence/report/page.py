@@ -25,6 +25,7 @@ from simfluence.evaluate import METRICS, Metrics
 from simfluence.report.data import (DEFAULT_EXAMPLES, DEFAULT_RUNS, DEFAULT_TOP, INTERVAL_LEVEL, ReportData,
                                     build_report_data)
 from simfluence.report.examples import ExampleViews, example_views
+from simfluence.report.style import EFFECT_COLORMAP, EFFECT_LEGEND
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Simulator
@@ -35,7 +36,8 @@ HIGHER_IS_BETTER = {"final_spearman", "across_run_spearman"}
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 MAX_HEATMAP_TRAIN = 300
 MAX_HEATMAP_TEST = 200
-PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+# The mode bar would float over the heat map's top-right cells; zoom and pan stay on the mouse.
+PLOT_CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": False}
 
 
 def _plotly():
@@ -154,7 +156,7 @@ def heatmap_figure(data: ReportData):
     limit = float(np.percentile(finite, 99)) if finite.size and finite.max() > 0 else 1.0
     figure = go.Figure(go.Heatmap(
         z=z, x=_escape_all(data.runs.train_ids[train]), y=_escape_all(data.runs.test_ids[test]),
-        colorscale="RdBu", zmid=0.0, zmin=-limit, zmax=limit, hoverongaps=False,
+        colorscale=EFFECT_COLORMAP, zmid=0.0, zmin=-limit, zmax=limit, hoverongaps=False,
         colorbar={"title": {"text": "influence<br>(loss units)", "side": "right"}, "thickness": 14},
         hovertemplate="training %{x}<br>test %{y}<br>influence %{z:.3g}<extra></extra>"))
     figure.update_layout(template="plotly_white", height=int(min(900, max(360, 4 * test.size + 140))),
@@ -210,8 +212,9 @@ def example_section(data: ReportData, views: ExampleViews, position: int) -> str
     <div class="example-view">{views.content_html("test", m)}</div>
     <dl class="facts">{facts_html}</dl>
   </div>
-  <p class="caption">Means over the {runs.num_runs} held-out runs. Solid: true loss; dashed: simulated from the
-  same loss before training and the same curriculum.{band_caption} Legend entries toggle lines.</p>
+  <p class="caption">Facts: means over the {runs.num_runs} held-out runs. Plot: {len(data.shown_runs)} of them, each
+  in its own colour. Solid: true loss; dashed: simulated from the same loss before training and the same
+  curriculum.{band_caption} Legend entries toggle lines.</p>
   <div class="plot" data-plot="trajectory">{_figure_html(trajectory_figure(data, m), f"trajectory-{position}")}</div>
   <div class="ranked-pair">
     <div><h4 class="helpful">Most helpful</h4>{ranked_table(data, views, ranked.helpful, "helpful")}</div>
@@ -282,9 +285,9 @@ def render_report(data: ReportData, views: ExampleViews, title: str | None = Non
 <section class="card" id="influence">
   <h2>Influence of training examples on test examples</h2>
   <p class="caption">Cell (test <i>m</i>, training <i>i</i>): simulated final loss of <i>m</i> without <i>i</i>
-  minus with <i>i</i>, averaged over the held-out curricula that contain <i>i</i>. Blue: the example helped;
-  red: it hurt. Rows and columns are ordered by the leading singular vectors, so examples with similar
-  influence sit together.{never_note}{left_out} Hover for ids; drag to zoom.</p>
+  minus with <i>i</i>, averaged over the held-out curricula that contain <i>i</i>. {html.escape(EFFECT_LEGEND)}.
+  Rows and columns are ordered by the leading singular vectors, so examples with similar
+  influence sit together.{never_note}{left_out} Hover for ids; drag to zoom, double-click to reset.</p>
   <div class="plot" data-plot="heatmap">{_figure_html(heatmap, "influence-heatmap")}</div>
 </section>
 <section class="card" id="examples-intro">

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from simfluence.query import InfluenceOverTime, OptimizedCurriculum, WhatIf
+from simfluence.report.style import EFFECT_COLORMAP
 from simfluence.runs.atomic import atomic_path
 
 
@@ -32,39 +33,60 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_whatif(result: WhatIf, test_ids: np.ndarray, path: str | os.PathLike, max_panels: int = 6) -> Path:
-    """Before/after trajectories, one panel per test example (those whose final loss moves most first).
+def plot_whatif(result: WhatIf, test_ids: np.ndarray, path: str | os.PathLike, columns=None,
+                train_ids: np.ndarray | None = None, max_panels: int = 6) -> Path:
+    """Write :func:`whatif_figure` as a PNG to ``path``."""
+    return _save(whatif_figure(result, test_ids, columns, train_ids, max_panels), path)
 
-    ``test_ids`` are the model's test ids (indexed by ``result.test_index``).
+
+def whatif_figure(result: WhatIf, test_ids: np.ndarray, columns=None, train_ids: np.ndarray | None = None,
+                  max_panels: int = 6):
+    """Before/after trajectories, one panel per test example (a matplotlib figure).
+
+    Args:
+        result: the what-if query.
+        test_ids: the model's test ids (indexed by ``result.test_index``); titles use them.
+        columns: positions in ``result.test_index`` to draw, in order (what the command line
+            printed); default the ``max_panels`` whose final loss moves most.
+        train_ids: the model's training ids, to name the edited examples by id in the title.
     """
     plt = _pyplot()
-    columns = np.argsort(-np.abs(result.final_change), kind="stable")[:max_panels]
+    if columns is None:
+        columns = np.argsort(-np.abs(result.final_change), kind="stable")[:max_panels]
+    columns = np.asarray(columns)
     per_row = min(3, len(columns))
     num_rows = -(-len(columns) // per_row)
-    fig, axes = plt.subplots(num_rows, per_row, figsize=(3.8 * per_row, 0.4 + 2.9 * num_rows), squeeze=False)
+    fig, axes = plt.subplots(num_rows, per_row, figsize=(3.8 * per_row, 0.9 + 2.9 * num_rows), squeeze=False)
     for ax in axes.ravel()[len(columns):]:
         ax.set_visible(False)
     steps = np.arange(result.before.shape[0])
     for ax, column in zip(axes.ravel(), columns):
         ax.plot(steps, result.before[:, column], color="0.3", label="before")
-        ax.plot(steps, result.after[:, column], color="tab:red", label="after")
+        ax.plot(steps, result.after[:, column], color="tab:orange", label="after")
         ax.set_title(f"{test_ids[result.test_index[column]]}  (final {result.final_change[column]:+.3g})", fontsize=8)
         ax.set_xlabel("step")
     for row in axes:
         row[0].set_ylabel("simulated test loss")
-    axes[0][0].legend(fontsize=7)
-    edits = ", ".join(str(edit) for edit in result.edits)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower right", ncol=2, frameon=False)
+    edits = ", ".join(edit.describe(train_ids) for edit in result.edits)
     fig.suptitle(f"what if: {edits[:120]}", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
 
 
 def plot_influence_over_time(result: InfluenceOverTime, train_ids: np.ndarray, path: str | os.PathLike,
                              column: int | None = None, max_examples: int = 40) -> Path:
+    """Write :func:`influence_over_time_figure` as a PNG to ``path``."""
+    return _save(influence_over_time_figure(result, train_ids, column, max_examples), path)
+
+
+def influence_over_time_figure(result: InfluenceOverTime, train_ids: np.ndarray, column: int | None = None,
+                               max_examples: int = 40):
     """Heat map (training examples x steps) of the final-loss effect of each occurrence.
 
-    Red: removing that occurrence would raise the final loss (it helped); blue: it hurt;
-    blank: the example is not in that step's batch. Rows are the ``max_examples`` examples
+    Blue: removing that occurrence would raise the final loss (it helped); red: it hurt
+    (:mod:`simfluence.report.style`); blank: the example is not in that step's batch. Rows are the ``max_examples`` examples
     with the largest total absolute effect.
     """
     plt = _pyplot()
@@ -75,15 +97,15 @@ def plot_influence_over_time(result: InfluenceOverTime, train_ids: np.ndarray, p
     limit = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 1.0
     height = 1.5 + 0.16 * len(rows)
     fig, ax = plt.subplots(figsize=(min(14.0, 3 + 0.06 * matrix.shape[1]), height))
-    image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+    image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap=EFFECT_COLORMAP, vmin=-limit, vmax=limit,
                       interpolation="nearest", extent=(0.5, matrix.shape[1] + 0.5, len(rows) - 0.5, -0.5))
     ax.set_yticks(np.arange(len(rows)))
     ax.set_yticklabels([str(train_ids[i]) for i in train_index[rows]], fontsize=6)
     ax.set_xlabel("step")
     fig.colorbar(image, ax=ax, label="final loss without - with")
-    ax.set_title("influence over time (positive: the occurrence helped)", fontsize=9)
+    ax.set_title("influence over time (blue: the occurrence helped; red: it hurt)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_optimized(result: OptimizedCurriculum, path: str | os.PathLike) -> Path:
