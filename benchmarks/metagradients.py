@@ -6,7 +6,8 @@
    steps, the rest recomputed) and with every step's parameters kept
    (``checkpoint_every=1``). Each configuration runs in a fresh process, so its peak resident
    memory (``ru_maxrss``) is its own; "extra" is the peak minus the resident memory after the
-   task's data and starting checkpoint are loaded.
+   task's data and starting checkpoint are loaded. With ``--tiny-lm`` the same on tiny-lm
+   (0.23 M weights, 8 test examples, ``hvp="forward"``), where the parameter copies show.
 2. Removal LDS, MAGIC's protocol: one fixed reference curriculum (T=100, B=4, uniform over
    the task's pool); ``--sets`` random removal sets, each dropping ``--fraction`` of the
    training examples (all their occurrences replaced by -1, the rest of the curriculum in
@@ -30,6 +31,7 @@ Usage::
     python benchmarks/metagradients.py              # full: 50 sets x 3 references
     python benchmarks/metagradients.py --quick      # small smoke version
     python benchmarks/metagradients.py --json out.json
+    python benchmarks/metagradients.py --tiny-lm    # also checkpointing on tiny-lm (0.23 M weights)
 """
 
 from __future__ import annotations
@@ -60,32 +62,45 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def probe(checkpoint_every: int | None, steps: int, seed: int) -> dict:
+def probe(task_name: str, checkpoint_every: int | None, steps: int, seed: int, num_test: int | None,
+          hvp: str) -> dict:
     """Run once in this (fresh) process: seconds and peak memory of one metagradient computation."""
     torch.set_num_threads(1)
-    task = get_task("digits-mlp")
+    task = get_task(task_name)
     task.data, task.build_model()                                   # load data and pretrain first
     curriculum = UniformSampler(task.default_pool(), task.batch_size).sample(steps, seed)
-    metagradients(get_task("digits-mlp", num_train=20, num_test=5),  # warm up torch.func
-                  UniformSampler(20, 4).sample(4, 0), checkpoint_every=checkpoint_every)
+    metagradients(task, curriculum[:2], [0], hvp=hvp)              # warm up torch.func
     before = _rss_mib()
     start, cpu = time.perf_counter(), time.process_time()
-    result = metagradients(task, curriculum, checkpoint_every=checkpoint_every)
+    test_index = None if num_test is None else np.arange(num_test)
+    result = metagradients(task, curriculum, test_index, checkpoint_every=checkpoint_every, hvp=hvp)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in task.build_model().parameters())
-    return {"checkpoint_every": result.checkpoint_every, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "rss_before_mib": before, "peak_rss_mib": peak, "extra_mib": peak - before,
+    return {"task": task_name, "checkpoint_every": result.checkpoint_every, "hvp": hvp, "seconds": seconds,
+            "cpu_seconds": cpu_seconds, "rss_before_mib": before, "peak_rss_mib": peak, "extra_mib": peak - before,
             "num_params": params, "num_test": int(result.test_index.size), "steps": steps}
 
 
-def cost(steps: int, seed: int) -> list[dict]:
+def cost(task_name: str, steps: int, seed: int, num_test: int | None = None, hvp: str = "reverse") -> list[dict]:
     rows = []
     for every in ("default", "1"):
-        out = subprocess.run([sys.executable, __file__, "--probe", every, "--steps", str(steps), "--seed", str(seed)],
-                             check=True, capture_output=True, text=True)
+        command = [sys.executable, __file__, "--probe", every, "--probe-task", task_name, "--steps", str(steps),
+                   "--seed", str(seed), "--hvp", hvp] + ([] if num_test is None else ["--probe-tests", str(num_test)])
+        out = subprocess.run(command, check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
+
+
+def print_cost(rows: list[dict]) -> None:
+    first = rows[0]
+    print(f"## cost: {first['task']}, T={first['steps']}, B=4, {first['num_test']} test examples, "
+          f"{first['num_params']} weights, hvp={first['hvp']}\n")
+    print("| checkpoint_every | seconds (wall) | seconds (CPU) | peak RSS MiB | extra MiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['checkpoint_every']} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
+              f"{row['peak_rss_mib']:.0f} | {row['extra_mib']:.1f} |")
 
 
 def removal_lds(steps: int, num_sets: int, fraction: float, references: int) -> list[dict]:
@@ -130,23 +145,28 @@ def main() -> None:
     parser.add_argument("--references", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="curriculum seed of the cost measurement")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--tiny-lm", action="store_true",
+                        help="also measure checkpointing on tiny-lm (T steps, 8 test examples, hvp=forward)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-task", default="digits-mlp", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-tests", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--hvp", default="reverse", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe is not None:
-        print(json.dumps(probe(None if args.probe == "default" else int(args.probe), args.steps, args.seed)))
+        print(json.dumps(probe(args.probe_task, None if args.probe == "default" else int(args.probe), args.steps,
+                               args.seed, args.probe_tests, args.hvp)))
         return
     if args.quick:
         args.steps, args.sets, args.references = 40, 10, 1
 
     print(f"# metagradients on digits-mlp ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
           "1 thread)\n")
-    rows = cost(args.steps, args.seed)
-    print(f"## cost: T={args.steps}, B=4, {rows[0]['num_test']} test examples, {rows[0]['num_params']} weights\n")
-    print("| checkpoint_every | seconds (wall) | seconds (CPU) | peak RSS MiB | extra MiB |")
-    print("| --- | --- | --- | --- | --- |")
-    for row in rows:
-        print(f"| {row['checkpoint_every']} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
-              f"{row['peak_rss_mib']:.0f} | {row['extra_mib']:.1f} |")
+    rows = cost("digits-mlp", args.steps, args.seed)
+    print_cost(rows)
+    if args.tiny_lm:
+        rows = rows + cost("tiny-lm", args.steps, args.seed, num_test=8, hvp="forward")
+        print()
+        print_cost(rows[2:])
     lds = removal_lds(args.steps, args.sets, args.fraction, args.references)
     print(f"\n## removal LDS: {args.sets} sets, each dropping {lds[0]['removed_per_set']} of 200 training examples "
           f"({args.fraction:.0%}), T={args.steps}, B=4, 100 test examples\n")

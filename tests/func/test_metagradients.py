@@ -88,9 +88,11 @@ def test_replay_with_unit_weights_is_train_run():
     np.testing.assert_allclose(result.learning_rates, task.learning_rates(24))
 
 
-@pytest.mark.parametrize("task", [get_task("digits-mlp", lr_schedule="linear", warmup_steps=3, **SMALL),
-                                  FrozenFirstLayer(**SMALL)], ids=["linear-schedule", "frozen-layer"])
-def test_metagradient_matches_finite_differences_of_real_retraining(task):
+@pytest.mark.parametrize("task, hvp", [(get_task("digits-mlp", lr_schedule="linear", warmup_steps=3, **SMALL), "reverse"),
+                                       (get_task("digits-mlp", lr_schedule="cosine", **SMALL), "forward"),
+                                       (FrozenFirstLayer(**SMALL), "reverse")],
+                         ids=["linear-schedule", "forward-over-reverse", "frozen-layer"])
+def test_metagradient_matches_finite_differences_of_real_retraining(task, hvp):
     curriculum = padded_curriculum(task, 20, seed=1)
     weights = (curriculum != PAD).astype(np.float64)
     entries = [(0, 0), (3, 1), (7, 2), (12, 3), (18, 0), (19, 1)]
@@ -101,10 +103,10 @@ def test_metagradient_matches_finite_differences_of_real_retraining(task):
     np.testing.assert_allclose(weighted_training(task, curriculum, weights),
                                metagradients(task, curriculum, dtype=torch.float64).final_losses, rtol=1e-12)
     rows, cols = zip(*entries)
-    exact = metagradients(task, curriculum, dtype=torch.float64).occurrence[rows, cols]             # [E, M]
+    exact = metagradients(task, curriculum, hvp=hvp, dtype=torch.float64).occurrence[rows, cols]    # [E, M]
     assert np.abs(reference).max() > 1e-3   # the effects are not vanishing
     np.testing.assert_allclose(exact, reference, rtol=1e-5, atol=1e-8)
-    single = metagradients(task, curriculum).occurrence[rows, cols]                                 # float32 run
+    single = metagradients(task, curriculum, hvp=hvp).occurrence[rows, cols]                        # float32 run
     assert np.linalg.norm(single - reference) / np.linalg.norm(reference) < 1e-3
 
 
@@ -133,9 +135,10 @@ def test_checkpointing_recomputes_the_same_numbers():
         np.testing.assert_allclose(result.final_losses, stored.final_losses, rtol=1e-12, atol=0)
     assert metagradients(task, curriculum).checkpoint_every == 5
     assert (stored.occurrence[10] == 0).all()
-    # Chunks of test examples and a subset of them give the same columns.
-    subset = metagradients(task, curriculum, [5, 0, 11], test_chunk=2)
-    np.testing.assert_allclose(subset.occurrence, stored.occurrence[:, :, [5, 0, 11]], rtol=1e-5, atol=1e-7)
+    # Chunks of test examples and a subset of them give the same columns, in either way of differentiating.
+    for hvp in ("reverse", "forward"):
+        subset = metagradients(task, curriculum, [5, 0, 11], test_chunk=2, hvp=hvp, checkpoint_every=4)
+        np.testing.assert_allclose(subset.occurrence, stored.occurrence[:, :, [5, 0, 11]], rtol=1e-4, atol=1e-6)
 
 
 def test_an_empty_step_is_skipped_and_keeps_its_place_in_the_schedule():
@@ -174,3 +177,5 @@ def test_rejects_other_optimizers_and_bad_arguments():
         metagradients(task, np.zeros((2, 4), dtype=np.int32), [12])
     with pytest.raises(ValueError, match="checkpoint_every"):
         metagradients(task, np.zeros((2, 4), dtype=np.int32), checkpoint_every=0)
+    with pytest.raises(ValueError, match="hvp"):
+        metagradients(task, np.zeros((2, 4), dtype=np.int32), hvp="backward")

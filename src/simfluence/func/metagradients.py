@@ -26,7 +26,9 @@ step by :math:`\lambda_{t-1}^m = (I - \eta_t H_t)\, \lambda_t^m` (:math:`H_t`: H
 the whole run, as in MAGIC (Ilyas & Engstrom, 2025): exact, not an approximation of the
 training dynamics. Each backward step is one ``torch.func.vjp`` of the SGD update
 :math:`(\theta_{t-1}, w_t) \mapsto \theta_t` (which differentiates through the gradient: a
-Hessian-vector product), ``torch.func.vmap``-ed over the test examples' adjoints.
+Hessian-vector product), ``torch.func.vmap``-ed over the test examples' adjoints (or, with
+``hvp="forward"``, forward-over-reverse Hessian-vector products and the step's per-example
+gradients, which is faster for larger models).
 
 Memory. The backward pass needs :math:`\theta_{t-1}` at every step, ``T`` parameter copies in
 all. :func:`metagradients` stores the parameters every ``k = checkpoint_every`` steps
@@ -57,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import grad, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from simfluence.collect.tasks.base import Inputs, Task, take
 from simfluence.progress import progress_bar
@@ -119,7 +121,7 @@ class MetagradientResult:
         the removed slots get weight 0 and the kept ones :math:`n_t / (n_t - k)`. A step that
         loses all its examples makes no update: all its weights become 0. Padding slots: 0.
         """
-        removed = np.zeros(int(self.curriculum.max()) + 1, dtype=bool)
+        removed = np.zeros(max(int(self.curriculum.max()) + 1, 1), dtype=bool)
         index = np.unique(np.asarray(removed_examples, dtype=np.int64).ravel())
         index = index[(index >= 0) & (index < removed.size)]
         removed[index] = True
@@ -151,9 +153,9 @@ class MetagradientResult:
 
 
 def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: int | None = None,
-                  test_chunk: int = 256, dtype: torch.dtype | None = None,
+                  test_chunk: int = 256, hvp: str = "reverse", dtype: torch.dtype | None = None,
                   progress: bool = False) -> MetagradientResult:
-    """Exact metagradients of a run's final test losses w.r.t. the weight of every example occurrence.
+    r"""Exact metagradients of a run's final test losses w.r.t. the weight of every example occurrence.
 
     Replays ``curriculum`` with plain SGD exactly as :func:`~simfluence.collect.train.train_run`
     (the task's starting checkpoint, learning-rate schedule, batch-mean loss, eval mode; frozen
@@ -172,6 +174,14 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
             parameters (no recomputation, ``T + 1`` copies).
         test_chunk: test examples whose adjoints go through one vectorised backward step at
             once (bounds the memory of the batched Hessian-vector products).
+        hvp: how a backward step differentiates through the SGD update (both exact):
+            ``"reverse"`` (default): one ``torch.func.vjp`` of the update
+            :math:`(\theta_{t-1}, w_t) \mapsto \theta_t`, reverse-over-reverse, vmapped over the
+            adjoints; ``"forward"``: forward-over-reverse Hessian-vector products
+            (``jvp`` of ``grad``) plus the step's per-example gradients. Measured on one CPU
+            thread: reverse is about 2x faster on digits-mlp (2 vs 4-7 ms per step for 100
+            test examples), forward about 1.5x faster on tiny-lm (0.67 vs 1.0 s per step for
+            64 test examples); forward needs forward-mode support of every op of the model.
         dtype: compute in this floating dtype (e.g. ``torch.float64``; model and floating
             inputs are cast); default the model's own.
         progress: show a progress bar over the backward pass (on a terminal only).
@@ -192,6 +202,8 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
     test_index = _check_test_index(test_index, task.num_test)
     num_steps, batch_size = curriculum.shape
     every = _check_checkpoint_every(checkpoint_every, num_steps)
+    if hvp not in ("reverse", "forward"):
+        raise ValueError(f"hvp: expected 'reverse' or 'forward', got {hvp!r}")
     if int(test_chunk) != test_chunk or test_chunk < 1:
         raise ValueError(f"test_chunk: must be a positive integer, got {test_chunk!r}")
     test_chunk = int(test_chunk)
@@ -246,7 +258,7 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
     with torch.no_grad():
         final = task.example_losses(model, test_x, test_y, {**theta, **fixed})
     # Adjoints lambda_T: one gradient of each target test loss, [M', *shape] per parameter.
-    adjoint = _test_gradients(task, model, theta, fixed, test_x, test_y, test_chunk)
+    adjoint = _example_gradients(task, model, theta, fixed, test_x, test_y, test_chunk)
     del theta
 
     occurrence = np.zeros((num_steps, batch_size, test_index.size))
@@ -261,13 +273,54 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
             bar.update(1)
             if slots[t].numel() == 0:
                 continue                                                        # no update: lambda unchanged
-            _, step_vjp = vjp(lambda p, w, t=t: update(p, w, t), theta_before, _ones(slots[t].numel(), theta_before))
-            adjoint, weight_grads = _batched_vjp(step_vjp, adjoint, test_chunk)
+            if hvp == "reverse":
+                _, step_vjp = vjp(lambda p, w, t=t: update(p, w, t), theta_before,
+                                  _ones(slots[t].numel(), theta_before))
+                adjoint, weight_grads = _batched_vjp(step_vjp, adjoint, test_chunk)
+                del step_vjp
+            else:
+                adjoint, weight_grads = _forward_over_reverse(task, model, fixed, theta_before, batches[t],
+                                                              float(rates[t]), adjoint, test_chunk)
             occurrence[t, slots[t].numpy()] = weight_grads.T.double().numpy()
-            del step_vjp
     bar.close()
     return MetagradientResult(occurrence, final.double().numpy(), curriculum, test_index, rates, every,
                               time.perf_counter() - start_time)
+
+
+def _forward_over_reverse(task: Task, model, fixed: Params, theta: Params, batch, rate: float, adjoint: Params,
+                          chunk: int) -> tuple[Params, torch.Tensor]:
+    """One backward step from explicit pieces: ``lambda - rate * H lambda`` and ``-rate / n * g_b . lambda``.
+
+    ``H lambda`` by forward-mode differentiation of the batch gradient (``jvp`` of ``grad``),
+    vmapped over the adjoints; ``g_b`` the per-example gradients of the step's ``n`` examples.
+    """
+    inputs, targets = batch
+    count = targets.shape[0]
+
+    def batch_loss(p: Params) -> torch.Tensor:
+        return task.example_losses(model, inputs, targets, {**p, **fixed}).mean()
+
+    def hessian_product(vector: Params) -> Params:
+        return jvp(grad(batch_loss), (theta,), (vector,))[1]
+
+    examples = _example_gradients(task, model, theta, fixed, inputs, targets, chunk)      # g_b: [n, *shape]
+    total = next(iter(adjoint.values())).shape[0]
+    new_parts, weight_parts = [], []
+    for start in range(0, total, chunk):
+        part = {name: value[start:start + chunk] for name, value in adjoint.items()}
+        try:
+            products = vmap(hessian_product)(part)
+        except (RuntimeError, NotImplementedError):  # an op without a batching rule: one row at a time
+            rows = [hessian_product({name: value[j] for name, value in part.items()})
+                    for j in range(len(next(iter(part.values()))))]
+            products = {name: torch.stack([row[name] for row in rows]) for name in part}
+        new_parts.append({name: part[name] - rate * products[name] for name in part})
+        dots = sum(torch.einsum("bp,mp->mb", examples[name].reshape(count, -1), part[name].reshape(len(part[name]), -1))
+                   for name in part)
+        weight_parts.append(-rate / count * dots)
+    if len(new_parts) == 1:
+        return new_parts[0], weight_parts[0]
+    return ({name: torch.cat([part[name] for part in new_parts]) for name in adjoint}, torch.cat(weight_parts))
 
 
 def _batched_vjp(step_vjp, adjoint: Params, chunk: int) -> tuple[Params, torch.Tensor]:
@@ -290,9 +343,9 @@ def _batched_vjp(step_vjp, adjoint: Params, chunk: int) -> tuple[Params, torch.T
     return ({name: torch.cat([part[name] for part in new_parts]) for name in adjoint}, torch.cat(weight_parts))
 
 
-def _test_gradients(task: Task, model, theta: Params, fixed: Params, inputs: Inputs, targets: torch.Tensor,
-                    chunk: int) -> Params:
-    """Gradient of each test example's loss at ``theta``: ``[M', *shape]`` per parameter."""
+def _example_gradients(task: Task, model, theta: Params, fixed: Params, inputs: Inputs, targets: torch.Tensor,
+                       chunk: int) -> Params:
+    """Gradient of each example's loss at ``theta``: ``[n, *shape]`` per parameter."""
 
     def loss(p: Params, x, y) -> torch.Tensor:
         return task.example_losses(model, _unsqueeze(x), y.unsqueeze(0), {**p, **fixed})[0]
