@@ -78,22 +78,36 @@ def test_remove_occurrences_matches_a_loop():
                 assert edited[j, t, b] == expected
 
 
-def test_occurrence_and_score_methods_agree_when_every_occurrence_counts_the_same():
-    rng = np.random.default_rng(4)
-    num_train, num_test = 12, 5
-    reference = rng.integers(0, num_train, size=(9, 2)).astype(np.int32)
-    per_occurrence = rng.normal(size=(num_train, num_test))
-    occurrence = per_occurrence[reference]                        # [T, B, M]
-    removed = rng.random((6, num_train)) < 0.3
-    counterfactuals = Counterfactuals("removal-3", removed, remove_occurrences(reference, removed), None, reference,
-                                      np.zeros(num_test), np.zeros((6, num_test)), None, 0.0)
-    by_occurrence = OccurrenceMethod("metagradient", occurrence, reference, 1, 0).predict(counterfactuals)
-    by_example = ScoreMethod("scores", per_occurrence, 1, 0).predict(counterfactuals)
-    np.testing.assert_allclose(by_occurrence, by_example)
-    # Pooled per example, occurrences add up.
-    pooled = OccurrenceMethod("metagradient", occurrence, reference, 1, 0).per_example(num_train)
-    counts = np.bincount(reference.ravel(), minlength=num_train)
-    np.testing.assert_allclose(pooled, per_occurrence * counts[:, None])
+def test_metagradient_predictions_pool_occurrences_and_reweight_batches(tiny_task):
+    from simfluence.func.metagradients import metagradients
+
+    reference = np.random.default_rng(4).integers(0, 30, size=(6, 4)).astype(np.int32)
+    result = metagradients(tiny_task, reference)
+    method = OccurrenceMethod("metagradient", result, 1, 0)
+    removed = np.zeros((3, 30), dtype=bool)
+    removed[0, reference[0, 0]] = True                                 # one example
+    removed[1, reference[2]] = True                                    # a whole batch: that step is skipped
+    removed[2, 29 if 29 not in reference else 28] = True               # absent or not, drawn from the pool
+    counterfactuals = Counterfactuals("removal-1", removed, remove_occurrences(reference, removed), None,
+                                      reference, np.zeros(8), np.zeros((3, 8)), None, 0.0)
+    predicted = method.predict(counterfactuals)
+    g = result.occurrence
+    # Removing example e: its occurrences lose weight 1, the rest of their batches gain n/(n - k) - 1.
+    for j in range(3):
+        delta = np.zeros(reference.shape)
+        for t, row in enumerate(reference):
+            gone = removed[j, row]
+            if gone.all():
+                delta[t] = -1
+            elif gone.any():
+                delta[t] = np.where(gone, -1, len(row) / (len(row) - gone.sum()) - 1)
+        np.testing.assert_allclose(predicted[j], result.final_losses + np.einsum("tb,tbm->m", delta, g))
+    counts = np.zeros((30, 8))
+    for t, b in np.ndindex(reference.shape):
+        counts[reference[t, b]] += g[t, b]
+    np.testing.assert_allclose(method.predict(Counterfactuals("subsets", removed, reference[None], None, None,
+                                                              np.zeros(8), np.zeros((3, 8)), None, 0.0)),
+                               removed @ counts)
 
 
 @pytest.fixture(scope="module")

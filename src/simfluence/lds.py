@@ -11,7 +11,8 @@ same sampler kind as the fitting runs) and record every test example's final los
 * a simulator: the mean simulated final loss over ``k`` further curricula drawn from
   :math:`S_j` (the retrained one is not shown to it), rolled out from the real :math:`L_0`;
 * an additive score method with per-example loss effects :math:`s_i(z)` (negative helps):
-  :math:`\sum_{i \in S_j} s_i(z)`, the libraries' own convention.
+  :math:`\sum_{i \in S_j} s_i(z)`, the libraries' own convention (metagradients: their
+  per-example sums).
 
 *Removal from a reference run* (MAGIC, Ilyas & Engstrom 2025). Fix one reference
 curriculum ``[T, B]``; the ``j``-th counterfactual drops every occurrence of a random set
@@ -19,8 +20,10 @@ curriculum ``[T, B]``; the ``j``-th counterfactual drops every occurrence of a r
 steps in place (a step left empty is skipped: no update, its place in the schedule kept).
 A simulator simulates the edited curriculum; a score method predicts
 :math:`-\sum_{i \in R_j} n_i\, s_i(z)` with :math:`n_i` the occurrences of :math:`i` in the
-reference (an example that never occurs cannot matter); an occurrence-level method
-(metagradients) predicts :math:`-\sum_{(t,b):\,c_{t,b} \in R_j} g_{t,b}(z)`.
+reference (an example that never occurs cannot matter); metagradients :math:`g_{t,b}(z)` predict
+:math:`L_T(z) + \sum_{t,b} \Delta w_{t,b}\, g_{t,b}(z)` with the exact weight change of the
+removal (a removed occurrence goes to 0 and, as retraining takes the mean of what is left of
+its batch, the kept ones of that batch to :math:`n_t / (n_t - k_t)`).
 
 For each test example :math:`z`, :math:`\mathrm{LDS}(z) = \mathrm{Spearman}_j(\hat y_j(z), y_j(z))`;
 the score is the mean over test examples (NaN where either side is constant across ``j``,
@@ -289,33 +292,26 @@ class ScoreMethod(Method):
 
 
 class OccurrenceMethod(Method):
-    """Loss effects of each occurrence of the reference curriculum, ``[T, B, M]`` (metagradients).
+    """Metagradients of the reference run (:class:`~simfluence.func.metagradients.MetagradientResult`).
 
-    Removal: minus the sum over the removed occurrences. Subsets: per-example sums
-    (occurrences pooled), added up over the subset like a score method.
+    Removal: the first-order change of the final losses under the exact weight change a
+    removal means (removed occurrences to 0, the rest of each batch re-weighted to its mean,
+    :meth:`~simfluence.func.metagradients.MetagradientResult.removal_weights`). Subsets:
+    per-example sums (occurrences pooled), added up over the subset like a score method.
     """
 
-    def __init__(self, name: str, occurrence, reference, training_runs: float, seconds: float):
+    def __init__(self, name: str, result, training_runs: float, seconds: float):
         super().__init__(name, "occurrences", training_runs, seconds)
-        self.occurrence = np.asarray(occurrence, dtype=np.float64)
-        self.reference = np.asarray(reference)
-
-    def per_example(self, num_train: int) -> np.ndarray:
-        flat = self.reference.reshape(-1)
-        keep = flat != PAD
-        out = np.zeros((num_train, self.occurrence.shape[-1]))
-        np.add.at(out, flat[keep], self.occurrence.reshape(flat.size, -1)[keep])
-        return out
+        self.result = result
 
     def predict(self, counterfactuals: Counterfactuals) -> np.ndarray:
+        masks = counterfactuals.masks
         if counterfactuals.reference is None:
-            return counterfactuals.masks.astype(np.float64) @ self.per_example(counterfactuals.masks.shape[1])
-        if not np.array_equal(counterfactuals.reference, self.reference):
+            return masks.astype(np.float64) @ self.result.per_example(masks.shape[1])
+        if not np.array_equal(counterfactuals.reference, self.result.curriculum):
             raise ValueError(f"{self.name}: its metagradients are of another reference curriculum than the "
                              "removal protocol's")
-        removed = counterfactuals.trained == PAD                       # [m, T, B], padding in the reference too
-        removed &= (self.reference != PAD)[None]
-        return -np.einsum("jtb,tbm->jm", removed.astype(np.float64), self.occurrence)
+        return self.result.predict_removals([np.flatnonzero(mask) for mask in masks])
 
 
 def score_method(method: Method, counterfactuals: Counterfactuals, num_resamples: int = 1000,
