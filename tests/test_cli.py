@@ -70,3 +70,21 @@ def test_benchmark_quick_on_digits_writes_every_method(tmp_path):
 def test_tasks_lists_builtin_tasks():
     result = invoke("tasks")
     assert result.exit_code == 0 and "digits-mlp" in result.output
+
+
+def test_ids_lists_the_ids_queries_take(tmp_path):
+    runs, _, _ = linear_runs(num_runs=6, seed=4)
+    save_runs(runs, tmp_path / "runs.npz")
+    assert invoke("fit", tmp_path / "runs.npz", "--method", "additive", "--out", tmp_path / "m.npz").exit_code == 0
+    for source in ("m.npz", "runs.npz"):
+        result = invoke("ids", tmp_path / source, "--split", "train", "--head", 3)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert [line.split()[1] for line in lines[:3]] == list(runs.train_ids[:3])
+        assert lines[3] == f"... {runs.num_train - 3} more train ids (--head 0 lists all)"
+    result = invoke("ids", tmp_path / "m.npz", "--head", 0)
+    assert [line.split()[1] for line in result.output.splitlines()] == list(runs.test_ids)
+    # The listed id works in a query.
+    result = invoke("attribute", tmp_path / "m.npz", "--curriculum", tmp_path / "runs.npz", "--test",
+                    runs.test_ids[1], "--top", 2)
+    assert result.exit_code == 0, result.output

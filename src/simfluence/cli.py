@@ -185,7 +185,9 @@ def simulate(model: str, curricula: str, out: str, interval: float | None) -> No
             arrays["curricula"], initial, level=interval, source=curricula)
     with atomic_path(out, suffix=".npz") as temporary:
         np.savez(temporary, trajectories=trajectories, test_ids=simulator.test_ids.astype(str), **bands)
-    click.echo(f"wrote {out}: trajectories {trajectories.shape}")
+    arrays_written = ", ".join(["trajectories", *bands])
+    click.echo(f"wrote {out}: {arrays_written}, each {trajectories.shape} [runs, steps + 1, test examples], "
+               "and test_ids")
 
 
 @main.command()
@@ -228,6 +230,42 @@ def _task_options(options: tuple[str, ...]) -> dict:
         except json.JSONDecodeError:
             parsed[key] = value
     return parsed
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--split", "which", type=click.Choice(["train", "test"]), default="test", show_default=True,
+              help="Training or test examples.")
+@click.option("--head", type=NON_NEGATIVE, default=20, show_default=True, help="Ids to list (0: all).")
+@_user_errors
+def ids(source: str, which: str, head: int) -> None:
+    """List the example ids of a saved simulator or of runs (store or .npz), one per line with its index.
+
+    Queries (``attribute``, ``whatif``, ``optimize``, ``influence-over-time``, ``report --test``)
+    take these ids.
+    """
+    from simfluence.simulators import Simulator
+
+    if Path(source).is_file() and _is_simulator(source):
+        names = getattr(Simulator.load(source), f"{which}_ids")
+    else:
+        names = getattr(load_runs(source), f"{which}_ids")
+    shown = names if head == 0 else names[:head]
+    for index, name in enumerate(shown):
+        click.echo(f"{index:>6}  {name}")
+    if len(shown) < len(names):
+        click.echo(f"... {len(names) - len(shown)} more {which} ids (--head 0 lists all)")
+
+
+def _is_simulator(path: str) -> bool:
+    """Whether ``path`` is a saved simulator (an .npz with a ``config`` member), not an interchange file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "config.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 @main.command()
