@@ -17,6 +17,7 @@ EXTRAS = {
     "hf": ("transformers", "accelerate"),
     "ray": ("ray",),
     "report": ("plotly",),
+    "peers": ("trak", "kronfluence", "captum"),
 }
 """The optional extras of ``pip install 'simfluence[EXTRA]'`` and the modules each brings."""
 

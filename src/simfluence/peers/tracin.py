@@ -1,0 +1,128 @@
+r"""TracIn-CP (Pruthi et al., 2020) through ``captum.influence.TracInCP``.
+
+Over checkpoints :math:`\theta_k` along one run, each with a weight :math:`w_k`, captum
+computes
+
+.. math::
+
+    T_{mi} = \sum_k w_k\, \nabla_\theta \ell(z_m; \theta_k) \cdot \nabla_\theta \ell(z_i; \theta_k),
+
+the weight being what ``checkpoints_load_func`` returns for the checkpoint (captum's
+"learning rate"). Here :math:`w_k` is the summed learning rate of the steps checkpoint
+:math:`k` stands for (:func:`~simfluence.func.checkpoints.checkpoint_weights`, filled in by
+:func:`~simfluence.peers.base.trajectory_checkpoints`); for checkpoints without weights every
+:math:`w_k` is the task's peak learning rate.
+
+Orientation: a step of SGD on the mean loss of a batch of :math:`B` holding example
+:math:`i` changes test loss :math:`m` by :math:`-(\eta_t / B)\, g_i \cdot g_m` to first order;
+a run drawing its :math:`B` examples per step uniformly from :math:`N` holds :math:`i` in
+a fraction :math:`B / N` of the slots, so over the run example :math:`i` is predicted to
+change loss :math:`m` by
+
+.. math::
+
+    S_{im} = -\frac1N \sum_k w_k\, g_i(\theta_k) \cdot g_m(\theta_k) = -T_{mi} / N \quad \text{(nats)},
+
+and :math:`\sum_i S_{im}` is the first-order change of the whole run. Positive captum
+scores (proponents) are helpful examples: negative :math:`S`.
+
+Gradients are taken with respect to every trained parameter (frozen modules are left out
+through captum's ``layers``), per example (``sample_wise_grads_per_batch=False``, captum's
+general path, any layer type). captum calls ``model(*batch[:-1])``; the model is wrapped so
+that this returns the task's per-example losses (``loss_fn=None``), which lets every task
+through: tensor or dict inputs (passed by keyword), any output type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from simfluence.collect.tasks.base import Inputs, Task
+from simfluence.peers.base import Checkpoints, Peer, model_at, split_rows
+
+
+class LossModel(nn.Module):
+    """``forward(*tensors, targets) -> float [n]``: the task's per-example losses, for captum.
+
+    Args:
+        task: the simfluence task.
+        model: the task's model (held as ``self.model``: its parameter names gain a ``model.`` prefix).
+        keys: the names of dict inputs, in the order of ``tensors``; ``None`` for one input tensor.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, keys: list[str] | None):
+        super().__init__()
+        self.task, self.model, self.keys = task, model, keys
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        *inputs, targets = tensors
+        batch = dict(zip(self.keys, inputs)) if self.keys is not None else inputs[0]
+        return self.task.example_losses(self.model, batch, targets)
+
+
+def flat(inputs: Inputs, targets: torch.Tensor, keys: list[str] | None) -> tuple[torch.Tensor, ...]:
+    """``(*input tensors, targets, targets)``: captum's batch layout (the last element, its "labels",
+    is unused since :class:`LossModel` already returns the loss)."""
+    tensors = [inputs[key] for key in keys] if keys is not None else [inputs]
+    return (*tensors, targets, targets)
+
+
+def trained_layers(model: LossModel) -> list[str] | None:
+    """captum ``layers`` covering exactly the trained parameters: ``None`` if every parameter is trained,
+    else the modules that own trained parameters directly (a module mixing both is an error)."""
+    if all(param.requires_grad for param in model.parameters()):
+        return None
+    layers = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if any(param.requires_grad for param in own):
+            if not all(param.requires_grad for param in own):
+                raise ValueError(f"tracin: module '{name}' mixes trained and frozen parameters, which captum's "
+                                 "layers cannot separate")
+            layers.append(name)
+    return layers
+
+
+@dataclass
+class TracInCP(Peer):
+    """TracIn-CP scores from captum over checkpoints of one run.
+
+    Attributes:
+        checkpoints: e.g. :func:`~simfluence.peers.base.trajectory_checkpoints` (weights set,
+            ``trainings`` = the fraction of the run replayed); cost is that plus ``K (N' + M')``
+            per-example gradients.
+    """
+
+    name = "tracin"
+    module = "captum"
+    library = "captum==0.9.0"
+
+    def _scores(self, task: Task, checkpoints: Checkpoints, train_index: np.ndarray, test_index: np.ndarray,
+                progress: bool) -> np.ndarray:
+        from captum.influence import TracInCP as CaptumTracInCP
+
+        weights = (checkpoints.weights if checkpoints.weights is not None
+                   else np.full(len(checkpoints), float(task.learning_rate)))
+        train_inputs, train_targets = split_rows(task, "train", train_index)
+        test_inputs, test_targets = split_rows(task, "test", test_index)
+        keys = list(train_inputs) if isinstance(train_inputs, Mapping) else None
+        model = LossModel(task, model_at(task, checkpoints.states[0]), keys)
+
+        def load(wrapper: LossModel, k: int) -> float:
+            wrapper.model.load_state_dict(checkpoints.states[k])
+            wrapper.model.eval()
+            return float(weights[k])
+
+        train_set = torch.utils.data.TensorDataset(*flat(train_inputs, train_targets, keys))
+        test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*flat(test_inputs, test_targets, keys)),
+                                                  batch_size=self.chunk_size, shuffle=False)
+        tracin = CaptumTracInCP(model, train_set, checkpoints=list(range(len(checkpoints))),
+                                checkpoints_load_func=load, layers=trained_layers(model), loss_fn=None,
+                                batch_size=self.chunk_size, sample_wise_grads_per_batch=False)
+        scores = tracin.influence(test_loader, show_progress=progress)          # [M', N']
+        return -scores.to(torch.float64).numpy().T / task.num_train

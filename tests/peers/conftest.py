@@ -1,0 +1,32 @@
+"""Fixtures for the peer tests; the tiny tasks live in tests/peer_tasks.py."""
+
+import pytest
+import torch
+
+from peer_tasks import SIZES
+from simfluence.collect import DigitsMLP, UniformSampler
+
+pytest.importorskip("trak")
+pytest.importorskip("kronfluence")
+pytest.importorskip("captum")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and are not slowed by a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return DigitsMLP(**SIZES)
+
+
+@pytest.fixture(scope="session")
+def curricula(digits):
+    """int32 [3, 20, 4]: three 20-step runs."""
+    sampler = UniformSampler(digits.default_pool(), digits.batch_size)
+    return sampler.sample_many(20, seeds=range(3))
