@@ -37,7 +37,11 @@ def test_fit_with_explicit_ridge_and_bad_input(tmp_path):
     runs, _, _ = linear_runs(seed=2)
     save_runs(runs, tmp_path / "runs.npz")
     result = invoke("fit", tmp_path / "runs.npz", "--method", "linear", "--ridge", 0.5, "--out", tmp_path / "m.npz")
-    assert result.exit_code == 0 and '"ridge": 0.5' in result.output
+    assert result.exit_code == 0 and "ridge 0.5" in result.output and "{" not in result.output
+    assert len(result.output.strip().splitlines()) == 2
+    result = invoke("fit", tmp_path / "runs.npz", "--method", "linear", "--ridge", 0.5, "--out", tmp_path / "m.npz",
+                    "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["ridge"] == 0.5
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     result = invoke("fit", tmp_path / "broken.npz", "--out", tmp_path / "x.npz")
     assert result.exit_code == 2

@@ -87,9 +87,10 @@ def main() -> None:
               help="Default: float32 (float64 for linear-pairwise, whose L-BFGS fit needs it).")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
               help="tracin-cp: a run store collected with --checkpoint-steps (default: replay a fitting run).")
+@click.option("--json", "as_json", is_flag=True, help="Print every fit detail as one JSON object instead.")
 @_user_errors
 def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, device: str, dtype: str,
-        checkpoints: str | None) -> None:
+        checkpoints: str | None, as_json: bool) -> None:
     """Fit a simulator on RUNS (a run store directory or an interchange .npz)."""
     from simfluence.func.devices import check_device
     from simfluence.simulators import make_simulator
@@ -114,15 +115,33 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
         params = {"device": device, **precision, **({"checkpoints": checkpoints} if checkpoints else {})}
     simulator = make_simulator(method, **params).fit(run_set)
     simulator.save(out)
-    info = {key: value for key, value in simulator.fit_info.items() if key not in ("cv_scores", "cv_table")}
+    if as_json:
+        click.echo(json.dumps({"method": method, "runs": runs, "num_runs": run_set.num_runs, "out": out,
+                               **simulator.fit_info}, default=str))
+        return
     table = simulator.fit_info.get("cv_table") if method == "auto" else None
     if table:
         click.echo("cross-validated all-steps MSE on the fitting runs (lower is better):")
         for row in sorted(table, key=lambda row: row["cv_mse"]):
             click.echo(f"  {row['method']:<20} {row['cv_mse']:.4g}")
         click.echo(f"chose {simulator.chosen_}")
-    click.echo(f"fitted {method} on {run_set!r}: {json.dumps(info)}")
-    click.echo(f"wrote {out}")
+    click.echo(f"fitted {method} on {run_set.num_runs} runs of {run_set.num_steps} steps "
+               f"({run_set.num_train} training, {run_set.num_test} test examples){_fit_summary(simulator.fit_info)}")
+    click.echo(f"wrote {out}  (details: --json)")
+
+
+_SUMMARY_KEYS = (("ridge", "ridge {:.3g}"), ("scale", "scale {:.3g}"), ("space", "{} space"),
+                 ("seconds", "{:.1f} s"))
+
+
+def _fit_summary(info: dict) -> str:
+    """``; ridge 0.5, 1.2 s``: the few fit details a person reads; the rest is behind ``--json``."""
+    parts = []
+    for key, template in _SUMMARY_KEYS:
+        value = info.get(key)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            parts.append(template.format(value))
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _check_out(out: str) -> None:
@@ -338,7 +357,7 @@ def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num
                                                ("num_heldout", num_heldout)) if value is not None}
     if methods:
         overrides["methods"] = tuple(method.strip() for method in methods.split(","))
-    overrides.update(task=task, out_dir=out or f"benchmark-{task}", seed=seed, workers=workers)
+    overrides.update(task=task, out_dir=out or f"out/benchmark-{task}", seed=seed, workers=workers)
     config = BenchmarkConfig.quick(**overrides) if quick else BenchmarkConfig(**overrides)
     result = run_benchmark(config)
     click.echo(benchmark_markdown(result))
@@ -351,7 +370,7 @@ _FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
 @main.command()
 @click.argument("task")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-              help="Output directory (default: lds-TASK).")
+              help="Output directory (default: out/lds-TASK).")
 @click.option("--quick", is_flag=True, help="Small sizes for a smoke run (CI): 16 runs, 20 subsets, 20 removals.")
 @click.option("--runs", "num_runs", type=POSITIVE, default=None,
               help="Fitting runs of the simulators, also TRAK's number of models (equal budgets). [48]")
@@ -382,7 +401,7 @@ def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps
                                                ("num_removals", num_removals)) if value is not None}
     if methods:
         overrides["methods"] = tuple(method.strip() for method in methods.split(",") if method.strip())
-    overrides.update(task=task, out_dir=out or f"lds-{task}", seed=seed)
+    overrides.update(task=task, out_dir=out or f"out/lds-{task}", seed=seed)
     config = LDSConfig.quick(**overrides) if quick else LDSConfig(**overrides)
     config.validate()
     result = run_lds(config, progress=sys.stderr.isatty())
