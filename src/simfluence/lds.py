@@ -125,11 +125,15 @@ def pool_sampler(kind: str, pool: np.ndarray, batch_size: int) -> Sampler:
 
 def subset_curricula(masks: np.ndarray, num_steps: int, batch_size: int, draws: int, seed: int,
                      kind: str = "uniform") -> np.ndarray:
-    """int32 ``[m, draws, T, B]``: ``draws`` independent curricula from each subset ``masks[j]``."""
+    """int32 ``[m, draws, T, B]``: ``draws`` independent curricula from each subset ``masks[j]``.
+
+    Curriculum ``d`` of subset ``j`` depends on ``(seed, j, d)`` alone, so asking for more
+    draws keeps the first ones (and the retrained ground truth) unchanged.
+    """
     out = np.empty((len(masks), draws, num_steps, batch_size), dtype=np.int32)
     for j, mask in enumerate(masks):
         sampler = pool_sampler(kind, np.flatnonzero(mask), batch_size)
-        out[j] = sampler.sample_many(num_steps, [derive_seed(seed, j * draws + d) for d in range(draws)])
+        out[j] = sampler.sample_many(num_steps, [derive_seed(derive_seed(seed, j), d) for d in range(draws)])
     return out
 
 
@@ -201,7 +205,7 @@ def _retrain(task: Task, curricula: np.ndarray, progress: bool) -> np.ndarray:
 
 
 def subset_counterfactuals(task: Task, num_steps: int, *, num_subsets: int = 50, fraction: float = 0.5,
-                           draws: int = 4, repeat: bool = True, kind: str = "uniform", batch_size: int | None = None,
+                           draws: int = 16, repeat: bool = True, kind: str = "uniform", batch_size: int | None = None,
                            pool=None, seed: int = 0, progress: bool = False) -> Counterfactuals:
     """The subset-training protocol: draw, retrain (twice with ``repeat``), and keep ``draws`` curricula to simulate."""
     batch_size = task.batch_size if batch_size is None else int(batch_size)
