@@ -3,6 +3,8 @@
 * :class:`SimfluenceError`: the base of all of them.
 * :class:`~simfluence.runs.log.RunDataError`: bad run data (names the file, field and fix).
 * :class:`MissingExtraError`: an optional dependency is not installed; names the extra.
+* :class:`WriteError`: a file could not be written (disk full, file too large, read-only or
+  not permitted); names the path and the fix.
 
 The command line turns these into one-line messages; every other exception is a bug and
 keeps its traceback.
@@ -38,6 +40,18 @@ class MissingExtraError(SimfluenceError, ImportError):
         self.extra = extra
         self.module = module
         super().__init__(f"{purpose} needs '{module}', which is not installed: pip install 'simfluence[{extra}]'")
+
+
+class WriteError(SimfluenceError, OSError):
+    """A file could not be written: the disk is full, the file is too large, the directory is read-only or
+    not writable, or something is in the way. The message names the path and the fix; ``errno`` is the
+    operating system's error number when there was one.
+
+    An :class:`OSError` too, so ``except OSError`` keeps catching it.
+    """
+
+    def __str__(self) -> str:   # the message, not OSError's "[Errno N] ..." built from errno and filename
+        return str(self.args[0]) if self.args else super().__str__()
 
 
 def require_extra(extra: str, module: str, purpose: str) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from simfluence.collect.curricula import Sampler, derive_seed
 from simfluence.collect.tasks.base import Task
 from simfluence.collect.threads import torch_threads
-from simfluence.errors import require_extra
+from simfluence.errors import SimfluenceError, require_extra
 
 
 WRITER_THREADS = 4
@@ -162,6 +162,39 @@ def _import_ray():
     return ray
 
 
+class RayUnreachableError(SimfluenceError, ConnectionError):
+    """No Ray cluster answers at the address given (one line, raised at once instead of Ray's endless retries)."""
+
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds :func:`check_ray_address` waits for a Ray cluster's address to accept a connection."""
+
+
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Raise :class:`RayUnreachableError` unless ``address`` (``host:port`` or ``ray://host:port``) accepts a
+    TCP connection within ``timeout`` seconds.
+
+    ``ray.init`` retries an address where nothing listens for minutes; this fails in seconds. Addresses
+    without a port (``"auto"``, ``"local"``, ``None``) are left to Ray.
+    """
+    import socket
+
+    if not address:
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    host = host.strip("[]")   # [::1]:6379
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:   # refused, timed out, unknown host, port out of range
+        reason = "timed out" if isinstance(error, TimeoutError) else (getattr(error, "strerror", None) or str(error))
+        raise RayUnreachableError(
+            f"address: no Ray cluster answers at '{address}' ({reason}) (start one with `ray start --head` and give "
+            "the address it prints, or leave the address out to start a local Ray)") from None
+
+
 class RayExecutor(Executor):
     """Each chunk is a Ray task (1 CPU, retried up to ``max_retries`` times if its worker dies).
 
@@ -197,7 +230,9 @@ class RayExecutor(Executor):
             raise ValueError(f"workers: must be a positive integer, got {workers!r}")
         if int(max_retries) != max_retries or max_retries < 0:
             raise ValueError(f"max_retries: must be a non-negative integer, got {max_retries!r}")
-        _import_ray()  # fail now, not after the store is created
+        ray = _import_ray()  # fail now, not after the store is created
+        if address is not None and not ray.is_initialized():
+            check_ray_address(address)   # fail in seconds where Ray would retry for minutes
         self.workers = int(workers)
         self.address = address
         self.max_retries = int(max_retries)
@@ -213,7 +248,12 @@ class RayExecutor(Executor):
             if self.address is None:
                 ray.init(num_cpus=self.workers, include_dashboard=False, **options)
             else:
-                ray.init(address=self.address, **options)
+                try:
+                    ray.init(address=self.address, **options)
+                except ConnectionError as error:   # something answers there, but not a Ray cluster
+                    raise RayUnreachableError(f"address: cannot connect to a Ray cluster at '{self.address}' "
+                                              f"({str(error).splitlines()[0] if str(error) else 'no answer'}) "
+                                              "(check the address that `ray start --head` printed)") from None
         return ray
 
     def map(self, function, chunks):

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet
-from simfluence.runs.store import MANIFEST, RUN_ID_PATTERN, RunStore, ids_digest
+from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet, check_run_id
+from simfluence.runs.store import MANIFEST, RunStore, ids_digest
 
 Inputs = Union[torch.Tensor, Mapping[str, Any], Sequence[Any]]
 """Model inputs: a tensor, a dict of tensors or a tuple of tensors, examples along dim 0."""
@@ -691,9 +691,7 @@ class Recorder:
         store = self._open_store(create=False)
         if self.run_id is None:
             self.run_id = self._free_run_id(store)
-        if not isinstance(self.run_id, str) or not RUN_ID_PATTERN.match(self.run_id):
-            raise RunDataError(str(self._root), "run_id", f"{self.run_id!r} is not a safe file name",
-                               "use letters, digits, '.', '_' and '-'")
+        check_run_id(self.run_id, str(self._root))
         try:
             json.dumps(self.meta)
         except TypeError as error:

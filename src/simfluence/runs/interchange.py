@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,12 @@ def read_npz_arrays(path: str | os.PathLike, required: tuple[str, ...], optional
                                        "raise SIMFLUENCE_MAX_NPZ_BYTES if the file is genuine")
         with np.load(path, allow_pickle=False) as loaded:
             return {name: loaded[name] for name in wanted}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+    except RunDataError:   # a ValueError too: already names the member and the problem
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, struct.error, NotImplementedError,
+            RuntimeError) as error:
+        # Damaged zip headers: a flipped flag bit reads as encryption (RuntimeError) or an unknown
+        # compression method (NotImplementedError), a damaged deflate stream as zlib.error.
         raise RunDataError(source, "<file>", f"is not a readable .npz archive ({error})") from None
 
 

@@ -16,6 +16,7 @@ one-line message naming the source, the field and the fix.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,12 @@ from simfluence.errors import SimfluenceError
 
 PAD = -1
 """Curriculum entry that pads a batch smaller than the widest batch."""
+
+MAX_RUN_ID_LENGTH = 200
+RUN_ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_RUN_ID_LENGTH - 1}}}\Z")
+r"""A run id: 1 to 200 letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit (it names a file).
+
+Anchored with ``\Z``, not ``$``, which would let a trailing newline through."""
 
 
 class RunDataError(SimfluenceError, ValueError):
@@ -38,7 +45,8 @@ class RunDataError(SimfluenceError, ValueError):
         message = f"{source}: field '{field_name}': {problem}"
         if fix:
             message += f" ({fix})"
-        super().__init__(message)
+        # One line, whatever the problem quotes (a library's multi-line error, a run id with a newline).
+        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", message).strip())
 
 
 def _as_str_array(values: Any, source: str, name: str) -> np.ndarray:
@@ -55,6 +63,27 @@ def _as_str_array(values: Any, source: str, name: str) -> np.ndarray:
         dup = unique[counts > 1][:3].tolist()
         raise RunDataError(source, name, f"duplicate ids {dup}", "ids must be unique")
     return array
+
+
+def check_run_id(run_id: Any, source: str, name: str = "run_id") -> str:
+    """``run_id`` if it is a safe file name (:data:`RUN_ID_PATTERN`), else a :class:`RunDataError` that
+    names what is wrong: a control character (a trailing newline, say), a path separator, the length."""
+    fix = f"use 1 to {MAX_RUN_ID_LENGTH} letters, digits, '.', '_' and '-', starting with a letter or digit"
+    if not isinstance(run_id, str):
+        raise RunDataError(source, name, f"expected a string, got {type(run_id).__name__}", fix)
+    if RUN_ID_PATTERN.match(run_id):
+        return run_id
+    shown = repr(run_id if len(run_id) <= 60 else run_id[:60] + "...")   # repr: a newline shows as \n
+    if not run_id:
+        raise RunDataError(source, name, "is empty", fix)
+    problem = f"{shown} is not a safe file name"
+    if any(ord(char) < 32 or ord(char) == 127 for char in run_id):
+        problem += ": it holds a control character"
+    elif "/" in run_id or "\\" in run_id:
+        problem += ": it holds a path separator"
+    elif len(run_id) > MAX_RUN_ID_LENGTH:
+        problem += f": it is {len(run_id)} characters long, more than {MAX_RUN_ID_LENGTH}"
+    raise RunDataError(source, name, problem, fix)
 
 
 def _check_ids_equal(a: np.ndarray, b: np.ndarray, source: str, name: str) -> None:
@@ -172,8 +201,7 @@ class RunLog:
 
     def validated(self, num_train: int, num_test: int, source: str) -> RunLog:
         """Return a copy with canonical dtypes, or raise :class:`RunDataError`."""
-        if not isinstance(self.run_id, str) or not self.run_id:
-            raise RunDataError(source, "run_id", "must be a non-empty string")
+        check_run_id(self.run_id, source)
         curriculum = validate_curriculum(self.curriculum, num_train, source)
         if curriculum.ndim != 2:
             raise RunDataError(source, "curriculum", f"expected shape [steps, batch], got {curriculum.shape}")
@@ -252,6 +280,8 @@ class RunSet:
         run_ids = _as_str_array(run_ids, source, "run_ids") if num_runs else np.array([], dtype=str)
         if run_ids.size != num_runs:
             raise RunDataError(source, "run_ids", f"has {run_ids.size} ids for {num_runs} runs")
+        for run_id in run_ids.tolist():
+            check_run_id(run_id, source, "run_ids")
         return cls(curricula, losses, eval_steps, train_ids, test_ids, run_ids, validate_meta(meta, source))
 
     @classmethod
@@ -268,6 +298,8 @@ class RunSet:
             raise RunDataError(source, "runs", "no runs to stack", "collect or import runs first")
         train_ids = _as_str_array(train_ids, source, "train_ids")
         test_ids = _as_str_array(test_ids, source, "test_ids")
+        for log in logs:   # before the ids go into messages
+            check_run_id(log.run_id, source)
         logs = [log.validated(train_ids.size, test_ids.size, f"{source}[{log.run_id}]") for log in logs]
         first = logs[0]
         width = max(log.batch_size for log in logs)

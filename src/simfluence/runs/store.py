@@ -45,17 +45,16 @@ try:
 except ImportError:  # Windows: no advisory locks; creation is then only atomic, not exclusive
     fcntl = None
 
-from simfluence.runs.atomic import atomic_path, write_text_atomic
+from simfluence.runs.atomic import atomic_path, write_errors, write_text_atomic
 from simfluence.runs.interchange import read_npz_arrays
 
 if TYPE_CHECKING:
     import torch
-from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet, validate_meta
+from simfluence.runs.log import PAD, RUN_ID_PATTERN, RunDataError, RunLog, RunSet, check_run_id, validate_meta
 
 MANIFEST = "simfluence-store.json"
 FORMAT = "simfluence-runstore"
 VERSION = 1
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 CREATE_LOCK = ".simfluence-store.lock"
 COLLECT_LOCK = ".simfluence-collect.lock"
@@ -66,7 +65,9 @@ STALE_SECONDS = 600.0
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive OS lock on ``path`` (created if missing) for the block; waits for other holders."""
-    with open(path, "a+") as handle:
+    with write_errors(path):
+        handle = open(path, "a+")
+    with handle:
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
@@ -82,6 +83,13 @@ def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
         digest.update("\x1f".join(map(str, group.tolist() if hasattr(group, "tolist") else group)).encode())
         digest.update(b"\x1e")
     return digest.hexdigest()[:16]
+
+
+def info_digest(info: dict) -> str:
+    """Digest of a run file's info (its schema metadata, without this digest): the Parquet footer that holds it
+    has no checksum of its own, and a run's meta (its learning rates) becomes the runs' meta."""
+    rest = {key: value for key, value in info.items() if key != "info_digest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def meta_digest(meta: dict) -> str:
@@ -135,7 +143,8 @@ class RunStore:
         source = str(root / MANIFEST)
         ids = RunSet.create(np.zeros((0, 1, 1), np.int32), np.zeros((0, 2, len(test_ids)), np.float32),
                             train_ids, test_ids, meta=meta, source=source)
-        root.mkdir(parents=True, exist_ok=True)
+        with write_errors(root):
+            root.mkdir(parents=True, exist_ok=True)
         # Check-and-create under an OS lock: two processes creating one new store (two recorders,
         # two collections) must not both write a manifest, the second silently replacing the first.
         with _locked(root / CREATE_LOCK):
@@ -152,7 +161,8 @@ class RunStore:
                 return store
             manifest = {"format": FORMAT, "version": VERSION, "train_ids": ids.train_ids.tolist(),
                         "test_ids": ids.test_ids.tolist(), "meta": ids.meta}
-            (root / "runs").mkdir(parents=True, exist_ok=True)
+            with write_errors(root / "runs"):
+                (root / "runs").mkdir(parents=True, exist_ok=True)
             write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
         return cls(root)
 
@@ -166,7 +176,9 @@ class RunStore:
         :class:`RunDataError` naming the holder's PID.
         """
         path = self.root / COLLECT_LOCK
-        with open(path, "a+") as handle:
+        with write_errors(path):   # a read-only store: one line, not a traceback
+            handle = open(path, "a+")
+        with handle:
             if fcntl is not None:
                 try:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -214,9 +226,7 @@ class RunStore:
 
     # --- runs ---------------------------------------------------------------------
     def run_path(self, run_id: str) -> Path:
-        if not RUN_ID_PATTERN.match(run_id):
-            raise RunDataError(str(self.root), "run_id", f"'{run_id}' is not a safe file name",
-                               "use letters, digits, '.', '_' and '-'")
+        check_run_id(run_id, str(self.root))
         return self.root / "runs" / f"{run_id}.parquet"
 
     def run_ids(self) -> list[str]:
@@ -265,7 +275,8 @@ class RunStore:
     def write_checkpoint(self, run_id: str, step: int, state: dict[str, torch.Tensor]) -> Path:
         """Write the model ``state`` (a state dict) after ``step`` of run ``run_id`` atomically."""
         path = self.checkpoint_path(run_id, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with write_errors(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".npz") as temporary:
             np.savez(temporary, **{f"state.{key}": value.detach().cpu().numpy() for key, value in state.items()})
         return path
@@ -311,8 +322,13 @@ def _run_to_table(log: RunLog, digest: str, store_meta_digest: str) -> pa.Table:
                                     mask=pa.array(~evaluated))
     info = {"run_id": log.run_id, "seed": log.seed, "meta": log.meta, "ids_digest": digest,
             "store_meta_digest": store_meta_digest, "version": VERSION}
+    info["info_digest"] = info_digest(json.loads(json.dumps(info)))
     table = pa.table({"step": steps, "batch": batch, "loss": loss})
     return table.replace_schema_metadata({"simfluence": json.dumps(info)})
+
+
+def _is_list_of(kind: pa.DataType, fits) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and fits(kind.value_type)
 
 
 def _table_to_run(path: Path, digest: str, num_train: int, num_test: int, store_meta_digest: str) -> RunLog:
@@ -322,12 +338,19 @@ def _table_to_run(path: Path, digest: str, num_train: int, num_test: int, store_
     try:
         # Page checksums (written since this version) catch bytes flipped inside a data page.
         table = pq.read_table(path, page_checksum_verification=True)
-    except (pa.ArrowException, OSError) as error:
+        names = table.column_names   # decoded here: a damaged name is not UTF-8 (a ValueError)
+    except (pa.ArrowException, OSError, ValueError) as error:
         raise RunDataError(source, "<file>", f"is not a readable Parquet file or is corrupted ({error})",
                            "delete it and collect that run again") from None
-    for column in ("step", "batch", "loss"):
-        if column not in table.column_names:
-            raise RunDataError(source, column, "is missing", f"the file has columns {table.column_names}")
+    for column, expected, fits in (("step", "integers", pa.types.is_integer),
+                                   ("batch", "lists of integers", lambda kind: _is_list_of(kind, pa.types.is_integer)),
+                                   ("loss", "lists of floats", lambda kind: _is_list_of(kind, pa.types.is_floating))):
+        if column not in names:
+            raise RunDataError(source, column, "is missing", f"the file has columns {names}")
+        kind = table.schema.field(column).type
+        if not fits(kind):   # a damaged footer can retype a column
+            raise RunDataError(source, column, f"holds {kind}, expected {expected}", "delete it and collect that run "
+                               "again")
     raw = (table.schema.metadata or {}).get(b"simfluence")
     if raw is None:
         raise RunDataError(source, "simfluence (schema metadata)", "is missing: not written by a RunStore")
@@ -340,6 +363,10 @@ def _table_to_run(path: Path, digest: str, num_train: int, num_test: int, store_
     if info.get("version") != VERSION:
         raise RunDataError(source, "version", f"unsupported run-file version {info.get('version')!r}",
                            f"this simfluence reads version {VERSION}")
+    saved = info.get("info_digest")   # absent in run files written before it was recorded
+    if saved is not None and saved != info_digest(info):
+        raise RunDataError(source, "info_digest", "the run's info (id, seed, meta, digests) does not match the digest "
+                           "saved with it (the file was altered or damaged)", "delete it and collect that run again")
     written_with = info.get("store_meta_digest")   # absent in run files written before it was recorded
     if written_with is not None and written_with != store_meta_digest:
         raise RunDataError(source, "store_meta_digest", "the run was collected with other settings than this store's "
@@ -366,7 +393,7 @@ def _table_to_run(path: Path, digest: str, num_train: int, num_test: int, store_
     log = RunLog(str(info.get("run_id", path.stem)), curriculum, losses, np.flatnonzero(evaluated),
                  info.get("seed"), validate_meta(info.get("meta"), source))
     if log.run_id != path.stem:
-        raise RunDataError(source, "run_id", f"'{log.run_id}' does not match the file name")
+        raise RunDataError(source, "run_id", f"{log.run_id!r} does not match the file name")
     return log.validated(num_train, num_test, source)
 
 

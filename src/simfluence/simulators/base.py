@@ -47,6 +47,12 @@ def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def config_checksum(config: dict) -> str:
+    """SHA-256 (hex) of a saved simulator's config (kind, params, fit_info, ...) without its checksums."""
+    rest = {key: value for key, value in config.items() if key not in ("checksum", "config_checksum")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 class ExtrapolationWarning(UserWarning):
     """A simulation goes beyond what the fitting runs covered (:meth:`Simulator.extrapolation`)."""
 
@@ -210,6 +216,8 @@ class Simulator(ABC):
             arrays["fit_digests"] = np.asarray(self.fit_digests, dtype="<U64")
         config = {"format": FORMAT, "version": VERSION, "kind": self.kind, "params": self._params(),
                   "fit_info": self.fit_info, "checksum": arrays_checksum(arrays)}
+        # The config decides the simulation too (the kind, the loss range clipped to): covered by its own checksum.
+        config["config_checksum"] = config_checksum(json.loads(json.dumps(config)))
         path = Path(path)
         with atomic_path(path, suffix=".npz") as temporary:
             np.savez(temporary, config=np.array(json.dumps(config)), **arrays)
@@ -234,7 +242,7 @@ class Simulator(ABC):
             raise RunDataError(source, "config.kind", f"unknown simulator '{kind}'", f"known: {simulator_kinds()}")
         try:
             simulator = _REGISTRY[kind](**config.get("params", {}))
-        except TypeError as error:
+        except (TypeError, ValueError) as error:   # unknown or out-of-range parameters
             raise RunDataError(source, "config.params", str(error)) from None
         simulator.train_ids, simulator.test_ids = arrays["train_ids"], arrays["test_ids"]
         simulator.mean_change = arrays["mean_change"]
@@ -258,6 +266,10 @@ class Simulator(ABC):
         if checksum is not None and checksum != arrays_checksum({k: v for k, v in arrays.items() if k != "config"}):
             raise RunDataError(source, "checksum", "the arrays do not match the checksum saved with them (the file was "
                                "altered or damaged)", "fit the simulator again")
+        saved = config.get("config_checksum")   # absent in files saved before the config was covered
+        if saved is not None and saved != config_checksum(config):
+            raise RunDataError(source, "config_checksum", "the config (kind, params, fit_info) does not match the "
+                               "checksum saved with it (the file was altered or damaged)", "fit the simulator again")
         return simulator
 
     # --- helpers ------------------------------------------------------------------
