@@ -9,7 +9,7 @@ from torch import nn
 from simfluence.collect import DigitsMLP
 from simfluence.collect.tasks.base import TaskData
 from simfluence.func.gradients import per_example_gradients, trainable_params
-from simfluence.peers.base import model_at
+from simfluence.peers.base import model_at, split_rows
 
 SIZES = {"num_train": 40, "num_test": 10}
 
@@ -68,7 +68,5 @@ class LinearDigits(DigitsMLP):
 def gradients(task, state, split, index=None):
     """float64 [n, P]: per-example loss gradients at ``state`` (simfluence.func, not the libraries)."""
     model = model_at(task, state)
-    inputs, targets = task.split_data(split)
-    if index is not None:
-        inputs, targets = inputs[index], targets[index]
+    inputs, targets = task.split_data(split) if index is None else split_rows(task, split, index)
     return per_example_gradients(task, model, trainable_params(model), inputs, targets).to(torch.float64).numpy()

@@ -25,7 +25,8 @@ def ekfac_by_hand(task, state, damping):
     """EK-FAC influence of a one-layer softmax classifier, empirical Fisher, in float64 NumPy.
 
     A = mean [x,1][x,1]^T, S = mean d d^T (d = softmax - one-hot), Q_A, Q_S their eigenvectors,
-    Lambda = mean (Q_S^T G_i Q_A)^2 with G_i = d_i [x_i,1]^T; I_im = <Q_S ((Q_S^T G_m Q_A) / (Lambda + damping)) Q_A^T, G_i>.
+    Lambda = mean (Q_S^T G_i Q_A)^2 with G_i = d_i [x_i,1]^T;
+    I_im = <Q_S ((Q_S^T G_m Q_A) / (Lambda + damping)) Q_A^T, G_i>.
     """
     model = model_at(task, state)
 

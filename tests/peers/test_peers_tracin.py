@@ -21,7 +21,8 @@ def test_scores_are_weighted_gradient_products(digits, trajectory):
     result = TracInCP().attribute(digits, trajectory, train_index=train_index, test_index=test_index)
     expected = np.zeros((train_index.size, test_index.size))
     for weight, state in zip(trajectory.weights, trajectory.states):
-        expected -= weight * gradients(digits, state, "train", train_index) @ gradients(digits, state, "test", test_index).T
+        train = gradients(digits, state, "train", train_index)
+        expected -= weight * train @ gradients(digits, state, "test", test_index).T
     expected /= digits.num_train
     assert result.scores.shape == (25, 3) and result.scores.dtype == np.float64
     np.testing.assert_allclose(result.scores, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())

@@ -59,7 +59,8 @@ def narrow():
 
 @pytest.mark.parametrize("num_checkpoints", [1, 2])
 def test_closed_form_without_projection(narrow, curricula, num_checkpoints):
-    """projector='none': S = -mean_k[c_k Phi_k (Phi_k'Phi_k + lam I)^-1 phi_k(m)] * mean_k Q_k, Phi = grad margin / sqrt(P)."""
+    """projector='none': S = -mean_k[c_k Phi_k (Phi_k'Phi_k + lam I)^-1 phi_k(m)] * mean_k Q_k,
+    Phi = grad margin / sqrt(P), c_k = 1 / mean |(Phi_k'Phi_k + lam I)^-1|."""
     lam = 1e-2
     digits = narrow
     states = ensemble_checkpoints(digits, curricula[:num_checkpoints]).states

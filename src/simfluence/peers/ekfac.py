@@ -132,14 +132,16 @@ def tracked_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def kronfluence_task(task: Task, modules: list[str], sample: bool):
+def kronfluence_task(task: Task, modules: list[str]):
     """A :class:`kronfluence.task.Task` built on ``task.example_losses`` (``kronfluence`` imported here).
+
+    Its sampled training loss (the true Fisher, requested by ``kronfluence`` unless
+    ``use_empirical_fisher``) draws labels from ``softmax(outputs)``: only for classification outputs,
+    see :func:`classifies`.
 
     Args:
         task: the simfluence task.
         modules: the modules to track (:func:`tracked_modules`).
-        sample: draw labels from ``softmax(outputs)`` when ``kronfluence`` asks for a sampled loss
-            (only for classification outputs, see :func:`classifies`).
     """
     from kronfluence.task import Task as KronfluenceTask
 
@@ -149,9 +151,7 @@ def kronfluence_task(task: Task, modules: list[str], sample: bool):
         def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
             inputs, targets = batch
             outputs = task.forward(model, inputs)
-            if sample:
-                if not sample_labels:
-                    raise RuntimeError("ekfac: kronfluence asked for sampled labels with the empirical Fisher")
+            if sample:  # kronfluence asks for this only when use_empirical_fisher is False
                 with torch.no_grad():
                     targets = torch.distributions.Categorical(logits=outputs.detach()).sample()
             return task.example_loss(outputs, targets).sum()
@@ -163,7 +163,6 @@ def kronfluence_task(task: Task, modules: list[str], sample: bool):
         def get_influence_tracked_modules(self):
             return list(modules)
 
-    sample_labels = sample
     return LossTask()
 
 
@@ -209,11 +208,12 @@ class EKFAC(Peer):
         total = np.zeros((train_index.size, test_index.size))
         for k, state in enumerate(checkpoints.states):
             model = Holder(model_at(task, state))
-            sample = self.fisher == "true" or (self.fisher == "auto" and classifies(task, model))
-            if sample and not classifies(task, model):
+            classifier = classifies(task, model)
+            if self.fisher == "true" and not classifier:
                 raise ValueError(f"fisher='true': task '{task.name}' has no class-logit outputs to sample labels "
                                  "from; use fisher='empirical'")
-            kron_task = kronfluence_task(task, tracked_modules(model), sample)
+            sample = self.fisher == "true" or (self.fisher == "auto" and classifier)
+            kron_task = kronfluence_task(task, tracked_modules(model))
             model = prepare_model(model, kron_task)
             factor_args = FactorArguments(strategy=self.strategy, use_empirical_fisher=not sample,
                                           covariance_max_examples=None, lambda_max_examples=None)
@@ -224,7 +224,7 @@ class EKFAC(Peer):
                 warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
                 torch.manual_seed(self.seed + k)
                 analyzer = Analyzer(analysis_name="simfluence", model=model, task=kron_task, cpu=True,
-                                    log_level=logging.INFO if progress else logging.WARNING,
+                                    log_level=logging.WARNING,
                                     disable_tqdm=not progress, output_dir=output_dir)
                 analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
                 analyzer.fit_all_factors(factors_name="factors", dataset=train_all,

@@ -156,7 +156,7 @@ class TRAK(Peer):
                             load_from_save_dir=True, device="cpu", projector=projector, proj_dim=proj_dim,
                             use_half_precision=False, projector_seed=self.seed, lambda_reg=self.lambda_reg,
                             grad_wrt=trained if frozen else None,
-                            logging_level=logging.INFO if progress else logging.WARNING)
+                            logging_level=logging.WARNING)
             for k, state in enumerate(checkpoints.states):
                 traker.load_checkpoint(state, model_id=k)
                 for rows in _chunks(num_train, self.chunk_size):
