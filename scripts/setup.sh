@@ -32,6 +32,11 @@ stamp=.venv/.simfluence-installed-$PROFILE
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     timed "installing simfluence with the '$EXTRAS' extra" \
         .venv/bin/pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
+    if [ "$PROFILE" = test ]; then
+        # kronfluence (the EK-FAC peer) without its unused torchvision dependency; see pyproject.toml.
+        timed "installing kronfluence 1.0.1 (its other dependencies came with the test extra)" \
+            .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "kronfluence==1.0.1"
+    fi
     touch "$stamp"
 fi
 [ "$PROFILE" = test ] || exit 0
