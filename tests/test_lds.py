@@ -165,3 +165,14 @@ def test_cli_lds_bad_options_give_one_line(tmp_path, args, message):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+
+
+def test_lds_refuses_tasks_it_cannot_retrain_faithfully(tmp_path):
+    from simfluence.lds_benchmark import LDSConfig, run_lds
+    from simfluence.retrain import retrain
+
+    with pytest.raises(ValueError, match="Hugging Face Trainer"):
+        run_lds(LDSConfig.quick(task="minilm-finetune", out_dir=str(tmp_path / "x")), progress=False)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="Hugging Face Trainer"):
+        retrain(get_task("minilm-finetune"), np.zeros((1, 2, 4), dtype=np.int32))

@@ -173,6 +173,9 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     config.validate()
     out = Path(config.out_dir)
     task = get_task(config.task, **config.task_options)
+    if task.runner != "torch":  # before collecting anything: the counterfactuals could not be retrained
+        raise ValueError(f"task '{task.name}': LDS retrains every counterfactual with simfluence's own trainer, "
+                         "which does not reproduce Hugging Face Trainer runs; choose a task trained by our loop")
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
                     checkpoint_steps=(config.num_steps,), progress=progress)
     runs = store.load()

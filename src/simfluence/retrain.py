@@ -112,6 +112,10 @@ def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bo
     Returns:
         float32 ``[R, T + 1, M]`` test losses before training and after every step.
     """
+    if task.runner != "torch":
+        raise ValueError(f"task '{task.name}' trains through the Hugging Face Trainer ({task.optimizer}); "
+                         "retraining counterfactuals through it is not supported yet, and our SGD trainers "
+                         "would not reproduce its runs: use a task trained by simfluence's own loop")
     curricula = np.asarray(curricula)
     if curricula.ndim != 3:
         raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
