@@ -233,13 +233,19 @@ def _protocols(result: dict) -> list[str]:
     return list(dict.fromkeys(record["protocol"] for record in result["scores"]))
 
 
+def protocol_label(result: dict, protocol: str) -> str:
+    """``subsets α=0.5``, ``remove 1``, ``remove 10 (5 %)``: how tables and plots name a protocol."""
+    if protocol == SUBSETS:
+        return f"subsets α={result['config']['fraction']}"
+    size = result["removal_sizes"][protocol]
+    return f"remove {size}" if size == 1 else f"remove {size} ({100 * size / result['num_train']:.3g} %)"
+
+
 def lds_markdown(result: dict) -> str:
     """One row per method: LDS per protocol with its interval, cost, trajectory errors."""
     protocols = _protocols(result)
     by = {(r["method"], r["protocol"]): r for r in result["scores"]}
-    names = {p: (f"subsets α={result['config']['fraction']}" if p == SUBSETS else
-                 f"remove {result['removal_sizes'][p]}") for p in protocols}
-    header = ["method", *[f"LDS {names[p]}" for p in protocols], "run equivalents", "seconds",
+    header = ["method", *[f"LDS {protocol_label(result, p)}" for p in protocols], "run equivalents", "seconds",
               "subset-run MSE", "final MSE"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     trajectory = result["trajectory_errors"]
@@ -290,13 +296,12 @@ def plot_lds(result: dict, path: Path) -> Path:
                          for p in protocols])
         x = np.arange(len(protocols)) + (k - (len(methods) - 1) / 2) * width
         ax.bar(x, means, width, yerr=np.stack([means - low, high - means]), capsize=2, label=method,
-               color=plt.cm.tab10(k % 10))
+               color=plt.cm.tab20(k % 20))
     ceiling = result["noise_ceiling"].get(SUBSETS)
     if ceiling and ceiling["mean"] is not None:
         ax.hlines(ceiling["mean"], -0.45, 0.45, colors="black", linestyles="dashed", label="noise ceiling")
     ax.set_xticks(np.arange(len(protocols)))
-    ax.set_xticklabels([f"subsets α={result['config']['fraction']}" if p == SUBSETS else
-                        f"remove {result['removal_sizes'][p]}" for p in protocols])
+    ax.set_xticklabels([protocol_label(result, p) for p in protocols])
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_ylabel("LDS (mean Spearman)")
     ax.set_title(f"{result['task']}: linear datamodeling score vs real retraining", fontsize=10)
