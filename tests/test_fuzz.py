@@ -227,7 +227,7 @@ def _invalid_interchange(arrays: dict, draw) -> tuple[str, bool]:
     return kind, damaged
 
 
-@fuzz(80)
+@fuzz(160)
 @given(data=st.data())
 def test_an_invalid_interchange_file_is_refused_with_one_line(world, data):
     arrays = {name: value.copy() for name, value in world.arrays.items()}
@@ -240,7 +240,7 @@ def test_an_invalid_interchange_file_is_refused_with_one_line(world, data):
         assert_clean_error(invoke("simulate", world.root / "m.npz", path, "--out", world.work / "t.npz"))
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_an_equivalent_interchange_file_gives_the_same_result(world, data):
     """Other integer and float widths, byte orders, Fortran order, compression, optional members left out,
@@ -268,7 +268,7 @@ def test_an_equivalent_interchange_file_gives_the_same_result(world, data):
     assert result.exit_code == 0 and result.stdout == world.expected["runs.npz"], result.output
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_a_valid_edit_of_the_runs_gives_the_result_of_the_edited_runs(world, data):
     """Another training example, another finite loss, a padded slot, fewer runs: valid data, and the CLI
@@ -300,7 +300,7 @@ def test_a_valid_edit_of_the_runs_gives_the_result_of_the_edited_runs(world, dat
     assert np.isfinite(json.loads(result.stdout)["mse"])
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_damaged_bytes_of_an_interchange_file_are_refused_or_harmless(world, data):
     """Zip CRCs cover each member, so a flipped byte is refused unless it lies where it changes nothing."""
@@ -311,7 +311,7 @@ def test_damaged_bytes_of_an_interchange_file_are_refused_or_harmless(world, dat
     assert_error_or_same(invoke("evaluate", world.root / "m.npz", path, "--json"), world.expected["runs.npz"])
 
 
-@fuzz(30)
+@fuzz(60)
 @given(fraction=st.floats(0, 1, exclude_max=True))
 def test_a_truncated_interchange_file_is_refused(world, fraction):
     source = (world.root / "runs.npz").read_bytes()
@@ -336,7 +336,7 @@ def _with_header(member: bytes, shape: tuple) -> bytes:
     return header.getvalue() + data
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_huge_or_wrong_declared_shapes_are_refused_before_reading(world, data):
     """A header declaring a huge array (or one that disagrees with the bytes) is refused at once:
@@ -395,7 +395,7 @@ def _check_store(world, path: Path, must_fail: bool = False) -> None:
         assert_error_or_same(result, world.expected["store"])
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_damaged_bytes_of_a_run_file_are_refused_or_harmless(world, data):
     """Parquet page checksums cover the data pages; the footer's run info is checked against the store."""
@@ -405,7 +405,7 @@ def test_damaged_bytes_of_a_run_file_are_refused_or_harmless(world, data):
     _check_store(world, store)
 
 
-@fuzz(20)
+@fuzz(40)
 @given(data=st.data())
 def test_a_truncated_run_file_is_refused(world, data):
     store = _fresh_store(world)
@@ -420,7 +420,7 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers(-10, 10) | st.text(
                      max_leaves=4)
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_an_edited_manifest_is_refused_unless_it_means_the_same(world, data):
     """Every run file carries digests of its store's ids and meta, so a manifest whose ids, meta, format
@@ -478,7 +478,7 @@ def test_foreign_run_files_are_refused(world, store, source, name, target):
     _check_store(world, store, must_fail=True)
 
 
-@fuzz(30)
+@fuzz(60)
 @given(data=st.data())
 def test_stray_files_in_a_store_change_nothing(world, data):
     """Temporaries of killed writers (whole, partial or garbage), editor backups, other files and folders."""
@@ -513,7 +513,7 @@ def _rewrite_run(path: Path, edit) -> None:
                    write_page_checksum=True)
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_edited_run_info_is_refused(world, data):
     """The run info in a run file's footer (id, seed, meta, version, the digests of its store) carries a
@@ -567,7 +567,7 @@ def _check_model(world, path: Path, must_fail: bool = False) -> None:
         assert_error_or_same(result, world.expected["runs.npz"])
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_damaged_bytes_of_a_saved_model_are_refused_or_harmless(world, data):
     path = world.work / "model-bytes.npz"
@@ -575,7 +575,7 @@ def test_damaged_bytes_of_a_saved_model_are_refused_or_harmless(world, data):
     _check_model(world, path)
 
 
-@fuzz(20)
+@fuzz(40)
 @given(fraction=st.floats(0, 1, exclude_max=True))
 def test_a_truncated_saved_model_is_refused(world, fraction):
     content = (world.root / "m.npz").read_bytes()
@@ -584,7 +584,7 @@ def test_a_truncated_saved_model_is_refused(world, fraction):
     _check_model(world, path, must_fail=True)
 
 
-@fuzz(80)
+@fuzz(160)
 @given(data=st.data())
 def test_an_altered_saved_model_is_refused(world, data):
     """Arrays changed in value, dtype or shape, members dropped or added, the config edited: the checksum
