@@ -22,6 +22,7 @@ from torch.nn import functional as F
 transformers = pytest.importorskip("transformers")
 
 import hf_tiny  # noqa: E402
+from workers import create_store  # noqa: E402
 from simfluence.collect import UniformSampler, collect, derive_seed  # noqa: E402
 from simfluence.collect.hf import CurriculumBatchSampler, collect_trainer, use_curriculum  # noqa: E402
 from simfluence.collect.recorder import Recorder, auto_loss, causal_lm_loss, from_criterion  # noqa: E402
@@ -327,21 +328,12 @@ def test_length_sorted_test_chunks_give_the_same_losses_with_less_padding(tmp_pa
     assert results[True][1] < results[False][1]   # fewer padded positions
 
 
-def _create(root, meta, barrier, results):
-    barrier.wait()
-    try:
-        RunStore.create(root, ["a", "b"], ["t"], meta=meta, exist_ok=True)
-        results.put("ok")
-    except RunDataError as error:
-        results.put(f"error: {error}")
-
-
 def test_concurrent_creation_of_one_store_lets_exactly_one_win(tmp_path):
     context = multiprocessing.get_context("spawn")
     for trial in range(4):
         root = tmp_path / f"store-{trial}"
         barrier, results = context.Barrier(2), context.Queue()
-        workers = [context.Process(target=_create, args=(root, {"lr": lr}, barrier, results)) for lr in (0.1, 0.2)]
+        workers = [context.Process(target=create_store, args=(root, {"lr": lr}, barrier, results)) for lr in (0.1, 0.2)]
         for worker in workers:
             worker.start()
         for worker in workers:
