@@ -339,14 +339,19 @@ def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, execu
 @main.command()
 @click.argument("task")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-              help="Output directory (default: benchmark-TASK).")
-@click.option("--quick", is_flag=True, help="Small sizes for a smoke run (CI).")
-@click.option("--runs", "num_runs", type=POSITIVE, default=None)
-@click.option("--steps", "num_steps", type=POSITIVE, default=None)
-@click.option("--heldout", "num_heldout", type=POSITIVE, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=POSITIVE, default=1, show_default=True)
-@click.option("--methods", default=None, help="Comma-separated subset of methods (default: all).")
+              help="Output directory (default: out/benchmark-TASK).")
+@click.option("--quick", is_flag=True, help="Small sizes for a smoke run (CI): 24 runs of 50 steps, 6 held out.")
+@click.option("--runs", "num_runs", type=POSITIVE, default=None,
+              help="Runs to collect (reused if the store already holds them). [48; --quick 24]")
+@click.option("--steps", "num_steps", type=POSITIVE, default=None, help="Steps per run. [100; --quick 50]")
+@click.option("--heldout", "num_heldout", type=POSITIVE, default=None,
+              help="Runs held out for scoring; the rest are fitting runs. [8; --quick 6]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Collection and split seed.")
+@click.option("--workers", type=POSITIVE, default=1, show_default=True, help="Processes collecting runs.")
+@click.option("--methods", default=None,
+              help="Comma-separated subset of methods (default: all). The slow ones to leave out first: "
+                   "linear-pairwise (L-BFGS refits), linear-bootstrap (16 refits), auto and linear-trajectory "
+                   "(cross-validated grids), influence (Hessian).")
 @_user_errors
 def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
               num_heldout: int | None, seed: int, workers: int, methods: str | None) -> None:
