@@ -79,10 +79,11 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads parent ids from /proc")
-def test_workers_exit_when_the_collecting_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("how", ["kill -9", "kill (SIGTERM)", "Ctrl-C (SIGINT to the process group)"])
+def test_workers_exit_when_the_collecting_parent_is_killed(tmp_path, how):
     command = [sys.executable, "-m", "simfluence.cli", "collect", "digits-mlp", "--runs", "400", "--steps", "200",
                "--workers", "2", "--out", str(tmp_path / "s")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (tmp_path / "s" / "runs").is_dir():
@@ -93,7 +94,12 @@ def test_workers_exit_when_the_collecting_parent_is_killed(tmp_path):
                        if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
             time.sleep(0.05)
         assert len(workers) == 2, "the pool's workers did not start"
-        os.kill(process.pid, signal.SIGKILL)
+        if how == "kill -9":
+            os.kill(process.pid, signal.SIGKILL)
+        elif how == "kill (SIGTERM)":
+            os.kill(process.pid, signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=30)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") and
