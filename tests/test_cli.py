@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from simfluence.cli import main
@@ -92,3 +93,24 @@ def test_ids_lists_the_ids_queries_take(tmp_path):
     result = invoke("attribute", tmp_path / "m.npz", "--curriculum", tmp_path / "runs.npz", "--test",
                     runs.test_ids[1], "--top", 2)
     assert result.exit_code == 0, result.output
+
+
+def test_query_commands_print_json_on_request(tmp_path):
+    runs, _, _ = linear_runs(num_runs=8, seed=5)
+    save_runs(runs, tmp_path / "runs.npz")
+    assert invoke("fit", tmp_path / "runs.npz", "--method", "additive", "--out", tmp_path / "m.npz").exit_code == 0
+    model, curriculum = tmp_path / "m.npz", tmp_path / "runs.npz"
+    first = runs.curricula[0][0, 0]
+    result = invoke("whatif", model, "--curriculum", curriculum, "--edit", f"drop:{runs.train_ids[first]}",
+                    "--test", runs.test_ids[0], "--json", "--plot", tmp_path / "w.png")
+    record = json.loads(result.output)
+    assert record["tests"][0]["test_id"] == runs.test_ids[0] and record["plot"].endswith("w.png")
+    assert record["tests"][0]["final_change"] == pytest.approx(record["tests"][0]["after"][-1]
+                                                               - record["tests"][0]["before"][-1], abs=1e-5)
+    result = invoke("influence-over-time", model, "--curriculum", curriculum, "--test", runs.test_ids[1],
+                    "--top", 3, "--json")
+    assert [set(m) for m in json.loads(result.output)["moments"]] == [{"step", "train_id", "final_delta"}] * 3
+    result = invoke("optimize", model, "--test-set", runs.test_ids[0], "--budget", 3, "--steps", 4,
+                    "--initial", curriculum, "--random", 10, "--json")
+    record = json.loads(result.output)
+    assert len(record["order"]) == 3 and record["objective"] <= record["random_best"] + 1e-6

@@ -352,9 +352,10 @@ def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, execu
               help="Comma-separated subset of methods (default: all). The slow ones to leave out first: "
                    "linear-pairwise (L-BFGS refits), linear-bootstrap (16 refits), auto and linear-trajectory "
                    "(cross-validated grids), influence (Hessian).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole record (benchmark.json) instead of the tables.")
 @_user_errors
 def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
-              num_heldout: int | None, seed: int, workers: int, methods: str | None) -> None:
+              num_heldout: int | None, seed: int, workers: int, methods: str | None, as_json: bool) -> None:
     """Fit and score every method on held-out runs of TASK; writes benchmark.md/.json and a plot."""
     from simfluence.benchmark import BenchmarkConfig, benchmark_markdown, run_benchmark
 
@@ -364,7 +365,10 @@ def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num
         overrides["methods"] = tuple(method.strip() for method in methods.split(","))
     overrides.update(task=task, out_dir=out or f"out/benchmark-{task}", seed=seed, workers=workers)
     config = BenchmarkConfig.quick(**overrides) if quick else BenchmarkConfig(**overrides)
-    result = run_benchmark(config)
+    result = run_benchmark(config, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
     click.echo(benchmark_markdown(result))
     click.echo(f"wrote {config.out_dir}/benchmark.md, benchmark.json, trajectories.png")
 
@@ -390,10 +394,11 @@ _FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
               help="Comma-separated methods: simulator kinds, peers (trak, ekfac, tracin; need the 'peers' extra) "
                    "and metagradient. [linear-trajectory, linear, additive, featurized, tracin-cp, trak, ekfac, "
                    "tracin, metagradient]")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole record (lds.json) instead of the table.")
 @_user_errors
 def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
         num_subsets: int | None, fraction: float | None, num_removals: int | None, seed: int,
-        methods: str | None) -> None:
+        methods: str | None, as_json: bool) -> None:
     """Linear datamodeling score of simulators, peers and metagradients on TASK against real retraining.
 
     Two protocols: random subsets of the training pool retrained from scratch, and removals
@@ -409,7 +414,10 @@ def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps
     overrides.update(task=task, out_dir=out or f"out/lds-{task}", seed=seed)
     config = LDSConfig.quick(**overrides) if quick else LDSConfig(**overrides)
     config.validate()
-    result = run_lds(config, progress=sys.stderr.isatty())
+    result = run_lds(config, progress=sys.stderr.isatty() and not as_json)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
     click.echo(lds_markdown(result))
     click.echo(f"wrote {config.out_dir}/lds.md, lds.json, lds.png")
 
@@ -512,9 +520,10 @@ def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ..
                    "applied in order; steps count from 1).")
 @click.option("--test", "tests", multiple=True, help="Test ids to show (default: the 5 that change most).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write before/after trajectories (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 @_user_errors
 def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...], tests: tuple[str, ...],
-           plot: str | None) -> None:
+           plot: str | None, as_json: bool) -> None:
     """Simulate a curriculum before and after edits."""
     from simfluence.query import whatif as simulate_whatif
 
@@ -525,6 +534,17 @@ def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...],
         np.argsort(-np.abs(result.final_change), kind="stable")[:5]
     num_steps = result.before.shape[0] - 1
     shown = np.unique(np.linspace(0, num_steps, 6).round().astype(int))
+    plotted = None
+    if plot:
+        from simfluence.report.static import plot_whatif
+
+        plotted = str(plot_whatif(result, simulator.test_ids, plot, columns, simulator.train_ids))
+    if as_json:
+        click.echo(json.dumps({"edits": list(edits), "plot": plotted, "tests": [
+            {"test_id": str(simulator.test_ids[result.test_index[c]]), "before": result.before[:, c].tolist(),
+             "after": result.after[:, c].tolist(), "final_change": float(result.final_change[c])}
+            for c in columns]}))
+        return
     click.echo(f"edits: {', '.join(edits)}")
     for column in columns:
         click.echo(f"\n{simulator.test_ids[result.test_index[column]]}\n{'step':>6} {'before':>9} {'after':>9} "
@@ -532,10 +552,8 @@ def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...],
         for t in shown:
             before, after = result.before[t, column], result.after[t, column]
             click.echo(f"{t:>6} {before:>9.4g} {after:>9.4g} {after - before:>+9.3g}")
-    if plot:
-        from simfluence.report.static import plot_whatif
-
-        click.echo(f"\nwrote {plot_whatif(result, simulator.test_ids, plot, columns, simulator.train_ids)}")
+    if plotted:
+        click.echo(f"\nwrote {plotted}")
 
 
 @main.command()
@@ -554,10 +572,11 @@ def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...],
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Curriculum file (.npz) to write.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the random-vs-optimised PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 @_user_errors
 def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int, batch_size: int | None,
              initial: str, run: int | None, beam: int, rounds: int, num_random: int, seed: int, out: str | None,
-             plot: str | None) -> None:
+             plot: str | None, as_json: bool) -> None:
     """Search a curriculum of BUDGET examples that minimises the simulated final loss on the test set."""
     from simfluence.query import optimize as search, save_query_curriculum
 
@@ -565,6 +584,22 @@ def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int,
     targets = _test_index(simulator, test_set, "--test-set")
     result = search(simulator, losses, targets, budget, num_steps, batch_size, beam_width=beam, rounds=rounds,
                     num_random=num_random, seed=seed, progress=True)
+    written = []
+    if out:
+        save_query_curriculum(out, result.curriculum, losses, simulator, order=result.order,
+                              target_index=result.target_index, objective=np.float64(result.objective),
+                              random_objectives=result.random_objectives)
+        written.append(f"wrote {out}: curriculum {result.curriculum.shape}")
+    if plot:
+        from simfluence.report.static import plot_optimized
+
+        written.append(f"wrote {plot_optimized(result, plot)}")
+    if as_json:
+        click.echo(json.dumps({"targets": simulator.test_ids[targets].tolist(),
+                               "order": simulator.train_ids[result.order].tolist(), "objective": result.objective,
+                               "random_best": result.random_best, "random_median": result.random_median,
+                               "num_random": num_random, "out": out, "plot": plot}))
+        return
     click.echo(f"targets: {', '.join(simulator.test_ids[targets])}")
     click.echo(f"order: {', '.join(simulator.train_ids[result.order])}")
     click.echo(f"simulated mean final loss: optimised {result.objective:.4f}, random curricula of the same budget "
@@ -572,15 +607,8 @@ def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int,
     if result.objective < 0:
         click.echo("note: a negative simulated loss is the simulator extrapolating beyond its fitting runs; "
                    "trust the ranking, and retrain to check (simfluence.retrain)")
-    if out:
-        save_query_curriculum(out, result.curriculum, losses, simulator, order=result.order,
-                              target_index=result.target_index, objective=np.float64(result.objective),
-                              random_objectives=result.random_objectives)
-        click.echo(f"wrote {out}: curriculum {result.curriculum.shape}")
-    if plot:
-        from simfluence.report.static import plot_optimized
-
-        click.echo(f"wrote {plot_optimized(result, plot)}")
+    for line in written:
+        click.echo(line)
 
 
 @main.command("influence-over-time")
@@ -590,21 +618,30 @@ def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int,
 @click.option("--test", "tests", multiple=True, required=True, help="Test id or index (repeatable: averaged).")
 @click.option("--top", type=POSITIVE, default=10, show_default=True, help="Moments listed.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the steps x examples heat map.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 @_user_errors
 def influence_over_time(model: str, curriculum: str, run: int | None, tests: tuple[str, ...], top: int,
-                        plot: str | None) -> None:
+                        plot: str | None, as_json: bool) -> None:
     """Effect on the final loss of each single occurrence (step, example) of the curriculum."""
     from simfluence.query import influence_over_time as occurrences
 
     simulator, steps, initial = _query_inputs(model, curriculum, run)
     result = occurrences(simulator, steps, initial, _test_index(simulator, tests), progress=True)
-    click.echo(f"{'step':>6} {'train id':<20} {'final delta':>12}   (without - with; positive: that appearance helped)")
-    for step, example, delta in result.top_moments(top):
-        click.echo(f"{step:>6} {simulator.train_ids[example]:<20} {delta:>+12.3g}")
+    plotted = None
     if plot:
         from simfluence.report.static import plot_influence_over_time
 
-        click.echo(f"wrote {plot_influence_over_time(result, simulator.train_ids, plot)}")
+        plotted = str(plot_influence_over_time(result, simulator.train_ids, plot))
+    if as_json:
+        click.echo(json.dumps({"plot": plotted, "moments": [
+            {"step": int(step), "train_id": str(simulator.train_ids[example]), "final_delta": float(delta)}
+            for step, example, delta in result.top_moments(top)]}))
+        return
+    click.echo(f"{'step':>6} {'train id':<20} {'final delta':>12}   (without - with; positive: that appearance helped)")
+    for step, example, delta in result.top_moments(top):
+        click.echo(f"{step:>6} {simulator.train_ids[example]:<20} {delta:>+12.3g}")
+    if plotted:
+        click.echo(f"wrote {plotted}")
 
 
 @main.command()
