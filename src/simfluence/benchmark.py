@@ -28,7 +28,7 @@ from simfluence.runs.log import RunSet
 from simfluence.simulators.uncertainty import interval_coverage
 
 LEARNED = ("auto", "linear-trajectory", "linear", "linear-identity", "additive", "featurized")  # featurized: task
-EXTENSIONS = ("linear-bootstrap", "linear-pairwise")
+EXTENSIONS = ("linear-bootstrap", "linear-pairwise", "gptfluence")  # gptfluence: task features
 GRADIENT = ("grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled")
 BASELINES = ("mean-trajectory", "constant")
 ALL_METHODS = LEARNED + EXTENSIONS + GRADIENT + BASELINES
@@ -53,6 +53,7 @@ class BenchmarkConfig:
 
     @classmethod
     def quick(cls, **overrides) -> BenchmarkConfig:
+        """A small configuration for a smoke run (CI); ``overrides`` replace any field."""
         return cls(**{"num_runs": 24, "num_steps": 50, "num_heldout": 6, "efficiency_sizes": (4, 8, 16),
                       **overrides})
 
@@ -137,6 +138,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 def benchmark_markdown(result: dict) -> str:
+    """The benchmark ``result`` (as :func:`run_benchmark` returns it) as a Markdown report."""
     columns = ["method", *METRICS, "fit_seconds", "simulate_seconds"]
     baseline = next((r for r in result["methods"] if r["method"] == "mean-trajectory"), None)
     rows = []

@@ -16,8 +16,8 @@ import numpy as np
 
 from simfluence.errors import SimfluenceError
 from simfluence.runs import RunDataError, load_runs, save_runs
-from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.atomic import atomic_path
+from simfluence.runs.interchange import read_npz_arrays
 
 METHODS = ["auto", "linear-trajectory", "linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive",
            "mean-trajectory", "constant", "featurized"]
@@ -100,9 +100,9 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     run_set = load_runs(runs)
     if checkpoints and not method.startswith("tracin-cp"):
         raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
-    if ridge is not None and method not in RIDGE_METHODS + ("linear-trajectory",):
+    if ridge is not None and method not in (*RIDGE_METHODS, "linear-trajectory"):
         raise ValueError(f"--ridge: '{method}' has no ridge strength; it applies to "
-                         f"{', '.join(RIDGE_METHODS + ('linear-trajectory',))}")
+                         f"{', '.join((*RIDGE_METHODS, 'linear-trajectory'))}")
     params = {}
     precision = {"dtype": dtype} if dtype else {}
     if method in RIDGE_METHODS:
@@ -145,8 +145,10 @@ def _fit_summary(info: dict) -> str:
 
 
 def _check_out(out: str) -> None:
-    """Fail before the work, not after it, when ``--out`` cannot be written (missing or read-only directory,
-    a directory in its place): one line naming the path and the fix."""
+    """Fail before the work, not after it, when ``--out`` cannot be written.
+
+    Missing or read-only directory, a directory in its place: one line naming the path and the fix.
+    """
     from simfluence.runs.atomic import check_writable
 
     try:
@@ -320,7 +322,8 @@ def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, execu
             workers: int, eval_every: int, checkpoint_steps: str | None, options: tuple[str, ...],
             device: str | None) -> None:
     """Collect real training runs of TASK on random curricula into a run store (resumable)."""
-    from simfluence.collect import collect as collect_runs, get_task
+    from simfluence.collect import collect as collect_runs
+    from simfluence.collect import get_task
 
     options = _task_options(options)
     if device is not None:
@@ -578,7 +581,8 @@ def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int,
              initial: str, run: int | None, beam: int, rounds: int, num_random: int, seed: int, out: str | None,
              plot: str | None, as_json: bool) -> None:
     """Search a curriculum of BUDGET examples that minimises the simulated final loss on the test set."""
-    from simfluence.query import optimize as search, save_query_curriculum
+    from simfluence.query import optimize as search
+    from simfluence.query import save_query_curriculum
 
     simulator, _, losses = _query_inputs(model, initial, run)
     targets = _test_index(simulator, test_set, "--test-set")

@@ -43,8 +43,10 @@ class MissingExtraError(SimfluenceError, ImportError):
 
 
 class WriteError(SimfluenceError, OSError):
-    """A file could not be written: the disk is full, the file is too large, the directory is read-only or
-    not writable, or something is in the way. The message names the path and the fix; ``errno`` is the
+    """A file could not be written.
+
+    The disk is full, the file is too large, the directory is read-only or not writable, or
+    something is in the way. The message names the path and the fix; ``errno`` is the
     operating system's error number when there was one.
 
     An :class:`OSError` too, so ``except OSError`` keeps catching it.
@@ -63,8 +65,11 @@ def require_extra(extra: str, module: str, purpose: str) -> None:
 
 
 def require_extras(extras: tuple[str, ...] | list[str], purpose: str) -> None:
-    """Import every module of the ``extras`` (keys of :data:`EXTRAS`), or raise :class:`MissingExtraError`
-    naming all of them (``pip install 'simfluence[text,hf]'``), so one install brings what is missing."""
+    """Import every module of the ``extras`` (keys of :data:`EXTRAS`), or raise :class:`MissingExtraError`.
+
+    The error names all of them (``pip install 'simfluence[text,hf]'``), so one install brings
+    what is missing.
+    """
     for extra in extras:
         for module in EXTRAS[extra]:
             require_extra(",".join(extras), module, purpose)

@@ -64,6 +64,7 @@ class Metrics:
     per_example: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def as_dict(self) -> dict[str, float | None]:
+        """The metrics by name, non-finite values as ``None`` (JSON-safe)."""
         return {name: _json_float(getattr(self, name)) for name in METRICS}
 
 
@@ -126,6 +127,7 @@ class Evaluation:
                 "these metrics are not held-out (evaluate on runs it was not fitted on)")
 
     def as_dict(self) -> dict:
+        """The evaluation as a flat JSON-safe dict; baseline metrics prefixed ``baseline_<name>_``."""
         out = {"method": self.method, "num_runs": self.num_runs, "num_steps": self.num_steps,
                "num_test": self.num_test, "heldout_fitting_runs": self.fitting_runs,
                "extrapolation": list(self.extrapolation), **self.metrics.as_dict()}
@@ -138,10 +140,10 @@ class Evaluation:
         """A plain-text table: one row per method, baselines below."""
         rows = [(self.method, self.metrics)] + [(f"{name} (baseline)", m) for name, m in self.baselines.items()]
         header = ["method", "all-steps MSE", "MAE", "final MSE", "final Spearman", "across-run Spearman"]
-        body = [[name] + [_fmt(getattr(m, key)) for key in METRICS] for name, m in rows]
-        widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+        body = [[name, *(_fmt(getattr(m, key)) for key in METRICS)] for name, m in rows]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                 for row in [header] + body]
+                 for row in [header, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         baseline = self.baselines.get("mean-trajectory")
         if baseline is not None and self.metrics.mse > 0 and math.isfinite(self.metrics.mse):

@@ -81,6 +81,7 @@ class Score:
     undefined: int
 
     def as_dict(self) -> dict:
+        """The fields by name, non-finite floats as ``None`` (JSON-safe)."""
         return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
                 for key, value in self.__dict__.items()}
 
@@ -99,7 +100,7 @@ def bootstrap_mean(values, num_resamples: int = 1000, level: float = 0.95, seed:
 
 # --- counterfactual training sets ----------------------------------------------------
 def draw_subsets(pool, num_train: int, num_subsets: int, fraction: float, seed: int = 0) -> np.ndarray:
-    """bool ``[m, N]``: ``m`` uniformly random subsets of ``pool``, each ``round(fraction * |pool|)`` examples."""
+    """Bool ``[m, N]``: ``m`` uniformly random subsets of ``pool``, each ``round(fraction * |pool|)`` examples."""
     pool = np.unique(np.asarray(pool, dtype=np.int64))
     if not 0 < fraction < 1:
         raise ValueError(f"fraction: must lie strictly between 0 and 1, got {fraction!r}")
@@ -138,7 +139,7 @@ def subset_curricula(masks: np.ndarray, num_steps: int, batch_size: int, draws: 
 
 
 def draw_removals(pool, num_train: int, num_sets: int, size: int, seed: int = 0) -> np.ndarray:
-    """bool ``[m, N]``: ``m`` random sets of ``size`` examples from ``pool`` to remove."""
+    """Bool ``[m, N]``: ``m`` random sets of ``size`` examples from ``pool`` to remove."""
     pool = np.unique(np.asarray(pool, dtype=np.int64))
     if not 1 <= size <= pool.size:
         raise ValueError(f"removal size: must lie in 1..{pool.size} (the pool), got {size}")
@@ -150,7 +151,10 @@ def draw_removals(pool, num_train: int, num_sets: int, size: int, seed: int = 0)
 
 
 def remove_occurrences(reference: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """int32 ``[m, T, B]``: ``reference`` ``[T, B]`` with every occurrence of ``removed[j]`` (bool ``[m, N]``) padded."""
+    """int32 ``[m, T, B]``: ``reference`` ``[T, B]`` with every occurrence of ``removed[j]`` padded.
+
+    ``removed`` is bool ``[m, N]``.
+    """
     reference = np.asarray(reference)
     padded = np.clip(reference, 0, None)
     hit = removed[:, padded] & (reference != PAD)[None]               # [m, T, B]
@@ -191,6 +195,7 @@ class Counterfactuals:
 
     @property
     def num_sets(self) -> int:
+        """Number of counterfactual sets ``m``."""
         return int(self.masks.shape[0])
 
     def ceiling(self) -> np.ndarray | None:
@@ -270,6 +275,7 @@ class SimulatorMethod(Method):
         self.simulator = simulator
 
     def predict(self, counterfactuals: Counterfactuals) -> np.ndarray:
+        """Mean simulated final losses ``[m, M]`` over each set's simulated curricula."""
         from simfluence.query import simulate_curricula
 
         curricula = counterfactuals.simulated                        # [m, k, T, B]
@@ -287,6 +293,7 @@ class ScoreMethod(Method):
         self.scores = np.asarray(scores, dtype=np.float64)
 
     def predict(self, counterfactuals: Counterfactuals) -> np.ndarray:
+        """Summed scores of each set's examples (removals: minus their occurrences' scores)."""
         masks = counterfactuals.masks.astype(np.float64)
         if counterfactuals.reference is None:
             return masks @ self.scores
@@ -309,6 +316,7 @@ class OccurrenceMethod(Method):
         self.result = result
 
     def predict(self, counterfactuals: Counterfactuals) -> np.ndarray:
+        """First-order final losses ``[m, M]`` from the metagradients (see the class docstring)."""
         masks = counterfactuals.masks
         if counterfactuals.reference is None:
             return masks.astype(np.float64) @ self.result.per_example(masks.shape[1])

@@ -24,9 +24,19 @@ from typing import Any
 import numpy as np
 
 from simfluence.collect.curricula import derive_seed
-from simfluence.lds import (SUBSETS, Counterfactuals, Method, OccurrenceMethod, ScoreMethod, SimulatorMethod,
-                            bootstrap_mean, pool_sampler, removal_counterfactuals, score_method,
-                            subset_counterfactuals)
+from simfluence.lds import (
+    SUBSETS,
+    Counterfactuals,
+    Method,
+    OccurrenceMethod,
+    ScoreMethod,
+    SimulatorMethod,
+    bootstrap_mean,
+    pool_sampler,
+    removal_counterfactuals,
+    score_method,
+    subset_counterfactuals,
+)
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
 
@@ -75,10 +85,12 @@ class LDSConfig:
 
     @classmethod
     def quick(cls, **overrides) -> LDSConfig:
+        """A small configuration for a smoke run (CI); ``overrides`` replace any field."""
         return cls(**{"num_runs": 16, "num_steps": 50, "num_subsets": 20, "draws": 4, "num_removals": 20,
                       "bootstrap": 200, **overrides})
 
     def validate(self) -> None:
+        """Raise a ``ValueError`` naming the first field that is out of range."""
         unknown = sorted(set(self.methods) - set(ALL_METHODS))
         if unknown:
             raise ValueError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
@@ -109,8 +121,11 @@ def _fit_simulators(config: LDSConfig, task, runs: RunSet, progress: bool) -> li
 
 
 def _peer_checkpoints(name: str, task, store, runs: RunSet, reference: np.ndarray):
-    """What each peer reads, at equal budgets: TRAK ensembles the fitting runs' final weights (kept
-    by the collection), EK-FAC the reference run's final model, TracIn-CP 4 checkpoints along it."""
+    """What each peer reads, at equal budgets.
+
+    TRAK ensembles the fitting runs' final weights (kept by the collection), EK-FAC the
+    reference run's final model, TracIn-CP 4 checkpoints along it.
+    """
     from simfluence.peers import Checkpoints, trajectory_checkpoints
 
     if name == "trak":

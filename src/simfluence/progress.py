@@ -8,6 +8,9 @@ from tqdm.auto import tqdm
 
 
 def progress_bar(iterable: Any = None, *, enabled: bool = True, **options: Any) -> tqdm:
-    """A ``tqdm`` bar over ``iterable`` (or with ``total=``) that is drawn only when ``enabled`` and
-    standard error is a terminal (tqdm's ``disable=None``); elsewhere it prints nothing."""
+    """A ``tqdm`` bar over ``iterable`` (or with ``total=``), drawn only when ``enabled``.
+
+    It is drawn only when standard error is a terminal, too (tqdm's ``disable=None``);
+    elsewhere it prints nothing.
+    """
     return tqdm(iterable, disable=None if enabled else True, **options)

@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from simfluence.progress import progress_bar
 
+from simfluence.progress import progress_bar
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.log import PAD, RunDataError, validate_curriculum, validate_losses
@@ -166,9 +166,11 @@ def simulate_curricula(simulator: Simulator, curricula, initial_losses, test_ind
     """Simulate many curricula from one starting point, in chunks of bounded memory.
 
     Args:
+        simulator: any fitted simulator.
         curricula: int ``[R, T, B]``, ``-1`` pads; all-padding steps are skipped (loss held).
         initial_losses: float ``[M]``, the losses before training shared by every run.
         test_index: int ``[M']`` test examples to return (default all).
+        progress: a progress bar over the curricula (only on a terminal).
 
     Returns:
         float32 ``[R, T + 1, M']``.
@@ -272,6 +274,7 @@ def leave_one_out(simulator: Simulator, curriculum, initial_losses, test_index=N
         curriculum: int ``[T, B]`` training-example indices, ``-1`` pads.
         initial_losses: float ``[M]`` losses of the test examples before training.
         test_index: int ``[M']`` test examples to report (default all).
+        progress: a progress bar over the simulated curricula (only on a terminal).
 
     Returns:
         An :class:`Attribution` over the ``K`` distinct examples of the curriculum.
@@ -314,6 +317,7 @@ class GroupAttribution:
 
     @property
     def mean_interaction(self) -> np.ndarray:
+        """``[G, M']`` the same as :attr:`final_interaction`, on the mean loss over steps."""
         return self.mean_delta - self.mean_sum
 
 
@@ -322,8 +326,12 @@ def leave_group_out(simulator: Simulator, curriculum, initial_losses, groups: Ma
     """Effect of removing each group of training examples, and its interaction.
 
     Args:
+        simulator: any fitted simulator.
+        curriculum: int ``[T, B]`` training-example indices, ``-1`` pads.
+        initial_losses: float ``[M]`` losses of the test examples before training.
         groups: name -> training-example indices; members absent from the curriculum have no effect.
-        curriculum, initial_losses, test_index: as :func:`leave_one_out`.
+        test_index: int ``[M']`` test examples to report (default all).
+        progress: a progress bar over the simulated curricula (only on a terminal).
 
     All group removals and all single removals of their members are rolled out together.
     """
@@ -463,7 +471,7 @@ def apply_edits(curriculum, edits: Sequence[Edit], num_train: int | None = None)
         elif edit.kind == "insert":
             out = _add_to_step(out, edit.steps[0] - 1, edit.example)
         elif edit.kind == "duplicate":
-            for step, slot in np.argwhere(out == edit.example):
+            for step, _slot in np.argwhere(out == edit.example):
                 out = _add_to_step(out, step, edit.example)
         elif edit.kind == "shuffle":
             out = out[np.random.default_rng(edit.seed).permutation(num_steps)]
@@ -497,7 +505,7 @@ class WhatIf:
 
     @property
     def final_change(self) -> np.ndarray:
-        """float ``[M']``: ``L_T(after) - L_T(before)``; negative means the edit lowers the final loss."""
+        """Float ``[M']``: ``L_T(after) - L_T(before)``; negative means the edit lowers the final loss."""
         return self.after[-1].astype(np.float64) - self.before[-1]
 
 
@@ -536,9 +544,11 @@ class InfluenceOverTime:
         return self.final_delta.mean(axis=2) if column is None else self.final_delta[:, :, column]
 
     def matrix(self, column: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(train_index [K], effect [K, T])``: per example and step, the summed effect of its
-        occurrences in that step's batch (NaN where it is not in the batch); mean over test
-        examples unless ``column`` picks one."""
+        """``(train_index [K], effect [K, T])``: per example and step, its summed effect.
+
+        The effect of an example's occurrences in that step's batch (NaN where it is not in the
+        batch); mean over test examples unless ``column`` picks one.
+        """
         score = self._score(column)
         present = np.unique(self.curriculum[self.curriculum != PAD])
         out = np.full((present.size, self.curriculum.shape[0]), np.nan)
@@ -581,9 +591,11 @@ def influence_over_time(simulator: Simulator, curriculum, initial_losses, test_i
 
 # --- curriculum search ----------------------------------------------------------------
 def epoch_curricula(orders: np.ndarray, num_steps: int, batch_size: int) -> np.ndarray:
-    """int32 ``[R, T, B]``: each row of ``orders`` ``[R, K]`` repeated in that order, epoch after
-    epoch, and cut into ``T`` batches of ``B`` (the last epoch is cut short when ``K`` does not
-    divide ``T * B``)."""
+    """int32 ``[R, T, B]``: each row of ``orders`` ``[R, K]`` repeated in that order, epoch after epoch.
+
+    Cut into ``T`` batches of ``B`` (the last epoch is cut short when ``K`` does not divide
+    ``T * B``).
+    """
     orders = np.asarray(orders)
     slots = np.arange(num_steps * batch_size) % orders.shape[1]
     return orders[:, slots].reshape(len(orders), num_steps, batch_size).astype(np.int32)
@@ -614,18 +626,21 @@ class OptimizedCurriculum:
 
     @property
     def random_median(self) -> float:
+        """Median objective of the random curricula."""
         return float(np.median(self.random_objectives))
 
     @property
     def random_best(self) -> float:
+        """Best (lowest) objective of the random curricula."""
         return float(self.random_objectives.min())
 
 
 def optimize(simulator: Simulator, initial_losses, target_test_index, budget: int, num_steps: int,
              batch_size: int | None = None, *, pool=None, beam_width: int = 4, rounds: int = 20,
              num_random: int = 200, seed: int = 0, progress: bool = False) -> OptimizedCurriculum:
-    r"""Search for the curriculum of ``budget`` distinct examples that minimises the simulated
-    mean final loss :math:`\frac1{M'} \sum_{m \in \text{targets}} L_T^m`.
+    r"""Search for the curriculum of ``budget`` distinct examples that minimises the simulated loss.
+
+    The objective is the mean final loss :math:`\frac1{M'} \sum_{m \in \text{targets}} L_T^m`.
 
     A candidate is an ordered list of ``K = budget`` distinct training examples, trained in
     that order epoch after epoch, ``batch_size`` per step for ``num_steps`` steps
@@ -648,12 +663,18 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
     :func:`simfluence.retrain.compare_with_retraining` checks the curriculum for real.
 
     Args:
+        simulator: any fitted simulator.
         initial_losses: float ``[M]`` losses before training.
         target_test_index: int ``[M']`` the test examples to minimise the mean final loss of.
         budget: ``K`` distinct training examples, at most ``num_steps * batch_size`` and the pool size.
-        num_steps: ``T``; batch_size: ``B`` (default: the fitting runs' batch size).
+        num_steps: ``T``.
+        batch_size: ``B`` (default: the fitting runs' batch size).
         pool: int candidate training indices (default all).
+        beam_width: lists kept per growth stage.
+        rounds: at most this many local-search rounds.
         num_random: random curricula for the baseline.
+        seed: seed of the random curricula.
+        progress: a progress bar over the search (only on a terminal).
     """
     simulator._check_fitted()
     initial = _check_initial(simulator, initial_losses)
@@ -721,7 +742,9 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
 
 # --- query files ----------------------------------------------------------------------
 def load_query_curriculum(path, simulator: Simulator, run: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(curriculum int32 [T, B], initial_losses float32 [M])`` for a query, from ``path``:
+    """``(curriculum int32 [T, B], initial_losses float32 [M])`` for a query, from ``path``.
+
+    ``path`` is one of:
 
     * an ``.npz`` holding ``curriculum`` ``[T, B]`` and ``initial_losses`` ``[M]`` (as written
       by :func:`save_query_curriculum` and ``simfluence optimize --out``), optionally with

@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from simfluence.progress import progress_bar
 
 from simfluence.collect.tasks.base import Task
 from simfluence.collect.train import train_run, train_runs_vmap
 from simfluence.evaluate import spearman
+from simfluence.progress import progress_bar
 from simfluence.query import check_test_index, simulate_curricula
 from simfluence.runs.log import PAD
 from simfluence.simulators.base import Simulator
@@ -108,6 +108,7 @@ def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bo
         curricula: int ``[R, T, B]`` training-example indices, ``-1`` pads; all-padding steps are
             skipped (no update, the loss held) and keep their place in the learning-rate schedule.
         chunk_size: runs trained at once.
+        progress: a progress bar over chunks (only on a terminal).
 
     Returns:
         float32 ``[R, T + 1, M]`` test losses before training and after every step.

@@ -11,6 +11,7 @@ from simfluence.runs.log import RunDataError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m simfluence.collect", description=__doc__)
     parser.add_argument("task", help="task name: " + ", ".join(info.name for info in list_tasks()))
     parser.add_argument("--runs", type=int, required=True, help="runs the store should hold")

@@ -85,15 +85,18 @@ class UniformSampler(Sampler):
         self.batch_size = _check_positive(batch_size, "batch_size")
 
     def sample(self, num_steps: int, seed: int) -> np.ndarray:
+        """int32 ``[num_steps, batch_size]``, every slot drawn uniformly from the pool."""
         num_steps = _check_positive(num_steps, "num_steps")
         rng = np.random.default_rng(seed)
         return self.pool[rng.integers(0, self.pool.size, size=(num_steps, self.batch_size))]
 
     def describe(self) -> dict:
+        """Kind, batch size, pool size and a digest of the pool."""
         return {"kind": "uniform", "batch_size": self.batch_size, "pool_size": int(self.pool.size),
                 "pool_digest": _digest(self.pool)}
 
     def max_index(self) -> int:
+        """The largest index in the pool."""
         return int(self.pool.max())
 
     def __repr__(self) -> str:
@@ -125,6 +128,7 @@ class EpochSampler(Sampler):
                              "use a smaller subset or a larger pool")
 
     def sample(self, num_steps: int, seed: int) -> np.ndarray:
+        """int32 ``[num_steps, batch_size]``: epochs of a random subset, each in a fresh order."""
         num_steps = _check_positive(num_steps, "num_steps")
         rng = np.random.default_rng(seed)
         subset = rng.choice(self.pool, size=self.subset_size, replace=False)
@@ -134,10 +138,12 @@ class EpochSampler(Sampler):
         return stream[:total].reshape(num_steps, self.batch_size).astype(np.int32)
 
     def describe(self) -> dict:
+        """Kind, batch size, pool and subset size, and a digest of the pool."""
         return {"kind": "epoch", "batch_size": self.batch_size, "pool_size": int(self.pool.size),
                 "subset_size": self.subset_size, "pool_digest": _digest(self.pool)}
 
     def max_index(self) -> int:
+        """The largest index in the pool."""
         return int(self.pool.max())
 
     def __repr__(self) -> str:
@@ -167,6 +173,7 @@ class FixedCurriculum(Sampler):
         self.batch_size = int(array.shape[1])
 
     def sample(self, num_steps: int, seed: int | None = None) -> np.ndarray:
+        """int32 ``[num_steps, batch_size]``: the first ``num_steps`` steps (``seed`` is ignored)."""
         num_steps = _check_positive(num_steps, "num_steps")
         if num_steps > self.curriculum.shape[0]:
             raise ValueError(f"num_steps: {num_steps} exceeds the fixed curriculum's "
@@ -174,10 +181,12 @@ class FixedCurriculum(Sampler):
         return self.curriculum[:num_steps].copy()
 
     def describe(self) -> dict:
+        """Kind, batch size, number of steps and a digest of the curriculum."""
         return {"kind": "fixed", "batch_size": self.batch_size, "steps": int(self.curriculum.shape[0]),
                 "digest": _digest(self.curriculum)}
 
     def max_index(self) -> int:
+        """The largest index in the curriculum."""
         return int(self.curriculum.max())
 
     def __repr__(self) -> str:

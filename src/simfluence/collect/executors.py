@@ -29,7 +29,6 @@ from simfluence.collect.tasks.base import Task
 from simfluence.collect.threads import torch_threads
 from simfluence.errors import SimfluenceError, require_extra
 
-
 WRITER_THREADS = 4
 
 
@@ -134,6 +133,7 @@ class LocalExecutor(Executor):
         self.workers = int(workers)
 
     def map(self, function, chunks):
+        """``function(chunk)`` for every chunk, in this process or the spawned pool; completion order."""
         if self.workers == 1:
             for chunk in chunks:
                 yield function(chunk)
@@ -171,8 +171,9 @@ CONNECT_TIMEOUT = 5.0
 
 
 def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Raise :class:`RayUnreachableError` unless ``address`` (``host:port`` or ``ray://host:port``) accepts a
-    TCP connection within ``timeout`` seconds.
+    """Raise :class:`RayUnreachableError` unless ``address`` accepts a TCP connection in ``timeout`` seconds.
+
+    ``address`` is ``host:port`` or ``ray://host:port``.
 
     ``ray.init`` retries an address where nothing listens for minutes; this fails in seconds. Addresses
     without a port (``"auto"``, ``"local"``, ``None``) are left to Ray.
@@ -237,7 +238,7 @@ class RayExecutor(Executor):
         self.address = address
         self.max_retries = int(max_retries)
         self.runtime_env = runtime_env
-        if gpus_per_task != "auto" and (isinstance(gpus_per_task, str) or not 0 <= gpus_per_task):
+        if gpus_per_task != "auto" and (isinstance(gpus_per_task, str) or not gpus_per_task >= 0):
             raise ValueError(f"gpus_per_task: expected a number >= 0 or 'auto', got {gpus_per_task!r}")
         self.gpus_per_task = gpus_per_task
 
@@ -257,6 +258,7 @@ class RayExecutor(Executor):
         return ray
 
     def map(self, function, chunks):
+        """``function(chunk)`` for every chunk as a Ray task (``max_retries`` each); completion order."""
         ray = self._init()
         gpus = self.gpus_per_task
         if gpus == "auto":   # one GPU per task where the cluster has GPUs

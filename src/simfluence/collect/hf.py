@@ -233,16 +233,24 @@ def collect_trainer(
         make_trainer: ``make_trainer(run_index, curriculum) -> Trainer`` (:data:`MakeTrainer`);
             with worker processes or Ray it must be picklable (a module-level function).
         out_dir: the run store directory.
-        num_runs, num_steps: runs ``R`` the store should hold, optimizer steps ``T`` per run.
+        num_runs: runs ``R`` the store should hold.
+        num_steps: optimizer steps ``T`` per run.
         sampler: draws each run's curriculum over indices of the Trainer's ``train_dataset``.
         train_ids: ids of the training examples (or their number ``N``: ids ``"0".."N-1"``).
-        test_examples, test_ids, test_collate, loss_fn, eval_every, eval_batch_size: the test
-            set and how it is evaluated (see :class:`TrainerSpec`).
+        test_examples: the test examples (this and the next five: see :class:`TrainerSpec`).
+        test_ids: str ids of the test examples.
+        test_collate: collate function for ``test_examples``.
+        loss_fn: per-example test loss.
+        eval_every: as in :class:`~simfluence.collect.recorder.Recorder`.
+        eval_batch_size: as in :class:`~simfluence.collect.recorder.Recorder`.
         seed: collection seed.
-        meta: JSON facts stored with every run; ``store_meta``: extra facts for the store.
-        executor, workers, address: ``"local"`` (``workers`` processes; 1: this process) or
-            ``"ray"`` (a local Ray instance with ``workers`` CPUs, or the cluster at
-            ``address``; one GPU per task when the cluster has GPUs).
+        meta: JSON facts stored with every run.
+        store_meta: extra facts for the store.
+        executor: ``"local"`` (``workers`` processes; 1: this process) or ``"ray"`` (a local
+            Ray instance with ``workers`` CPUs, or the cluster at ``address``; one GPU per task
+            when the cluster has GPUs).
+        workers: worker processes (local) or CPUs of a local Ray instance.
+        address: the Ray cluster to use (``"ray"`` only).
         threads: torch threads per worker (``None``: leave as is).
         progress: a progress bar over runs (only on a terminal).
 

@@ -46,7 +46,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from torch import nn
 from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet, check_run_id
 from simfluence.runs.store import MANIFEST, RunStore, ids_digest
 
-Inputs = Union[torch.Tensor, Mapping[str, Any], Sequence[Any]]
+Inputs = torch.Tensor | Mapping[str, Any] | Sequence[Any]
 """Model inputs: a tensor, a dict of tensors or a tuple of tensors, examples along dim 0."""
 
 LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
@@ -88,6 +88,7 @@ def causal_lm_example_loss(logits: torch.Tensor, labels: torch.Tensor,
             (the Hugging Face convention: labels are *not* pre-shifted). Entries equal to
             ``ignore_index`` (``-100``) do not count.
         attention_mask: optional ``[n, L]``; positions where it is 0 (padding) do not count.
+        ignore_index: the label value of positions that do not count.
 
     Example ``i``'s loss is the mean over its counted target tokens, which for a single
     example equals Hugging Face's ``model(input_ids, labels=labels).loss``. An example with
@@ -768,6 +769,7 @@ class IndexedCollator:
         self.key = key
 
     def __call__(self, features: list) -> Any:
+        """Collate ``(index, example)`` pairs: the wrapped collator's batch plus the indices under ``key``."""
         if not features or not all(isinstance(item, tuple) and len(item) == 2 for item in features):
             raise TypeError("IndexedCollator: expected (index, example) pairs; wrap the training dataset "
                             "in IndexedDataset")

@@ -89,9 +89,11 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
         task: the task (data, starting checkpoint, loss, SGD learning rate).
         curriculum: int ``[T, B]`` training-example indices per step, ``-1`` pads.
         eval_steps: int ``[K]`` steps to record, starting at 0; default every step ``0..T``.
-        run_id, seed, meta: stored in the returned log.
-        checkpoint_steps, on_checkpoint: ``on_checkpoint(step, state_dict)`` after each of
-            these steps (``0``: before training).
+        run_id: stored in the returned log.
+        seed: stored in the returned log.
+        meta: stored in the returned log.
+        checkpoint_steps: steps after which ``on_checkpoint`` is called (``0``: before training).
+        on_checkpoint: ``on_checkpoint(step, state_dict)`` after each of ``checkpoint_steps``.
 
     Returns:
         A :class:`RunLog` with ``losses`` float32 ``[K, M]``.
@@ -144,8 +146,9 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
         run_ids: ``R`` names, default ``run-000000, ...``.
         seeds: ``R`` curriculum seeds to store with the runs.
         meta: stored in every returned log.
-        checkpoint_steps, on_checkpoint: ``on_checkpoint(r, step, state_dict)`` for every
-            run ``r`` after each of these steps (``0``: before training).
+        checkpoint_steps: steps after which ``on_checkpoint`` is called (``0``: before training).
+        on_checkpoint: ``on_checkpoint(r, step, state_dict)`` for every run ``r`` after each of
+            ``checkpoint_steps``.
 
     Memory is about ``R`` copies of the weights and their gradients plus ``R`` times one
     step's activations: chunk ``R`` for big models.

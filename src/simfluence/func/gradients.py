@@ -33,13 +33,14 @@ def _one(inputs: Inputs) -> Inputs:
 
 def per_example_gradients(task: Task, model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs,
                           targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-    """float ``[n, P]``: flattened gradient of each example's loss w.r.t. ``params``.
+    """Float ``[n, P]``: flattened gradient of each example's loss w.r.t. ``params``.
 
     Args:
         task: supplies ``example_losses(model, inputs, targets, params)``.
         model: the module whose parameters ``params`` replace (functionally).
         params: name -> tensor, e.g. :func:`trainable_params` of a checkpoint.
-        inputs, targets: ``n`` examples (a tensor or a dict of tensors, examples on dim 0).
+        inputs: ``n`` examples (a tensor or a dict of tensors, examples on dim 0).
+        targets: their targets, examples on dim 0.
         chunk_size: examples per vectorised pass (memory is ``O(chunk_size * P)``).
     """
     names = list(params)

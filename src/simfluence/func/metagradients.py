@@ -70,10 +70,10 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class MetagradientResult:
-    """Metagradients of the final test losses of one training run.
+    r"""Metagradients of the final test losses of one training run.
 
     Attributes:
-        occurrence: float64 ``[T, B, M']``: :math:`\\partial L_T^m / \\partial w_{t,b}` at
+        occurrence: float64 ``[T, B, M']``: :math:`\partial L_T^m / \partial w_{t,b}` at
             :math:`w = 1`, for each step ``t``, batch slot ``b`` and target test example ``m``
             (0 at padding slots).
         final_losses: float64 ``[M']``: the target test examples' losses after the run
@@ -94,9 +94,9 @@ class MetagradientResult:
     seconds: float
 
     def per_example(self, num_train: int) -> np.ndarray:
-        """float64 ``[N, M']``: each training example's metagradients summed over its occurrences.
+        r"""float64 ``[N, M']``: each training example's metagradients summed over its occurrences.
 
-        Entry ``(i, m)`` is :math:`\\sum_{(t,b): c_{t,b}=i} G_{t,b,m}`, the first-order change of
+        Entry ``(i, m)`` is :math:`\sum_{(t,b): c_{t,b}=i} G_{t,b,m}`, the first-order change of
         final test loss ``m`` per unit up-weighting of all occurrences of ``i``; removing ``i``
         changes it by about ``-score`` (ignoring the re-normalisation of its batches, which
         :meth:`predict_removal` accounts for). Examples absent from the curriculum score 0.
@@ -114,7 +114,7 @@ class MetagradientResult:
         return scores
 
     def removal_weights(self, removed_examples) -> np.ndarray:
-        """float64 ``[T, B]``: the weight change :math:`\\Delta w` that drops every occurrence of ``removed_examples``.
+        r"""float64 ``[T, B]``: the weight change :math:`\Delta w` that drops every occurrence of ``removed_examples``.
 
         A step with ``n_t`` real slots of which ``k`` are removed trains, after the removal, on
         the mean loss of the other ``n_t - k``: in the weighted form (which divides by ``n_t``)
@@ -133,9 +133,9 @@ class MetagradientResult:
         return np.where(kept, scale - 1.0, 0.0) - dropped
 
     def predict_removal(self, removed_examples) -> np.ndarray:
-        """float64 ``[M']``: first-order prediction of the final test losses without ``removed_examples``.
+        r"""float64 ``[M']``: first-order prediction of the final test losses without ``removed_examples``.
 
-        :math:`\\hat L_T^m = L_T^m + \\sum_{t,b} \\Delta w_{t,b}\\, G_{t,b,m}` with :math:`\\Delta w`
+        :math:`\hat L_T^m = L_T^m + \sum_{t,b} \Delta w_{t,b}\, G_{t,b,m}` with :math:`\Delta w`
         from :meth:`removal_weights` (every occurrence dropped, the rest of each batch
         re-weighted to its mean; empty steps skipped, as :func:`simfluence.retrain.retrain`
         trains them).

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from simfluence.collect.tasks.base import Inputs, Task, take
+from simfluence.collect.train import train_states
 from simfluence.errors import require_extra
 from simfluence.func.checkpoints import checkpoint_weights, final_states
-from simfluence.collect.train import train_states
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -84,8 +84,11 @@ class Checkpoints:
 
     @classmethod
     def of(cls, checkpoints: Checkpoints | StateDict | Sequence[StateDict]) -> Checkpoints:
-        """``checkpoints`` as a :class:`Checkpoints`: one state dict or a list of them (no weights,
-        no recorded cost) is wrapped; a :class:`Checkpoints` passes through."""
+        """``checkpoints`` as a :class:`Checkpoints`.
+
+        One state dict or a list of them (no weights, no recorded cost) is wrapped; a
+        :class:`Checkpoints` passes through.
+        """
         if isinstance(checkpoints, Checkpoints):
             return checkpoints
         if isinstance(checkpoints, Mapping):

@@ -79,14 +79,18 @@ class Rows(torch.utils.data.Dataset):
 
 
 class Holder(nn.Module):
-    """Calls the task's model, held as a child: ``kronfluence`` wraps tracked modules in place
-    through their parent, so a model that is itself one ``nn.Linear`` (``text-minilm``) needs one."""
+    """Calls the task's model, held as a child.
+
+    ``kronfluence`` wraps tracked modules in place through their parent, so a model that is
+    itself one ``nn.Linear`` (``text-minilm``) needs one.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, *args, **kwargs):
+        """The held model called on the same arguments."""
         return self.model(*args, **kwargs)
 
 
@@ -110,8 +114,10 @@ def frozen_heap():
 
 
 def classifies(task: Task, model: nn.Module) -> bool:
-    """Whether the task's outputs are class logits ``[n, C]`` for integer targets ``[n]`` (sampling labels
-    from ``softmax(outputs)`` then gives the true Fisher)."""
+    """Whether the task's outputs are class logits ``[n, C]`` for integer targets ``[n]``.
+
+    Sampling labels from ``softmax(outputs)`` then gives the true Fisher.
+    """
     inputs, targets = task.split_data("train")
     with torch.no_grad():
         outputs = task.forward(model, take(inputs, torch.arange(1)))
@@ -168,12 +174,12 @@ def kronfluence_task(task: Task, modules: list[str]):
 
 @dataclass
 class EKFAC(Peer):
-    """Influence scores from ``kronfluence`` (EK-FAC by default) on each given checkpoint.
+    r"""Influence scores from ``kronfluence`` (EK-FAC by default) on each given checkpoint.
 
     Attributes:
         strategy: ``kronfluence``'s curvature: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or
             ``"identity"`` (no curvature: plain gradient dot products of the tracked layers).
-        damping: ``kronfluence``'s ``damping_factor`` :math:`\\lambda`; ``None``: its heuristic.
+        damping: ``kronfluence``'s ``damping_factor`` :math:`\lambda`; ``None``: its heuristic.
         fisher: ``"auto"`` (true Fisher for classification, else empirical), ``"true"`` or ``"empirical"``.
         seed: seeds the sampled labels of the true Fisher (checkpoint ``k`` uses ``seed + k``).
         checkpoints: usually one, the trained model (``trainings = 1``) or the starting model

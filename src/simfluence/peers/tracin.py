@@ -60,21 +60,27 @@ class LossModel(nn.Module):
         self.task, self.model, self.keys = task, model, keys
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Per-example losses ``[n]``; the last of ``tensors`` are the targets."""
         *inputs, targets = tensors
         batch = dict(zip(self.keys, inputs)) if self.keys is not None else inputs[0]
         return self.task.example_losses(self.model, batch, targets)
 
 
 def flat(inputs: Inputs, targets: torch.Tensor, keys: list[str] | None) -> tuple[torch.Tensor, ...]:
-    """``(*input tensors, targets, targets)``: captum's batch layout (the last element, its "labels",
-    is unused since :class:`LossModel` already returns the loss)."""
+    """``(*input tensors, targets, targets)``: captum's batch layout.
+
+    The last element, its "labels", is unused since :class:`LossModel` already returns the loss.
+    """
     tensors = [inputs[key] for key in keys] if keys is not None else [inputs]
     return (*tensors, targets, targets)
 
 
 def trained_layers(model: LossModel) -> list[str] | None:
-    """captum ``layers`` covering exactly the trained parameters: ``None`` if every parameter is trained,
-    else the modules that own trained parameters directly (a module mixing both is an error)."""
+    """Captum ``layers`` covering exactly the trained parameters.
+
+    ``None`` if every parameter is trained, else the modules that own trained parameters
+    directly (a module mixing both is an error).
+    """
     if all(param.requires_grad for param in model.parameters()):
         return None
     layers = []

@@ -68,13 +68,15 @@ def margin_of_loss(loss: torch.Tensor) -> torch.Tensor:
 
 
 def out_to_loss(loss: torch.Tensor) -> torch.Tensor:
-    """TRAK's :math:`Q = 1 - p = 1 - e^{-\\ell}` of per-example losses (same shape)."""
+    r"""TRAK's :math:`Q = 1 - p = 1 - e^{-\ell}` of per-example losses (same shape)."""
     return -torch.expm1(-loss)
 
 
 def loss_margin_output(task: Task):
-    """A :class:`trak.modelout_functions.AbstractModelOutput` whose output is :func:`margin_of_loss`
-    of ``task.example_losses`` (built lazily: ``trak`` is only imported here)."""
+    """A :class:`trak.modelout_functions.AbstractModelOutput`: :func:`margin_of_loss` of ``task.example_losses``.
+
+    Built lazily: ``trak`` is only imported here.
+    """
     from trak.modelout_functions import AbstractModelOutput
 
     class LossMargin(AbstractModelOutput):
@@ -112,13 +114,13 @@ def _quiet_trak(progress: bool):
 
 @dataclass
 class TRAK(Peer):
-    """TRAK scores from an ensemble of checkpoints (one ``load_checkpoint(model_id=k)`` each).
+    r"""TRAK scores from an ensemble of checkpoints (one ``load_checkpoint(model_id=k)`` each).
 
     Attributes:
         proj_dim: projection dimension ``d``; ``None``: ``min(2048, N // 2, P)`` (``P`` the number
-            of trained weights): TRAK needs ``d`` well below ``N`` for :math:`\\Phi^\\top\\Phi` to be
+            of trained weights): TRAK needs ``d`` well below ``N`` for :math:`\Phi^\top\Phi` to be
             invertible, and its default 2048 assumes tens of thousands of training examples.
-        lambda_reg: ridge term :math:`\\lambda` added to :math:`\\Phi^\\top\\Phi` (TRAK's ``lambda_reg``).
+        lambda_reg: ridge term :math:`\lambda` added to :math:`\Phi^\top\Phi` (TRAK's ``lambda_reg``).
         projector: ``"basic"`` (Gaussian random projection) or ``"none"`` (exact gradients, ``d = P``).
         seed: the projector's seed.
         checkpoints: an ensemble, e.g. :func:`~simfluence.peers.base.ensemble_checkpoints`; cost
@@ -175,10 +177,13 @@ class TRAK(Peer):
 
 
 def _restore_projection(projector) -> None:
-    """Work around traker 0.3.2: ``finalize_features`` frees a ``BasicProjector``'s matrix, and
-    ``project`` only regenerates it for a new model id or when it has several blocks, so scoring
-    the checkpoint featurized last (always, with one checkpoint) and ``proj_dim <= 100`` fails.
-    Regenerate the matrix of the projector's current model id from its own seeded state."""
+    """Work around traker 0.3.2's freed projection matrix.
+
+    ``finalize_features`` frees a ``BasicProjector``'s matrix, and ``project`` only regenerates it
+    for a new model id or when it has several blocks, so scoring the checkpoint featurized last
+    (always, with one checkpoint) and ``proj_dim <= 100`` fails.
+    Regenerate the matrix of the projector's current model id from its own seeded state.
+    """
     if getattr(projector, "proj_matrix_available", True) or getattr(projector, "num_blocks", 0) != 1:
         return
     projector.generate_sketch_matrix(projector.generator_states[0])

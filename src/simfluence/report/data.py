@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from simfluence.progress import progress_bar
 
 from simfluence.evaluate import Evaluation, evaluate
+from simfluence.progress import progress_bar
 from simfluence.query import leave_one_out, resolve_id
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Simulator
@@ -88,7 +88,7 @@ def influence_matrix(simulator: Simulator, runs: RunSet, progress: bool = True) 
 
 
 def spread_over_difficulty(runs: RunSet, count: int) -> np.ndarray:
-    """int ``[count]`` test examples at evenly spaced quantiles of their mean final true loss, easiest first.
+    """Int ``[count]`` test examples at evenly spaced quantiles of their mean final true loss, easiest first.
 
     The quantiles ``(2k + 1) / (2 count)`` skip the very easiest and hardest examples,
     which are often flat lines.
@@ -121,8 +121,11 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
             was fitted on give a warning, and ``evaluation.fitting_runs`` counts them).
         test_ids: test examples to show in detail, by id (or index); default ``num_examples``
             of them spread over difficulty (:func:`spread_over_difficulty`).
+        num_examples: how many test examples to show when ``test_ids`` is not given.
         num_runs: held-out runs whose trajectories are plotted (the first ones).
         top: helpful and harmful training examples listed per shown test example.
+        source: names the held-out runs in messages.
+        progress: progress bars (only on a terminal).
     """
     for name, value in (("num_examples", num_examples), ("num_runs", num_runs), ("top", top)):
         if int(value) != value or value < 1:

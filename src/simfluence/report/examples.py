@@ -38,6 +38,7 @@ class ExampleViews:
         self.note = note
 
     def id_html(self, split: str, index: int) -> str:
+        """The example's id as an escaped ``<code>`` element."""
         return f'<code class="ex-id">{html.escape(str(self.ids[split][index]))}</code>'
 
     def content_html(self, split: str, index: int) -> str:

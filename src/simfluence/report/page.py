@@ -22,8 +22,14 @@ from typing import Any
 import numpy as np
 
 from simfluence.evaluate import METRICS, Metrics
-from simfluence.report.data import (DEFAULT_EXAMPLES, DEFAULT_RUNS, DEFAULT_TOP, INTERVAL_LEVEL, ReportData,
-                                    build_report_data)
+from simfluence.report.data import (
+    DEFAULT_EXAMPLES,
+    DEFAULT_RUNS,
+    DEFAULT_TOP,
+    INTERVAL_LEVEL,
+    ReportData,
+    build_report_data,
+)
 from simfluence.report.examples import ExampleViews, example_views
 from simfluence.report.style import EFFECT_COLORMAP, EFFECT_LEGEND
 from simfluence.runs.atomic import write_text_atomic
@@ -173,6 +179,7 @@ def heatmap_figure(data: ReportData):
 
 
 def ranked_table(data: ReportData, views: ExampleViews, pairs: list[tuple[int, float]], kind: str) -> str:
+    """HTML table of ``(training index, influence)`` ``pairs`` in rank order (``kind``: a CSS class)."""
     if not pairs:
         return f'<p class="empty">No {kind} training example in the held-out curricula.</p>'
     rows = []
@@ -193,6 +200,7 @@ def _figure_html(figure, div_id: str) -> str:
 
 
 def example_section(data: ReportData, views: ExampleViews, position: int) -> str:
+    """HTML section of test example ``data.examples[position]``: facts, trajectories, ranked examples."""
     m = int(data.examples[position])
     runs = data.runs
     per_example = data.evaluation.metrics.per_example
@@ -317,12 +325,16 @@ def write_report(simulator: Simulator, heldout_runs: RunSet, path: str | os.Path
         path: the ``.html`` file to write.
         test_ids: test example ids to show in detail; default ``num_examples`` spread over
             difficulty (mean true final loss).
+        num_examples: how many test examples to show when ``test_ids`` is not given.
         num_runs: held-out runs whose trajectories are plotted.
         top: helpful and harmful training examples listed per test example.
         use_task_data: show examples' text or images from the task in the runs' meta
             (or ``task``), where it can be built here; False: ids only.
         task: a :class:`~simfluence.collect.tasks.Task` to render examples with, for
             tasks that are not registered by name.
+        title: the page title (default ``simfluence report: <method>``).
+        source: names the held-out runs in messages.
+        progress: progress bars (only on a terminal).
     """
     data = build_report_data(simulator, heldout_runs, test_ids, num_examples, num_runs, top, source, progress)
     views = example_views(heldout_runs, use_task_data, task)

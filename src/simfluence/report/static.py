@@ -49,6 +49,7 @@ def whatif_figure(result: WhatIf, test_ids: np.ndarray, columns=None, train_ids:
         columns: positions in ``result.test_index`` to draw, in order (what the command line
             printed); default the ``max_panels`` whose final loss moves most.
         train_ids: the model's training ids, to name the edited examples by id in the title.
+        max_panels: at most this many panels when ``columns`` is not given.
     """
     plt = _pyplot()
     if columns is None:
@@ -86,8 +87,8 @@ def influence_over_time_figure(result: InfluenceOverTime, train_ids: np.ndarray,
     """Heat map (training examples x steps) of the final-loss effect of each occurrence.
 
     Blue: removing that occurrence would raise the final loss (it helped); red: it hurt
-    (:mod:`simfluence.report.style`); blank: the example is not in that step's batch. Rows are the ``max_examples`` examples
-    with the largest total absolute effect.
+    (:mod:`simfluence.report.style`); blank: the example is not in that step's batch. Rows are the ``max_examples``
+    examples with the largest total absolute effect.
     """
     plt = _pyplot()
     train_index, matrix = result.matrix(column)

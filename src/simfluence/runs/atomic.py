@@ -77,8 +77,11 @@ _FIXES = {
 
 
 def write_error(path: str | os.PathLike, error: OSError) -> WriteError | OSError:
-    """``error`` (raised while writing ``path``) as a one-line :class:`WriteError` naming the path and
-    the fix, or ``error`` itself when it is not one of the refusals in :data:`_FIXES`."""
+    """``error`` (raised while writing ``path``) as a one-line :class:`WriteError`.
+
+    The :class:`WriteError` names the path and the fix; ``error`` itself is returned when it is
+    not one of the refusals in :data:`_FIXES`.
+    """
     if isinstance(error, WriteError) or error.errno not in _FIXES:
         return error
     reason = os.strerror(error.errno)   # pyarrow's strerror is a sentence around it
@@ -89,8 +92,10 @@ def write_error(path: str | os.PathLike, error: OSError) -> WriteError | OSError
 
 @contextlib.contextmanager
 def write_errors(path: str | os.PathLike) -> Iterator[None]:
-    """Raise the system's refusals to write inside the block (see :data:`_FIXES`) as a one-line
-    :class:`WriteError` naming ``path``; other errors pass unchanged."""
+    """Raise the system's refusals to write inside the block as a one-line :class:`WriteError`.
+
+    The refusals are those in :data:`_FIXES`, the error names ``path``; other errors pass unchanged.
+    """
     try:
         yield
     except OSError as error:
@@ -101,8 +106,10 @@ def write_errors(path: str | os.PathLike) -> Iterator[None]:
 
 
 def check_writable(target: str | os.PathLike) -> Path:
-    """Fail now, before any work, when file ``target`` could not be written: its directory is missing
-    or not writable, or a directory is in its place. Creates and removes a temporary file beside it.
+    """Fail now, before any work, when file ``target`` could not be written.
+
+    Its directory is missing or not writable, or a directory is in its place. Creates and
+    removes a temporary file beside it.
 
     Raises:
         WriteError: naming the path and the fix.
@@ -148,5 +155,6 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``target`` atomically (see :func:`atomic_path`)."""
     with atomic_path(target) as temporary:
         temporary.write_text(text, encoding="utf-8")

@@ -42,6 +42,7 @@ def read_npz_arrays(path: str | os.PathLike, required: tuple[str, ...], optional
     """Load arrays of an ``.npz`` file without pickle, after checking every member's header.
 
     Args:
+        path: the ``.npz`` file.
         required: members that must be present (a :class:`RunDataError` names the first missing one).
         optional: other members to load when present; ``None`` loads every member.
         prefixes: with ``optional``, also load the members whose names start with one of these.
@@ -64,7 +65,8 @@ def read_npz_arrays(path: str | os.PathLike, required: tuple[str, ...], optional
             if missing:
                 raise RunDataError(source, missing[0], "is missing", f"the file holds {sorted(members)}")
             wanted = sorted(members) if optional is None else sorted(
-                name for name in members if name in required or name in optional or name.startswith(prefixes or ("\0",)))
+                name for name in members
+                if name in required or name in optional or name.startswith(prefixes or ("\0",)))
             total = 0
             for name in wanted:
                 total += _checked_header(archive, members[name], name, source)

@@ -66,8 +66,11 @@ def _as_str_array(values: Any, source: str, name: str) -> np.ndarray:
 
 
 def check_run_id(run_id: Any, source: str, name: str = "run_id") -> str:
-    """``run_id`` if it is a safe file name (:data:`RUN_ID_PATTERN`), else a :class:`RunDataError` that
-    names what is wrong: a control character (a trailing newline, say), a path separator, the length."""
+    """``run_id`` if it is a safe file name (:data:`RUN_ID_PATTERN`), else a :class:`RunDataError`.
+
+    The error names what is wrong: a control character (a trailing newline, say), a path
+    separator, the length.
+    """
     fix = f"use 1 to {MAX_RUN_ID_LENGTH} letters, digits, '.', '_' and '-', starting with a letter or digit"
     if not isinstance(run_id, str):
         raise RunDataError(source, name, f"expected a string, got {type(run_id).__name__}", fix)
@@ -120,6 +123,7 @@ def validate_curriculum(curriculum: Any, num_train: int, source: str, name: str 
 
 
 def validate_eval_steps(eval_steps: Any, num_steps: int, source: str) -> np.ndarray:
+    """int32 ``eval_steps``, checked: 1-D, starting at 0, increasing, at most ``num_steps``."""
     array = np.asarray(eval_steps)
     if array.ndim != 1 or array.size == 0:
         raise RunDataError(source, "eval_steps", f"expected a non-empty 1-D array, got shape {array.shape}")
@@ -135,6 +139,7 @@ def validate_eval_steps(eval_steps: Any, num_steps: int, source: str) -> np.ndar
 
 
 def validate_losses(losses: Any, source: str, name: str = "losses") -> np.ndarray:
+    """float32 ``losses``, checked finite (a :class:`RunDataError` naming ``name`` otherwise)."""
     array = np.asarray(losses)
     if array.dtype.kind not in "fiu":
         raise RunDataError(source, name, f"expected floating-point losses, got dtype {array.dtype}")
@@ -147,6 +152,7 @@ def validate_losses(losses: Any, source: str, name: str = "losses") -> np.ndarra
 
 
 def validate_meta(meta: Any, source: str) -> dict:
+    """``meta`` (a dict, JSON text or ``None``) as a JSON-serialisable dict, checked."""
     if meta is None:
         return {}
     if isinstance(meta, str):
@@ -193,10 +199,12 @@ class RunLog:
 
     @property
     def num_steps(self) -> int:
+        """Number of training steps ``T``."""
         return int(self.curriculum.shape[0])
 
     @property
     def batch_size(self) -> int:
+        """Batch size ``B`` (slots per step, padding included)."""
         return int(self.curriculum.shape[1])
 
     def validated(self, num_train: int, num_test: int, source: str) -> RunLog:
@@ -321,22 +329,27 @@ class RunSet:
     # --- shapes -------------------------------------------------------------------
     @property
     def num_runs(self) -> int:
+        """Number of runs ``R``."""
         return int(self.curricula.shape[0])
 
     @property
     def num_steps(self) -> int:
+        """Number of training steps ``T``."""
         return int(self.curricula.shape[1])
 
     @property
     def batch_size(self) -> int:
+        """Batch size ``B`` (slots per step, padding included)."""
         return int(self.curricula.shape[2])
 
     @property
     def num_train(self) -> int:
+        """Number of training examples ``N``."""
         return int(self.train_ids.size)
 
     @property
     def num_test(self) -> int:
+        """Number of test examples ``M``."""
         return int(self.test_ids.size)
 
     @property

@@ -66,7 +66,7 @@ STALE_SECONDS = 600.0
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive OS lock on ``path`` (created if missing) for the block; waits for other holders."""
     with write_errors(path):
-        handle = open(path, "a+")
+        handle = open(path, "a+")  # noqa: SIM115 - opened here so only its errors become write errors
     with handle:
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -78,6 +78,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
+    """A short hash of the training and test ids, in order."""
     digest = hashlib.sha256()
     for group in (train_ids, test_ids):
         digest.update("\x1f".join(map(str, group.tolist() if hasattr(group, "tolist") else group)).encode())
@@ -86,8 +87,11 @@ def ids_digest(train_ids: Iterable[str], test_ids: Iterable[str]) -> str:
 
 
 def info_digest(info: dict) -> str:
-    """Digest of a run file's info (its schema metadata, without this digest): the Parquet footer that holds it
-    has no checksum of its own, and a run's meta (its learning rates) becomes the runs' meta."""
+    """Digest of a run file's info (its schema metadata, without this digest).
+
+    The Parquet footer that holds it has no checksum of its own, and a run's meta (its learning
+    rates) becomes the runs' meta.
+    """
     rest = {key: value for key, value in info.items() if key != "info_digest"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -177,7 +181,7 @@ class RunStore:
         """
         path = self.root / COLLECT_LOCK
         with write_errors(path):   # a read-only store: one line, not a traceback
-            handle = open(path, "a+")
+            handle = open(path, "a+")  # noqa: SIM115 - opened here so only its errors become write errors
         with handle:
             if fcntl is not None:
                 try:
@@ -202,8 +206,9 @@ class RunStore:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def remove_stale_temporaries(self, older_than: float = STALE_SECONDS) -> list[Path]:
-        """Delete the temporary files that killed writers left (``.<name>.*.tmp*`` beside the runs and
-        checkpoints) once they are ``older_than`` seconds old; returns the paths removed.
+        """Delete the temporary files that killed writers left, once ``older_than`` seconds old.
+
+        Those are ``.<name>.*.tmp*`` beside the runs and checkpoints; returns the paths removed.
 
         Called when a collection takes the store's lock. A temporary younger than that may belong
         to a writer that is still at work (a recorder does not take the collection lock), so it stays.
@@ -226,6 +231,7 @@ class RunStore:
 
     # --- runs ---------------------------------------------------------------------
     def run_path(self, run_id: str) -> Path:
+        """The Parquet file of run ``run_id`` (the id is checked)."""
         check_run_id(run_id, str(self.root))
         return self.root / "runs" / f"{run_id}.parquet"
 
@@ -254,6 +260,7 @@ class RunStore:
         return path
 
     def read(self, run_id: str) -> RunLog:
+        """Run ``run_id``, checked against the store."""
         return _table_to_run(self.run_path(run_id), self.digest, self.train_ids.size, self.test_ids.size,
                              self.meta_digest)
 
@@ -270,6 +277,7 @@ class RunStore:
 
     # --- checkpoints --------------------------------------------------------------
     def checkpoint_path(self, run_id: str, step: int) -> Path:
+        """The ``.npz`` file of run ``run_id``'s checkpoint after ``step``."""
         return self.run_path(run_id).parent.parent / "checkpoints" / run_id / f"step-{int(step):06d}.npz"
 
     def write_checkpoint(self, run_id: str, step: int, state: dict[str, torch.Tensor]) -> Path:
@@ -307,7 +315,7 @@ class RunStore:
 
 
 def _run_to_table(log: RunLog, digest: str, store_meta_digest: str) -> pa.Table:
-    num_evals, num_test = log.losses.shape
+    _, num_test = log.losses.shape
     steps = np.arange(log.num_steps + 1, dtype=np.int32)
     # Batches: strip padding, step 0 has an empty batch.
     kept = log.curriculum != PAD

@@ -1,16 +1,22 @@
 """Training-run simulators: one protocol (:class:`Simulator`), one module per method."""
 
 from simfluence.simulators.additive import AdditiveSimulator
+from simfluence.simulators.auto import AutoSimulator
 from simfluence.simulators.base import NotFittedError, Simulator, simulator_kinds
 from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySimulator
 from simfluence.simulators.featurized import FeaturizedSimulator
-from simfluence.simulators.gradient import (GradDotScaledSimulator, GradDotSimulator, InfluenceScaledSimulator,
-                                            InfluenceSimulator, TracInCPScaledSimulator, TracInCPSimulator)
-from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
+from simfluence.simulators.gradient import (
+    GradDotScaledSimulator,
+    GradDotSimulator,
+    InfluenceScaledSimulator,
+    InfluenceSimulator,
+    TracInCPScaledSimulator,
+    TracInCPSimulator,
+)
 from simfluence.simulators.interaction import PairwiseSimulator
-from simfluence.simulators.uncertainty import BootstrapLinearSimulator
+from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
 from simfluence.simulators.trajectory import TrajectorySimulator
-from simfluence.simulators.auto import AutoSimulator
+from simfluence.simulators.uncertainty import BootstrapLinearSimulator
 
 SIMULATORS = {cls.kind: cls for cls in (
     LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, PairwiseSimulator, AdditiveSimulator,
@@ -26,7 +32,26 @@ def make_simulator(kind: str, **params) -> Simulator:
     return SIMULATORS[kind](**params)
 
 
-__all__ = ["AdditiveSimulator", "BootstrapLinearSimulator", "ConstantSimulator", "FeaturizedSimulator", "GradDotScaledSimulator", "GradDotSimulator",
-           "InfluenceScaledSimulator", "InfluenceSimulator", "TracInCPScaledSimulator", "TracInCPSimulator", "LinearIdentitySimulator", "LinearSimulator",
-           "MeanTrajectorySimulator", "NotFittedError", "PairwiseSimulator", "SIMULATORS", "Simulator", "make_simulator",
-           "simulator_kinds", "TrajectorySimulator", "AutoSimulator"]
+__all__ = [
+    "SIMULATORS",
+    "AdditiveSimulator",
+    "AutoSimulator",
+    "BootstrapLinearSimulator",
+    "ConstantSimulator",
+    "FeaturizedSimulator",
+    "GradDotScaledSimulator",
+    "GradDotSimulator",
+    "InfluenceScaledSimulator",
+    "InfluenceSimulator",
+    "LinearIdentitySimulator",
+    "LinearSimulator",
+    "MeanTrajectorySimulator",
+    "NotFittedError",
+    "PairwiseSimulator",
+    "Simulator",
+    "TracInCPScaledSimulator",
+    "TracInCPSimulator",
+    "TrajectorySimulator",
+    "make_simulator",
+    "simulator_kinds",
+]

@@ -62,11 +62,13 @@ class NotFittedError(RuntimeError):
 
 
 def register(cls: type[Simulator]) -> type[Simulator]:
+    """Class decorator: make simulator class ``cls`` loadable by its ``kind``."""
     _REGISTRY[cls.kind] = cls
     return cls
 
 
 def simulator_kinds() -> list[str]:
+    """The registered simulator kinds, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -80,7 +82,7 @@ def mean_change(runs: RunSet) -> np.ndarray:
 
 
 def run_digests(runs: RunSet) -> np.ndarray:
-    """str ``[R]``: SHA-256 (hex) of each run's curriculum and losses before training.
+    """Str ``[R]``: SHA-256 (hex) of each run's curriculum and losses before training.
 
     The digest depends on the run's content only: not its id, nor padding columns that
     none of its steps uses, so a run matches itself whether it comes from a store, an
@@ -133,6 +135,7 @@ class Simulator(ABC):
         Args:
             curricula: int ``[R, T, B]`` (or ``[T, B]`` for one run) training-example indices, ``-1`` pads.
             initial_losses: float ``[R, M]`` (or ``[M]``) losses of the test examples before training.
+            source: names the inputs in error messages.
 
         Returns:
             float32 ``[R, T + 1, M]`` (``[T + 1, M]`` for one run) simulated losses; never below 0
@@ -164,12 +167,14 @@ class Simulator(ABC):
         return trajectories[0] if single else trajectories
 
     def extrapolation(self, curricula: np.ndarray, initial: np.ndarray) -> list[str]:
-        """How the inputs go beyond the fitting runs: more steps, larger batches, or losses before
-        training outside the range of the fitting losses. Empty when they do not (or the model
-        was saved without that information).
+        """How the inputs go beyond the fitting runs.
+
+        More steps, larger batches, or losses before training outside the range of the fitting
+        losses. Empty when they do not (or the model was saved without that information).
 
         Args:
-            curricula: int ``[R, T, B]``; initial: float ``[R, M]``.
+            curricula: int ``[R, T, B]``.
+            initial: float ``[R, M]``.
         """
         problems = []
         steps, batch = self.fit_info.get("num_steps"), self.fit_info.get("batch_size")
@@ -202,7 +207,7 @@ class Simulator(ABC):
         """Fitted numeric state."""
         return {}
 
-    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook: no state, nothing to do
         """Inverse of :meth:`_arrays`."""
 
     # --- persistence --------------------------------------------------------------

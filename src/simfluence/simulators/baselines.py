@@ -22,6 +22,8 @@ def mean_trajectory(mean_change: np.ndarray, initial: np.ndarray, num_steps: int
 
 @register
 class MeanTrajectorySimulator(Simulator):
+    """Every curriculum gets the fitting runs' mean loss change per step, whatever its batches hold."""
+
     kind = "mean-trajectory"
 
     def _fit(self, runs: RunSet) -> None:
@@ -33,6 +35,8 @@ class MeanTrajectorySimulator(Simulator):
 
 @register
 class ConstantSimulator(Simulator):
+    """Losses stay at their starting values: the no-change baseline."""
+
     kind = "constant"
 
     def _fit(self, runs: RunSet) -> None:

@@ -57,6 +57,7 @@ class BatchDesign:
 
     @property
     def nnz(self) -> int:
+        """Number of distinct (step, example) pairs: the stored entries of the design matrix."""
         return int(self._row_cols.numel())
 
     def matmul(self, table: torch.Tensor) -> torch.Tensor:

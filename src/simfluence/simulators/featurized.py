@@ -94,7 +94,6 @@ def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk
     """
     from simfluence.collect.tasks.base import num_examples, take
     from simfluence.func.gradients import per_example_gradients, trainable_params
-
     from simfluence.progress import progress_bar
 
     inputs, targets = task.split_data(split)
@@ -137,6 +136,7 @@ class Projection:
 
     @classmethod
     def fit(cls, features: np.ndarray, dim: int) -> Projection:
+        """The projection of ``features`` ``[n, D]`` on their top ``dim`` principal directions."""
         centred = features.astype(np.float64) - features.mean(axis=0)
         basis = np.zeros((features.shape[1], 0))
         if dim > 0:
@@ -149,14 +149,17 @@ class Projection:
         return cls(features.mean(axis=0).astype(np.float64), basis, scale if scale > 0 else 1.0)
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
+        """``features`` ``[n, D]`` projected: float64 ``[n, k + 1]``, the last column 1."""
         projected = (features.astype(np.float64) - self.mean) @ self.basis / self.scale
         return np.concatenate([projected, np.ones((features.shape[0], 1))], axis=1)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """The state as arrays named ``<prefix>_mean``, ``_basis`` and ``_scale``."""
         return {f"{prefix}_mean": self.mean, f"{prefix}_basis": self.basis, f"{prefix}_scale": np.array(self.scale)}
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str) -> Projection:
+        """The projection saved by :meth:`arrays` under ``prefix``."""
         return cls(arrays[f"{prefix}_mean"], arrays[f"{prefix}_basis"], float(arrays[f"{prefix}_scale"]))
 
 
@@ -194,7 +197,8 @@ def coefficient_table(phi: torch.Tensor, psi: torch.Tensor, kernels: torch.Tenso
     """``[N, 2M]`` = ``[a | b]`` (the layout :func:`rollout` reads) from the module's formula.
 
     Args:
-        phi: ``[N, K]`` projected training features (last column 1); psi: ``[M, K']`` (same).
+        phi: ``[N, K]`` projected training features (last column 1).
+        psi: ``[M, K']`` projected test features (last column 1).
         kernels: ``[J, N, M]`` scaled feature inner products ``k_j``.
         params: ``w_*`` ``[K, K']``, ``u_*`` ``[J, K]``, ``v_*`` ``[J, K' - 1]`` for ``* = a, b``.
     """
@@ -218,7 +222,9 @@ def fit_coefficients(
         design: batch indicators ``X`` ``[S, N]`` of the transitions.
         previous: ``[S, M]`` losses before each transition.
         delta: ``[S, M]`` one-step loss changes ``L_t - L_{t-1}``.
-        phi, psi, kernels: as for :func:`coefficient_table`.
+        phi: as for :func:`coefficient_table`.
+        psi: as for :func:`coefficient_table`.
+        kernels: as for :func:`coefficient_table`.
         weight_decay: ``lambda``.
         max_iter: L-BFGS iterations.
         initial: warm start (loss units), e.g. the solution for a stronger ``lambda``.
@@ -395,8 +401,11 @@ class FeaturizedSimulator(Simulator):
         return replayable_task(self.task_spec)
 
     def task_features(self, split: str, ids: np.ndarray, runs: RunSet | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Unscaled ``features`` of the ``split`` examples ``ids`` from the task: float32 ``[len(ids), D]``
-        and the column ranges ``[J, 2]`` of its blocks (each block is one kernel)."""
+        """Unscaled ``features`` of the ``split`` examples ``ids`` from the task.
+
+        float32 ``[len(ids), D]`` and the column ranges ``[J, 2]`` of its blocks (each block is
+        one kernel).
+        """
         task = self.task(runs)
         blocks = []
         if self.features in ("task", "task+gradients"):
@@ -418,7 +427,7 @@ class FeaturizedSimulator(Simulator):
     def checkpoint_steps(self) -> list[int]:
         """Steps of the replayed fitting run after which gradient features are taken."""
         num_steps = 0 if self.checkpoint_curriculum is None else self.checkpoint_curriculum.shape[0]
-        return sorted({int(round(k * num_steps / self.checkpoints)) for k in range(self.checkpoints)})
+        return sorted({round(k * num_steps / self.checkpoints) for k in range(self.checkpoints)})
 
     def _states(self, task) -> list[Mapping[str, torch.Tensor] | None]:
         steps = self.checkpoint_steps()
@@ -499,8 +508,8 @@ class FeaturizedSimulator(Simulator):
             info["residual_ridge"] = ridge
         self.fit_info.update(weight_decay=float(weight_decay), cv_scores=scores, features=self.features,
                              feature_dims=[int(self.train_features.shape[1]), int(self.test_features.shape[1])],
-                             projected_dims=[int(phi.shape[1] - 1), int(psi.shape[1] - 1)],
-                             kernels=int(len(self.kernel_blocks)), **info)
+                             projected_dims=[phi.shape[1] - 1, psi.shape[1] - 1],
+                             kernels=len(self.kernel_blocks), **info)
 
     def _cross_validate(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor,
                         kernels: torch.Tensor) -> tuple[float, dict[str, float]]:
@@ -609,7 +618,8 @@ class FeaturizedSimulator(Simulator):
         return {"task": task, "task_options": options, "features": self.features, "sketch_dim": self.sketch_dim,
                 "dim": self.dim, "weight_decay": self.weight_decay, "weight_decay_grid": list(self.weight_decay_grid),
                 "residual_ridge": self.residual_ridge, "residual_ridge_grid": list(self.residual_ridge_grid),
-                "fit_offsets": self.fit_offsets, "fit_residuals": self.fit_residuals, "cv_folds": self.cv_folds, "max_iter": self.max_iter,
+                "fit_offsets": self.fit_offsets, "fit_residuals": self.fit_residuals, "cv_folds": self.cv_folds,
+                "max_iter": self.max_iter,
                 "rollout_iterations": self.rollout_iterations, "checkpoints": self.checkpoints, "seed": self.seed}
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -648,8 +658,10 @@ class FeaturizedSimulator(Simulator):
 
 def _test_offsets(design: BatchDesign, previous: torch.Tensor, delta: torch.Tensor, table: torch.Tensor,
                   ridge: float = 1e-3) -> torch.Tensor:
-    """``[1, 2M]``: per-test-example ``(c_a, c_b)`` added to every training example's coefficients,
-    least squares on what ``table`` leaves unexplained (2 x 2 normal equations per test example)."""
+    """``[1, 2M]``: per-test-example ``(c_a, c_b)`` added to every training example's coefficients.
+
+    Least squares on what ``table`` leaves unexplained (2 x 2 normal equations per test example).
+    """
     num_test = previous.shape[1]
     summed = design.matmul(table)
     unexplained = (delta - summed[:, :num_test] * previous - summed[:, num_test:]).double()

@@ -41,6 +41,7 @@ change, fitted by least squares on the fitting runs' one-step transitions,
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -206,12 +207,13 @@ class TracInCPSimulator(GradientSimulator):
             from simfluence.collect.train import train_states
 
             if steps is None:
-                steps = sorted({int(round(q * num_steps)) for q in (0, 0.25, 0.5, 0.75)})
+                steps = sorted({round(q * num_steps) for q in (0, 0.25, 0.5, 0.75)})
             if max(steps) > num_steps:
                 raise ValueError(f"checkpoint_steps: {max(steps)} is past the runs' {num_steps} steps")
             states = train_states(task, runs.curricula[0], steps)
         if steps is not None and len(steps) != len(states):
-            raise ValueError(f"checkpoint_steps: {len(steps)} steps for {len(states)} checkpoints; give one per checkpoint")
+            raise ValueError(f"checkpoint_steps: {len(steps)} steps for {len(states)} checkpoints; "
+                             "give one per checkpoint")
         return steps, states
 
     def _scores(self, task, runs, rates):
@@ -221,7 +223,7 @@ class TracInCPSimulator(GradientSimulator):
             weights = [rates.mean() / len(states)] * len(states)
         else:  # checkpoint k stands for steps s_k < t <= s_{k+1} (rates[t - 1]); the first also for those before it
             bounds = [0, *steps[1:], runs.num_steps]
-            weights = [rates[start:stop].sum() / runs.num_steps for start, stop in zip(bounds, bounds[1:])]
+            weights = [rates[start:stop].sum() / runs.num_steps for start, stop in itertools.pairwise(bounds)]
         total = np.zeros((task.num_train, task.num_test))
         for weight, state in zip(weights, states):
             model, params = _state_params(task, state)

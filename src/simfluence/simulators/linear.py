@@ -55,6 +55,7 @@ class Transitions:
 
     @classmethod
     def of(cls, runs: RunSet, source: str = "<runs>") -> Transitions:
+        """The transitions of ``runs``; ``source`` names them in errors."""
         steps = runs.eval_steps
         pairs = np.flatnonzero(np.diff(steps) == 1)
         if pairs.size == 0:
@@ -65,9 +66,11 @@ class Transitions:
 
     @property
     def num_transitions(self) -> int:
+        """Number of transitions ``S``."""
         return int(self.batches.shape[0])
 
     def columns(self, cols: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Previous and next losses ``[S, M']`` of the test examples ``cols``."""
         losses = self.runs.losses[:, :, cols]
         width = losses.shape[-1]
         previous = losses[:, self.pairs].reshape(-1, width)
@@ -86,6 +89,7 @@ def rollout(
         curricula: int ``[R, T, B]``, ``-1`` pads.
         initial: ``[R, M]`` losses before training.
         alpha_offset: ``alpha_0`` above (ignored without ``fit_alpha``).
+        fit_alpha: whether ``table`` holds ``A`` (else ``alpha`` is 1).
         steps_per_block: steps whose coefficients are gathered at once; a few steps keep
             the gathered block in cache, which is faster than gathering all steps first.
 

@@ -122,16 +122,16 @@ def adam_momentum(meta: dict) -> float | None:
 
 @register
 class TrajectorySimulator(Simulator):
-    """Linear model of the rolled-out trajectory with step-aware effects (see the module docstring).
+    r"""Linear model of the rolled-out trajectory with step-aware effects (see the module docstring).
 
     Args:
         ridge: fixed ridge strength for every test example; ``None`` (default) chooses one per
             test example by cross-validation.
         space: ``"loss"``, ``"log"``, ``"margin"`` or ``"auto"`` (cross-validated; ``"log"`` and
             ``"margin"`` only where every fitting loss is positive).
-        momentum: :math:`\\rho` in ``[0, 1)``, or ``"auto"``: cross-validated over ``{0, beta1}``
+        momentum: :math:`\rho` in ``[0, 1)``, or ``"auto"``: cross-validated over ``{0, beta1}``
             for runs trained with Adam(W) (their meta says so), else 0.
-        decay: :math:`\\delta` in ``(0, 1]``, or ``"auto"``: cross-validated over
+        decay: :math:`\delta` in ``(0, 1]``, or ``"auto"``: cross-validated over
             :data:`DECAYS`.
         rank: keep the ``k`` leading directions of the effect matrix (0: full rank), or
             ``"auto"``: cross-validated over 1, 2, 4, ... and the full rank.
@@ -152,8 +152,8 @@ class TrajectorySimulator(Simulator):
         super().__init__()
         if ridge is not None and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
             raise ValueError(f"ridge: expected a finite number >= 0 or None, got {ridge!r}")
-        if space not in SPACES + ("auto",):
-            raise ValueError(f"space: expected one of {SPACES + ('auto',)}, got {space!r}")
+        if space not in (*SPACES, "auto"):
+            raise ValueError(f"space: expected one of {(*SPACES, 'auto')}, got {space!r}")
         if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise ValueError(f"momentum: expected a number in [0, 1) or 'auto', got {momentum!r}")
         if decay != "auto" and not (isinstance(decay, (int, float)) and 0 < decay <= 1):
@@ -296,8 +296,10 @@ def _centred(features: np.ndarray, target: np.ndarray):
 
 
 def _solve(features: np.ndarray, target: np.ndarray, ridges: np.ndarray, rank: int = 0):
-    """Ridge coefficients ``[N, M]`` (one strength per test example, reduced to ``rank`` unless 0)
-    and the per-step offsets ``[K, M]``."""
+    """Ridge coefficients ``[N, M]`` and the per-step offsets ``[K, M]``.
+
+    One ridge strength per test example; the coefficients are reduced to ``rank`` unless 0.
+    """
     x, y, f_mean, d_mean = _centred(features, target)
     values, vectors = np.linalg.eigh(x.T @ x)
     projected = vectors.T @ (x.T @ y)                                  # [N, M]
@@ -315,10 +317,12 @@ def _ranks(num_train: int, num_test: int) -> list[int]:
 
 
 def _reduce(coef: np.ndarray, x: np.ndarray, ranks: list[int]) -> list[np.ndarray]:
-    """``coef`` ``[N, M]`` reduced to each rank (0: unchanged): ``B V_k V_k^T`` with ``V`` the right
-    singular vectors of the fitted values ``x @ coef``."""
+    """``coef`` ``[N, M]`` reduced to each rank (0: unchanged).
+
+    That is ``B V_k V_k^T`` with ``V`` the right singular vectors of the fitted values ``x @ coef``.
+    """
     fitted = x @ coef
-    values, vectors = np.linalg.eigh(fitted.T @ fitted)       # right singular vectors, ascending
+    _, vectors = np.linalg.eigh(fitted.T @ fitted)            # right singular vectors, ascending
     vt = vectors[:, ::-1].T
     return [coef if not k else (coef @ vt[:k].T) @ vt[:k] for k in ranks]
 
@@ -342,8 +346,9 @@ def _rank_errors(features, target, losses, space, folds, ridges, ranks) -> list[
 
 def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray, space: str, folds: list,
                     ridge: float | None) -> tuple[np.ndarray, float]:
-    """Each test example's ridge ``[M]`` (the grid value with the least held-out-fold error) and the
-    resulting all-steps MSE in loss units.
+    """Each test example's ridge ``[M]`` and the resulting all-steps MSE in loss units.
+
+    The ridge is the grid value with the least held-out-fold error.
 
     The grid is one value per :data:`GRID_STEP` decades over :data:`GRID_DECADES` times the largest eigenvalue of
     the features' Gram matrix (on the first fold); where a test example's best value lies on an

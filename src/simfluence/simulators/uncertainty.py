@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from simfluence.progress import progress_bar
 
+from simfluence.progress import progress_bar
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import register
 from simfluence.simulators.linear import LinearIdentitySimulator, Transitions, rollout
@@ -177,8 +177,10 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         return (lower[0], prediction[0], upper[0]) if single else (lower, prediction, upper)
 
     def _validated(self, curricula: Any, initial_losses: Any, source: str) -> tuple[np.ndarray, ...]:
-        """``simulate``'s prediction ``[R, T + 1, M]`` (it validates the inputs), curricula ``[R, T, B]``,
-        initial losses ``[R, M]``."""
+        """``simulate``'s prediction ``[R, T + 1, M]``, curricula ``[R, T, B]``, initial losses ``[R, M]``.
+
+        ``simulate`` validates the inputs.
+        """
         prediction = self.simulate(curricula, initial_losses, source)
         curricula, initial = np.asarray(curricula, dtype=np.int32), np.asarray(initial_losses, dtype=np.float64)
         if curricula.ndim == 2:

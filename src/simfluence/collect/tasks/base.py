@@ -25,7 +25,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from simfluence.collect.schedules import learning_rates
 
-Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 """Model inputs: a tensor, or a dict of tensors passed as keyword arguments; examples along dim 0."""
 
 
@@ -191,18 +191,22 @@ class Task(ABC):
 
     @property
     def train_ids(self) -> np.ndarray:
+        """Ids (str ``[N]``) of the training examples."""
         return self.data.train_ids
 
     @property
     def test_ids(self) -> np.ndarray:
+        """Ids (str ``[M]``) of the test examples."""
         return self.data.test_ids
 
     @property
     def num_train(self) -> int:
+        """Number of training examples ``N``."""
         return int(self.data.train_ids.size)
 
     @property
     def num_test(self) -> int:
+        """Number of test examples ``M``."""
         return int(self.data.test_ids.size)
 
     def forward(self, model: nn.Module, inputs: Inputs, params: Mapping[str, torch.Tensor] | None = None) -> Any:
@@ -224,6 +228,7 @@ class Task(ABC):
         return learning_rates(self.learning_rate, num_steps, self.lr_schedule, self.warmup_steps)
 
     def make_optimizer(self, parameters) -> torch.optim.Optimizer:
+        """The optimizer a run trains ``parameters`` with: plain SGD at ``learning_rate``."""
         return torch.optim.SGD(parameters, lr=self.learning_rate)
 
     def meta(self) -> dict:

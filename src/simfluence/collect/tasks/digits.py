@@ -75,6 +75,7 @@ class DigitsMLP(Task):
         self.pretrain_per_class = tuple(int(count) for count in self.pretrain_per_class)
 
     def load_data(self) -> TaskData:
+        """The normalised digit images of the train and test split, with their labels."""
         split = _split(self.split_seed, self.num_train, self.num_test, self.pretrain_per_class)
         images, labels = _digits()
         features = _normalise(images, split["pretrain"])
@@ -87,6 +88,7 @@ class DigitsMLP(Task):
         return TaskData(_ids(split["train"]), _ids(split["test"]), train_x, train_y, test_x, test_y)
 
     def build_model(self) -> nn.Module:
+        """The MLP with the pre-trained starting weights (cached per setting)."""
         model = _mlp(self.hidden)
         state = _pretrained_state(self.hidden, self.split_seed, self.init_seed, self.pretrain_per_class,
                                   self.pretrain_steps, self.pretrain_lr, self.num_train, self.num_test)
@@ -94,12 +96,16 @@ class DigitsMLP(Task):
         return model
 
     def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example cross-entropy ``[n]`` of the logits ``outputs``."""
         return F.cross_entropy(outputs, targets, reduction="none")
 
     def example_features(self, split: str) -> np.ndarray:
-        """float32 ``[n, 64 + hidden + 10]``: pixels, the starting checkpoint's hidden (tanh)
-        activations, and its output error ``softmax - one-hot`` (the factor that, times the hidden
-        activations, is the example's gradient of the last layer)."""
+        """float32 ``[n, 64 + hidden + 10]``: pixels, hidden activations and output error.
+
+        The hidden (tanh) activations are the starting checkpoint's, and so is its output error
+        ``softmax - one-hot`` (the factor that, times the hidden activations, is the example's
+        gradient of the last layer).
+        """
         inputs, targets = self.split_data(split)
         model = self.build_model().eval()
         with torch.no_grad():
@@ -140,7 +146,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 @functools.cache
 def _split(split_seed: int, num_train: int, num_test: int, pretrain_per_class: tuple[int, ...]) -> dict:
     """Disjoint index arrays into ``load_digits``: ``test``, ``train``, ``pretrain``."""
-    images, labels = _digits()
+    _, labels = _digits()
     order = np.random.default_rng(split_seed).permutation(labels.size)
     if num_train + num_test >= labels.size:
         raise ValueError(f"num_train + num_test: {num_train + num_test} leaves no digits for pretraining "

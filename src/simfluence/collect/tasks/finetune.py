@@ -1,5 +1,6 @@
-"""``minilm-finetune``: all weights of the pre-trained all-MiniLM-L6-v2 fine-tuned as a sequence
-classifier with the real Hugging Face ``Trainer`` (AdamW, linear warm-up then decay).
+"""``minilm-finetune``: all weights of the pre-trained all-MiniLM-L6-v2 fine-tuned as a sequence classifier.
+
+Training uses the real Hugging Face ``Trainer`` (AdamW, linear warm-up then decay).
 
 This is the setting users train in: a pre-trained transformer, every weight trained, AdamW
 with a schedule, through ``transformers.Trainer``, recorded by our
@@ -38,8 +39,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.tasks.base import Task, TaskData, check_split
-from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, checked_classes, hub_offline,
-                                              load_glosses, minilm_dir, minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.glosses import (
+    GLOSSES_SOURCE,
+    cached_tensors,
+    checked_classes,
+    hub_offline,
+    load_glosses,
+    minilm_dir,
+    minilm_fingerprint,
+    take_slices,
+)
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
 from simfluence.errors import require_extra
@@ -63,6 +72,7 @@ class PadCollator:
         self.pad_id = int(pad_id)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """One batch: ``input_ids``, ``attention_mask`` and ``labels`` as int64 tensors, right-padded."""
         width = max(len(example["input_ids"]) for example in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -140,6 +150,7 @@ class MiniLMFinetune(Task):
         return model
 
     def example_loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example cross-entropy ``[n]`` of the logits (``outputs.logits`` or ``outputs``)."""
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         return F.cross_entropy(logits.float(), targets, reduction="none")
 
@@ -157,15 +168,19 @@ class MiniLMFinetune(Task):
         return rates
 
     def describe_example(self, split: str, index: int) -> str:
+        """The example's gloss (its definition text)."""
         return str(load_glosses().definitions[self._split()[check_split(split)][index]])
 
     # --- the Trainer -----------------------------------------------------------------
     def examples(self, split: str) -> list[dict]:
-        """The ``"train"`` or ``"test"`` examples as the Trainer takes them: dicts of
-        ``input_ids``, ``attention_mask`` (lists of int) and ``labels`` (class id)."""
+        """The ``"train"`` or ``"test"`` examples as the Trainer takes them.
+
+        Dicts of ``input_ids``, ``attention_mask`` (lists of int) and ``labels`` (class id).
+        """
         return _examples(self._key(), check_split(split))
 
     def collator(self) -> PadCollator:
+        """The data collator the Trainer batches examples with."""
         return PadCollator()
 
     def training_arguments(self, num_steps: int, seed: int = 0):

@@ -1,5 +1,7 @@
-"""Shared pieces of the text tasks (``text-minilm``, ``tiny-lm``): the WordNet gloss data,
-the bundled MiniLM files, and an on-disk cache for things computed once per machine.
+"""Shared pieces of the text tasks (``text-minilm``, ``tiny-lm``).
+
+The WordNet gloss data, the bundled MiniLM files, and an on-disk cache for things computed
+once per machine.
 
 Data: ``data/wordnet_glosses.tsv`` beside this module, 7,200 WordNet 3.0 synsets (200
 from each of 36 lexicographer files such as ``noun.animal`` or ``verb.motion``), each with
@@ -32,7 +34,6 @@ import numpy as np
 import torch
 
 from simfluence.errors import MissingExtraError
-
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 GLOSSES_PATH = DATA_DIR / "wordnet_glosses.tsv"
@@ -91,8 +92,11 @@ def lexname_rows(lexname: str, salt: str) -> np.ndarray:
 
 
 def checked_classes(classes, pretrain_per_class) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """``(classes, pretrain_per_class)`` as tuples, checked: two or more distinct lexicographer files,
-    one pretraining count per class, not all zero (a ``ValueError`` naming the field otherwise)."""
+    """``(classes, pretrain_per_class)`` as tuples, checked.
+
+    Two or more distinct lexicographer files, one pretraining count per class, not all zero
+    (a ``ValueError`` naming the field otherwise).
+    """
     classes = tuple(str(name) for name in classes)
     counts = tuple(int(count) for count in pretrain_per_class)
     if len(classes) < 2 or len(set(classes)) != len(classes):
@@ -190,7 +194,7 @@ def cached_tensors(kind: str, config: dict, compute: Callable[[], dict[str, torc
         return _load(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / f"{key}.lock", "a+")
+        lock = open(folder / f"{key}.lock", "a+")  # noqa: SIM115 - opened here so only its errors fall back
     except OSError as error:
         import warnings
 

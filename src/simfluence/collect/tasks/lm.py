@@ -61,8 +61,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.tasks.base import Task, TaskData, check_split
-from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, hub_offline, load_glosses, minilm_dir,
-                                              minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.glosses import (
+    GLOSSES_SOURCE,
+    cached_tensors,
+    hub_offline,
+    load_glosses,
+    minilm_dir,
+    minilm_fingerprint,
+    take_slices,
+)
 from simfluence.collect.tasks.optim import adam
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
@@ -119,6 +126,7 @@ class TinyLM(Task):
 
     # --- Task ------------------------------------------------------------------------
     def load_data(self) -> TaskData:
+        """The tokenized glosses of the train and test split; the targets are their :func:`labels_of`."""
         split = self._split()
         glosses = load_glosses()
         tokenizer = self.tokenizer()
@@ -132,6 +140,7 @@ class TinyLM(Task):
         return TaskData(train_ids, test_ids, train_x, train_y, test_x, test_y)
 
     def build_model(self) -> nn.Module:
+        """The GPT-2 with the pre-trained starting weights (cached per setting)."""
         state = _pretrained_state(*self._key())
         with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the caller's RNG alone
             model = gpt2(self.vocab_size, self.max_length, self.n_embd, self.n_layer, self.n_head)
@@ -139,6 +148,7 @@ class TinyLM(Task):
         return model
 
     def example_loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example mean next-token cross-entropy ``[n]`` (see :func:`mean_token_loss`)."""
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         return mean_token_loss(logits, targets)
 
@@ -177,8 +187,10 @@ class TinyLM(Task):
 
 
 def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example mean next-token cross-entropy ``[n]``: position ``j`` predicts ``labels[:, j + 1]``,
-    positions whose label is ``-100`` (padding) are left out.
+    """Per-example mean next-token cross-entropy ``[n]``.
+
+    Position ``j`` predicts ``labels[:, j + 1]``; positions whose label is ``-100`` (padding)
+    are left out.
 
     Same numbers as ``F.cross_entropy(..., ignore_index=-100, reduction="none")`` averaged
     per example, computed as ``logsumexp - logit of the target`` on the whole logits
@@ -198,8 +210,10 @@ def labels_of(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` int64 ``[n, L]``, right-padded to the longest; texts longer than
-    ``max_length`` tokens are cut there (their ``[SEP]`` is lost)."""
+    """``(input_ids, attention_mask)`` int64 ``[n, L]``, right-padded to the longest.
+
+    Texts longer than ``max_length`` tokens are cut there (their ``[SEP]`` is lost).
+    """
     encoded = [item.ids[:max_length] for item in tokenizer.encode_batch(texts)]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(texts), width), PAD_ID, dtype=torch.long)
@@ -251,8 +265,11 @@ def _base_tokenizer_json() -> dict:
 
 @functools.cache
 def _tokenizer(vocab_size, finetune_lexnames):
-    """WordPiece over a ``vocab_size`` subset of MiniLM's vocabulary, chosen from the text outside
-    the fine-tuning domain (so it does not depend on how that domain is split)."""
+    """WordPiece over a ``vocab_size`` subset of MiniLM's vocabulary.
+
+    The subset is chosen from the text outside the fine-tuning domain (so it does not depend on
+    how that domain is split).
+    """
     from tokenizers import Tokenizer
 
     config = {"minilm": minilm_fingerprint(), "vocab_size": vocab_size, "finetune_lexnames": finetune_lexnames}

@@ -9,8 +9,10 @@ import torch
 
 def adam(params: list[torch.Tensor], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
          betas=(0.9, 0.999), eps=1e-8) -> None:
-    """Adam on ``params`` for ``steps`` steps of ``loss_fn(step)`` (step from 0), written out:
-    ``torch.optim`` first imports ``torch._dynamo``, seconds of start-up in every worker."""
+    """Adam on ``params`` for ``steps`` steps of ``loss_fn(step)`` (step from 0), written out.
+
+    ``torch.optim`` first imports ``torch._dynamo``, seconds of start-up in every worker.
+    """
     first = [torch.zeros_like(param) for param in params]
     second = [torch.zeros_like(param) for param in params]
     for step in range(1, steps + 1):

@@ -47,8 +47,10 @@ def get_task(name: str | Task, **options) -> Task:
 
 def task_for_runs(task: str | Task | None, options: Mapping[str, Any] | None, meta: Mapping[str, Any],
                   fix: str) -> Task:
-    """The task behind some runs: ``task`` (a Task, or a name built with ``options``), else the
-    one the runs' ``meta`` names, with the options it recorded unless ``options`` are given.
+    """The task behind some runs.
+
+    ``task`` (a Task, or a name built with ``options``), else the one the runs' ``meta`` names,
+    with the options it recorded unless ``options`` are given.
 
     ``fix`` completes the error raised when neither names a task.
     """

@@ -46,8 +46,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.tasks.base import Task, TaskData, check_split, output_error
-from simfluence.collect.tasks.glosses import (GLOSSES_SOURCE, cached_tensors, checked_classes, hub_offline,
-                                              load_glosses, minilm_dir, minilm_fingerprint, take_slices)
+from simfluence.collect.tasks.glosses import (
+    GLOSSES_SOURCE,
+    cached_tensors,
+    checked_classes,
+    hub_offline,
+    load_glosses,
+    minilm_dir,
+    minilm_fingerprint,
+    take_slices,
+)
 from simfluence.collect.tasks.optim import adam
 from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
@@ -92,6 +100,7 @@ class TextMiniLM(Task):
 
     # --- Task ------------------------------------------------------------------------
     def load_data(self) -> TaskData:
+        """The frozen MiniLM embeddings of the train and test glosses, with their class labels."""
         split = self._split()
         features = self._features()
         glosses = load_glosses()
@@ -105,6 +114,7 @@ class TextMiniLM(Task):
         return TaskData(train_ids, test_ids, train_x, train_y, test_x, test_y)
 
     def build_model(self) -> nn.Module:
+        """The linear head with its warmed-up starting weights (cached per setting)."""
         state = _pretrained_head(*self._key())
         with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the caller's RNG alone
             model = nn.Linear(EMBEDDING_DIM, len(self.classes))
@@ -112,11 +122,15 @@ class TextMiniLM(Task):
         return model
 
     def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example cross-entropy ``[n]`` of the logits ``outputs``."""
         return F.cross_entropy(outputs, targets, reduction="none")
 
     def example_features(self, split: str) -> np.ndarray:
-        """float32 ``[n, 384 + C]``: the frozen MiniLM embedding (the model's input) and the starting
-        head's output error ``softmax - one-hot`` (its outer product with the embedding is the gradient)."""
+        """float32 ``[n, 384 + C]``: the frozen MiniLM embedding and the starting head's output error.
+
+        The embedding is the model's input; the output error is ``softmax - one-hot`` (its outer
+        product with the embedding is the gradient).
+        """
         inputs, targets = self.split_data(split)
         head = self.build_model()
         with torch.no_grad():
