@@ -73,7 +73,7 @@ def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple
     predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
     simulate_seconds = time.perf_counter() - start
     result = evaluate(simulator, heldout, predicted=predicted)
-    record = {"method": method, **result.metrics.as_dict(), "fit_seconds": fit_seconds,
+    record: dict[str, Any] = {"method": method, **result.metrics.as_dict(), "fit_seconds": fit_seconds,
               "simulate_seconds": simulate_seconds}
     if hasattr(simulator, "simulate_interval"):
         lower, _, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses, INTERVAL_LEVEL)

@@ -107,7 +107,7 @@ class LDSConfig:
 def _fit_simulators(config: LDSConfig, task, runs: RunSet, progress: bool) -> list[Method]:
     from simfluence.simulators import make_simulator
 
-    methods = []
+    methods: list[Method] = []
     for name in (name for name in config.methods if name in SIMULATORS):
         simulator = make_simulator(name, task=task) if name in REPLAY_RUNS or name == "featurized" else \
             make_simulator(name)
@@ -143,7 +143,7 @@ def _peer_methods(config: LDSConfig, task, store, runs: RunSet, reference: np.nd
         return []
     from simfluence.peers import get_peer
 
-    methods = []
+    methods: list[Method] = []
     for name in names:
         result = get_peer(name).attribute(task, _peer_checkpoints(name, task, store, runs, reference),
                                           progress=progress)
@@ -167,6 +167,7 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
     """All-steps and final MSE of each simulator on the retrained subset runs, beside the mean trajectory."""
     from simfluence.query import simulate_curricula
 
+    assert subsets.trajectories is not None   # the subset protocol keeps them
     true = subsets.trajectories.astype(np.float64)                     # [m, T + 1, M]
     out = {}
     mean = runs.losses.astype(np.float64).mean(axis=0)                  # [T + 1, M] (every-step runs)

@@ -95,6 +95,7 @@ def rollout_skipping_empty_steps(run: Callable, curricula: np.ndarray, initial: 
         if out is None:
             out = np.empty((len(curricula), curricula.shape[1] + 1, part.shape[-1]), dtype=np.float32)
         out[rows] = np.take_along_axis(part, position[rows][:, :, None], axis=1)
+    assert out is not None   # some row has an empty step, so the loop ran
     return out
 
 
@@ -469,8 +470,10 @@ def apply_edits(curriculum, edits: Sequence[Edit], num_train: int | None = None)
         if edit.kind == "drop":
             out = np.where(out == edit.example, PAD, out).astype(np.int32)
         elif edit.kind == "insert":
+            assert edit.example is not None   # insert and duplicate name an example
             out = _add_to_step(out, edit.steps[0] - 1, edit.example)
         elif edit.kind == "duplicate":
+            assert edit.example is not None
             for step, _slot in np.argwhere(out == edit.example):
                 out = _add_to_step(out, step, edit.example)
         elif edit.kind == "shuffle":
@@ -513,12 +516,12 @@ def whatif(simulator: Simulator, curriculum, initial_losses, edits: Sequence[Edi
            test_index=None) -> WhatIf:
     """Simulate ``curriculum`` before and after ``edits`` (:class:`Edit` or strings, see :func:`parse_edit`)."""
     curriculum, initial, test_index = _check_query(simulator, curriculum, initial_losses, test_index)
-    edits = tuple(parse_edit(edit, simulator.train_ids) if isinstance(edit, str) else edit for edit in edits)
-    edited = apply_edits(curriculum, edits, simulator.train_ids.size)
+    parsed = tuple(parse_edit(edit, simulator.train_ids) if isinstance(edit, str) else edit for edit in edits)
+    edited = apply_edits(curriculum, parsed, simulator.train_ids.size)
     original = np.full_like(edited, PAD)
     original[:, :curriculum.shape[1]] = curriculum
     before, after = simulate_curricula(simulator, np.stack([original, edited]), initial, test_index)
-    return WhatIf(edits, edited, before, after, test_index)
+    return WhatIf(parsed, edited, before, after, test_index)
 
 
 # --- influence over time --------------------------------------------------------------
@@ -725,12 +728,12 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
             neighbours.append(swapped)
         if not neighbours:
             break
-        neighbours = np.array(neighbours)
-        score = objectives(neighbours)
+        candidates = np.array(neighbours)
+        score = objectives(candidates)
         winner = int(np.argmin(score))
         if not score[winner] < best_score:
             break
-        best, best_score = neighbours[winner], float(score[winner])
+        best, best_score = candidates[winner], float(score[winner])
         history.append(best_score)
 
     rng = np.random.default_rng(seed)
@@ -781,9 +784,11 @@ def load_query_curriculum(path, simulator: Simulator, run: int | None = None) ->
 
 
 def save_query_curriculum(path, curriculum: np.ndarray, initial_losses: np.ndarray, simulator: Simulator,
-                          **extra: np.ndarray) -> None:
+                          **extra: np.ndarray | np.generic) -> None:
     """Write a curriculum file that :func:`load_query_curriculum` reads (atomically, no pickle)."""
     with atomic_path(path, suffix=".npz") as temporary:
+        # numpy's stubs let ``**extra`` fill ``allow_pickle`` (a bool): a false alarm
         np.savez(temporary, curriculum=np.asarray(curriculum, dtype=np.int32),
                  initial_losses=np.asarray(initial_losses, dtype=np.float32),
-                 train_ids=simulator.train_ids.astype(str), test_ids=simulator.test_ids.astype(str), **extra)
+                 train_ids=simulator.train_ids.astype(str), test_ids=simulator.test_ids.astype(str),
+                 **extra)  # type: ignore[arg-type]

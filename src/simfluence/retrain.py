@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class _Rescheduled:
         return self._rates
 
 
-def _train(task: Task | _Rescheduled, curricula: np.ndarray) -> np.ndarray:
+def _train(task: Task, curricula: np.ndarray) -> np.ndarray:
     """float32 ``[R, T + 1, M]`` real losses of ``curricula`` ``[R, T, B]`` (no empty steps)."""
     if task.optimizer == "sgd":
         logs = train_runs_vmap(task, curricula)
@@ -93,7 +94,7 @@ def _train_skipping_empty_steps(task: Task, curricula: np.ndarray) -> np.ndarray
     for rows in map(np.array, groups.values()):
         kept = rates[nonempty[rows[0]]]
         if kept.size:
-            part = _train(_Rescheduled(task, kept), np.stack([curricula[r][nonempty[r]] for r in rows]))
+            part = _train(cast(Task, _Rescheduled(task, kept)), np.stack([curricula[r][nonempty[r]] for r in rows]))
         else:  # nothing left to train on: only L_0, read off a one-step run on example 0
             part = _train(task, np.zeros((rows.size, 1, curricula.shape[2]), dtype=curricula.dtype))[:, :1]
         out[rows] = np.take_along_axis(part, position[rows][:, :, None], axis=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from simfluence.collect.curricula import Sampler, UniformSampler
 from simfluence.collect.executors import Chunk, Executor, get_executor, run_chunk, run_id_of, split_chunks
@@ -151,8 +152,10 @@ def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, se
         if list(eval_steps) != regular:
             raise ValueError(f"eval_steps: task '{task.name}' evaluates every k-th step (and the last); "
                              f"give steps 0, k, 2k, ..., {num_steps}")
-    spec = TrainerSpec(task.make_trainer, task.examples("test"), tuple(task.train_ids.tolist()),
-                       tuple(task.test_ids.tolist()), task.collator(), None, eval_every, task.eval_batch_size)
+    trainer_task: Any = task   # a Trainer task also has make_trainer, examples, collator and eval_batch_size
+    spec = TrainerSpec(trainer_task.make_trainer, trainer_task.examples("test"), tuple(task.train_ids.tolist()),
+                       tuple(task.test_ids.tolist()), trainer_task.collator(), None, eval_every,
+                       trainer_task.eval_batch_size)
     meta = collection_meta(task, num_steps, seed, sampler, eval_steps)
     return collect_spec(spec, out_dir, num_runs, num_steps, sampler, seed, meta, desc=f"collect {task.name}",
                         **options)

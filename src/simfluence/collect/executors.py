@@ -21,6 +21,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -29,7 +30,13 @@ from simfluence.collect.tasks.base import Task
 from simfluence.collect.threads import torch_threads
 from simfluence.errors import SimfluenceError, require_extra
 
+if TYPE_CHECKING:
+    from simfluence.runs.log import RunLog
+
 WRITER_THREADS = 4
+
+ChunkT = TypeVar("ChunkT")
+"""A chunk type: :class:`Chunk`, or another picklable unit of work (:class:`~simfluence.collect.hf.TrainerChunk`)."""
 
 
 def run_id_of(index: int) -> str:
@@ -78,6 +85,7 @@ def run_chunk(chunk: Chunk) -> list[str]:
     # training (about 10 ms a run, as long as training one digits run vectorised).
     with torch_threads(chunk.num_threads), concurrent.futures.ThreadPoolExecutor(WRITER_THREADS) as writers:
         # Checkpoints are written while training, so before the run's own file.
+        logs: Iterable[RunLog]
         if chunk.vectorize:
             logs = train_runs_vmap(chunk.task, curricula, eval_steps, run_ids=run_ids, seeds=seeds,
                                    checkpoint_steps=chunk.checkpoint_steps,
@@ -116,7 +124,7 @@ class Executor(ABC):
     workers: int = 1
 
     @abstractmethod
-    def map(self, function: Callable[[Chunk], list[str]], chunks: Sequence[Chunk]) -> Iterator[list[str]]:
+    def map(self, function: Callable[[ChunkT], list[str]], chunks: Sequence[ChunkT]) -> Iterator[list[str]]:
         """``function(chunk)`` for every chunk, results in completion order; errors propagate."""
 
 

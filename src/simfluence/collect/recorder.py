@@ -46,7 +46,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -243,7 +243,12 @@ def _map_tensors(inputs: Any, fn: Callable[[torch.Tensor], torch.Tensor], name: 
 
 def _num_rows(inputs: Any, name: str) -> int:
     sizes: set[int] = set()
-    _map_tensors(inputs, lambda tensor: sizes.add(int(tensor.shape[0])) or tensor, name)
+
+    def note_rows(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.add(int(tensor.shape[0]))
+        return tensor
+
+    _map_tensors(inputs, note_rows, name)
     if len(sizes) != 1:
         raise ValueError(f"{name}: tensors disagree on the number of examples {sorted(sizes)}; "
                          "give every tensor one row per test example")
@@ -259,8 +264,8 @@ def _row_slicer(rows: slice | torch.Tensor) -> Callable[[torch.Tensor], torch.Te
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -396,9 +401,9 @@ class Recorder:
         self._test_targets = test_targets
 
         # Ids, validated by the same rules as a store's (unique, non-empty strings).
-        train_ids = _ids_array(train_ids, "train_ids")
+        train_id_array = _ids_array(train_ids, "train_ids")
         ids = RunSet.create(np.zeros((0, 1, 1), np.int32), np.zeros((0, 2, self._subset.size), np.float32),
-                            train_ids, all_test_ids[self._subset], meta=store_meta, source="Recorder")
+                            train_id_array, all_test_ids[self._subset], meta=store_meta, source="Recorder")
         self.train_ids: np.ndarray = ids.train_ids
         self.test_ids: np.ndarray = ids.test_ids
         self._train_lookup: dict[str, int] | None = None
@@ -420,7 +425,7 @@ class Recorder:
     def __enter__(self) -> Recorder:
         return self.start()
 
-    def __exit__(self, exc_type, exc, traceback) -> bool:
+    def __exit__(self, exc_type, exc, traceback) -> Literal[False]:
         if exc_type is None:
             self.finish()
         else:
@@ -498,6 +503,7 @@ class Recorder:
                 self._keep(len(self._batches), self.evaluate())
             log = self._build_log()
             store = self._open_store(create=True)
+            assert store is not None  # create=True always opens one
             if self._auto_run_id and log.run_id in store:
                 log = RunLog(self._free_run_id(store), log.curriculum, log.losses, log.eval_steps,
                              log.seed, log.meta)
@@ -628,7 +634,7 @@ class Recorder:
         lengths = []
         for row in self._subset:
             example = self._test_inputs[int(row)]
-            tokens = example.get("input_ids") if isinstance(example, Mapping) else example
+            tokens: Any = example.get("input_ids") if isinstance(example, Mapping) else example
             try:
                 lengths.append(len(tokens))
             except TypeError:
@@ -680,6 +686,7 @@ class Recorder:
                         f"got dtype {array.dtype}")
 
     def _build_log(self) -> RunLog:
+        assert self.run_id is not None  # named by _check_store at start
         width = max(batch.size for batch in self._batches)
         curriculum = np.full((len(self._batches), width), PAD, dtype=np.int32)
         for row, batch in zip(curriculum, self._batches):
@@ -780,7 +787,9 @@ class IndexedCollator:
                         else example for example in examples]
         collator = self.collator
         if collator is None:
-            from transformers import default_data_collator as collator
+            from transformers import default_data_collator
+
+            collator = default_data_collator
         batch = collator(examples)
         if not isinstance(batch, Mapping):
             raise TypeError(f"IndexedCollator: the collator returned a {type(batch).__name__}; it must return a "
@@ -951,7 +960,7 @@ def _trainer_meta(args: Any, state: Any = None) -> dict:
         value = getattr(value, "value", value)   # enums
         if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
             meta[key] = value
-    if state is not None and getattr(state, "max_steps", 0):
+    if state is not None and getattr(state, "max_steps", None):
         meta["effective_steps"] = int(state.max_steps)
     device = getattr(args, "device", None)
     if device is not None:

@@ -53,7 +53,9 @@ def run_learning_rates(meta: dict, num_steps: int) -> np.ndarray | None:
         array = np.asarray(rates, dtype=np.float64)
         if np.isfinite(array).all():
             return array
-    config = meta.get("task_config") if isinstance(meta.get("task_config"), dict) else {}
+    config = meta.get("task_config")
+    if not isinstance(config, dict):
+        config = {}
     if isinstance(meta.get("task"), str):
         from simfluence.collect.tasks.registry import get_task
 

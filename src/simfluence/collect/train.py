@@ -54,7 +54,7 @@ def _test_losses(task: Task, model, params=None) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-Checkpoint = Callable[[int, dict[str, torch.Tensor]], None]
+Checkpoint = Callable[[int, dict[str, torch.Tensor]], object]
 """``on_checkpoint(step, state_dict)``: called with the model's weights after ``step`` (0: the start)."""
 
 
@@ -108,12 +108,12 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
     record = np.zeros(curriculum.shape[0] + 1, dtype=bool)
     record[eval_steps] = True
     losses = [_test_losses(task, model)]
-    if 0 in checkpoints:
+    if 0 in checkpoints and on_checkpoint is not None:   # (checkpoints come with a callback)
         on_checkpoint(0, _state(model))
     for step in _sgd_steps(task, model, optimizer, curriculum):
         if record[step]:
             losses.append(_test_losses(task, model))
-        if step in checkpoints:
+        if step in checkpoints and on_checkpoint is not None:
             on_checkpoint(step, _state(model))
     return RunLog(run_id, curriculum, torch.stack(losses).numpy(), eval_steps, seed, dict(meta or {}))
 
@@ -136,7 +136,8 @@ def _check_checkpoint_steps(steps: Sequence[int], num_steps: int, callback) -> s
 def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence[str] | None = None,
                     seeds: Sequence[int | None] | None = None, meta: dict | None = None,
                     checkpoint_steps: Sequence[int] = (),
-                    on_checkpoint: Callable[[int, int, dict[str, torch.Tensor]], None] | None = None) -> list[RunLog]:
+                    on_checkpoint: Callable[[int, int, dict[str, torch.Tensor]], object] | None = None,
+                    ) -> list[RunLog]:
     """Train ``R`` runs at once, vectorised over runs; same results as :func:`train_run`.
 
     Args:
@@ -187,6 +188,7 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
     start_state = _state(model)
 
     def save_checkpoints(step: int) -> None:
+        assert on_checkpoint is not None  # _check_checkpoint_steps: no checkpoint steps without it
         for r in range(num_runs):
             on_checkpoint(r, step, {key: params[name][r].detach().clone() if name in params else start_state[key]
                                     for key, name in state_sources.items()})

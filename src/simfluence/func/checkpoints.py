@@ -18,6 +18,7 @@ the curriculum (:mod:`simfluence.collect.train`), so these are replayed from cur
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -62,10 +63,10 @@ def final_states(task: Task, curricula) -> list[dict[str, torch.Tensor]]:
             states[start + r] = state
 
         train_runs_vmap(task, chunk, eval_steps=[0], checkpoint_steps=[num_steps], on_checkpoint=keep)
-    return states
+    return cast(list[dict[str, torch.Tensor]], states)  # every run kept its state
 
 
-def checkpoint_weights(learning_rates, steps: Sequence[int]) -> np.ndarray:
+def checkpoint_weights(learning_rates, steps: Sequence[int] | np.ndarray) -> np.ndarray:
     """float64 ``[K]``: the summed learning rate of the steps each checkpoint stands for.
 
     Args:

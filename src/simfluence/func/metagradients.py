@@ -274,8 +274,8 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
             if slots[t].numel() == 0:
                 continue                                                        # no update: lambda unchanged
             if hvp == "reverse":
-                _, step_vjp = vjp(lambda p, w, t=t: update(p, w, t), theta_before,
-                                  _ones(slots[t].numel(), theta_before))
+                step_vjp = vjp(lambda p, w, t=t: update(p, w, t), theta_before,
+                               _ones(slots[t].numel(), theta_before))[1]
                 adjoint, weight_grads = _batched_vjp(step_vjp, adjoint, test_chunk)
                 del step_vjp
             else:

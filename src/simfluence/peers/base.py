@@ -282,13 +282,15 @@ def trajectory_checkpoints(task: Task, curriculum, steps: Sequence[int] | int) -
     if isinstance(steps, (int, np.integer)):
         if not 1 <= steps <= num_steps:
             raise ValueError(f"steps: a count must lie in 1..{num_steps}, got {steps}")
-        steps = np.unique((2 * np.arange(int(steps)) + 1) * num_steps // (2 * int(steps)))
-    steps = np.asarray(sorted({int(step) for step in steps}), dtype=np.int64)
-    weights = checkpoint_weights(task.learning_rates(num_steps), steps)
+        wanted = np.unique((2 * np.arange(int(steps)) + 1) * num_steps // (2 * int(steps))).tolist()
+    else:
+        wanted = list(steps)
+    chosen = np.asarray(sorted({int(step) for step in wanted}), dtype=np.int64)
+    weights = checkpoint_weights(task.learning_rates(num_steps), chosen)
     start = time.perf_counter()
-    states = train_states(task, curriculum, steps.tolist())
-    return Checkpoints(tuple(states), weights=weights, trainings=float(steps.max()) / num_steps,
-                       seconds=time.perf_counter() - start, steps=steps)
+    states = train_states(task, curriculum, chosen.tolist())
+    return Checkpoints(tuple(states), weights=weights, trainings=float(chosen.max()) / num_steps,
+                       seconds=time.perf_counter() - start, steps=chosen)
 
 
 def start_checkpoint(task: Task) -> Checkpoints:

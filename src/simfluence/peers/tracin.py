@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -71,7 +72,10 @@ def flat(inputs: Inputs, targets: torch.Tensor, keys: list[str] | None) -> tuple
 
     The last element, its "labels", is unused since :class:`LossModel` already returns the loss.
     """
-    tensors = [inputs[key] for key in keys] if keys is not None else [inputs]
+    if keys is None:
+        tensors = [cast(torch.Tensor, inputs)]
+    else:   # dict inputs
+        tensors = [cast(Mapping[str, torch.Tensor], inputs)[key] for key in keys]
     return (*tensors, targets, targets)
 
 

@@ -43,9 +43,8 @@ def _umask_at_import() -> int:
     return umask
 
 
-_IMPORT_UMASK = _umask_from_proc()
-if _IMPORT_UMASK is None:
-    _IMPORT_UMASK = _umask_at_import()
+_PROC_UMASK = _umask_from_proc()
+_IMPORT_UMASK: int = _umask_at_import() if _PROC_UMASK is None else _PROC_UMASK
 
 
 def current_umask() -> int:

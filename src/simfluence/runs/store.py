@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; creation is then only atomic, not exclusive
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # None marks "no locks" below
 
 from simfluence.runs.atomic import atomic_path, write_errors, write_text_atomic
 from simfluence.runs.interchange import read_npz_arrays
@@ -286,7 +286,9 @@ class RunStore:
         with write_errors(path.parent):
             path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".npz") as temporary:
-            np.savez(temporary, **{f"state.{key}": value.detach().cpu().numpy() for key, value in state.items()})
+            # numpy's stubs let ``**arrays`` fill ``allow_pickle`` (a bool): a false alarm
+            np.savez(temporary, **{f"state.{key}": value.detach().cpu().numpy()  # type: ignore[arg-type]
+                                   for key, value in state.items()})
         return path
 
     def checkpoint_steps(self, run_id: str) -> list[int]:

@@ -66,7 +66,7 @@ class AutoSimulator(Simulator):
         from simfluence.simulators import make_simulator
         from simfluence.simulators.linear import all_steps_mse
 
-        table = []
+        table: list[dict[str, Any]] = []
         if runs.num_runs >= MIN_RUNS and len(self.candidates) > 1:
             folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
                                    min(self.cv_folds, runs.num_runs))

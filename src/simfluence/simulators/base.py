@@ -24,7 +24,7 @@ import os
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -61,7 +61,10 @@ class NotFittedError(RuntimeError):
     """The simulator was used before ``fit`` (or ``load``)."""
 
 
-def register(cls: type[Simulator]) -> type[Simulator]:
+SimulatorT = TypeVar("SimulatorT", bound="Simulator")
+
+
+def register(cls: type[SimulatorT]) -> type[SimulatorT]:
     """Class decorator: make simulator class ``cls`` loadable by its ``kind``."""
     _REGISTRY[cls.kind] = cls
     return cls
@@ -107,9 +110,10 @@ class Simulator(ABC):
     kind: ClassVar[str]
 
     def __init__(self) -> None:
-        self.train_ids: np.ndarray | None = None
-        self.test_ids: np.ndarray | None = None
-        self.mean_change: np.ndarray | None = None
+        # Fitted state, None until fit or load; every use is behind _check_fitted, so typed as fitted.
+        self.train_ids: np.ndarray = None  # type: ignore[assignment]
+        self.test_ids: np.ndarray = None  # type: ignore[assignment]
+        self.mean_change: np.ndarray = None  # type: ignore[assignment]
         self.fit_digests: np.ndarray | None = None
         """str ``[R_fit]``: :func:`run_digests` of the fitting runs; ``None`` if saved without them."""
         self.fit_info: dict[str, Any] = {}
@@ -225,7 +229,8 @@ class Simulator(ABC):
         config["config_checksum"] = config_checksum(json.loads(json.dumps(config)))
         path = Path(path)
         with atomic_path(path, suffix=".npz") as temporary:
-            np.savez(temporary, config=np.array(json.dumps(config)), **arrays)
+            # numpy's stubs let ``**arrays`` fill ``allow_pickle`` (a bool): a false alarm
+            np.savez(temporary, config=np.array(json.dumps(config)), **arrays)  # type: ignore[arg-type]
         return path
 
     @staticmethod

@@ -269,7 +269,7 @@ def fit_coefficients(
 def refine_on_rollouts(
     runs: RunSet, phi: torch.Tensor, psi: torch.Tensor, kernels: torch.Tensor, params: Mapping[str, torch.Tensor],
     weight_decay: float, iterations: int, learning_rate: float = 1e-2,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
     """Fine-tune ``params`` with Adam on the rolled-out all-steps MSE of ``runs`` (from their true ``L_0``).
 
     One-step fits let errors compound over a rollout; this optimises the quantity that is scored.
@@ -382,8 +382,9 @@ class FeaturizedSimulator(Simulator):
             raise ValueError(f"checkpoints must be a positive integer, got {checkpoints!r}")
         self.checkpoints = int(checkpoints)
         self.checkpoint_curriculum: np.ndarray | None = None  # int [T, B]: the fitting run replayed for them
-        self.train_features: np.ndarray | None = None
-        self.test_features: np.ndarray | None = None
+        # Fitted state, None until fit or load (or given features are resolved); typed as fitted.
+        self.train_features: np.ndarray = None  # type: ignore[assignment]
+        self.test_features: np.ndarray = None  # type: ignore[assignment]
         self.kernel_blocks = np.zeros((0, 2), dtype=np.int64)  # [J, 2] feature column ranges, one per kernel
         self.kernel_scales = np.zeros(0)                        # [J]: root mean square of each kernel
         self.feature_scales = np.zeros(0)                       # [J]: of each block of task features
@@ -429,7 +430,7 @@ class FeaturizedSimulator(Simulator):
         num_steps = 0 if self.checkpoint_curriculum is None else self.checkpoint_curriculum.shape[0]
         return sorted({round(k * num_steps / self.checkpoints) for k in range(self.checkpoints)})
 
-    def _states(self, task) -> list[Mapping[str, torch.Tensor] | None]:
+    def _states(self, task) -> Sequence[Mapping[str, torch.Tensor] | None]:
         steps = self.checkpoint_steps()
         if steps == [0]:
             return [None]
@@ -486,7 +487,8 @@ class FeaturizedSimulator(Simulator):
         weight_decay, scores = ((self.weight_decay, None) if self.weight_decay is not None
                                 else self._cross_validate(runs, phi, psi, kernels))
         design, previous, delta = _problem(Transitions.of(runs))
-        self.params, info = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay, self.max_iter)
+        self.params, fitted = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay, self.max_iter)
+        info: dict[str, Any] = dict(fitted)
         if self.rollout_iterations:
             self.params, refined = refine_on_rollouts(runs, phi, psi, kernels, self.params, weight_decay,
                                                       self.rollout_iterations)
@@ -614,7 +616,8 @@ class FeaturizedSimulator(Simulator):
 
         task, options = self.task_spec, self.task_options
         if isinstance(task, Task):
-            task, options = task.name, task.config()
+            options = task.config()
+            task = task.name
         return {"task": task, "task_options": options, "features": self.features, "sketch_dim": self.sketch_dim,
                 "dim": self.dim, "weight_decay": self.weight_decay, "weight_decay_grid": list(self.weight_decay_grid),
                 "residual_ridge": self.residual_ridge, "residual_ridge_grid": list(self.residual_ridge_grid),
@@ -682,6 +685,7 @@ def _residuals(design: BatchDesign, previous: torch.Tensor, delta: torch.Tensor,
     summed = design.matmul(table)
     unexplained = delta - summed[:, :num_test] * previous - summed[:, num_test:]
     solution = solve_transition_ridge(design, previous, unexplained, ridge, fit_alpha=True, initial=initial)
+    assert solution.a is not None   # fit_alpha=True
     return torch.cat([solution.a, solution.b], dim=1), solution.iterations
 
 

@@ -127,6 +127,7 @@ class GradientSimulator(LinearSimulator):
     def _params(self) -> dict[str, Any]:
         from simfluence.collect.tasks import Task
 
+        options: Mapping[str, Any] | None
         if isinstance(self.task_spec, Task):
             name, options = self.task_spec.name, self.task_spec.config()
         else:
@@ -187,9 +188,10 @@ class TracInCPSimulator(GradientSimulator):
         self.checkpoint_steps = None if checkpoint_steps is None else sorted({int(s) for s in checkpoint_steps})
         self.checkpoints = checkpoints
 
-    def _checkpoints(self, task, runs: RunSet) -> tuple[list[int] | None, list[Mapping[str, torch.Tensor]]]:
+    def _checkpoints(self, task, runs: RunSet) -> tuple[list[int] | None, Sequence[Mapping[str, torch.Tensor]]]:
         """The checkpoint steps ``s_k`` (``None``: unknown) and their state dicts."""
         steps, num_steps = self.checkpoint_steps, runs.num_steps
+        states: Sequence[Mapping[str, torch.Tensor]]
         if isinstance(self.checkpoints, (str, os.PathLike)):
             from simfluence.runs.store import RunStore
 

@@ -202,7 +202,7 @@ class LinearSimulator(Simulator):
             raise ValueError(f"cv_folds must be at least 2, got {cv_folds}")
         self.ridge, self.ridge_grid, self.cv_folds = ridge, tuple(ridge_grid), cv_folds
         self.tol, self.max_iter, self.device, self.dtype, self.seed = tol, max_iter, device, dtype, seed
-        self.table: torch.Tensor | None = None
+        self.table: torch.Tensor = None  # type: ignore[assignment]  # fitted state, behind _check_fitted
         self.chosen_ridge: float | None = None
 
     # --- fitted coefficients ------------------------------------------------------
@@ -244,7 +244,7 @@ class LinearSimulator(Simulator):
                 warm = torch.cat([initial[:, num_test * k:][:, cols] for k in range(blocks)], dim=1)
             solution = solve_transition_ridge(design, previous, target, ridge, self.fit_alpha, self.tol,
                                               self.max_iter, warm)
-            for k, part in enumerate([solution.a, solution.b] if self.fit_alpha else [solution.b]):
+            for k, part in enumerate([solution.b] if solution.a is None else [solution.a, solution.b]):  # a: fit_alpha
                 table[:, num_test * k:][:, cols] = part
             iterations = max(iterations, solution.iterations)
             residual = max(residual, solution.max_relative_residual)

@@ -27,6 +27,7 @@ are laid out as ``W = [a | b]`` of shape ``[N, 2M]``. The preconditioner inverts
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def solve_transition_ridge(
         raise ValueError(f"ridge must be positive, got {ridge}")
     blocks = 2 if fit_alpha else 1
     num_cols = target.shape[1]
-    like = {"dtype": target.dtype, "device": target.device}
+    like: dict[str, Any] = {"dtype": target.dtype, "device": target.device}
     scratch = torch.empty(design.num_train, blocks * num_cols, **like)
     # Every iteration works in preallocated buffers: at scale, allocating the [N, 2M] and
     # [S, 2M] temporaries costs more than the arithmetic.
@@ -161,7 +162,7 @@ def dense_transition_ridge(
         features = np.hstack([previous[:, m : m + 1] * x, x]) if fit_alpha else x
         gram = features.T @ features + ridge * np.eye(features.shape[1])
         solution = np.linalg.solve(gram, features.T @ target[:, m])
-        if fit_alpha:
+        if a is not None:   # fit_alpha
             a[:, m], b[:, m] = solution[:num_train], solution[num_train:]
         else:
             b[:, m] = solution

@@ -112,7 +112,9 @@ def step_weights(runs: RunSet) -> np.ndarray:
 
 def adam_momentum(meta: dict) -> float | None:
     """Adam's ``beta1`` when the runs' meta says they were trained with Adam(W), else ``None``."""
-    trainer = meta.get("trainer") if isinstance(meta.get("trainer"), dict) else {}
+    trainer = meta.get("trainer")
+    if not isinstance(trainer, dict):
+        trainer = {}
     optimizer = str(trainer.get("optim") or meta.get("optimizer") or "").lower()
     if optimizer.startswith("adam") or optimizer in ADAM_OPTIMIZERS:
         beta1 = trainer.get("adam_beta1", 0.9)
@@ -193,7 +195,7 @@ class TrajectorySimulator(Simulator):
             x = _centred(features, target)[0]
             strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
             error, ridges = float("nan"), np.full(runs.num_test, self.ridge if self.ridge is not None else strong)
-            rank = self.rank if self.rank != "auto" else 0
+            rank = self.rank if isinstance(self.rank, int) else 0   # "auto" without a search: full rank
         else:
             best: tuple | None = None   # only the best setting's arrays are kept
             for setting in itertools.product(spaces, momenta, decays):
@@ -203,8 +205,9 @@ class TrajectorySimulator(Simulator):
                 table.append({"space": setting[0], "momentum": setting[1], "decay": setting[2], "cv_mse": error})
                 if best is None or error < best[0]:
                     best = (error, setting, features, target, ridges)
+            assert best is not None   # the grid has at least one setting
             error, (space, momentum, decay), features, target, ridges = best
-            ranks = _ranks(runs.num_train, runs.num_test) if self.rank == "auto" else [self.rank]
+            ranks = [self.rank] if isinstance(self.rank, int) else _ranks(runs.num_train, runs.num_test)  # or "auto"
             rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
             error, rank = min(zip(rank_errors, ranks))
             if self.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them

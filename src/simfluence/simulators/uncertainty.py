@@ -82,9 +82,10 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         if int(replicas) != replicas or replicas < 4:
             raise ValueError(f"replicas must be an integer >= 4 (out-of-bag calibration needs several), got {replicas}")
         self.replicas = int(replicas)
-        self.replica_tables: torch.Tensor | None = None  # [K, N, 2M]
-        self.noise_variance: np.ndarray | None = None    # [T_fit + 1, M]
-        self.score_quantiles: np.ndarray | None = None   # [len(_SCORE_GRID)]
+        # Fitted state, None until fit or load; every use is behind _check_fitted, so typed as fitted.
+        self.replica_tables: torch.Tensor = None  # type: ignore[assignment]  # [K, N, 2M]
+        self.noise_variance: np.ndarray = None  # type: ignore[assignment]    # [T_fit + 1, M]
+        self.score_quantiles: np.ndarray = None  # type: ignore[assignment]   # [len(_SCORE_GRID)]
 
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
@@ -92,9 +93,11 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
             raise RunDataError("<runs>", "runs", f"bootstrap intervals need at least 4 fitting runs, got "
                                f"{runs.num_runs}", "collect more runs")
         super()._fit(runs)
+        ridge = self.chosen_ridge
+        assert ridge is not None  # chosen by super()._fit
         rng = np.random.default_rng(self.seed)
         draws = rng.integers(0, runs.num_runs, (self.replicas, runs.num_runs))
-        tables = [self._solve(Transitions.of(runs.select(draw)), self.chosen_ridge, initial=self.table)[0]
+        tables = [self._solve(Transitions.of(runs.select(draw)), ridge, initial=self.table)[0]
                   for draw in progress_bar(draws, desc="fit linear-bootstrap", unit="replica", leave=False)]
         self.replica_tables = torch.stack(tables)
         in_bag = np.zeros((self.replicas, runs.num_runs), dtype=bool)

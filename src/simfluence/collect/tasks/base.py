@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,7 +49,7 @@ def num_examples(inputs: Inputs) -> int:
     return int(inputs.shape[0])
 
 
-def take(inputs: Inputs, index: torch.Tensor) -> Inputs:
+def take(inputs: Inputs, index: torch.Tensor | int) -> Inputs:
     """Rows ``index`` (any integer shape ``S``) of every tensor: shapes ``[N, ...] -> [*S, ...]``."""
     if isinstance(inputs, Mapping):
         return {key: value[index] for key, value in inputs.items()}
@@ -211,11 +211,12 @@ class Task(ABC):
 
     def forward(self, model: nn.Module, inputs: Inputs, params: Mapping[str, torch.Tensor] | None = None) -> Any:
         """Model outputs for ``inputs``; with ``params``, a functional call with those weights."""
-        if params is None:
-            call = model
-        else:
-            def call(*args, **kwargs):
-                return functional_call(model, params, args, kwargs)
+        call: Callable[..., Any] = model
+        if params is not None:
+            def call_with_params(*args, **kwargs):
+                # functional_call only reads the mapping; its annotation asks for a dict
+                return functional_call(model, params, args, kwargs)  # type: ignore[arg-type]
+            call = call_with_params
         return call(**inputs) if isinstance(inputs, Mapping) else call(inputs)
 
     def example_losses(self, model: nn.Module, inputs: Inputs, targets: torch.Tensor,

@@ -29,6 +29,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -107,7 +108,8 @@ class DigitsMLP(Task):
         gradient of the last layer).
         """
         inputs, targets = self.split_data(split)
-        model = self.build_model().eval()
+        inputs = cast(torch.Tensor, inputs)               # pixels: one tensor
+        model = cast(nn.Sequential, self.build_model().eval())
         with torch.no_grad():
             hidden = model[1](model[0](inputs))
             error = output_error(model[2](hidden), targets)
@@ -152,14 +154,14 @@ def _split(split_seed: int, num_train: int, num_test: int, pretrain_per_class: t
         raise ValueError(f"num_train + num_test: {num_train + num_test} leaves no digits for pretraining "
                          f"(there are {labels.size}); use fewer")
     test, train, rest = order[:num_test], order[num_test:num_test + num_train], order[num_test + num_train:]
-    pretrain = []
+    parts = []
     for digit, count in enumerate(pretrain_per_class):
         candidates = rest[labels[rest] == digit]
         if count > candidates.size:
             raise ValueError(f"pretrain_per_class[{digit}]: {count} requested, only {candidates.size} "
                              "digits of that class are left after the split; ask for fewer")
-        pretrain.append(candidates[:count])
-    pretrain = np.sort(np.concatenate(pretrain))
+        parts.append(candidates[:count])
+    pretrain = np.sort(np.concatenate(parts))
     if pretrain.size == 0:
         raise ValueError("pretrain_per_class: all zero; pretraining needs at least one example")
     return {"test": test, "train": train, "pretrain": pretrain}

@@ -31,7 +31,7 @@ import functools
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from simfluence.collect.tasks.registry import register_task
 from simfluence.collect.threads import torch_threads
 from simfluence.errors import require_extra
 from simfluence.func.devices import check_device
+
+if TYPE_CHECKING:
+    from transformers import BertForSequenceClassification
 
 HF_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 """Our schedule names -> ``TrainingArguments.lr_scheduler_type``."""
@@ -139,9 +142,9 @@ class MiniLMFinetune(Task):
             batch = collate(self.examples(split))
             parts[split] = ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                             batch["labels"])
-        split = self._split()
+        rows = self._split()
         ids = load_glosses().ids
-        return TaskData(ids[split["train"]], ids[split["test"]], *parts["train"], *parts["test"])
+        return TaskData(ids[rows["train"]], ids[rows["test"]], *parts["train"], *parts["test"])
 
     def build_model(self) -> nn.Module:
         """``BertForSequenceClassification``: MiniLM as shipped (dropout off) and the warmed-up head."""
@@ -250,7 +253,7 @@ def _examples(key: tuple, split: str) -> list[dict]:
             for item, label in zip(encoded, labels)]
 
 
-def _bert_classifier(num_labels: int) -> nn.Module:
+def _bert_classifier(num_labels: int) -> BertForSequenceClassification:
     require_extra("hf", "transformers", "task 'minilm-finetune'")
     from transformers import BertConfig, BertForSequenceClassification
     from transformers.utils import logging as hf_logging

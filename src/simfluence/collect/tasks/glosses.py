@@ -115,7 +115,7 @@ def take_slices(lexnames: tuple[str, ...], sizes: dict[str, tuple[int, ...]], sa
     ``eligible`` (bool ``[S]``, optional) leaves out the synsets where it is false.
     Returns ``{split: int64 rows}``, each grouped by lexname in ``lexnames`` order.
     """
-    out = {split: [] for split in sizes}
+    out: dict[str, list[np.ndarray]] = {split: [] for split in sizes}
     for k, lexname in enumerate(lexnames):
         order = lexname_rows(lexname, salt)
         if eligible is not None:

@@ -53,7 +53,9 @@ from __future__ import annotations
 import collections
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -154,7 +156,7 @@ class TinyLM(Task):
 
     def example_features(self, split: str) -> np.ndarray:
         """float32 ``[n, n_embd]``: the pretrained model's last hidden state, averaged over the tokens."""
-        inputs, _ = self.split_data(split)
+        inputs = cast(Mapping[str, torch.Tensor], self.split_data(split)[0])   # input_ids, attention_mask
         model = self.build_model().eval()
         with torch.no_grad():
             hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
@@ -310,7 +312,7 @@ def _choose_vocab(pretraining: list[str], vocab_size: int) -> torch.Tensor:
     specials = {ids[token] for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
     glosses = load_glosses()
     everything = glosses.definitions.tolist() + glosses.example_sentences(np.arange(glosses.ids.size))
-    characters = set()
+    characters: set[str] = set()
     for item in base.encode_batch(everything, add_special_tokens=False):
         for token in item.tokens:
             characters.update(token[2:] if token.startswith("##") else token)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -132,6 +133,7 @@ class TextMiniLM(Task):
         product with the embedding is the gradient).
         """
         inputs, targets = self.split_data(split)
+        inputs = cast(torch.Tensor, inputs)               # embeddings: one tensor
         head = self.build_model()
         with torch.no_grad():
             error = output_error(head(inputs), targets)
