@@ -10,6 +10,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -54,7 +55,8 @@ class _OneLineGroup(click.Group):
     def main(self, *args, **kwargs):
         kwargs.pop("standalone_mode", None)
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            # click's overloads of main cannot see standalone_mode through *args
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         except click.UsageError as error:
             command = error.ctx.command_path if error.ctx is not None else "simfluence"
             click.echo(f"error: {error.format_message()} (see '{command} --help')", err=True)
@@ -124,7 +126,7 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
         click.echo("cross-validated all-steps MSE on the fitting runs (lower is better):")
         for row in sorted(table, key=lambda row: row["cv_mse"]):
             click.echo(f"  {row['method']:<20} {row['cv_mse']:.4g}")
-        click.echo(f"chose {simulator.chosen_}")
+        click.echo(f"chose {simulator.fit_info['chosen']}")
     click.echo(f"fitted {method} on {run_set.num_runs} runs of {run_set.num_steps} steps "
                f"({run_set.num_train} training, {run_set.num_test} test examples){_fit_summary(simulator.fit_info)}")
     click.echo(f"wrote {out}  (details: --json)")
@@ -325,15 +327,15 @@ def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, execu
     from simfluence.collect import collect as collect_runs
     from simfluence.collect import get_task
 
-    options = _task_options(options)
+    task_options = _task_options(options)
     if device is not None:
         if get_task(task).runner != "trainer":
             raise ValueError(f"--device: task '{task}' trains on the CPU with the vectorised trainer; --device is for "
                              "tasks trained by the Hugging Face Trainer (minilm-finetune)")
-        options["device"] = device
+        task_options["device"] = device
     eval_steps = None if eval_every == 1 else sorted(set(range(0, num_steps + 1, eval_every)) | {num_steps})
     steps = _integers(checkpoint_steps, "--checkpoint-steps") if checkpoint_steps else None
-    store = collect_runs(get_task(task, **options), out, num_runs, num_steps, seed,
+    store = collect_runs(get_task(task, **task_options), out, num_runs, num_steps, seed,
                          eval_steps=eval_steps, workers=workers, executor=executor, address=address,
                          checkpoint_steps=steps)
     click.echo(f"{store!r}")
@@ -362,8 +364,8 @@ def benchmark(task: str, out: str | None, quick: bool, num_runs: int | None, num
     """Fit and score every method on held-out runs of TASK; writes benchmark.md/.json and a plot."""
     from simfluence.benchmark import BenchmarkConfig, benchmark_markdown, run_benchmark
 
-    overrides = {key: value for key, value in (("num_runs", num_runs), ("num_steps", num_steps),
-                                               ("num_heldout", num_heldout)) if value is not None}
+    overrides: dict[str, Any] = {key: value for key, value in (("num_runs", num_runs), ("num_steps", num_steps),
+                                                               ("num_heldout", num_heldout)) if value is not None}
     if methods:
         overrides["methods"] = tuple(method.strip() for method in methods.split(","))
     overrides.update(task=task, out_dir=out or f"out/benchmark-{task}", seed=seed, workers=workers)
@@ -409,9 +411,9 @@ def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps
     """
     from simfluence.lds_benchmark import LDSConfig, lds_markdown, run_lds
 
-    overrides = {key: value for key, value in (("num_runs", num_runs), ("num_steps", num_steps),
-                                               ("num_subsets", num_subsets), ("fraction", fraction),
-                                               ("num_removals", num_removals)) if value is not None}
+    overrides: dict[str, Any] = {key: value for key, value in (("num_runs", num_runs), ("num_steps", num_steps),
+                                                               ("num_subsets", num_subsets), ("fraction", fraction),
+                                                               ("num_removals", num_removals)) if value is not None}
     if methods:
         overrides["methods"] = tuple(method.strip() for method in methods.split(",") if method.strip())
     overrides.update(task=task, out_dir=out or f"out/lds-{task}", seed=seed)
@@ -475,20 +477,20 @@ def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ..
             if not equals or not name or not members:
                 raise ValueError(f"--group {text!r}: expected NAME=id,id,... (training ids or indices)")
             parsed[name] = [resolve_id(member, train_ids, f"--group {name}") for member in members.split(",")]
-        result = leave_group_out(simulator, steps, initial, parsed, test_index)
-        rows = [{"group": name, "size": int(members.size), "final_delta": result.final_delta[g].tolist(),
-                 "final_sum_of_singles": result.final_sum[g].tolist(),
-                 "final_interaction": result.final_interaction[g].tolist(),
-                 "mean_delta": result.mean_delta[g].tolist(), "mean_interaction": result.mean_interaction[g].tolist()}
-                for g, (name, members) in enumerate(zip(result.names, result.members))]
+        grouped = leave_group_out(simulator, steps, initial, parsed, test_index)
+        rows = [{"group": name, "size": int(members.size), "final_delta": grouped.final_delta[g].tolist(),
+                 "final_sum_of_singles": grouped.final_sum[g].tolist(),
+                 "final_interaction": grouped.final_interaction[g].tolist(),
+                 "mean_delta": grouped.mean_delta[g].tolist(), "mean_interaction": grouped.mean_interaction[g].tolist()}
+                for g, (name, members) in enumerate(zip(grouped.names, grouped.members))]
         if as_json:
-            click.echo(json.dumps({"test_ids": simulator.test_ids[result.test_index].tolist(), "groups": rows}))
+            click.echo(json.dumps({"test_ids": simulator.test_ids[grouped.test_index].tolist(), "groups": rows}))
             return
         click.echo(f"{'group':<16} {'size':>4} {'final delta':>12} {'sum of singles':>15} {'interaction':>12}"
                    "   (mean over the selected test examples)")
         for g, row in enumerate(rows):
-            click.echo(f"{row['group']:<16} {row['size']:>4} {result.final_delta[g].mean():>+12.3g} "
-                       f"{result.final_sum[g].mean():>+15.3g} {result.final_interaction[g].mean():>+12.2e}")
+            click.echo(f"{row['group']:<16} {row['size']:>4} {grouped.final_delta[g].mean():>+12.3g} "
+                       f"{grouped.final_sum[g].mean():>+15.3g} {grouped.final_interaction[g].mean():>+12.2e}")
         return
     result = leave_one_out(simulator, steps, initial, test_index, progress=not as_json)
 
