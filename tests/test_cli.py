@@ -114,3 +114,23 @@ def test_query_commands_print_json_on_request(tmp_path):
                     "--initial", curriculum, "--random", 10, "--json")
     record = json.loads(result.output)
     assert len(record["order"]) == 3 and record["objective"] <= record["random_best"] + 1e-6
+
+
+def test_simulate_accepts_every_source_the_queries_accept(tmp_path):
+    runs, _, _ = linear_runs(num_runs=6, seed=6)
+    save_runs(runs, tmp_path / "runs.npz")
+    save_runs(runs, tmp_path / "store")
+    assert invoke("fit", tmp_path / "runs.npz", "--method", "additive", "--out", tmp_path / "m.npz").exit_code == 0
+    expected = None
+    for source in ("runs.npz", "store"):
+        result = invoke("simulate", tmp_path / "m.npz", tmp_path / source, "--out", tmp_path / "t.npz")
+        assert result.exit_code == 0, result.output
+        with np.load(tmp_path / "t.npz") as out:
+            if expected is None:
+                expected = out["trajectories"]
+            np.testing.assert_array_equal(out["trajectories"], expected)
+    np.savez(tmp_path / "one.npz", curriculum=runs.curricula[2], initial_losses=runs.initial_losses[2])
+    result = invoke("simulate", tmp_path / "m.npz", tmp_path / "one.npz", "--out", tmp_path / "t1.npz")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "t1.npz") as out:
+        np.testing.assert_allclose(out["trajectories"][0], expected[2], rtol=1e-6)

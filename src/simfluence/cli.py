@@ -175,37 +175,46 @@ def evaluate(model: str, heldout: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("curricula", type=click.Path(exists=True, dir_okay=False))
+@click.argument("curricula", type=click.Path(exists=True))
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Trajectories file (.npz).")
 @click.option("--interval", type=float, default=None,
               help="Also write prediction intervals at this level, e.g. 0.9 (linear-bootstrap models).")
 @_user_errors
 def simulate(model: str, curricula: str, out: str, interval: float | None) -> None:
-    """Simulate trajectories for CURRICULA.npz.
+    """Simulate trajectories for CURRICULA.
 
-    The file holds ``curricula`` int [R, T, B] and ``initial_losses`` float [R, M] (an interchange
-    file works too: its step-0 losses are used). Writes ``trajectories`` float32 [R, T + 1, M]
-    and ``test_ids``; with ``--interval``, also ``lower`` and ``upper`` of the same shape.
+    CURRICULA is runs (a store or an interchange .npz: every run's curriculum from its own losses
+    before training), an .npz with ``curricula`` int [R, T, B] and ``initial_losses`` float [R, M],
+    or one curriculum (``curriculum`` [T, B], ``initial_losses`` [M], as ``optimize --out`` writes).
+    Writes ``trajectories`` float32 [R, T + 1, M] and ``test_ids``; with ``--interval``, also
+    ``lower`` and ``upper`` of the same shape.
     """
+    from simfluence.query import load_query_curriculum
     from simfluence.simulators import Simulator
 
     simulator = Simulator.load(model)
-    arrays = read_npz_arrays(curricula, ("curricula",))
-    if "initial_losses" in arrays:
-        initial = arrays["initial_losses"]
-    elif "losses" in arrays:
-        initial = arrays["losses"][:, 0]
-    else:
-        raise RunDataError(curricula, "initial_losses", "is missing", "add the losses before training, [runs, test]")
+    arrays = read_npz_arrays(curricula, ()) if Path(curricula).is_file() else {}
+    if "curricula" in arrays and "losses" not in arrays:  # curricula with their own starting losses
+        if "initial_losses" not in arrays:
+            raise RunDataError(curricula, "initial_losses", "is missing",
+                               "add the losses before training, [runs, test]")
+        steps, initial = arrays["curricula"], arrays["initial_losses"]
+    elif "curriculum" in arrays:                      # one curriculum (optimize --out)
+        curriculum, losses = load_query_curriculum(curricula, simulator)
+        steps, initial = curriculum[None], losses[None]
+    else:                                             # runs: a store or an interchange file
+        runs = load_runs(curricula)
+        simulator.check_compatible(runs, curricula)
+        steps, initial = runs.curricula, runs.initial_losses
     bands = {}
     if interval is None:
-        trajectories = simulator.simulate(arrays["curricula"], initial, source=curricula)
+        trajectories = simulator.simulate(steps, initial, source=curricula)
     elif not hasattr(simulator, "simulate_interval"):
         raise ValueError(f"--interval: {model} is a '{simulator.kind}' model, which has no intervals "
                          "(fit one with --method linear-bootstrap)")
     else:
         bands["lower"], trajectories, bands["upper"] = simulator.simulate_interval(
-            arrays["curricula"], initial, level=interval, source=curricula)
+            steps, initial, level=interval, source=curricula)
     with atomic_path(out, suffix=".npz") as temporary:
         np.savez(temporary, trajectories=trajectories, test_ids=simulator.test_ids.astype(str), **bands)
     arrays_written = ", ".join(["trajectories", *bands])
