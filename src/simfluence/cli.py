@@ -21,7 +21,7 @@ from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
 
 METHODS = ["auto", "linear-trajectory", "linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive",
-           "mean-trajectory", "constant", "featurized"]
+           "mean-trajectory", "constant", "featurized", "gptfluence"]
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 CV_FOLDS = click.IntRange(min=2)
@@ -78,8 +78,8 @@ def main() -> None:
 @main.command()
 @click.argument("runs", type=click.Path(exists=True))
 @click.option("--method", type=click.Choice(METHODS + GRADIENT_METHODS), default="auto", show_default=True,
-              help="auto: the family with the least cross-validated error on the fitting runs. Gradient methods "
-                   "and featurized take the task (model, data) from the runs' meta.")
+              help="auto: the family with the least cross-validated error on the fitting runs. Gradient methods, "
+                   "featurized and gptfluence take the task (model, data) from the runs' meta.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
 @click.option("--ridge", type=click.FloatRange(min=0), default=None,
               help="Ridge strength; default: chosen by cross-validation.")

@@ -5,6 +5,7 @@ from simfluence.simulators.auto import AutoSimulator
 from simfluence.simulators.base import NotFittedError, Simulator, simulator_kinds
 from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySimulator
 from simfluence.simulators.featurized import FeaturizedSimulator
+from simfluence.simulators.gptfluence import GPTfluenceSimulator
 from simfluence.simulators.gradient import (
     GradDotScaledSimulator,
     GradDotSimulator,
@@ -22,7 +23,7 @@ SIMULATORS = {cls.kind: cls for cls in (
     LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, PairwiseSimulator, AdditiveSimulator,
     MeanTrajectorySimulator, ConstantSimulator,
     GradDotSimulator, GradDotScaledSimulator, TracInCPSimulator, TracInCPScaledSimulator, InfluenceSimulator,
-    InfluenceScaledSimulator, FeaturizedSimulator, TrajectorySimulator, AutoSimulator)}
+    InfluenceScaledSimulator, FeaturizedSimulator, TrajectorySimulator, AutoSimulator, GPTfluenceSimulator)}
 
 
 def make_simulator(kind: str, **params) -> Simulator:
@@ -39,6 +40,7 @@ __all__ = [
     "BootstrapLinearSimulator",
     "ConstantSimulator",
     "FeaturizedSimulator",
+    "GPTfluenceSimulator",
     "GradDotScaledSimulator",
     "GradDotSimulator",
     "InfluenceScaledSimulator",
