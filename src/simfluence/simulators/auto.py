@@ -58,9 +58,13 @@ class AutoSimulator(Simulator):
         # Set by load() only: which candidate the saved file holds.
         self._saved_choice = (chosen, chosen_params)
 
+    fitted_params = ("chosen", "chosen_params")
+
     def _params(self) -> dict[str, Any]:
+        fitted = hasattr(self, "model_")
         return {"candidates": list(self.candidates), "cv_folds": self.cv_folds, "seed": self.seed,
-                "chosen": self.chosen_, "chosen_params": self.model_._params()}
+                "chosen": self.chosen_ if fitted else None,
+                "chosen_params": self.model_._params() if fitted else None}
 
     def _fit(self, runs: RunSet) -> None:
         from simfluence.simulators import make_simulator

@@ -108,6 +108,8 @@ class Simulator(ABC):
     """Base class: subclasses implement ``_fit``, ``_simulate``, ``_params`` and the array state."""
 
     kind: ClassVar[str]
+    fitted_params: ClassVar[tuple[str, ...]] = ()
+    """Keys of :meth:`_params` that record fitted state for loading (e.g. ``auto``'s choice), not settings."""
 
     def __init__(self) -> None:
         # Fitted state, None until fit or load; every use is behind _check_fitted, so typed as fitted.
@@ -206,6 +208,13 @@ class Simulator(ABC):
     def _params(self) -> dict[str, Any]:
         """Constructor arguments, JSON-serialisable."""
         return {}
+
+    def settings(self) -> dict[str, Any]:
+        """The settings the simulator was built with: :meth:`_params` without :attr:`fitted_params`.
+
+        ``fit`` never changes them (fitted state lives in attributes ending in ``_`` and ``fit_info``).
+        """
+        return {key: value for key, value in self._params().items() if key not in self.fitted_params}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """Fitted numeric state."""

@@ -59,6 +59,7 @@ seen) test examples from their features alone.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -394,12 +395,31 @@ class FeaturizedSimulator(Simulator):
 
     # --- features -------------------------------------------------------------------
     def task(self, runs: RunSet | None = None):
-        """The task that supplies features (resolved from the runs' meta when not given)."""
+        """The task that supplies features.
+
+        The setting ``task``, else the one ``runs``' meta names, else (after fitting or loading)
+        the one the fitting runs named (``fit_info``).
+        """
         from simfluence.collect.tasks.registry import replayable_task, task_for_runs
 
-        self.task_spec = task_for_runs(self.task_spec, self.task_options, {} if runs is None else runs.meta,
-                                       "pass train_features and test_features, or task=")
-        return replayable_task(self.task_spec)
+        if runs is not None:
+            meta = runs.meta
+        elif "task" in self.fit_info:
+            meta = {"task": self.fit_info["task"], "task_config": self.fit_info.get("task_config", {})}
+        else:
+            meta = {}
+        # One task object per (task, options): its data (e.g. embeddings) is loaded once.
+        key = json.dumps([meta.get("task"), meta.get("task_config")], sort_keys=True, default=str)
+        cached = getattr(self, "_task_cache", None)
+        if cached is not None and cached[0] == key:
+            task = cached[1]
+        else:
+            task = replayable_task(task_for_runs(self.task_spec, self.task_options, meta,
+                                                 "pass train_features and test_features, or task="))
+            self._task_cache = (key, task)
+        if runs is not None:  # fitted state, kept with the model so loading can find it again
+            self.fit_info.update(task=task.name, task_config=task.config())
+        return task
 
     def task_features(self, split: str, ids: np.ndarray, runs: RunSet | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Unscaled ``features`` of the ``split`` examples ``ids`` from the task.

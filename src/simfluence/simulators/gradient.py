@@ -85,9 +85,12 @@ class GradientSimulator(LinearSimulator):
     def _task_for(self, runs: RunSet):
         from simfluence.collect.tasks.registry import replayable_task, task_for_runs
 
-        self.task_spec = task_for_runs(self.task_spec, self.task_options, runs.meta,
-                                       "pass task=... (the Task the runs were collected from)")
-        return replayable_task(self.task_spec)
+        # The resolved task is fitted state (task_): the setting task_spec stays as given, so a
+        # second fit on other runs reads their task, not the first runs'.
+        self.task_ = replayable_task(task_for_runs(self.task_spec, self.task_options, runs.meta,
+                                                   "pass task=... (the Task the runs were collected from)"))
+        self.fit_info.update(task=self.task_.name)
+        return self.task_
 
     @staticmethod
     def _learning_rates(task, runs: RunSet) -> np.ndarray:
@@ -220,7 +223,8 @@ class TracInCPSimulator(GradientSimulator):
 
     def _scores(self, task, runs, rates):
         steps, states = self._checkpoints(task, runs)
-        self.checkpoint_steps = steps
+        self.checkpoint_steps_ = steps          # fitted: the steps used (the setting may be None)
+        self.fit_info.update(checkpoint_steps=steps)
         if steps is None:
             weights = [rates.mean() / len(states)] * len(states)
         else:  # checkpoint k stands for steps s_k < t <= s_{k+1} (rates[t - 1]); the first also for those before it
