@@ -42,7 +42,7 @@ import numpy as np
 from simfluence.progress import progress_bar
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
-from simfluence.runs.log import PAD, RunDataError, validate_curriculum, validate_losses
+from simfluence.runs.log import PAD, RunDataError, check_indices, validate_curriculum, validate_losses
 from simfluence.runs.store import load_runs
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.linear import LinearSimulator, rollout
@@ -151,15 +151,7 @@ def _check_initial(simulator: Simulator, initial_losses) -> np.ndarray:
 
 def check_test_index(simulator: Simulator, test_index) -> np.ndarray:
     """int64 ``[M']`` test-example indices (``None``: all), checked against the simulator."""
-    num_test = simulator.test_ids.size
-    if test_index is None:
-        return np.arange(num_test)
-    index = np.atleast_1d(np.asarray(test_index))
-    if index.ndim != 1 or index.size == 0 or index.dtype.kind not in "iu":
-        raise ValueError(f"test_index: expected a non-empty 1-D list of integer indices, got {index!r}")
-    if index.min() < 0 or index.max() >= num_test:
-        raise ValueError(f"test_index: indices must lie in [0, {num_test - 1}], got {index.min()}..{index.max()}")
-    return index.astype(np.int64)
+    return check_indices(test_index, simulator.test_ids.size, "test_index")
 
 
 def simulate_curricula(simulator: Simulator, curricula, initial_losses, test_index=None,

@@ -1,7 +1,6 @@
 """Fixtures for the peer tests; the tiny tasks live in tests/peer_tasks.py."""
 
 import pytest
-import torch
 
 from peer_tasks import SIZES
 from simfluence.collect import DigitsMLP, UniformSampler
@@ -12,12 +11,8 @@ pytest.importorskip("captum")
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and are not slowed by a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every test here on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from simfluence.collect.tasks.base import Inputs, Task, take
 from simfluence.progress import progress_bar
-from simfluence.runs.log import PAD
+from simfluence.runs.log import PAD, check_indices
 
 Params = dict[str, torch.Tensor]
 
@@ -199,7 +199,7 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
                          f"'{task.optimizer}' (runner '{getattr(task, 'runner', 'torch')}'); only SGD tasks "
                          "such as digits-mlp, text-minilm and tiny-lm are supported")
     curriculum = _check_curriculum(curriculum, task.num_train)
-    test_index = _check_test_index(test_index, task.num_test)
+    test_index = check_indices(test_index, task.num_test, "test_index")
     num_steps, batch_size = curriculum.shape
     every = _check_checkpoint_every(checkpoint_every, num_steps)
     if hvp not in ("reverse", "forward"):
@@ -392,17 +392,6 @@ def _check_curriculum(curriculum, num_train: int) -> np.ndarray:
         raise ValueError(f"curriculum: entries must lie in [0, {num_train - 1}] (the training examples) or be "
                          f"{PAD} (padding), got {int(array.min())}..{int(array.max())}")
     return array.astype(np.int32)
-
-
-def _check_test_index(test_index, num_test: int) -> np.ndarray:
-    if test_index is None:
-        return np.arange(num_test, dtype=np.int64)
-    index = np.atleast_1d(np.asarray(test_index))
-    if index.ndim != 1 or index.size == 0 or index.dtype.kind not in "iu":
-        raise ValueError(f"test_index: expected a non-empty 1-D list of integer indices, got {test_index!r}")
-    if index.min() < 0 or index.max() >= num_test:
-        raise ValueError(f"test_index: indices must lie in [0, {num_test - 1}], got {index.min()}..{index.max()}")
-    return index.astype(np.int64)
 
 
 def _check_checkpoint_every(every, num_steps: int) -> int:

@@ -41,6 +41,7 @@ from simfluence.collect.tasks.base import Inputs, Task, take
 from simfluence.collect.train import train_states
 from simfluence.errors import require_extra
 from simfluence.func.checkpoints import checkpoint_weights, final_states
+from simfluence.runs.log import check_indices
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -176,8 +177,8 @@ class Peer(ABC):
         """
         require_extra("peers", self.module, f"the '{self.name}' peer")
         checkpoints = Checkpoints.of(checkpoints)
-        train_index = _index(train_index, task.num_train, "train_index")
-        test_index = _index(test_index, task.num_test, "test_index")
+        train_index = check_indices(train_index, task.num_train, "train_index")
+        test_index = check_indices(test_index, task.num_test, "test_index")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
         start = time.perf_counter()
@@ -202,19 +203,6 @@ class Peer(ABC):
     def _scores(self, task: Task, checkpoints: Checkpoints, train_index: np.ndarray, test_index: np.ndarray,
                 progress: bool) -> np.ndarray:
         """The method proper: float ``[N', M']`` in the shared orientation."""
-
-
-def _index(index, size: int, name: str) -> np.ndarray:
-    """int64 rows ``index`` checked against ``size`` (``None``: all of ``0..size-1``)."""
-    if index is None:
-        return np.arange(size, dtype=np.int64)
-    array = np.asarray(index)
-    if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected a non-empty 1-D array of integer indices, got {array.dtype} "
-                         f"of shape {array.shape}")
-    if array.min() < 0 or array.max() >= size:
-        raise ValueError(f"{name}: indices must lie in 0..{size - 1}, got [{array.min()}, {array.max()}]")
-    return array.astype(np.int64)
 
 
 # --- what a method needs from the task --------------------------------------------------

@@ -122,6 +122,23 @@ def validate_curriculum(curriculum: Any, num_train: int, source: str, name: str 
     return array.astype(np.int32, copy=False)
 
 
+def check_indices(index: Any, size: int, name: str) -> np.ndarray:
+    """int64 ``[K]`` indices into ``size`` rows (``None``: all of ``0..size-1``; a scalar: one).
+
+    Raises a ``ValueError`` naming ``name`` unless ``index`` is a non-empty 1-D integer array
+    with every entry in ``0..size-1``.
+    """
+    if index is None:
+        return np.arange(size, dtype=np.int64)
+    array = np.atleast_1d(np.asarray(index))
+    if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected a non-empty 1-D list of integer indices, got {array.dtype} "
+                         f"of shape {array.shape}")
+    if array.min() < 0 or array.max() >= size:
+        raise ValueError(f"{name}: indices must lie in 0..{size - 1}, got {array.min()}..{array.max()}")
+    return array.astype(np.int64)
+
+
 def validate_eval_steps(eval_steps: Any, num_steps: int, source: str) -> np.ndarray:
     """int32 ``eval_steps``, checked: 1-D, starting at 0, increasing, at most ``num_steps``."""
     array = np.asarray(eval_steps)
