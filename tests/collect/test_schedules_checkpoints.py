@@ -73,7 +73,8 @@ def test_tracin_from_stored_checkpoints_weights_them_by_the_schedule(tmp_path):
     runs = store.load()
     stored = TracInCPSimulator(checkpoints=str(store.root)).fit(runs)
     replayed = TracInCPSimulator(checkpoint_steps=[0, 4]).fit(runs)
-    assert stored.task_spec.lr_schedule == "linear"  # the task and its options came from the runs' meta
+    assert stored.task_.lr_schedule == "linear"  # the task and its options came from the runs' meta
+    assert stored.task_spec is None               # ... as fitted state: the setting stays as given
     np.testing.assert_allclose(stored.coefficients[1], replayed.coefficients[1], rtol=1e-4, atol=1e-9)
 
     # Reference: checkpoint 0 stands for steps 1-4, checkpoint 4 for steps 5-8.
