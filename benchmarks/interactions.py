@@ -197,9 +197,12 @@ def two_key_experiment(num_runs: int = 96, num_steps: int = 40, num_heldout: int
         probe_initial = np.repeat(runs.initial_losses[:1], flat.shape[0], axis=0)
         simulated = simulator.simulate(flat, probe_initial)[:, -1].reshape(variants.shape[0], 4, -1)
         simulated_needs_both = interaction_of(simulated)[:, needs_both].ravel()
+        metrics = score(predicted, heldout)
         result["simulators"][name] = {
             "fit_seconds": fit_seconds,
-            "heldout_mse": score(predicted, heldout).mse,
+            "rounds_used": simulator.fit_info.get("rounds_used"),
+            "heldout_mse": metrics.mse,
+            "heldout_across_run_spearman": metrics.across_run_spearman,
             "heldout_mse_by_kind": mse_by_kind(predicted, heldout, kinds[held_index]),
             "simulated_interaction_mean_needs_both": float(simulated_needs_both.mean()),
             "interaction_abs_error_needs_both": float(np.abs(simulated_needs_both - measured_needs_both).mean()),
@@ -226,7 +229,8 @@ def digits_comparison(num_runs: int, num_steps: int, num_heldout: int, seed: int
         simulator.fit(fitting)
         fit_seconds = time.perf_counter() - start
         metrics = score(simulator.simulate(heldout.curricula, heldout.initial_losses), heldout)
-        result["simulators"][name] = {"fit_seconds": fit_seconds, **metrics.as_dict()}
+        result["simulators"][name] = {"fit_seconds": fit_seconds, "rounds_used": simulator.fit_info.get("rounds_used"),
+                                      **metrics.as_dict()}
     return result
 
 
@@ -234,7 +238,9 @@ def _print_two_key(result: dict) -> None:
     print(f"\n== two-key task: {result['num_fitting_runs']} fitting / {result['num_heldout_runs']} held-out runs, "
           f"{result['num_steps']} steps (collection {result['collect_seconds']:.1f} s)")
     for name, record in result["simulators"].items():
-        print(f"\n{name}: held-out all-steps MSE {record['heldout_mse']:.5f} (fit {record['fit_seconds']:.1f} s)")
+        rounds = "" if record["rounds_used"] is None else f", {record['rounds_used']} rounds"
+        print(f"\n{name}: held-out all-steps MSE {record['heldout_mse']:.5f}, across-run Spearman "
+              f"{record['heldout_across_run_spearman']:.3f} (fit {record['fit_seconds']:.2f} s{rounds})")
         print("  run kind \\ test kind " + "".join(f"{kind:>12}" for kind in TEST_KINDS))
         for run_kind, row in record["heldout_mse_by_kind"].items():
             print(f"  {run_kind:<21}" + "".join(f"{row[kind]:>12.5f}" for kind in TEST_KINDS))
@@ -275,8 +281,9 @@ def main() -> None:
         print(f"\n== digits-mlp: {out['digits']['num_fitting_runs']} fitting / {out['digits']['num_heldout_runs']} "
               f"held-out runs, {out['digits']['num_steps']} steps")
         for name, record in out["digits"]["simulators"].items():
+            rounds = "" if record["rounds_used"] is None else f" ({record['rounds_used']} rounds)"
             print(f"  {name:<16} all-steps MSE {record['mse']:.5f}  final MSE {record['final_mse']:.5f}  "
-                  f"across-run Spearman {record['across_run_spearman']:.3f}  fit {record['fit_seconds']:.1f} s")
+                  f"across-run Spearman {record['across_run_spearman']:.3f}  fit {record['fit_seconds']:.2f} s{rounds}")
     if args.json:
         from simfluence.runs.atomic import write_text_atomic
 
