@@ -86,7 +86,7 @@ def main() -> None:
 @click.option("--cv-folds", type=CV_FOLDS, default=3, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device for fitting, e.g. cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
-              help="Default: float32 (float64 for linear-pairwise, whose L-BFGS fit needs it).")
+              help="Default: float32.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
               help="tracin-cp: a run store collected with --checkpoint-steps (default: replay a fitting run).")
 @click.option("--json", "as_json", is_flag=True, help="Print every fit detail as one JSON object instead.")
