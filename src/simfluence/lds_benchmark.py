@@ -185,13 +185,12 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
 def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     """Run the comparison of the module docstring; returns the JSON record."""
     from simfluence.collect import collect, get_task
+    from simfluence.retrain import check_retrainable
 
     config.validate()
     out = Path(config.out_dir)
     task = get_task(config.task, **config.task_options)
-    if task.runner != "torch":  # before collecting anything: the counterfactuals could not be retrained
-        raise ValueError(f"task '{task.name}': LDS retrains every counterfactual with simfluence's own trainer, "
-                         "which does not reproduce Hugging Face Trainer runs; choose a task trained by our loop")
+    check_retrainable(task)  # before collecting anything: every counterfactual is retrained
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
                     checkpoint_steps=(config.num_steps,), progress=progress)
     runs = store.load()

@@ -101,6 +101,14 @@ def _train_skipping_empty_steps(task: Task, curricula: np.ndarray) -> np.ndarray
     return out
 
 
+def check_retrainable(task: Task) -> None:
+    """Raise a one-line ``ValueError`` unless our trainers reproduce ``task``'s runs (not Trainer tasks)."""
+    if task.runner != "torch":
+        raise ValueError(f"task '{task.name}' trains through the Hugging Face Trainer ({task.optimizer}); "
+                         "retraining counterfactuals through it is not supported yet, and our SGD trainers "
+                         "would not reproduce its runs: use a task trained by simfluence's own loop")
+
+
 def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bool = False) -> np.ndarray:
     """Train ``task``'s model along each curriculum for real.
 
@@ -114,10 +122,7 @@ def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bo
     Returns:
         float32 ``[R, T + 1, M]`` test losses before training and after every step.
     """
-    if task.runner != "torch":
-        raise ValueError(f"task '{task.name}' trains through the Hugging Face Trainer ({task.optimizer}); "
-                         "retraining counterfactuals through it is not supported yet, and our SGD trainers "
-                         "would not reproduce its runs: use a task trained by simfluence's own loop")
+    check_retrainable(task)
     curricula = np.asarray(curricula)
     if curricula.ndim != 3:
         raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
