@@ -106,12 +106,7 @@ def draw_subsets(pool, num_train: int, num_subsets: int, fraction: float, seed: 
         raise ValueError(f"fraction: must lie strictly between 0 and 1, got {fraction!r}")
     if int(num_subsets) != num_subsets or num_subsets < 3:
         raise ValueError(f"num_subsets: must be an integer >= 3 (a rank correlation needs 3), got {num_subsets!r}")
-    size = max(1, round(fraction * pool.size))
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((int(num_subsets), num_train), dtype=bool)
-    for j in range(int(num_subsets)):
-        masks[j, rng.choice(pool, size=size, replace=False)] = True
-    return masks
+    return draw_removals(pool, num_train, num_subsets, max(1, round(fraction * pool.size)), seed)
 
 
 def pool_sampler(kind: str, pool: np.ndarray, batch_size: int) -> Sampler:
@@ -139,7 +134,7 @@ def subset_curricula(masks: np.ndarray, num_steps: int, batch_size: int, draws: 
 
 
 def draw_removals(pool, num_train: int, num_sets: int, size: int, seed: int = 0) -> np.ndarray:
-    """Bool ``[m, N]``: ``m`` random sets of ``size`` examples from ``pool`` to remove."""
+    """Bool ``[m, N]``: ``m`` random sets of ``size`` distinct examples from ``pool`` (to remove, or keep)."""
     pool = np.unique(np.asarray(pool, dtype=np.int64))
     if not 1 <= size <= pool.size:
         raise ValueError(f"removal size: must lie in 1..{pool.size} (the pool), got {size}")

@@ -169,16 +169,17 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
 
     assert subsets.trajectories is not None   # the subset protocol keeps them
     true = subsets.trajectories.astype(np.float64)                     # [m, T + 1, M]
+
+    def errors(predicted: np.ndarray) -> dict[str, float]:              # [m or 1, T + 1, M]
+        return {"mse": float(np.mean((predicted[:, 1:] - true[:, 1:]) ** 2)),
+                "final_mse": float(np.mean((predicted[:, -1] - true[:, -1]) ** 2))}
+
     out = {}
-    mean = runs.losses.astype(np.float64).mean(axis=0)                  # [T + 1, M] (every-step runs)
-    if runs.every_step:
-        out["mean-trajectory"] = {"mse": float(np.mean((mean[1:] - true[:, 1:]) ** 2)),
-                                  "final_mse": float(np.mean((mean[-1] - true[:, -1]) ** 2))}
+    if runs.every_step:  # the fitting runs' mean trajectory, [1, T + 1, M]
+        out["mean-trajectory"] = errors(runs.losses.astype(np.float64).mean(axis=0, keepdims=True))
     for method in methods:
         if isinstance(method, SimulatorMethod):
-            predicted = simulate_curricula(method.simulator, subsets.trained, subsets.initial_losses)
-            out[method.name] = {"mse": float(np.mean((predicted[:, 1:] - true[:, 1:]) ** 2)),
-                                "final_mse": float(np.mean((predicted[:, -1] - true[:, -1]) ** 2))}
+            out[method.name] = errors(simulate_curricula(method.simulator, subsets.trained, subsets.initial_losses))
     return out
 
 
@@ -304,11 +305,8 @@ def plot_lds(result: dict, path: Path) -> Path:
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(protocols) + 0.3 * len(methods)), 3.8))
     for k, method in enumerate(methods):
-        means = np.array([by[(method, p)]["mean"] if by[(method, p)]["mean"] is not None else np.nan
-                          for p in protocols], dtype=float)
-        low = np.array([by[(method, p)]["low"] if by[(method, p)]["low"] is not None else np.nan for p in protocols])
-        high = np.array([by[(method, p)]["high"] if by[(method, p)]["high"] is not None else np.nan
-                         for p in protocols])
+        means, low, high = (np.array([by[(method, p)][key] for p in protocols], dtype=float)  # None -> NaN
+                            for key in ("mean", "low", "high"))
         x = np.arange(len(protocols)) + (k - (len(methods) - 1) / 2) * width
         ax.bar(x, means, width, yerr=np.stack([means - low, high - means]), capsize=2, label=method,
                color=plt.cm.tab20(k % 20))
