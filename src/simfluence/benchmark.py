@@ -25,13 +25,15 @@ import numpy as np
 from simfluence.evaluate import METRICS, evaluate, split_runs
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
+from simfluence.simulators import capabilities, make_simulator, simulator_kinds
 from simfluence.simulators.uncertainty import interval_coverage
 
-LEARNED = ("auto", "linear-trajectory", "linear", "linear-identity", "additive", "featurized")  # featurized: task
-EXTENSIONS = ("linear-bootstrap", "linear-pairwise", "gptfluence")  # gptfluence: task features
-GRADIENT = ("grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled")
-BASELINES = ("mean-trajectory", "constant")
+LEARNED = tuple(simulator_kinds("learned"))
+EXTENSIONS = tuple(simulator_kinds("extension"))
+GRADIENT = tuple(simulator_kinds("gradient"))
+BASELINES = tuple(simulator_kinds("baseline"))
 ALL_METHODS = LEARNED + EXTENSIONS + GRADIENT + BASELINES
+"""The groups of the comparison: the registry's families (:class:`~simfluence.simulators.Capabilities`)."""
 INTERVAL_LEVEL = 0.9
 
 
@@ -59,9 +61,8 @@ class BenchmarkConfig:
 
 
 def _simulator(method: str, task) -> Any:
-    from simfluence.simulators import make_simulator
-
-    return make_simulator(method, task=task) if method in GRADIENT else make_simulator(method)
+    """A new ``method`` simulator, given the task when it uses one (rather than rebuilding it from the runs)."""
+    return make_simulator(method, task=task) if capabilities(method).task != "none" else make_simulator(method)
 
 
 def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple[dict, np.ndarray]:
@@ -75,7 +76,7 @@ def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple
     result = evaluate(simulator, heldout, predicted=predicted)
     record: dict[str, Any] = {"method": method, **result.metrics.as_dict(), "fit_seconds": fit_seconds,
               "simulate_seconds": simulate_seconds}
-    if hasattr(simulator, "simulate_interval"):
+    if simulator.capabilities.intervals:
         lower, _, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses, INTERVAL_LEVEL)
         record["interval"] = {"level": INTERVAL_LEVEL, **interval_coverage(lower, upper, heldout)}
     for key in ("ridge", "scale"):

@@ -15,18 +15,31 @@ from typing import Any
 import click
 import numpy as np
 
-from simfluence.errors import SimfluenceError
+from simfluence.errors import SimfluenceError, UsageError
 from simfluence.runs import RunDataError, load_runs, save_runs
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
 
-METHODS = ["auto", "linear-trajectory", "linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive",
-           "mean-trajectory", "constant", "featurized", "gptfluence"]
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 CV_FOLDS = click.IntRange(min=2)
-RIDGE_METHODS = ("linear", "linear-identity", "linear-bootstrap", "linear-pairwise", "additive")
-GRADIENT_METHODS = ["grad-dot", "grad-dot-scaled", "tracin-cp", "tracin-cp-scaled", "influence", "influence-scaled"]
+
+
+class _SimulatorChoice(click.Choice):
+    """The registered simulator kinds, looked up when first needed (importing them loads torch)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from simfluence.simulators import simulator_kinds
+
+        return tuple(simulator_kinds())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click's __init__ assigns; the registry is the source
+        pass
 
 
 def _user_errors(command):
@@ -77,7 +90,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("runs", type=click.Path(exists=True))
-@click.option("--method", type=click.Choice(METHODS + GRADIENT_METHODS), default="auto", show_default=True,
+@click.option("--method", type=_SimulatorChoice(), default="auto", show_default=True,
               help="auto: the family with the least cross-validated error on the fitting runs. Gradient methods, "
                    "featurized and gptfluence take the task (model, data) from the runs' meta.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
@@ -95,26 +108,29 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
         checkpoints: str | None, as_json: bool) -> None:
     """Fit a simulator on RUNS (a run store directory or an interchange .npz)."""
     from simfluence.func.devices import check_device
-    from simfluence.simulators import make_simulator
+    from simfluence.simulators import capabilities, make_simulator, simulator_kinds
 
     check_device(device, "--device")
     _check_out(out)
     run_set = load_runs(runs)
-    if checkpoints and not method.startswith("tracin-cp"):
-        raise ValueError(f"--checkpoints: only tracin-cp uses checkpoints, not '{method}'")
-    if ridge is not None and method not in (*RIDGE_METHODS, "linear-trajectory"):
-        raise ValueError(f"--ridge: '{method}' has no ridge strength; it applies to "
-                         f"{', '.join((*RIDGE_METHODS, 'linear-trajectory'))}")
-    params = {}
-    precision = {"dtype": dtype} if dtype else {}
-    if method in RIDGE_METHODS:
-        params = {"ridge": ridge, "cv_folds": cv_folds, "device": device, **precision}
-    elif method == "linear-trajectory":
-        params = {"ridge": ridge, "cv_folds": cv_folds}
-    elif method == "auto":
-        params = {"cv_folds": cv_folds}
-    elif method in GRADIENT_METHODS:
-        params = {"device": device, **precision, **({"checkpoints": checkpoints} if checkpoints else {})}
+    declared = capabilities(method)
+    if checkpoints and not declared.checkpoints:
+        raise UsageError(f"--checkpoints: '{method}' reads no checkpoints; "
+                         f"{', '.join(simulator_kinds(checkpoints=True))} do")
+    if ridge is not None and not declared.ridge:
+        raise UsageError(f"--ridge: '{method}' has no ridge strength; it applies to "
+                         f"{', '.join(simulator_kinds(ridge=True))}")
+    params: dict[str, Any] = {}
+    if declared.ridge:
+        params["ridge"] = ridge
+    if declared.cross_validation:
+        params["cv_folds"] = cv_folds
+    if declared.device:
+        params["device"] = device
+    if declared.precision and dtype:
+        params["dtype"] = dtype
+    if declared.checkpoints and checkpoints:
+        params["checkpoints"] = checkpoints
     simulator = make_simulator(method, **params).fit(run_set)
     simulator.save(out)
     if as_json:
@@ -209,14 +225,16 @@ def simulate(model: str, curricula: str, out: str, interval: float | None) -> No
     bands = {}
     if interval is None:
         trajectories = simulator.simulate(steps, initial, source=curricula)
-    elif not hasattr(simulator, "simulate_interval"):
-        raise ValueError(f"--interval: {model} is a '{simulator.kind}' model, which has no intervals "
+    elif not simulator.capabilities.intervals:
+        raise UsageError(f"--interval: {model} is a '{simulator.kind}' model, which has no intervals "
                          "(fit one with --method linear-bootstrap)")
     else:
         bands["lower"], trajectories, bands["upper"] = simulator.simulate_interval(
             steps, initial, level=interval, source=curricula)
     with atomic_path(out, suffix=".npz") as temporary:
-        np.savez(temporary, trajectories=trajectories, test_ids=simulator.test_ids.astype(str), **bands)
+        # numpy's stubs let ``**bands`` fill ``allow_pickle`` (a bool): a false alarm
+        np.savez(temporary, trajectories=trajectories, test_ids=simulator.test_ids.astype(str),
+                 **bands)  # type: ignore[arg-type]
     arrays_written = ", ".join(["trajectories", *bands])
     click.echo(f"wrote {out}: {arrays_written}, each {trajectories.shape} [runs, steps + 1, test examples], "
                "and test_ids")

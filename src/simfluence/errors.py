@@ -2,6 +2,8 @@
 
 * :class:`SimfluenceError`: the base of all of them.
 * :class:`~simfluence.runs.log.RunDataError`: bad run data (names the file, field and fix).
+* :class:`UsageError`: an argument is out of range, unknown, or inconsistent with another
+  (names the argument as the library calls it, and the fix).
 * :class:`MissingExtraError`: an optional dependency is not installed; names the extra.
 * :class:`WriteError`: a file could not be written (disk full, file too large, read-only or
   not permitted); names the path and the fix.
@@ -26,6 +28,15 @@ EXTRAS = {
 
 class SimfluenceError(Exception):
     """Base of the errors simfluence raises about its input or environment."""
+
+
+class UsageError(SimfluenceError, ValueError):
+    """An argument is out of range, unknown, or inconsistent with another.
+
+    The message names the argument as the library calls it (the command line names its own
+    flags) and what would be accepted. A :class:`ValueError` too, so ``except ValueError``
+    keeps catching it.
+    """
 
 
 class MissingExtraError(SimfluenceError, ImportError):

@@ -37,20 +37,20 @@ from simfluence.lds import (
     score_method,
     subset_counterfactuals,
 )
+from simfluence.peers import PEERS as PEER_CLASSES
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
+from simfluence.simulators import capabilities, make_simulator, simulator_kinds
 
-SIMULATORS = ("auto", "linear-trajectory", "linear", "linear-identity", "additive", "featurized", "grad-dot",
-              "tracin-cp", "influence")
-PEERS = ("trak", "ekfac", "tracin")
+SIMULATORS = tuple(simulator_kinds(attribution=True))
+"""The simulators that attribute (every registered kind but the baselines)."""
+PEERS = tuple(PEER_CLASSES)
 METAGRADIENT = "metagradient"
 ALL_METHODS = SIMULATORS + PEERS + (METAGRADIENT,)
 DEFAULT_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", "trak", "ekfac", "tracin",
                    METAGRADIENT)
 CORE_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", METAGRADIENT)
 """Methods without the ``peers`` extra."""
-REPLAY_RUNS = {"grad-dot": 0, "influence": 0, "tracin-cp": 1}
-"""Training runs a gradient simulator consumes (checkpoints of one run; none at the start)."""
 
 
 @dataclass
@@ -105,16 +105,16 @@ class LDSConfig:
 
 
 def _fit_simulators(config: LDSConfig, task, runs: RunSet, progress: bool) -> list[Method]:
-    from simfluence.simulators import make_simulator
-
     methods: list[Method] = []
     for name in (name for name in config.methods if name in SIMULATORS):
-        simulator = make_simulator(name, task=task) if name in REPLAY_RUNS or name == "featurized" else \
-            make_simulator(name)
+        declared = capabilities(name)
+        simulator = make_simulator(name, task=task) if declared.task != "none" else make_simulator(name)
+        # Equal budgets: a gradient method reads checkpoints of `replay_runs` training runs, not the logged runs.
+        consumed = runs.num_runs if declared.replay_runs is None else declared.replay_runs
         start = time.perf_counter()
         simulator.fit(runs)
         seconds = time.perf_counter() - start
-        methods.append(SimulatorMethod(name, simulator, REPLAY_RUNS.get(name, runs.num_runs), seconds))
+        methods.append(SimulatorMethod(name, simulator, consumed, seconds))
         if progress:
             print(f"  fitted {name:<18} {seconds:6.1f} s")
     return methods

@@ -138,7 +138,7 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
         examples = spread_over_difficulty(heldout, num_examples)
     simulator.check_compatible(heldout, source)  # before simulating: the clearer error for other runs
     interval = None
-    if hasattr(simulator, "simulate_interval"):  # its prediction is simulate's; no second rollout
+    if simulator.capabilities.intervals:  # its prediction is simulate's; no second rollout
         lower, predicted, upper = simulator.simulate_interval(heldout.curricula, heldout.initial_losses,
                                                               INTERVAL_LEVEL)
         interval = (lower, upper)

@@ -1,10 +1,19 @@
-"""Training-run simulators: one protocol (:class:`Simulator`), one module per method."""
+"""Training-run simulators: one protocol (:class:`Simulator`), one module per method.
 
-from simfluence.simulators.additive import AdditiveSimulator
+Every simulator class registers itself (``@register``) with its ``kind`` and declared
+:class:`Capabilities`; :data:`SIMULATORS`, the command line's choices and the benchmarks'
+groups all come from that one registry (:func:`simulator_kinds`).
+"""
+
+# isort: off
+# Registration order is listing order (within each family): the modules are imported in it.
 from simfluence.simulators.auto import AutoSimulator
-from simfluence.simulators.base import NotFittedError, Simulator, simulator_kinds
-from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySimulator
+from simfluence.simulators.trajectory import TrajectorySimulator
+from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
+from simfluence.simulators.additive import AdditiveSimulator
 from simfluence.simulators.featurized import FeaturizedSimulator
+from simfluence.simulators.uncertainty import BootstrapLinearSimulator
+from simfluence.simulators.interaction import PairwiseSimulator
 from simfluence.simulators.gptfluence import GPTfluenceSimulator
 from simfluence.simulators.gradient import (
     GradDotScaledSimulator,
@@ -14,30 +23,34 @@ from simfluence.simulators.gradient import (
     TracInCPScaledSimulator,
     TracInCPSimulator,
 )
-from simfluence.simulators.interaction import PairwiseSimulator
-from simfluence.simulators.linear import LinearIdentitySimulator, LinearSimulator
-from simfluence.simulators.trajectory import TrajectorySimulator
-from simfluence.simulators.uncertainty import BootstrapLinearSimulator
+from simfluence.simulators.baselines import ConstantSimulator, MeanTrajectorySimulator
+# isort: on
+from simfluence.simulators.base import (
+    FAMILIES,
+    Capabilities,
+    NotFittedError,
+    Simulator,
+    capabilities,
+    simulator_class,
+    simulator_kinds,
+)
 
-SIMULATORS = {cls.kind: cls for cls in (
-    LinearSimulator, LinearIdentitySimulator, BootstrapLinearSimulator, PairwiseSimulator, AdditiveSimulator,
-    MeanTrajectorySimulator, ConstantSimulator,
-    GradDotSimulator, GradDotScaledSimulator, TracInCPSimulator, TracInCPScaledSimulator, InfluenceSimulator,
-    InfluenceScaledSimulator, FeaturizedSimulator, TrajectorySimulator, AutoSimulator, GPTfluenceSimulator)}
+SIMULATORS: dict[str, type[Simulator]] = {kind: simulator_class(kind) for kind in simulator_kinds()}
+"""Every registered simulator class by kind, in listing order (a view of the registry)."""
 
 
 def make_simulator(kind: str, **params) -> Simulator:
     """A new simulator of ``kind`` (see :func:`simulator_kinds`) with constructor ``params``."""
-    if kind not in SIMULATORS:
-        raise ValueError(f"unknown simulator '{kind}': choose one of {sorted(SIMULATORS)}")
-    return SIMULATORS[kind](**params)
+    return simulator_class(kind)(**params)
 
 
 __all__ = [
+    "FAMILIES",
     "SIMULATORS",
     "AdditiveSimulator",
     "AutoSimulator",
     "BootstrapLinearSimulator",
+    "Capabilities",
     "ConstantSimulator",
     "FeaturizedSimulator",
     "GPTfluenceSimulator",
@@ -54,6 +67,8 @@ __all__ = [
     "TracInCPScaledSimulator",
     "TracInCPSimulator",
     "TrajectorySimulator",
+    "capabilities",
     "make_simulator",
+    "simulator_class",
     "simulator_kinds",
 ]

@@ -10,7 +10,7 @@ are additive models of this form with ``B_i`` read off gradients instead of fitt
 
 from __future__ import annotations
 
-from simfluence.simulators.base import register
+from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.linear import LinearSimulator
 
 
@@ -19,5 +19,7 @@ class AdditiveSimulator(LinearSimulator):
     """Ridge-fitted additive simulator; arguments as :class:`LinearSimulator`."""
 
     kind = "additive"
+    capabilities = Capabilities(
+        "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True)
     fit_alpha = False
     alpha_offset = 1.0

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.runs.log import RunSet
-from simfluence.simulators.base import Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, register
 
 CANDIDATES = ("linear-trajectory", "linear-identity", "linear", "mean-trajectory")
 MIN_RUNS = 4
@@ -41,6 +41,7 @@ class AutoSimulator(Simulator):
     """
 
     kind = "auto"
+    capabilities = Capabilities("learned", cross_validation=True)
 
     def __init__(self, candidates: tuple[str, ...] | list[str] = CANDIDATES, cv_folds: int = 3, seed: int = 0,
                  chosen: str | None = None, chosen_params: dict | None = None):

@@ -23,8 +23,10 @@ import json
 import os
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
@@ -64,15 +66,107 @@ class NotFittedError(RuntimeError):
 SimulatorT = TypeVar("SimulatorT", bound="Simulator")
 
 
+FAMILIES = ("learned", "extension", "gradient", "baseline")
+"""The groups simulators are listed and benchmarked in, in this order."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a simulator kind is and can do, declared by its class; read instead of probing.
+
+    The command line's choices and options, the benchmarks' groups and the queries' fast
+    paths all come from these declarations (:func:`simulator_kinds`, :func:`capabilities`).
+
+    Attributes:
+        family: ``"learned"`` (fitted on logged runs, the core methods), ``"extension"``
+            (learned, beyond the core: intervals, pair terms, peers of the idea),
+            ``"gradient"`` (additive scores from the model's gradients) or ``"baseline"``.
+        task: whether ``fit`` needs the task (model and data) beside the runs:
+            ``"none"``, ``"optional"`` (example features come from the task unless passed)
+            or ``"required"`` (gradients of the model).
+        attribution: its predictions depend on which examples a curriculum holds (the
+            baselines' do not), so it attributes and can be scored by LDS.
+        ridge: has a ``ridge`` strength, chosen by cross-validation when not given.
+        cross_validation: chooses settings by cross-validation over ``cv_folds`` folds.
+        device: fits on a torch ``device``.
+        precision: fits in a chosen ``dtype`` (``float32`` or ``float64``).
+        checkpoints: reads model checkpoints from a run store (``checkpoints``).
+        intervals: has :meth:`Simulator.simulate_interval`.
+        new_test_examples: can be moved to test examples it was not fitted on
+            (``for_test_examples``).
+        column_rollout: its rollout is the Simfluence-Linear recurrence of its coefficient
+            table, so a query about a few test examples can roll out only their columns
+            (:meth:`Simulator.column_rollout`).
+        replay_runs: training runs whose checkpoints it reads instead of learning from the
+            logged losses (``0``: the initial model only); ``None``: it learns from the runs.
+    """
+
+    family: Literal["learned", "extension", "gradient", "baseline"]
+    task: Literal["none", "optional", "required"] = "none"
+    attribution: bool = True
+    ridge: bool = False
+    cross_validation: bool = False
+    device: bool = False
+    precision: bool = False
+    checkpoints: bool = False
+    intervals: bool = False
+    new_test_examples: bool = False
+    column_rollout: bool = False
+    replay_runs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
+        if self.task not in ("none", "optional", "required"):
+            raise ValueError(f"task: expected 'none', 'optional' or 'required', got {self.task!r}")
+
+
 def register(cls: type[SimulatorT]) -> type[SimulatorT]:
-    """Class decorator: make simulator class ``cls`` loadable by its ``kind``."""
+    """Class decorator: make simulator class ``cls`` loadable and listed by its ``kind``.
+
+    The class must declare its own ``kind`` and :class:`Capabilities` (not inherit them:
+    a subclass that changes the rollout must not inherit a parent's fast paths unseen).
+    """
+    for name in ("kind", "capabilities"):
+        if name not in vars(cls):
+            raise TypeError(f"{cls.__name__} must declare its own '{name}' to be registered")
+    if not isinstance(cls.capabilities, Capabilities):
+        raise TypeError(f"{cls.__name__}.capabilities must be a Capabilities")
+    if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
+        raise TypeError(f"simulator kind '{cls.kind}' is registered twice ({_REGISTRY[cls.kind].__name__}, "
+                        f"{cls.__name__})")
     _REGISTRY[cls.kind] = cls
     return cls
 
 
-def simulator_kinds() -> list[str]:
-    """The registered simulator kinds, sorted."""
-    return sorted(_REGISTRY)
+def simulator_kinds(family: str | None = None, **declared: Any) -> list[str]:
+    """Registered kinds, by family (in :data:`FAMILIES` order) then registration order.
+
+    Args:
+        family: only this family (see :class:`Capabilities`).
+        declared: only kinds whose capabilities have these values, e.g. ``ridge=True`` or
+            ``task="required"``.
+    """
+    known = {item.name for item in fields(Capabilities)}
+    unknown = sorted(set(declared) - known)
+    if unknown:
+        raise TypeError(f"simulator_kinds: unknown capabilities {unknown}; known: {sorted(known)}")
+    chosen = [kind for kind, cls in _REGISTRY.items()
+              if (family is None or cls.capabilities.family == family)
+              and all(getattr(cls.capabilities, key) == value for key, value in declared.items())]
+    return sorted(chosen, key=lambda kind: FAMILIES.index(_REGISTRY[kind].capabilities.family))
+
+
+def simulator_class(kind: str) -> type[Simulator]:
+    """The registered class of ``kind``; a ``ValueError`` naming the known kinds otherwise."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown simulator '{kind}': choose one of {simulator_kinds()}")
+    return _REGISTRY[kind]
+
+
+def capabilities(kind: str) -> Capabilities:
+    """The declared :class:`Capabilities` of simulator ``kind``."""
+    return simulator_class(kind).capabilities
 
 
 def mean_change(runs: RunSet) -> np.ndarray:
@@ -108,6 +202,8 @@ class Simulator(ABC):
     """Base class: subclasses implement ``_fit``, ``_simulate``, ``_params`` and the array state."""
 
     kind: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    """What the kind is and can do (see :class:`Capabilities`)."""
     fitted_params: ClassVar[tuple[str, ...]] = ()
     """Keys of :meth:`_params` that record fitted state for loading (e.g. ``auto``'s choice), not settings."""
 
@@ -197,6 +293,23 @@ class Simulator(ABC):
                 problems.append(f"losses before training in [{initial.min():.4g}, {initial.max():.4g}], the fitting "
                                 f"losses lie in [{low:.4g}, {high:.4g}]")
         return problems
+
+    def simulate_interval(self, curricula: Any, initial_losses: Any, level: float = 0.9,
+                          source: str = "<input>") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(lower, prediction, upper)``, each like :meth:`simulate`: a ``level`` prediction interval.
+
+        Only kinds that declare ``capabilities.intervals`` have one; the others raise ``TypeError``.
+        """
+        raise TypeError(f"a '{self.kind}' simulator has no prediction intervals (fit linear-bootstrap)")
+
+    def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """A rollout of only the ``test_index`` test examples, or ``None`` when the kind has none.
+
+        Kinds that declare ``capabilities.column_rollout`` return ``run(curricula [R, T, B],
+        initial [R, M]) -> [R, T + 1, len(test_index)]``, equal to slicing the columns of a
+        full rollout (without validation or clipping) at ``len(test_index) / M`` of the cost.
+        """
+        return None
 
     # --- to implement -------------------------------------------------------------
     @abstractmethod

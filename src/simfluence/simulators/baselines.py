@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from simfluence.runs.log import RunSet
-from simfluence.simulators.base import Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, register
 
 
 def mean_trajectory(mean_change: np.ndarray, initial: np.ndarray, num_steps: int) -> np.ndarray:
@@ -25,6 +25,7 @@ class MeanTrajectorySimulator(Simulator):
     """Every curriculum gets the fitting runs' mean loss change per step, whatever its batches hold."""
 
     kind = "mean-trajectory"
+    capabilities = Capabilities("baseline", attribution=False)
 
     def _fit(self, runs: RunSet) -> None:
         pass  # the base class already keeps the fitting runs' mean change
@@ -38,6 +39,7 @@ class ConstantSimulator(Simulator):
     """Losses stay at their starting values: the no-change baseline."""
 
     kind = "constant"
+    capabilities = Capabilities("baseline", attribution=False)
 
     def _fit(self, runs: RunSet) -> None:
         pass

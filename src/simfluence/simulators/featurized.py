@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, register
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import DEFAULT_RIDGE_GRID, Transitions, cross_validate, rollout
 from simfluence.simulators.ridge import solve_transition_ridge
@@ -346,6 +346,7 @@ class FeaturizedSimulator(Simulator):
     """
 
     kind = "featurized"
+    capabilities = Capabilities("learned", task="optional", cross_validation=True, new_test_examples=True)
     alpha_offset = 1.0
 
     def __init__(self, train_features: Any = None, test_features: Any = None, task: Any = None,

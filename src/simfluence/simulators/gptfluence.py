@@ -77,7 +77,7 @@ import torch
 from torch.nn.functional import embedding_bag
 
 from simfluence.runs.log import PAD, RunDataError, RunSet
-from simfluence.simulators.base import Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, register
 from simfluence.simulators.featurized import _align, check_features
 
 _FIX = "pass train_features and test_features, or task="
@@ -244,6 +244,7 @@ class GPTfluenceSimulator(Simulator):
     """
 
     kind = "gptfluence"
+    capabilities = Capabilities("extension", task="optional")
 
     def __init__(self, train_features: Any = None, test_features: Any = None, task: Any = None,
                  task_options: Mapping[str, Any] | None = None, order: int = 2, rank: int = 8, epochs: int = 1000,

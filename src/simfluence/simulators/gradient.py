@@ -52,7 +52,7 @@ import torch
 from simfluence.collect.schedules import run_learning_rates
 from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import register
+from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import LinearSimulator, Transitions
 
@@ -158,6 +158,8 @@ class GradDotSimulator(GradientSimulator):
     """``B_i = -(eta / |c|) g_test . g_i`` at the starting checkpoint."""
 
     kind = "grad-dot"
+    capabilities = Capabilities(
+        "gradient", task="required", device=True, precision=True, column_rollout=True, replay_runs=0)
 
     def _scores(self, task, runs, rates):
         model, params = _state_params(task, None)
@@ -183,6 +185,9 @@ class TracInCPSimulator(GradientSimulator):
     """
 
     kind = "tracin-cp"
+    capabilities = Capabilities(
+        "gradient", task="required", device=True, precision=True, checkpoints=True, column_rollout=True,
+        replay_runs=1)
 
     def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
                  checkpoint_steps: Sequence[int] | None = None,
@@ -255,6 +260,8 @@ class InfluenceSimulator(GradientSimulator):
     """
 
     kind = "influence"
+    capabilities = Capabilities(
+        "gradient", task="required", device=True, precision=True, column_rollout=True, replay_runs=0)
 
     def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
                  damping: float = 0.01, exact_max_params: int = 8000, solver: str = "lanczos", rank: int = 128,
@@ -397,7 +404,7 @@ def _batched_cg(apply, rhs: torch.Tensor, iterations: int, tol: float = 1e-8) ->
 
 def _scaled(base: type[GradientSimulator]) -> type[GradientSimulator]:
     cls = type(f"{base.__name__[:-len('Simulator')]}ScaledSimulator", (base,),
-               {"kind": f"{base.kind}-scaled", "fitted_scale": True,
+               {"kind": f"{base.kind}-scaled", "fitted_scale": True, "capabilities": base.capabilities,
                 "__doc__": f"``{base.kind}`` with one least-squares global scale fitted on the fitting runs."})
     return register(cls)
 

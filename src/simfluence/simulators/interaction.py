@@ -88,7 +88,7 @@ import torch
 
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunSet
-from simfluence.simulators.base import register
+from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import (
     _DTYPES,
@@ -345,6 +345,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
     """
 
     kind = "linear-pairwise"
+    capabilities = Capabilities("extension", ridge=True, cross_validation=True, device=True, precision=True)
 
     def __init__(self, rank: int = 4, window: int | None = None, pair_ridge: float | None = None, rounds: int = 10,
                  steps: int = 3, learning_rate: float | None = None, init_scale: float = 0.1, validate: bool = True,

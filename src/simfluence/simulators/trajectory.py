@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.runs.log import PAD, RunDataError, RunSet
-from simfluence.simulators.base import Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, register
 
 SPACES = ("loss", "log", "margin")
 DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
@@ -147,6 +147,7 @@ class TrajectorySimulator(Simulator):
     """
 
     kind = "linear-trajectory"
+    capabilities = Capabilities("learned", ridge=True, cross_validation=True)
 
     def __init__(self, ridge: float | None = None, space: str = "auto", momentum: float | str = "auto",
                  decay: float | str = "auto", rank: int | str = "auto", schedule: bool = True, cv_folds: int = 3,

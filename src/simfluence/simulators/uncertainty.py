@@ -40,7 +40,7 @@ import torch
 
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import register
+from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.linear import LinearIdentitySimulator, Transitions, rollout
 
 _SCORE_GRID = np.linspace(0.0, 1.0, 2001)
@@ -76,6 +76,9 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
     """
 
     kind = "linear-bootstrap"
+    capabilities = Capabilities(
+        "extension", ridge=True, cross_validation=True, device=True, precision=True, intervals=True,
+        column_rollout=True)
 
     def __init__(self, replicas: int = 16, **linear: Any):
         super().__init__(**linear)
