@@ -1,0 +1,19 @@
+"""Fixtures of the query tests: synthetic linear runs and every simulator kind fitted on them.
+
+The helpers (kinds, the query curriculum, explicit rollouts) live in tests/query_cases.py.
+"""
+
+import pytest
+from query_cases import KINDS
+from synthetic import linear_runs
+
+
+@pytest.fixture(scope="module")
+def runs():
+    # alpha_offset 0.9: the true per-step alpha is far from 1, so effects do not add up.
+    return linear_runs(num_train=24, num_test=5, num_runs=30, num_steps=25, batch=3, seed=3, alpha_offset=0.9)[0]
+
+
+@pytest.fixture(scope="module")
+def fitted(runs):
+    return {kind: cls(ridge=0.05, dtype="float64").fit(runs) for kind, cls in KINDS.items()}
