@@ -24,29 +24,9 @@ import numpy as np
 from simfluence.progress import progress_bar
 from simfluence.runs.log import PAD, check_indices, validate_curriculum, validate_losses
 from simfluence.simulators.base import Simulator
-from simfluence.simulators.linear import LinearSimulator, rollout
 
 CHUNK_BYTES = 256 << 20
 """Memory budget of one vectorised rollout (trajectories, indices and temporaries)."""
-
-
-def _column_rollout(simulator: Simulator, test_index: np.ndarray) -> Callable | None:
-    """A rollout of only the ``test_index`` columns for the Simfluence-Linear family, else None.
-
-    Each test example's recurrence is independent of the others', so rolling out a column
-    subset of the coefficient table gives the same numbers as slicing a full rollout, at
-    ``M' / M`` of the cost: a query about a few targets does not pay for every test example.
-    """
-    if not isinstance(simulator, LinearSimulator) or type(simulator)._simulate is not LinearSimulator._simulate:
-        return None
-    num_test = simulator.test_ids.size
-    columns = np.concatenate([test_index, num_test + test_index]) if simulator.fit_alpha else test_index
-    table = simulator.table[:, columns]
-
-    def run(curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-        return rollout(table, curricula, initial[:, test_index], simulator.alpha_offset, simulator.fit_alpha)
-
-    return run
 
 
 def rollout_skipping_empty_steps(run: Callable, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
@@ -87,7 +67,7 @@ def _rollouts(simulator: Simulator, curricula_of: Callable[[np.ndarray], np.ndar
     neither the edits nor the trajectories of all rows need to be in memory at once.
     ``initial`` is the float64 ``[M]`` loss before training, the same for every row.
     """
-    run = _column_rollout(simulator, test_index)
+    run = simulator.column_rollout(test_index)  # declared by capabilities.column_rollout
     columns = test_index.size if run is not None else simulator.test_ids.size
     if run is None:
         def run(curricula, start):
