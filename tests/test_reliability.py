@@ -227,7 +227,7 @@ def test_a_full_disk_during_fit_out_is_one_line_and_keeps_the_old_model(tmp_path
                              tmp_path, file_size_limit=2048)
     _assert_one_line_error(result, "m.npz: cannot write: File too large", "ulimit -f")
     assert (tmp_path / "m.npz").read_bytes() == old and _temporaries(tmp_path) == []
-    assert Simulator.load(tmp_path / "m.npz").ridge == 1.0
+    assert Simulator.load(tmp_path / "m.npz").config.ridge == 1.0
 
 
 def test_a_full_disk_during_collect_is_one_line_and_the_store_still_loads(tmp_path):

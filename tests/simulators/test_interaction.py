@@ -208,7 +208,7 @@ def test_nests_linear_identity():
     linear = LinearIdentitySimulator().fit(runs)
     predicted = linear.simulate(runs.curricula, runs.initial_losses)
     chosen = PairwiseSimulator(rank=2).fit(runs)   # no interaction to find: the validation keeps round 0
-    assert chosen.fit_info["rounds_used"] == 0 and chosen.dtype == linear.dtype
+    assert chosen.fit_info["rounds_used"] == 0 and chosen.config.dtype == linear.config.dtype
     assert torch.equal(chosen.table, linear.table) and not bool(chosen.interactions.any())
     assert np.array_equal(chosen.simulate(runs.curricula, runs.initial_losses), predicted)
     held = PairwiseSimulator(rank=2, rounds=2, validate=False, pair_ridge=1e9).fit(runs)
@@ -254,7 +254,7 @@ def test_save_load_round_trip(tmp_path, supermodular):
     _, _, heldout, _, simulator = supermodular
     path = simulator.save(tmp_path / "pairwise.npz")
     loaded = Simulator.load(path)
-    assert isinstance(loaded, PairwiseSimulator) and loaded.rank == 2 and loaded.window is None
+    assert isinstance(loaded, PairwiseSimulator) and loaded.config.rank == 2 and loaded.config.window is None
     assert np.array_equal(loaded.simulate(heldout.curricula, heldout.initial_losses),
                           simulator.simulate(heldout.curricula, heldout.initial_losses))
     arrays = dict(np.load(path, allow_pickle=False))
@@ -268,18 +268,19 @@ def test_settings_of_earlier_versions_still_load():
     """Files saved before the U-only fit carry ``learning_rate`` and none of the new settings."""
     old = {"rank": 4, "window": None, "pair_ridge": None, "rounds": 8, "steps": 50, "learning_rate": 1.0,
            "init_scale": 0.1, "validate": True, "dtype": "float64"}
-    simulator = make_simulator("linear-pairwise", **old)
-    assert simulator.rounds == 8 and simulator.dtype == "float64" and "learning_rate" not in simulator._params()
+    with pytest.warns(DeprecationWarning, match="'steps' is now called 'lbfgs_iterations'"):
+        simulator = make_simulator("linear-pairwise", **old)
+    assert simulator.config.rounds == 8 and simulator.config.dtype == "float64"
+    assert simulator.config.lbfgs_iterations == 50 and "learning_rate" not in simulator._params()
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"rank": 0}, "rank must be a positive integer"),
-    ({"window": -1}, "window must be None"),
-    ({"pair_ridge": 0.0}, "pair_ridge must be positive"),
-    ({"learning_rate": -1.0}, "learning_rate must be positive"),
-    ({"spearman_tolerance": -0.1}, "spearman_tolerance must be >= 0"),
-    ({"patience": 0}, "patience must be a positive integer"),
-    ({"inner_tol": 0.0}, "inner_tol must be positive"),
+    ({"rank": 0}, "rank: expected an integer >= 1"),
+    ({"window": -1}, "window: expected an integer >= 0"),
+    ({"pair_ridge": 0.0}, "pair_ridge: expected a finite number > 0"),
+    ({"spearman_tolerance": -0.1}, "spearman_tolerance: expected a finite number >= 0"),
+    ({"patience": 0}, "patience: expected an integer >= 1"),
+    ({"inner_tol": 0.0}, "inner_tol: expected a finite number > 0"),
 ])
 def test_bad_parameters_are_named(params, message):
     """Each invalid setting fails with a message that names it."""
@@ -338,4 +339,4 @@ def test_cli_fits_pairwise(tmp_path):
                                        "--out", str(tmp_path / "pairwise.npz")])
     assert result.exit_code == 0, result.output
     loaded = Simulator.load(tmp_path / "pairwise.npz")
-    assert loaded.kind == "linear-pairwise" and loaded.dtype == "float32"
+    assert loaded.kind == "linear-pairwise" and loaded.config.dtype == "float32"

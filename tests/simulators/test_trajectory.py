@@ -102,7 +102,7 @@ def test_fit_twice_equals_two_fresh_fits():
                                                                                  second.initial_losses))
     np.testing.assert_array_equal(b, TrajectorySimulator().fit(second).simulate(first.curricula,
                                                                                   first.initial_losses))
-    assert model.momentum == "auto" and model.rank == "auto"   # fit never changes the settings
+    assert model.config.momentum == "auto" and model.config.rank == "auto"   # fit never changes the settings
 
 
 def test_bad_settings_are_one_line_errors():
@@ -126,7 +126,7 @@ def test_auto_chooses_the_generating_family_and_round_trips(tmp_path):
     trajectory, _, _ = trajectory_runs(seed=10)
     auto = AutoSimulator().fit(trajectory)
     assert auto.chosen_ == "linear-trajectory", auto.fit_info["cv_table"]
-    assert [row["method"] for row in auto.fit_info["cv_table"]] == list(auto.candidates)
+    assert [row["method"] for row in auto.fit_info["cv_table"]] == list(auto.config.candidates)
     auto.save(tmp_path / "auto.npz")
     loaded = Simulator.load(tmp_path / "auto.npz")
     assert isinstance(loaded, AutoSimulator) and loaded.chosen_ == "linear-trajectory"

@@ -40,10 +40,10 @@ def test_prediction_is_the_full_data_linear_identity_fit(known_model):
 
 def test_replicas_are_ridge_fits_on_resampled_runs(known_model):
     simulator, fitting, heldout = known_model
-    draws = np.random.default_rng(simulator.seed).integers(0, fitting.num_runs, (simulator.replicas, fitting.num_runs))
+    draws = np.random.default_rng(simulator.config.seed).integers(0, fitting.num_runs, (simulator.config.replicas, fitting.num_runs))
     refit = LinearIdentitySimulator(ridge=simulator.chosen_ridge, tol=1e-7).fit(fitting.select(draws[3]))
     replicas = simulator.simulate_replicas(heldout.curricula[:5], heldout.initial_losses[:5])
-    assert replicas.shape == (simulator.replicas, 5, heldout.num_steps + 1, heldout.num_test)
+    assert replicas.shape == (simulator.config.replicas, 5, heldout.num_steps + 1, heldout.num_test)
     expected = refit.simulate(heldout.curricula[:5], heldout.initial_losses[:5])
     assert np.allclose(replicas[3], expected, atol=1e-4)
     assert replicas.std(axis=0)[:, 1:].min() > 0  # replicas differ: the epistemic part is not zero
@@ -69,7 +69,7 @@ def test_save_load_round_trip_keeps_every_replica(tmp_path, known_model):
     with np.load(path, allow_pickle=False) as stored:
         assert stored["state.replica_tables"].shape == (16, heldout.num_train, 2 * heldout.num_test)
     loaded = Simulator.load(path)
-    assert isinstance(loaded, BootstrapLinearSimulator) and loaded.replicas == 16
+    assert isinstance(loaded, BootstrapLinearSimulator) and loaded.config.replicas == 16
     before = simulator.simulate_interval(heldout.curricula[:3], heldout.initial_losses[:3], 0.8)
     after = loaded.simulate_interval(heldout.curricula[:3], heldout.initial_losses[:3], 0.8)
     for x, y in zip(before, after):
@@ -84,7 +84,7 @@ def test_errors_name_the_argument_and_the_fix(tmp_path, known_model):
         simulator.simulate_interval(heldout.curricula, heldout.initial_losses, level=90)
     with pytest.raises(RunDataError, match="initial_losses"):
         simulator.simulate_interval(heldout.curricula, heldout.initial_losses[:, :2])
-    with pytest.raises(ValueError, match="replicas must be an integer >= 4"):
+    with pytest.raises(ValueError, match="replicas: expected an integer >= 4"):
         make_simulator("linear-bootstrap", replicas=2)
     few, _, _ = linear_runs(num_runs=3, num_steps=10)
     with pytest.raises(RunDataError, match="at least 4 fitting runs"):

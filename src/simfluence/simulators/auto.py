@@ -13,17 +13,43 @@ kept in ``fit_info["cv_table"]`` (and printed by ``simfluence fit``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
+from simfluence.simulators.config import SimulatorConfig, integer, setting
 
 CANDIDATES = ("linear-trajectory", "linear-identity", "linear", "mean-trajectory")
 MIN_RUNS = 4
 """Fewer fitting runs leave a fold too few to fit a candidate with its own cross-validation:
 then the first candidate is used without a choice."""
+
+
+@dataclass(frozen=True)
+class AutoConfig(SimulatorConfig):
+    """Settings of ``auto``."""
+
+    candidates: tuple[str, ...] = setting(CANDIDATES, "Simulator kinds to choose from, each with its default "
+                                          "settings.")
+    cv_folds: int = setting(3, "Folds of fitting runs for the choice.")
+    seed: int = setting(0, "The folds' shuffle.")
+
+    def validate(self) -> None:
+        """Check that the candidates are registered kinds (not ``auto``) and the folds."""
+        from simfluence.simulators.base import simulator_kinds
+
+        allowed = [kind for kind in simulator_kinds() if kind != "auto"]
+        candidates = tuple(self.candidates) if isinstance(self.candidates, (list, tuple)) else ()
+        unknown = [kind for kind in candidates if kind not in allowed]
+        if not candidates or unknown:
+            raise UsageError(f"candidates: unknown or not allowed {unknown}; choose from {allowed}")
+        self._set("candidates", candidates)
+        self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))
+        self._set("seed", integer("seed", self.seed, 0))
 
 
 @register
@@ -43,39 +69,29 @@ class AutoSimulator(Simulator):
     kind = "auto"
     capabilities = Capabilities("learned", cross_validation=True)
 
-    def __init__(self, candidates: tuple[str, ...] | list[str] = CANDIDATES, cv_folds: int = 3, seed: int = 0,
-                 chosen: str | None = None, chosen_params: dict | None = None):
-        super().__init__()
-        from simfluence.simulators import SIMULATORS
-
-        candidates = tuple(candidates)
-        unknown = [kind for kind in candidates if kind not in SIMULATORS or kind == self.kind]
-        if not candidates or unknown:
-            raise ValueError(f"candidates: unknown or not allowed {unknown}; choose from "
-                             f"{sorted(k for k in SIMULATORS if k != self.kind)}")
-        if isinstance(cv_folds, bool) or int(cv_folds) != cv_folds or cv_folds < 2:
-            raise ValueError(f"cv_folds: expected an integer >= 2, got {cv_folds!r}")
-        self.candidates, self.cv_folds, self.seed = candidates, int(cv_folds), int(seed)
-        # Set by load() only: which candidate the saved file holds.
-        self._saved_choice = (chosen, chosen_params)
-
+    config_class = AutoConfig
+    config: AutoConfig
     fitted_params = ("chosen", "chosen_params")
 
-    def _params(self) -> dict[str, Any]:
-        fitted = hasattr(self, "model_")
-        return {"candidates": list(self.candidates), "cv_folds": self.cv_folds, "seed": self.seed,
-                "chosen": self.chosen_ if fitted else None,
-                "chosen_params": self.model_._params() if fitted else None}
+    def __init__(self, config: AutoConfig | None = None, **settings: Any):
+        super().__init__(config, **settings)
+        self._saved_choice: dict[str, Any] = {}  # set by load() only: which candidate the saved file holds
+
+    def _fitted_settings(self) -> dict[str, Any]:
+        return {"chosen": self.chosen_, "chosen_params": self.model_._params()} if hasattr(self, "model_") else {}
+
+    def _load_fitted_settings(self, values: dict[str, Any]) -> None:
+        self._saved_choice = dict(values)
 
     def _fit(self, runs: RunSet) -> None:
         from simfluence.simulators import make_simulator
         from simfluence.simulators.linear import all_steps_mse
 
         table: list[dict[str, Any]] = []
-        if runs.num_runs >= MIN_RUNS and len(self.candidates) > 1:
-            folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
-                                   min(self.cv_folds, runs.num_runs))
-            for kind in self.candidates:
+        if runs.num_runs >= MIN_RUNS and len(self.config.candidates) > 1:
+            folds = np.array_split(np.random.default_rng(self.config.seed).permutation(runs.num_runs),
+                                   min(self.config.cv_folds, runs.num_runs))
+            for kind in self.config.candidates:
                 errors = []
                 for fold in folds:
                     train = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold))
@@ -85,7 +101,7 @@ class AutoSimulator(Simulator):
                 table.append({"method": kind, "cv_mse": float(np.mean(errors)), "fold_mse": errors})
             chosen = min(table, key=lambda row: row["cv_mse"])["method"]
         else:
-            chosen = self.candidates[0]
+            chosen = self.config.candidates[0]
         self.chosen_ = chosen
         self.model_ = make_simulator(chosen).fit(runs)
         self.fit_info.update({"chosen": chosen, "cv_table": table,
@@ -101,8 +117,8 @@ class AutoSimulator(Simulator):
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         from simfluence.simulators import make_simulator
 
-        chosen, params = self._saved_choice
-        if chosen not in self.candidates:
+        chosen, params = self._saved_choice.get("chosen"), self._saved_choice.get("chosen_params")
+        if chosen not in self.config.candidates:
             raise ValueError(f"the chosen simulator {chosen!r} is not among the candidates")
         model = make_simulator(chosen, **(params or {}))
         model.train_ids, model.test_ids, model.mean_change = self.train_ids, self.test_ids, self.mean_change

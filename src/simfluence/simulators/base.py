@@ -30,9 +30,11 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.log import PAD, RunDataError, RunSet, validate_curriculum, validate_losses
+from simfluence.simulators.config import SimulatorConfig
 
 FORMAT = "simfluence-simulator"
 VERSION = 1
@@ -204,10 +206,22 @@ class Simulator(ABC):
     kind: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     """What the kind is and can do (see :class:`Capabilities`)."""
+    config_class: ClassVar[type[SimulatorConfig]] = SimulatorConfig
+    """The kind's settings dataclass (see :mod:`simfluence.simulators.config`)."""
     fitted_params: ClassVar[tuple[str, ...]] = ()
-    """Keys of :meth:`_params` that record fitted state for loading (e.g. ``auto``'s choice), not settings."""
+    """Keys that files saved before the ``fitted`` entry kept in ``params`` (e.g. ``auto``'s choice)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: SimulatorConfig | None = None, **settings: Any) -> None:
+        """Build from a ``config`` of the kind's :attr:`config_class`, or from its fields as keywords."""
+        if config is None:
+            config = self.config_class.from_params(settings, type(self).__name__)
+        elif settings:
+            raise UsageError(f"{type(self).__name__}: give a config or settings, not both (got {sorted(settings)})")
+        elif type(config) is not self.config_class:
+            raise UsageError(f"{type(self).__name__}: config must be a {self.config_class.__name__}, "
+                             f"got {type(config).__name__}")
+        self.config = config
+        """The settings (frozen; ``fit`` never changes them)."""
         # Fitted state, None until fit or load; every use is behind _check_fitted, so typed as fitted.
         self.train_ids: np.ndarray = None  # type: ignore[assignment]
         self.test_ids: np.ndarray = None  # type: ignore[assignment]
@@ -319,15 +333,19 @@ class Simulator(ABC):
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray: ...
 
     def _params(self) -> dict[str, Any]:
-        """Constructor arguments, JSON-serialisable."""
-        return {}
+        """The settings, JSON-ready (``config.to_params()``)."""
+        return self.config.to_params()
 
     def settings(self) -> dict[str, Any]:
-        """The settings the simulator was built with: :meth:`_params` without :attr:`fitted_params`.
+        """The settings the simulator was built with, by name (``fit`` never changes them)."""
+        return self.config.to_params()
 
-        ``fit`` never changes them (fitted state lives in attributes ending in ``_`` and ``fit_info``).
-        """
-        return {key: value for key, value in self._params().items() if key not in self.fitted_params}
+    def _fitted_settings(self) -> dict[str, Any]:
+        """Choices ``fit`` made that loading needs before :meth:`_restore` (JSON-ready); none by default."""
+        return {}
+
+    def _load_fitted_settings(self, values: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Inverse of :meth:`_fitted_settings`, called by :meth:`load` before :meth:`_restore`."""
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """Fitted numeric state."""
@@ -346,7 +364,7 @@ class Simulator(ABC):
         if self.fit_digests is not None:
             arrays["fit_digests"] = np.asarray(self.fit_digests, dtype="<U64")
         config = {"format": FORMAT, "version": VERSION, "kind": self.kind, "params": self._params(),
-                  "fit_info": self.fit_info, "checksum": arrays_checksum(arrays)}
+                  "fitted": self._fitted_settings(), "fit_info": self.fit_info, "checksum": arrays_checksum(arrays)}
         # The config decides the simulation too (the kind, the loss range clipped to): covered by its own checksum.
         config["config_checksum"] = config_checksum(json.loads(json.dumps(config)))
         path = Path(path)
@@ -372,8 +390,15 @@ class Simulator(ABC):
         kind = config.get("kind")
         if kind not in _REGISTRY:
             raise RunDataError(source, "config.kind", f"unknown simulator '{kind}'", f"known: {simulator_kinds()}")
+        cls = _REGISTRY[kind]
+        params, fitted = config.get("params", {}), config.get("fitted", {})
+        if not isinstance(params, dict) or not isinstance(fitted, dict):
+            raise RunDataError(source, "config.params", "expected JSON objects for params and fitted")
+        fitted = {**{key: params[key] for key in cls.fitted_params if key in params}, **fitted}  # older files
+        params = {key: value for key, value in params.items() if key not in cls.fitted_params}
         try:
-            simulator = _REGISTRY[kind](**config.get("params", {}))
+            simulator = cls(**params)
+            simulator._load_fitted_settings(fitted)
         except (TypeError, ValueError) as error:   # unknown or out-of-range parameters
             raise RunDataError(source, "config.params", str(error)) from None
         simulator.train_ids, simulator.test_ids = arrays["train_ids"], arrays["test_ids"]

@@ -109,8 +109,8 @@ class GradientSimulator(LinearSimulator):
         rates = self._learning_rates(task, runs)
         scores = self._scores(task, runs, rates)  # [N, M] = B
         self.scale = self._fit_scale(scores, runs) if self.fitted_scale else 1.0
-        self.table = torch.as_tensor(self.scale * scores, dtype=getattr(torch, self.dtype),
-                                     device=torch.device(self.device))
+        self.table = torch.as_tensor(self.scale * scores, dtype=getattr(torch, self.config.dtype),
+                                     device=torch.device(self.config.device))
         self.fit_info.update(learning_rate=float(rates.mean()), scale=self.scale)
 
     def _scores(self, task, runs: RunSet, rates: np.ndarray) -> np.ndarray:
@@ -135,8 +135,8 @@ class GradientSimulator(LinearSimulator):
             name, options = self.task_spec.name, self.task_spec.config()
         else:
             name, options = self.task_spec, self.task_options
-        return {"task": name, "task_options": options, "chunk_size": self.chunk_size, "device": self.device,
-                "dtype": self.dtype}
+        return {"task": name, "task_options": options, "chunk_size": self.chunk_size, "device": self.config.device,
+                "dtype": self.config.dtype}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"table": self.table.cpu().numpy(), "scale": np.array(self.scale)}

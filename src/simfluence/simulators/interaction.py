@@ -78,9 +78,9 @@ text-minilm linear-identity is kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.optimize
@@ -89,9 +89,11 @@ import torch
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Capabilities, register
+from simfluence.simulators.config import integer, positive, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import (
     _DTYPES,
+    LinearConfig,
     LinearIdentitySimulator,
     Transitions,
     rollout,
@@ -308,6 +310,43 @@ def solve_pair_ridge(design: BatchDesign, features: torch.Tensor, previous: torc
     return PairRidgeSolution(weights[0], weights[1], error, iterations, float(relative.max()))
 
 
+@dataclass(frozen=True)
+class PairwiseConfig(LinearConfig):
+    """Settings of ``linear-pairwise``: linear-identity's and those of the pair terms."""
+
+    rank: int = setting(4, "k, the size of the training-example embeddings u_i.")
+    window: int | None = setting(None, "Earlier steps whose examples pair with a step's examples; None: every "
+                                 "earlier step of the run, 0: only within a batch.")
+    pair_ridge: float | None = setting(None, "mu, the penalty on |U|^2 + |V|^2 (absolute); None: a tenth of the "
+                                       "linear ridge strength.")
+    rounds: int = setting(10, "Rounds of the fitting path; with validate_rounds, the most that are used.")
+    lbfgs_iterations: int = setting(3, "L-BFGS iterations on U per round.")
+    init_scale: float = setting(0.1, "Standard deviation of the random initial U.")
+    validate_rounds: bool = setting(True, "Choose the number of rounds (0 to rounds; 0 is linear-identity) by "
+                                    "cv_folds-fold validation over the fitting runs; else use all rounds.")
+    spearman_tolerance: float = setting(0.005, "How far below linear-identity's the mean validation across-run "
+                                        "Spearman of a round may be for the round to be chosen.")
+    patience: int = setting(2, "A validation fold's path stops after this many rounds without a better round.")
+    inner_tol: float = setting(1e-3, "Relative residual at which the inner (a, b, V) solves stop.")
+
+    renamed: ClassVar[Mapping[str, str]] = {**LinearConfig.renamed, "steps": "lbfgs_iterations",
+                                            "validate": "validate_rounds"}
+    retired: ClassVar[Mapping[str, Any]] = {"learning_rate": None}  # earlier fits' L-BFGS step; line search now
+
+    def validate(self) -> None:
+        """Linear's checks, and those of the pair terms."""
+        super().validate()
+        for name in ("rank", "rounds", "lbfgs_iterations", "patience"):
+            self._set(name, integer(name, getattr(self, name), 1))
+        if self.window is not None:
+            self._set("window", integer("window", self.window, 0, " or None (all earlier steps)"))
+        self._set("pair_ridge", positive("pair_ridge", self.pair_ridge, allow_none=True))
+        self._set("init_scale", positive("init_scale", self.init_scale))
+        self._set("spearman_tolerance", positive("spearman_tolerance", self.spearman_tolerance, allow_zero=True))
+        self._set("inner_tol", positive("inner_tol", self.inner_tol))
+        self._set("validate_rounds", bool(self.validate_rounds))
+
+
 @register
 class PairwiseSimulator(LinearIdentitySimulator):
     """``linear-pairwise``: Linear-identity plus low-rank pair terms (module docstring).
@@ -320,12 +359,9 @@ class PairwiseSimulator(LinearIdentitySimulator):
             ridge strength.
         rounds: rounds of the fitting path (module docstring); with ``validate``, the most
             that are used.
-        steps: L-BFGS iterations on ``U`` per round.
-        learning_rate: accepted so that models saved by earlier versions load (their fit
-            moved ``(a, b, U)`` by torch's L-BFGS with this step size); unused: the L-BFGS-B
-            on ``U`` chooses its steps by line search.
+        lbfgs_iterations: L-BFGS iterations on ``U`` per round (``steps`` before).
         init_scale: standard deviation of the random initial ``U``.
-        validate: choose the number of rounds (0 to ``rounds``; 0 is plain linear-identity)
+        validate_rounds: choose the number of rounds (0 to ``rounds``; 0 is plain linear-identity)
             by ``cv_folds``-fold validation over the fitting runs (:meth:`_validate_rounds`),
             then refit on all runs. Without it all ``rounds`` are used.
         spearman_tolerance: how far below linear-identity's the mean validation across-run
@@ -340,38 +376,18 @@ class PairwiseSimulator(LinearIdentitySimulator):
             ``"float64"``. The L-BFGS state, the ``k(k+1)/2`` Gram matrix of the pair
             features and the objective's sums are float64 either way.
         **linear: the arguments of :class:`~simfluence.simulators.linear.LinearSimulator`
-            (``max_iter`` also caps the inner solves); ``seed`` also seeds ``U``'s
+            (``cg_max_iter`` also caps the inner solves); ``seed`` also seeds ``U``'s
             initialisation, and the validation folds are those of the ridge cross-validation.
     """
 
     kind = "linear-pairwise"
     capabilities = Capabilities("extension", ridge=True, cross_validation=True, device=True, precision=True)
 
-    def __init__(self, rank: int = 4, window: int | None = None, pair_ridge: float | None = None, rounds: int = 10,
-                 steps: int = 3, learning_rate: float | None = None, init_scale: float = 0.1, validate: bool = True,
-                 spearman_tolerance: float = 0.005, patience: int = 2, inner_tol: float = 1e-3, dtype: str = "float32",
-                 **linear: Any):
-        super().__init__(dtype=dtype, **linear)
-        for name, value in (("rank", rank), ("rounds", rounds), ("steps", steps), ("patience", patience)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if window is not None and (int(window) != window or window < 0):
-            raise ValueError(f"window must be None (all earlier steps) or an integer >= 0, got {window!r}")
-        if learning_rate is not None and not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
-        if pair_ridge is not None and not pair_ridge > 0:
-            raise ValueError(f"pair_ridge must be positive, got {pair_ridge!r}")
-        if not spearman_tolerance >= 0:
-            raise ValueError(f"spearman_tolerance must be >= 0, got {spearman_tolerance!r}")
-        if not inner_tol > 0:
-            raise ValueError(f"inner_tol must be positive, got {inner_tol!r}")
-        self.rank, self.window, self.pair_ridge = int(rank), None if window is None else int(window), pair_ridge
-        self.rounds, self.steps = int(rounds), int(steps)
-        self.learning_rate, self.init_scale = learning_rate, init_scale
-        self.validate, self.spearman_tolerance, self.patience = bool(validate), float(spearman_tolerance), int(patience)
-        self.inner_tol = float(inner_tol)
+    config_class = PairwiseConfig
+    config: PairwiseConfig
+
+    def __init__(self, config: PairwiseConfig | None = None, **settings: Any):
+        super().__init__(config, **settings)
         self.embeddings: torch.Tensor = None  # type: ignore[assignment]  # U [N, k]; fitted state
         self.interactions: torch.Tensor = None  # type: ignore[assignment]  # V [k * k, M], each k x k symmetric
 
@@ -379,9 +395,9 @@ class PairwiseSimulator(LinearIdentitySimulator):
     def _fit(self, runs: RunSet) -> None:
         super()._fit(runs)  # linear-identity: ridge by cross-validation, the round-0 (a, b)
         ridge = float(self.fit_info["ridge"])
-        pair_ridge = 0.1 * ridge if self.pair_ridge is None else self.pair_ridge
-        linear_table, rounds = self.table, self.rounds
-        if self.validate and runs.num_runs >= 2:
+        pair_ridge = 0.1 * ridge if self.config.pair_ridge is None else self.config.pair_ridge
+        linear_table, rounds = self.table, self.config.rounds
+        if self.config.validate_rounds and runs.num_runs >= 2:
             rounds, mse, rho = self._validate_rounds(runs, linear_table, ridge, pair_ridge)
             self.fit_info.update(validation_mse_per_round=mse, validation_spearman_per_round=rho)
         history = self._path(runs, linear_table, rounds, ridge, pair_ridge) if rounds else []
@@ -410,11 +426,11 @@ class PairwiseSimulator(LinearIdentitySimulator):
         Returns:
             The chosen round and the validation MSE and mean Spearman of each round.
         """
-        folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
-                               min(self.cv_folds, runs.num_runs))
+        folds = np.array_split(np.random.default_rng(self.config.seed).permutation(runs.num_runs),
+                               min(self.config.cv_folds, runs.num_runs))
         per_fold: list[list[tuple[np.ndarray, float]]] = []
         for fold in folds:  # rounds past one that an earlier fold stopped at cannot be chosen: not fitted
-            limit = min([self.rounds] + [len(scores) - 1 for scores in per_fold])
+            limit = min([self.config.rounds] + [len(scores) - 1 for scores in per_fold])
             per_fold.append(self._fold_scores(runs, fold, linear_table, ridge, pair_ridge, limit))
         pooled: list[tuple[np.ndarray, float]] = []
         for r in range(min(len(scores) for scores in per_fold)):
@@ -435,7 +451,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
         def score_round() -> bool:
             predicted = self._simulate(validation.curricula, validation.initial_losses.astype(np.float64))
             scores.append(_validation_scores(predicted, validation))
-            return len(scores) - 1 - self._choose_rounds(scores) >= self.patience  # no better round for a while
+            return len(scores) - 1 - self._choose_rounds(scores) >= self.config.patience  # no better round for a while
 
         self._install(start, None, None, runs.num_test)
         score_round()                                                                 # round 0
@@ -458,7 +474,8 @@ class PairwiseSimulator(LinearIdentitySimulator):
         best, least = 0, float(baseline.mean())
         for r, (errors, rho) in enumerate(scores[1:], start=1):
             mse = float(errors.mean())
-            eligible = not np.isfinite(reference) or (np.isfinite(rho) and rho >= reference - self.spearman_tolerance)
+            tolerance = self.config.spearman_tolerance
+            eligible = not np.isfinite(reference) or (np.isfinite(rho) and rho >= reference - tolerance)
             if significant and eligible:
                 gain = baseline - errors
                 spread = float(gain.std(ddof=1)) / np.sqrt(gain.size) if gain.size > 1 else float("inf")
@@ -472,15 +489,16 @@ class PairwiseSimulator(LinearIdentitySimulator):
         """Make ``(table, U, V)`` the fitted state (``U = 0``, ``V = 0`` for linear-identity)."""
         dtype, device = table.dtype, table.device
         self.table = table.clone()
-        self.embeddings = (torch.zeros(table.shape[0], self.rank, dtype=dtype, device=device) if embeddings is None
+        rank = self.config.rank
+        self.embeddings = (torch.zeros(table.shape[0], rank, dtype=dtype, device=device) if embeddings is None
                            else embeddings.detach().clone())
-        self.interactions = (torch.zeros(self.rank * self.rank, num_test, dtype=dtype, device=device)
+        self.interactions = (torch.zeros(rank * rank, num_test, dtype=dtype, device=device)
                              if interactions is None else interactions.clone())
 
     def _column_chunk(self, num_transitions: int, num_train: int, num_test: int) -> int:
         """Test examples per chunk: the inner solver's working set stays within ``_WORKING_BYTES``."""
-        itemsize = torch.finfo(_DTYPES[self.dtype]).bits // 8
-        per_column = itemsize * (16 * num_transitions + 16 * num_train + 6 * self.rank ** 2)  # incl. temporaries
+        itemsize = torch.finfo(_DTYPES[self.config.dtype]).bits // 8
+        per_column = itemsize * (16 * num_transitions + 16 * num_train + 6 * self.config.rank ** 2)  # incl. temporaries
         return int(max(1, min(num_test, _WORKING_BYTES // per_column)))
 
     def _path(self, runs: RunSet, table: torch.Tensor, rounds: int, ridge: float, pair_ridge: float,
@@ -490,13 +508,13 @@ class PairwiseSimulator(LinearIdentitySimulator):
         Sets the fitted state after every round, then calls ``after_round``, which stops the
         path by returning ``True``. Returns the teacher-forced one-step MSE after each round.
         """
-        dtype, device = _DTYPES[self.dtype], torch.device(self.device)
+        dtype, device = _DTYPES[self.config.dtype], torch.device(self.config.device)
         transitions = Transitions.of(runs)
         design = BatchDesign(transitions.batches, runs.num_train, device)
-        feature_map = PairFeatureMap(runs.curricula, runs.num_train, self.window, device,
+        feature_map = PairFeatureMap(runs.curricula, runs.num_train, self.config.window, device,
                                      steps=runs.eval_steps[transitions.pairs])
-        num_train, num_test, width = runs.num_train, runs.num_test, self.rank * self.rank
-        basis = symmetric_basis(self.rank, dtype, device)  # [k^2, q]: the solver works on w, V = E w
+        num_train, num_test, width = runs.num_train, runs.num_test, self.config.rank * self.config.rank
+        basis = symmetric_basis(self.config.rank, dtype, device)  # [k^2, q]: the solver works on w, V = E w
         chunk = self._column_chunk(transitions.num_transitions, num_train, num_test)
         chunks = [slice(start, min(start + chunk, num_test)) for start in range(0, num_test, chunk)]
         cached: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -512,8 +530,9 @@ class PairwiseSimulator(LinearIdentitySimulator):
                 cached[index] = data
             return data
 
-        generator = torch.Generator().manual_seed(self.seed)
-        initial = torch.randn(num_train, self.rank, generator=generator, dtype=torch.float64) * self.init_scale
+        generator = torch.Generator().manual_seed(self.config.seed)
+        rank = self.config.rank
+        initial = torch.randn(num_train, rank, generator=generator, dtype=torch.float64) * self.config.init_scale
         # The inner solution of the last evaluation: the warm start of the next one.
         state: dict[str, Any] = {"table": table.to(device, dtype).clone(), "x": None, "error": 0.0,
                                  "interactions": torch.zeros(basis.shape[1], num_test, dtype=dtype, device=device)}
@@ -525,7 +544,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
             """``J(U)`` and its gradient; solves ``(a, b, V)`` for ``U`` chunk by chunk (warm-started)."""
             nonlocal evaluations, inner_iterations
             evaluations += 1
-            embeddings = torch.as_tensor(x, dtype=dtype, device=device).view(num_train, self.rank).requires_grad_()
+            embeddings = torch.as_tensor(x, dtype=dtype, device=device).view(num_train, rank).requires_grad_()
             features = feature_map(embeddings).reshape(-1, width) @ basis   # g = F E, [S, q]
             fixed = features.detach()
             objective = pair_ridge * float(np.square(x).sum())
@@ -534,8 +553,8 @@ class PairwiseSimulator(LinearIdentitySimulator):
             for index, cols in enumerate(chunks):
                 previous, target, block_inverse = columns(index)
                 table_cols = state["table"].view(num_train, 2, num_test)[:, :, cols].reshape(num_train, -1)
-                solution = solve_pair_ridge(design, fixed, previous, target, ridge, pair_ridge, self.inner_tol,
-                                            self.max_iter, table_cols, block_inverse)
+                solution = solve_pair_ridge(design, fixed, previous, target, ridge, pair_ridge, self.config.inner_tol,
+                                            self.config.cg_max_iter, table_cols, block_inverse)
                 inner_iterations += solution.iterations
                 state["table"].view(num_train, 2, num_test)[:, :, cols] = solution.table.view(num_train, 2, -1)
                 state["interactions"][:, cols] = solution.interactions
@@ -555,7 +574,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
             nonlocal stopped
             if state["x"] is None or not np.array_equal(state["x"], x):
                 evaluate(x)  # the state belongs to the last evaluation; L-BFGS-B ends iterations on it
-            embeddings = torch.as_tensor(x, dtype=dtype, device=device).view(num_train, self.rank)
+            embeddings = torch.as_tensor(x, dtype=dtype, device=device).view(num_train, self.config.rank)
             self._install(state["table"], embeddings, basis @ state["interactions"], num_test)
             history.append(state["error"] / (transitions.num_transitions * num_test))
             if after_round is not None and after_round():
@@ -565,14 +584,15 @@ class PairwiseSimulator(LinearIdentitySimulator):
             nonlocal iterations
             iterations += 1
             bar.update()
-            if iterations % self.steps == 0:
+            if iterations % self.config.lbfgs_iterations == 0:
                 checkpoint(intermediate_result.x)
             if stopped or len(history) >= rounds:
                 raise StopIteration  # ends L-BFGS-B (scipy >= 1.11)
 
-        with progress_bar(total=rounds * self.steps, desc="fit linear-pairwise", unit="iteration", leave=False) as bar:
+        total = rounds * self.config.lbfgs_iterations
+        with progress_bar(total=total, desc="fit linear-pairwise", unit="iteration", leave=False) as bar:
             result = scipy.optimize.minimize(evaluate, initial.numpy().ravel(), jac=True, method="L-BFGS-B",
-                                             callback=callback, options={"maxiter": rounds * self.steps,
+                                             callback=callback, options={"maxiter": total,
                                                                          "maxcor": 20, "ftol": 1e-12, "gtol": 1e-10})
         while not stopped and len(history) < rounds:  # converged early: later rounds are the converged fit
             checkpoint(result.x)
@@ -585,7 +605,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
         """float64 ``[R, T, M]``: ``gamma_t`` of every step for validated curricula ``[R, T, B]``."""
         self._check_fitted()
         with torch.no_grad():
-            features = pair_features(self.embeddings, curricula, self.window)
+            features = pair_features(self.embeddings, curricula, self.config.window)
             return (features @ self.interactions).cpu().numpy().astype(np.float64)
 
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
@@ -594,7 +614,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
         if not bool(self.interactions.any()):  # linear-identity (round 0): no pair term to add
             return rollout(self.table, curricula, initial, self.alpha_offset, self.fit_alpha)
         with torch.no_grad():
-            gamma = (pair_features(self.embeddings, curricula, self.window) @ self.interactions)
+            gamma = (pair_features(self.embeddings, curricula, self.config.window) @ self.interactions)
         # gamma does not depend on the loss, so each step's gamma is the b-row of one extra
         # "example" (a = 0) trained on at that step only: the Linear rollout then adds it.
         extra = torch.cat([torch.zeros_like(gamma), gamma], dim=2).reshape(-1, 2 * num_test)
@@ -604,12 +624,6 @@ class PairwiseSimulator(LinearIdentitySimulator):
                        self.fit_alpha)
 
     # --- persistence --------------------------------------------------------------
-    def _params(self) -> dict[str, Any]:
-        return {**super()._params(), "rank": self.rank, "window": self.window, "pair_ridge": self.pair_ridge,
-                "rounds": self.rounds, "steps": self.steps, "init_scale": self.init_scale,
-                "validate": self.validate, "spearman_tolerance": self.spearman_tolerance, "patience": self.patience,
-                "inner_tol": self.inner_tol}
-
     def _arrays(self) -> dict[str, np.ndarray]:
         return {**super()._arrays(), "embeddings": self.embeddings.cpu().numpy(),
                 "interactions": self.interactions.cpu().numpy()}
@@ -617,11 +631,12 @@ class PairwiseSimulator(LinearIdentitySimulator):
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         super()._restore(arrays)
         embeddings, interactions = arrays["embeddings"], arrays["interactions"]
-        if embeddings.shape != (self.train_ids.size, self.rank):
-            raise ValueError(f"embeddings has shape {embeddings.shape}, expected {(self.train_ids.size, self.rank)}")
-        if interactions.shape != (self.rank * self.rank, self.test_ids.size):
+        if embeddings.shape != (self.train_ids.size, self.config.rank):
+            raise ValueError(f"embeddings has shape {embeddings.shape}, "
+                             f"expected {(self.train_ids.size, self.config.rank)}")
+        if interactions.shape != (self.config.rank * self.config.rank, self.test_ids.size):
             raise ValueError(f"interactions has shape {interactions.shape}, "
-                             f"expected {(self.rank * self.rank, self.test_ids.size)}")
+                             f"expected {(self.config.rank * self.config.rank, self.test_ids.size)}")
         self.embeddings = torch.as_tensor(embeddings, device=self.table.device)
         self.interactions = torch.as_tensor(interactions, device=self.table.device)
 

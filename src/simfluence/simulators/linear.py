@@ -22,10 +22,9 @@ scoring the rolled-out all-steps MSE on each held-out fold.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from torch.nn.functional import embedding_bag
 
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
+from simfluence.simulators.config import SimulatorConfig, integer, one_of, positive, positive_grid, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.ridge import solve_transition_ridge
 
@@ -169,6 +169,34 @@ def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet
     return float(grid[int(np.argmin(errors))]), {f"{value:.6g}": float(error) for value, error in zip(grid, errors)}
 
 
+@dataclass(frozen=True)
+class LinearConfig(SimulatorConfig):
+    """Settings of the Simfluence-Linear family (``linear``, ``linear-identity``, ``additive``)."""
+
+    ridge: float | None = setting(None, "Ridge strength lambda on the summed squared one-step errors (absolute); "
+                                  "None: chosen by cross-validation over the fitting runs from ridge_grid.")
+    ridge_grid: tuple[float, ...] = setting(DEFAULT_RIDGE_GRID, "Candidate strengths, as multiples of the mean "
+                                            "number of times a training example was trained on (diag of X^T X).")
+    cv_folds: int = setting(3, "Folds of fitting runs for the choice of ridge.")
+    tol: float = setting(1e-5, "Conjugate-gradient stopping tolerance (relative residual of every system).")
+    cg_max_iter: int = setting(1000, "Conjugate-gradient iteration cap.")
+    device: str = setting("cpu", "torch device for fitting and rollouts ('cpu', 'cuda', ...).")
+    dtype: str = setting("float32", "'float32' (fast) or 'float64'.")
+    seed: int = setting(0, "Seed of the cross-validation fold assignment.")
+
+    renamed: ClassVar[Mapping[str, str]] = {"max_iter": "cg_max_iter"}
+
+    def validate(self) -> None:
+        """Check ridge, grid, folds, tolerance, iteration cap and dtype."""
+        self._set("ridge", positive("ridge", self.ridge, allow_none=True))
+        self._set("ridge_grid", positive_grid("ridge_grid", self.ridge_grid))
+        self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))
+        self._set("tol", positive("tol", self.tol))
+        self._set("cg_max_iter", integer("cg_max_iter", self.cg_max_iter, 1))
+        one_of("dtype", self.dtype, tuple(_DTYPES))
+        self._set("seed", integer("seed", self.seed, 0))
+
+
 @register
 class LinearSimulator(Simulator):
     """Simfluence-Linear (``alpha_0 = 0``, as in the paper).
@@ -180,10 +208,12 @@ class LinearSimulator(Simulator):
             training example was trained on (the diagonal of ``X^T X``).
         cv_folds: folds of fitting runs for that choice.
         tol: conjugate-gradient stopping tolerance (relative residual of every system).
-        max_iter: conjugate-gradient iteration cap.
+        cg_max_iter: conjugate-gradient iteration cap (``max_iter`` before).
         device: torch device for fitting and rollouts (``"cpu"``, ``"cuda"``, ...).
         dtype: ``"float32"`` (fast) or ``"float64"``.
         seed: seed of the cross-validation fold assignment.
+
+    The settings are a frozen :class:`LinearConfig` (``config``), given as one or as keywords.
     """
 
     kind = "linear"
@@ -192,18 +222,11 @@ class LinearSimulator(Simulator):
     fit_alpha = True
     alpha_offset = 0.0
 
-    def __init__(self, ridge: float | None = None, ridge_grid: tuple[float, ...] = DEFAULT_RIDGE_GRID,
-                 cv_folds: int = 3, tol: float = 1e-5, max_iter: int = 1000, device: str = "cpu",
-                 dtype: str = "float32", seed: int = 0):
-        super().__init__()
-        if ridge is not None and not (ridge > 0 and math.isfinite(ridge)):
-            raise ValueError(f"ridge must be a finite number > 0, got {ridge}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if cv_folds < 2:
-            raise ValueError(f"cv_folds must be at least 2, got {cv_folds}")
-        self.ridge, self.ridge_grid, self.cv_folds = ridge, tuple(ridge_grid), cv_folds
-        self.tol, self.max_iter, self.device, self.dtype, self.seed = tol, max_iter, device, dtype, seed
+    config_class = LinearConfig
+    config: LinearConfig
+
+    def __init__(self, config: LinearConfig | None = None, **settings: Any):
+        super().__init__(config, **settings)
         self.table: torch.Tensor = None  # type: ignore[assignment]  # fitted state, behind _check_fitted
         self.chosen_ridge: float | None = None
 
@@ -219,7 +242,7 @@ class LinearSimulator(Simulator):
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
         transitions = Transitions.of(runs)
-        ridge, scores = (self.ridge, None) if self.ridge is not None else self._cross_validate(runs)
+        ridge, scores = (self.config.ridge, None) if self.config.ridge is not None else self._cross_validate(runs)
         self.table, info = self._solve(transitions, ridge)
         self.chosen_ridge = float(ridge)
         self.fit_info.update(ridge=float(ridge), cv_scores=scores, **info)
@@ -227,7 +250,7 @@ class LinearSimulator(Simulator):
     def _solve(self, transitions: Transitions, ridge: float,
                initial: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Coefficient table ``[N, 2M]`` (``[N, M]`` additive), solved in chunks of test examples."""
-        dtype, device = _DTYPES[self.dtype], torch.device(self.device)
+        dtype, device = _DTYPES[self.config.dtype], torch.device(self.config.device)
         runs = transitions.runs
         num_train, num_test = runs.num_train, runs.num_test
         design = BatchDesign(transitions.batches, num_train, device)
@@ -244,8 +267,8 @@ class LinearSimulator(Simulator):
             warm = None
             if initial is not None:
                 warm = torch.cat([initial[:, num_test * k:][:, cols] for k in range(blocks)], dim=1)
-            solution = solve_transition_ridge(design, previous, target, ridge, self.fit_alpha, self.tol,
-                                              self.max_iter, warm)
+            solution = solve_transition_ridge(design, previous, target, ridge, self.fit_alpha, self.config.tol,
+                                              self.config.cg_max_iter, warm)
             for k, part in enumerate([solution.b] if solution.a is None else [solution.a, solution.b]):  # a: fit_alpha
                 table[:, num_test * k:][:, cols] = part
             iterations = max(iterations, solution.iterations)
@@ -255,7 +278,8 @@ class LinearSimulator(Simulator):
     def _cross_validate(self, runs: RunSet) -> tuple[float, dict[str, float]]:
         """Choose ``ridge`` by rolled-out all-steps MSE on K folds of the fitting runs."""
         scale = float(BatchDesign(Transitions.of(runs).batches, runs.num_train).occurrences.mean())
-        grid = sorted((scale * factor for factor in self.ridge_grid), reverse=True)  # warm starts go strong -> weak
+        # warm starts go strong -> weak
+        grid = sorted((scale * factor for factor in self.config.ridge_grid), reverse=True)
 
         def tables(fitting: RunSet):
             transitions, table = Transitions.of(fitting), None
@@ -263,8 +287,8 @@ class LinearSimulator(Simulator):
                 table, _ = self._solve(transitions, ridge, initial=table)
                 yield table
 
-        return cross_validate(runs, grid, tables, self.cv_folds, self.seed, self.alpha_offset, self.fit_alpha,
-                              "pass an explicit ridge (--ridge)")
+        return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, self.alpha_offset,
+                              self.fit_alpha, "pass an explicit ridge (--ridge)")
 
     # --- prediction ---------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
@@ -291,11 +315,6 @@ class LinearSimulator(Simulator):
         return run
 
     # --- persistence --------------------------------------------------------------
-    def _params(self) -> dict[str, Any]:
-        return {"ridge": self.ridge, "ridge_grid": list(self.ridge_grid), "cv_folds": self.cv_folds,
-                "tol": self.tol, "max_iter": self.max_iter, "device": self.device, "dtype": self.dtype,
-                "seed": self.seed}
-
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"table": self.table.cpu().numpy()}
 
@@ -304,7 +323,7 @@ class LinearSimulator(Simulator):
         expected = (self.train_ids.size, (2 if self.fit_alpha else 1) * self.test_ids.size)
         if table.shape != expected:
             raise ValueError(f"table has shape {table.shape}, expected {expected}")
-        device = self.device if self.device == "cpu" or torch.cuda.is_available() else "cpu"
+        device = self.config.device if self.config.device == "cpu" or torch.cuda.is_available() else "cpu"
         self.table = torch.as_tensor(table, device=device)
 
 

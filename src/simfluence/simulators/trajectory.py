@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
+from simfluence.simulators.config import SimulatorConfig, integer, one_of, positive, setting
 
 SPACES = ("loss", "log", "margin")
 DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
@@ -122,6 +124,38 @@ def adam_momentum(meta: dict) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class TrajectoryConfig(SimulatorConfig):
+    """Settings of ``linear-trajectory``; ``"auto"`` settings are chosen by cross-validation."""
+
+    ridge: float | None = setting(None, "Fixed ridge strength (absolute) for every test example; None: one per "
+                                  "test example by cross-validation.")
+    space: str = setting("auto", "'loss', 'log', 'margin' or 'auto' ('log' and 'margin' only where every fitting "
+                         "loss is positive).")
+    momentum: float | str = setting("auto", "rho in [0, 1), or 'auto': {0, beta1} for runs trained with Adam(W), "
+                                    "else 0.")
+    decay: float | str = setting("auto", "delta in (0, 1], or 'auto': cross-validated over DECAYS.")
+    rank: int | str = setting("auto", "Keep the k leading directions of the effect matrix (0: full rank), or "
+                              "'auto': 1, 2, 4, ... and the full rank.")
+    schedule: bool = setting(True, "Scale each step's effects by its learning rate (from the runs' meta).")
+    cv_folds: int = setting(3, "Folds of fitting runs for the cross-validation.")
+    seed: int = setting(0, "The folds' shuffle.")
+
+    def validate(self) -> None:
+        """Check each setting's range."""
+        self._set("ridge", positive("ridge", self.ridge, allow_none=True, allow_zero=True))
+        one_of("space", self.space, (*SPACES, "auto"))
+        if self.momentum != "auto" and not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise UsageError(f"momentum: expected a number in [0, 1) or 'auto', got {self.momentum!r}")
+        if self.decay != "auto" and not (isinstance(self.decay, (int, float)) and 0 < self.decay <= 1):
+            raise UsageError(f"decay: expected a number in (0, 1] or 'auto', got {self.decay!r}")
+        if self.rank != "auto":
+            self._set("rank", integer("rank", self.rank, 0, " (0: full rank) or 'auto'"))
+        self._set("schedule", bool(self.schedule))
+        self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))
+        self._set("seed", integer("seed", self.seed, 0))
+
+
 @register
 class TrajectorySimulator(Simulator):
     r"""Linear model of the rolled-out trajectory with step-aware effects (see the module docstring).
@@ -149,69 +183,48 @@ class TrajectorySimulator(Simulator):
     kind = "linear-trajectory"
     capabilities = Capabilities("learned", ridge=True, cross_validation=True)
 
-    def __init__(self, ridge: float | None = None, space: str = "auto", momentum: float | str = "auto",
-                 decay: float | str = "auto", rank: int | str = "auto", schedule: bool = True, cv_folds: int = 3,
-                 seed: int = 0):
-        super().__init__()
-        if ridge is not None and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-            raise ValueError(f"ridge: expected a finite number >= 0 or None, got {ridge!r}")
-        if space not in (*SPACES, "auto"):
-            raise ValueError(f"space: expected one of {(*SPACES, 'auto')}, got {space!r}")
-        if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"momentum: expected a number in [0, 1) or 'auto', got {momentum!r}")
-        if decay != "auto" and not (isinstance(decay, (int, float)) and 0 < decay <= 1):
-            raise ValueError(f"decay: expected a number in (0, 1] or 'auto', got {decay!r}")
-        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, (int, float)) or int(rank) != rank
-                               or rank < 0):
-            raise ValueError(f"rank: expected an integer >= 1, 0 for full rank, or 'auto', got {rank!r}")
-        if isinstance(cv_folds, bool) or int(cv_folds) != cv_folds or cv_folds < 2:
-            raise ValueError(f"cv_folds: expected an integer >= 2, got {cv_folds!r}")
-        self.ridge, self.space, self.momentum, self.decay = ridge, space, momentum, decay
-        self.rank = rank if rank == "auto" else int(rank)
-        self.schedule, self.cv_folds, self.seed = bool(schedule), int(cv_folds), int(seed)
-
-    def _params(self) -> dict[str, Any]:
-        return {"ridge": self.ridge, "space": self.space, "momentum": self.momentum, "decay": self.decay,
-                "rank": self.rank, "schedule": self.schedule, "cv_folds": self.cv_folds, "seed": self.seed}
+    config_class = TrajectoryConfig
+    config: TrajectoryConfig
 
     # --- fitting ---------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
+        config = self.config
         losses = runs.losses.astype(np.float64)
-        rates = step_weights(runs) if self.schedule else np.ones(runs.num_steps)
+        rates = step_weights(runs) if config.schedule else np.ones(runs.num_steps)
         positive = bool((losses > 0).all())
-        spaces = [self.space] if self.space != "auto" else (list(SPACES) if positive else ["loss"])
-        if self.space in ("log", "margin") and not positive:
-            raise RunDataError("<runs>", "losses", f"space='{self.space}' needs every loss > 0", "use space='loss'")
+        spaces = [config.space] if config.space != "auto" else (list(SPACES) if positive else ["loss"])
+        if config.space in ("log", "margin") and not positive:
+            raise RunDataError("<runs>", "losses", f"space='{config.space}' needs every loss > 0", "use space='loss'")
         beta1 = adam_momentum(runs.meta)
-        momenta = [float(self.momentum)] if self.momentum != "auto" else ([0.0] if beta1 is None else [0.0, beta1])
-        decays = [float(self.decay)] if self.decay != "auto" else list(DECAYS)
-        folds = np.array_split(np.random.default_rng(self.seed).permutation(runs.num_runs),
-                               min(self.cv_folds, runs.num_runs))
+        momenta = [float(config.momentum)] if config.momentum != "auto" else ([0.0] if beta1 is None else [0.0, beta1])
+        decays = [float(config.decay)] if config.decay != "auto" else list(DECAYS)
+        folds = np.array_split(np.random.default_rng(config.seed).permutation(runs.num_runs),
+                               min(config.cv_folds, runs.num_runs))
         table: list[dict] = []
         if runs.num_runs < MIN_CV_RUNS:   # too few runs to cross-validate: strong shrinkage, no choices
-            space = "loss" if self.space == "auto" else self.space
-            momentum, decay = momenta[-1], 1.0 if self.decay == "auto" else decays[0]
+            space = "loss" if config.space == "auto" else config.space
+            momentum, decay = momenta[-1], 1.0 if config.decay == "auto" else decays[0]
             features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay)[:, runs.eval_steps]
             target = _transform(losses, space)
             x = _centred(features, target)[0]
             strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
-            error, ridges = float("nan"), np.full(runs.num_test, self.ridge if self.ridge is not None else strong)
-            rank = self.rank if isinstance(self.rank, int) else 0   # "auto" without a search: full rank
+            error, ridges = float("nan"), np.full(runs.num_test, config.ridge if config.ridge is not None else strong)
+            rank = config.rank if isinstance(config.rank, int) else 0   # "auto" without a search: full rank
         else:
             best: tuple | None = None   # only the best setting's arrays are kept
             for setting in itertools.product(spaces, momenta, decays):
                 features = trajectory_features(runs.curricula, runs.num_train, rates, *setting[1:])[:, runs.eval_steps]
                 target = _transform(losses, setting[0])
-                ridges, error = _cross_validate(features, target, losses, setting[0], folds, self.ridge)
+                ridges, error = _cross_validate(features, target, losses, setting[0], folds, config.ridge)
                 table.append({"space": setting[0], "momentum": setting[1], "decay": setting[2], "cv_mse": error})
                 if best is None or error < best[0]:
                     best = (error, setting, features, target, ridges)
             assert best is not None   # the grid has at least one setting
             error, (space, momentum, decay), features, target, ridges = best
-            ranks = [self.rank] if isinstance(self.rank, int) else _ranks(runs.num_train, runs.num_test)  # or "auto"
+            ranks = [config.rank] if isinstance(config.rank, int) else _ranks(runs.num_train, runs.num_test)
             rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
             error, rank = min(zip(rank_errors, ranks))
-            if self.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them
+            if config.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them
                 ridges = ridges * len(folds) / (len(folds) - 1)
         coef, offset = _solve(features, target, ridges, rank)
         self.coef_, self.ridge_, self.rates_ = coef, ridges, rates

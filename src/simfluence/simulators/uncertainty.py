@@ -33,6 +33,7 @@ the full fit: the intervals lean conservative.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,8 @@ import torch
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
-from simfluence.simulators.linear import LinearIdentitySimulator, Transitions, rollout
+from simfluence.simulators.config import integer, setting
+from simfluence.simulators.linear import LinearConfig, LinearIdentitySimulator, Transitions, rollout
 
 _SCORE_GRID = np.linspace(0.0, 1.0, 2001)
 """Quantile levels at which the calibration scores are kept (any interval level interpolates)."""
@@ -65,6 +67,19 @@ def interval_coverage(lower: np.ndarray, upper: np.ndarray, runs: RunSet) -> dic
             "width": float(width.mean()), "final_width": float(width[:, -1].mean())}
 
 
+@dataclass(frozen=True)
+class BootstrapConfig(LinearConfig):
+    """Settings of ``linear-bootstrap``: linear-identity's, and the number of replicas."""
+
+    replicas: int = setting(16, "K, bootstrap refits (each a full ridge solve over all test examples); >= 4 for "
+                            "out-of-bag calibration.")
+
+    def validate(self) -> None:
+        """Linear's checks, and ``replicas >= 4``."""
+        super().validate()
+        self._set("replicas", integer("replicas", self.replicas, 4, " (out-of-bag calibration needs several)"))
+
+
 @register
 class BootstrapLinearSimulator(LinearIdentitySimulator):
     """Linear-identity with bootstrap replicas and calibrated prediction intervals (module docstring).
@@ -80,11 +95,11 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         "extension", ridge=True, cross_validation=True, device=True, precision=True, intervals=True,
         column_rollout=True)
 
-    def __init__(self, replicas: int = 16, **linear: Any):
-        super().__init__(**linear)
-        if int(replicas) != replicas or replicas < 4:
-            raise ValueError(f"replicas must be an integer >= 4 (out-of-bag calibration needs several), got {replicas}")
-        self.replicas = int(replicas)
+    config_class = BootstrapConfig
+    config: BootstrapConfig
+
+    def __init__(self, config: BootstrapConfig | None = None, **settings: Any):
+        super().__init__(config, **settings)
         # Fitted state, None until fit or load; every use is behind _check_fitted, so typed as fitted.
         self.replica_tables: torch.Tensor = None  # type: ignore[assignment]  # [K, N, 2M]
         self.noise_variance: np.ndarray = None  # type: ignore[assignment]    # [T_fit + 1, M]
@@ -98,15 +113,15 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         super()._fit(runs)
         ridge = self.chosen_ridge
         assert ridge is not None  # chosen by super()._fit
-        rng = np.random.default_rng(self.seed)
-        draws = rng.integers(0, runs.num_runs, (self.replicas, runs.num_runs))
+        rng = np.random.default_rng(self.config.seed)
+        draws = rng.integers(0, runs.num_runs, (self.config.replicas, runs.num_runs))
         tables = [self._solve(Transitions.of(runs.select(draw)), ridge, initial=self.table)[0]
                   for draw in progress_bar(draws, desc="fit linear-bootstrap", unit="replica", leave=False)]
         self.replica_tables = torch.stack(tables)
-        in_bag = np.zeros((self.replicas, runs.num_runs), dtype=bool)
-        in_bag[np.arange(self.replicas)[:, None], draws] = True
-        self._calibrate(runs, in_bag, np.random.default_rng(self.seed + 1).permutation(runs.num_runs) % 2)
-        self.fit_info.update(replicas=self.replicas, interval_scale_90=self.interval_scale(0.9),
+        in_bag = np.zeros((self.config.replicas, runs.num_runs), dtype=bool)
+        in_bag[np.arange(self.config.replicas)[:, None], draws] = True
+        self._calibrate(runs, in_bag, np.random.default_rng(self.config.seed + 1).permutation(runs.num_runs) % 2)
+        self.fit_info.update(replicas=self.config.replicas, interval_scale_90=self.interval_scale(0.9),
                              out_of_bag_runs=int((~in_bag).any(0).sum()))
 
     def _calibrate(self, runs: RunSet, in_bag: np.ndarray, half: np.ndarray) -> None:
@@ -194,9 +209,6 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         return prediction, curricula, initial
 
     # --- persistence --------------------------------------------------------------
-    def _params(self) -> dict[str, Any]:
-        return {**super()._params(), "replicas": self.replicas}
-
     def _arrays(self) -> dict[str, np.ndarray]:
         return {**super()._arrays(), "replica_tables": self.replica_tables.cpu().numpy(),
                 "noise_variance": self.noise_variance, "score_quantiles": self.score_quantiles}
@@ -204,8 +216,9 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         super()._restore(arrays)
         tables, noise, scores = arrays["replica_tables"], arrays["noise_variance"], arrays["score_quantiles"]
-        if tables.shape != (self.replicas, *self.table.shape):
-            raise ValueError(f"replica_tables has shape {tables.shape}, expected {(self.replicas, *self.table.shape)}")
+        expected = (self.config.replicas, *self.table.shape)
+        if tables.shape != expected:
+            raise ValueError(f"replica_tables has shape {tables.shape}, expected {expected}")
         if noise.ndim != 2 or noise.shape[1] != self.test_ids.size:
             raise ValueError(f"noise_variance has shape {noise.shape}, expected [steps + 1, {self.test_ids.size}]")
         if scores.shape != _SCORE_GRID.shape:
