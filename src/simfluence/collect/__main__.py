@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from simfluence.collect.collector import collect
-from simfluence.collect.tasks.registry import list_tasks
 from simfluence.runs.log import RunDataError
+from simfluence.tasks.registry import list_tasks
 
 
 def main(argv: list[str] | None = None) -> int:
