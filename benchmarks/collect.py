@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simfluence.collect import UniformSampler, collect, derive_seed, get_task, train_run, train_runs_vmap
-from simfluence.collect.threads import cpu_count
+from simfluence.collect import UniformSampler, collect, derive_seed, train_run, train_runs_vmap
 from simfluence.runs import RunStore
+from simfluence.tasks import get_task
+from simfluence.threads import cpu_count
 
 
 def best_of(repeats: int, work) -> tuple[float, float, np.ndarray]:

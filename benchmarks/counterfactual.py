@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simfluence.collect import UniformSampler, collect, get_task, train_run, train_runs_vmap
+from simfluence.collect import UniformSampler, collect, train_run, train_runs_vmap
 from simfluence.evaluate import split_runs
 from simfluence.query import leave_group_out, optimize, simulate_curricula
 from simfluence.retrain import agreement, compare_with_retraining
 from simfluence.runs import PAD
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.simulators import LinearIdentitySimulator
+from simfluence.tasks import get_task
 
 
 def removal_curricula(curriculum: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simfluence.collect import UniformSampler, collect, get_task
+from simfluence.collect import UniformSampler, collect
 from simfluence.evaluate import score
 from simfluence.runs.atomic import atomic_path, write_text_atomic
 from simfluence.simulators import make_simulator
+from simfluence.tasks import get_task
 
 TASKS = ("digits-mlp", "text-minilm")
 METHODS = ("featurized", "featurized (features only)", "linear-identity", "linear", "additive", "mean-trajectory")

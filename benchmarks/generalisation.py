@@ -46,12 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simfluence.collect import UniformSampler, collect, get_task
+from simfluence.collect import UniformSampler, collect
 from simfluence.evaluate import METRICS, score
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
 from simfluence.simulators import make_simulator
 from simfluence.simulators.baselines import mean_trajectory
+from simfluence.tasks import get_task
 
 TASKS = ("digits-mlp", "text-minilm", "tiny-lm")
 DEFAULT_TASKS = ("digits-mlp", "text-minilm")

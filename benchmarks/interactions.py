@@ -44,12 +44,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.collect.curricula import UniformSampler
-from simfluence.collect.tasks import Task, TaskData, get_task
 from simfluence.collect.train import train_runs_vmap
 from simfluence.evaluate import score, split_runs
 from simfluence.runs.log import PAD, RunSet
 from simfluence.simulators import LinearIdentitySimulator
 from simfluence.simulators.interaction import PairwiseSimulator
+from simfluence.tasks import Task, TaskData, get_task
 
 INPUTS, HIDDEN, GROUP, DISTRACTORS = 8, 6, 4, 32
 RUN_KINDS = ("neither", "A only", "B only", "both")

@@ -47,11 +47,12 @@ import time
 import numpy as np
 import torch
 
-from simfluence.collect import UniformSampler, get_task
+from simfluence.collect import UniformSampler
 from simfluence.evaluate import spearman
 from simfluence.func.metagradients import metagradients
 from simfluence.retrain import retrain
 from simfluence.runs import PAD
+from simfluence.tasks import get_task
 
 
 def _rss_mib() -> float:

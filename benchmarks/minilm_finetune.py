@@ -32,8 +32,8 @@ import torch
 def main() -> None:
     from simfluence.collect import UniformSampler, derive_seed
     from simfluence.collect.hf import TrainerSpec, train_recorded
-    from simfluence.collect.recorder import Recorder, auto_loss
-    from simfluence.collect.tasks.finetune import MiniLMFinetune
+    from simfluence.recorder import Recorder, auto_loss
+    from simfluence.tasks.finetune import MiniLMFinetune
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=50)

@@ -1,4 +1,4 @@
-"""Benchmark: overhead of :class:`simfluence.collect.recorder.Recorder` beyond the test-set forward passes.
+"""Benchmark: overhead of :class:`simfluence.recorder.Recorder` beyond the test-set forward passes.
 
 Three variants of the same training loop (same model, data, curriculum, optimizer):
 
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from simfluence.collect.recorder import Recorder, causal_lm_loss
+from simfluence.recorder import Recorder, causal_lm_loss
 
 
 @dataclass

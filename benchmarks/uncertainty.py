@@ -23,11 +23,11 @@ import time
 import torch
 
 from simfluence.collect.curricula import UniformSampler
-from simfluence.collect.tasks import get_task
 from simfluence.collect.train import train_runs_vmap
 from simfluence.evaluate import evaluate, split_runs
 from simfluence.runs.log import RunSet
 from simfluence.simulators.uncertainty import BootstrapLinearSimulator, interval_coverage
+from simfluence.tasks import get_task
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 

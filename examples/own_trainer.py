@@ -30,7 +30,7 @@ def load_examples(model: str, data: str | None, max_length: int = 64):
 
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     if data is None:
-        from simfluence.collect.tasks.glosses import load_glosses
+        from simfluence.tasks.glosses import load_glosses
 
         glosses = load_glosses()
         keep = np.isin(glosses.lexnames, ["noun.animal", "noun.plant", "noun.food", "noun.artifact"])
@@ -81,9 +81,9 @@ def _settings() -> dict:
 def main() -> None:
     from simfluence.collect import UniformSampler
     from simfluence.collect.hf import collect_trainer
-    from simfluence.collect.tasks.glosses import minilm_dir
     from simfluence.evaluate import evaluate, split_runs
     from simfluence.simulators import AutoSimulator
+    from simfluence.tasks.glosses import minilm_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="local checkpoint folder (default: the shipped MiniLM)")

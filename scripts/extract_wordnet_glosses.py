@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Extract the WordNet gloss sample shipped in ``src/simfluence/collect/tasks/data/``.
+"""Extract the WordNet gloss sample shipped in ``src/simfluence/tasks/data/``.
 
 Source: WordNet 3.0 (Princeton University) as packaged by Debian, package
 ``wordnet-base`` (version 1:3.0-37), files ``/usr/share/wordnet/data.noun`` and
@@ -11,7 +11,7 @@ Reproduce (needs only the Python standard library)::
     apt-get download wordnet-base
     dpkg-deb -x wordnet-base_*.deb /tmp/wordnet
     python scripts/extract_wordnet_glosses.py /tmp/wordnet/usr/share/wordnet \\
-        src/simfluence/collect/tasks/data/wordnet_glosses.tsv
+        src/simfluence/tasks/data/wordnet_glosses.tsv
 
 or, with the package installed (``apt-get install wordnet-base``), just
 ``python scripts/extract_wordnet_glosses.py``.
@@ -72,7 +72,7 @@ def parse(line: str) -> dict | None:
 
 
 def main(source: str = "/usr/share/wordnet",
-         output: str = "src/simfluence/collect/tasks/data/wordnet_glosses.tsv") -> None:
+         output: str = "src/simfluence/tasks/data/wordnet_glosses.tsv") -> None:
     by_lexname: dict[str, list[dict]] = {}
     for pos, name in FILES.items():
         with open(Path(source) / name, encoding="utf-8") as handle:

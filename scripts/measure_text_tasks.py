@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from simfluence.collect.curricula import UniformSampler
-from simfluence.collect.tasks import get_task
 from simfluence.collect.train import train_run, train_runs_vmap
 from simfluence.evaluate import evaluate, split_runs
 from simfluence.runs.log import RunSet
 from simfluence.simulators import LinearIdentitySimulator, LinearSimulator
+from simfluence.tasks import get_task
 
 
 def main() -> None:

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from simfluence.collect import DigitsMLP
-from simfluence.collect.tasks.base import TaskData
 from simfluence.func.gradients import per_example_gradients, trainable_params
 from simfluence.peers.base import model_at, split_rows
+from simfluence.tasks import DigitsMLP
+from simfluence.tasks.base import TaskData
 
 SIZES = {"num_train": 40, "num_test": 10}
 

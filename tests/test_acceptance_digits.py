@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from simfluence import RunSet
-from simfluence.collect import UniformSampler, get_task, train_runs_vmap
+from simfluence.collect import UniformSampler, train_runs_vmap
 from simfluence.evaluate import evaluate, split_runs
 from simfluence.simulators import make_simulator
+from simfluence.tasks import get_task
 
 
 @pytest.fixture(scope="module")

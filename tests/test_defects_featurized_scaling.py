@@ -8,7 +8,7 @@ from simfluence.simulators import FeaturizedSimulator
 
 
 def test_passing_the_tasks_own_features_gives_the_tasks_predictions():
-    from simfluence.collect import get_task
+    from simfluence.tasks import get_task
 
     torch.set_num_threads(1)
     task = get_task("digits-mlp", num_train=40, num_test=12)

@@ -3,10 +3,11 @@
 import numpy as np
 import torch
 
-from simfluence.collect import get_task, train_run
-from simfluence.collect.tasks.base import take
+from simfluence.collect import train_run
 from simfluence.retrain import retrain
 from simfluence.runs import PAD
+from simfluence.tasks import get_task
+from simfluence.tasks.base import take
 
 
 def train_by_hand(task, curriculum: np.ndarray) -> np.ndarray:

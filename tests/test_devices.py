@@ -35,7 +35,7 @@ def test_linear_fit_and_rollout_on_device_equal_cpu(device):
 def test_recorder_evaluates_on_device_like_cpu(device, tmp_path):
     transformers = pytest.importorskip("transformers")
     import hf_tiny
-    from simfluence.collect.recorder import Recorder, auto_loss
+    from simfluence.recorder import Recorder, auto_loss
 
     del transformers
     losses = {}
@@ -53,7 +53,7 @@ def test_recorder_evaluates_on_device_like_cpu(device, tmp_path):
 def test_minilm_finetune_runs_on_device(device, tmp_path):
     pytest.importorskip("transformers")
     from simfluence.collect import collect
-    from simfluence.collect.tasks.finetune import MiniLMFinetune
+    from simfluence.tasks.finetune import MiniLMFinetune
 
     task = MiniLMFinetune(device=device, train_per_class=3, test_per_class=2)
     runs = collect(task, tmp_path / "s", num_runs=1, num_steps=2, progress=False).load()

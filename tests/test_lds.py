@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from simfluence.cli import main
-from simfluence.collect import get_task
 from simfluence.collect.train import train_run
+from simfluence.tasks import get_task
 from simfluence.lds import (Counterfactuals, OccurrenceMethod, ScoreMethod, bootstrap_mean, draw_subsets,
                             lds_per_example, remove_occurrences, removal_counterfactuals, subset_counterfactuals)
 from simfluence.runs.log import PAD

@@ -353,7 +353,7 @@ def test_collect_into_a_read_only_store_is_one_line(tmp_path):
 def test_unsafe_run_ids_are_refused_with_one_line_naming_the_field(tmp_path, run_id, problem):
     from torch import nn
 
-    from simfluence.collect.recorder import Recorder
+    from simfluence.recorder import Recorder
     from simfluence.runs import RunLog, RunStore
 
     runs, _, _ = linear_runs(num_runs=2)

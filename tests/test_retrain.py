@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from simfluence.collect import UniformSampler, get_task, train_run, train_runs_vmap
-from simfluence.collect.tasks import DigitsMLP
+from simfluence.collect import UniformSampler, train_run, train_runs_vmap
 from simfluence.query import leave_group_out, optimize
 from simfluence.retrain import agreement, compare_with_retraining, retrain
 from simfluence.runs import PAD, RunSet
 from simfluence.simulators import LinearIdentitySimulator
+from simfluence.tasks import DigitsMLP, get_task
 
 STEPS = 30
 

@@ -87,7 +87,8 @@ def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple
 
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
     """Run the comparison described in the module docstring; returns the JSON record."""
-    from simfluence.collect import collect, get_task
+    from simfluence.collect import collect
+    from simfluence.tasks import get_task
 
     unknown = sorted(set(config.methods) - set(ALL_METHODS))
     if unknown:

@@ -321,7 +321,7 @@ def _is_simulator(path: str) -> bool:
 @main.command()
 def tasks() -> None:
     """List the built-in tasks."""
-    from simfluence.collect import list_tasks
+    from simfluence.tasks import list_tasks
 
     for info in list_tasks():
         click.echo(f"{info.name:<16} {info.description}")
@@ -346,13 +346,19 @@ def tasks() -> None:
               help="Task setting, e.g. lr_schedule=cosine, warmup_steps=10, learning_rate=0.05 (repeatable).")
 @click.option("--device", default=None,
               help="Where to train, for tasks trained by the Hugging Face Trainer (minilm-finetune): cpu or cuda.")
+@click.option("--chunk-size", type=POSITIVE, default=None,
+              help="Runs per chunk of work (default: the runs spread evenly over the workers, at most 64).")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="Torch threads per worker.")
+@click.option("--no-vectorize", is_flag=True,
+              help="Train a chunk's runs one by one (the reference loop) instead of at once with torch.func.vmap.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, executor: str, address: str | None,
             workers: int, eval_every: int, checkpoint_steps: str | None, options: tuple[str, ...],
-            device: str | None) -> None:
+            device: str | None, chunk_size: int | None, threads: int, no_vectorize: bool, quiet: bool) -> None:
     """Collect real training runs of TASK on random curricula into a run store (resumable)."""
     from simfluence.collect import collect as collect_runs
-    from simfluence.collect import get_task
+    from simfluence.tasks import get_task
 
     task_options = _task_options(options)
     if device is not None:
@@ -364,7 +370,8 @@ def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, execu
     steps = _integers(checkpoint_steps, "--checkpoint-steps") if checkpoint_steps else None
     store = collect_runs(get_task(task, **task_options), out, num_runs, num_steps, seed,
                          eval_steps=eval_steps, workers=workers, executor=executor, address=address,
-                         checkpoint_steps=steps)
+                         vectorize=not no_vectorize, chunk_size=chunk_size, threads=threads,
+                         checkpoint_steps=steps, progress=not quiet)
     click.echo(f"{store!r}")
 
 

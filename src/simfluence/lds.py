@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simfluence.collect.curricula import EpochSampler, Sampler, UniformSampler, derive_seed
-from simfluence.collect.tasks.base import Task
 from simfluence.evaluate import spearman
 from simfluence.runs.log import PAD
+from simfluence.tasks.base import Task
 
 SUBSETS = "subsets"
 

@@ -185,8 +185,9 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
 
 def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     """Run the comparison of the module docstring; returns the JSON record."""
-    from simfluence.collect import collect, get_task
+    from simfluence.collect import collect
     from simfluence.retrain import check_retrainable
+    from simfluence.tasks import get_task
 
     config.validate()
     out = Path(config.out_dir)

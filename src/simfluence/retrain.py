@@ -33,13 +33,13 @@ from typing import cast
 
 import numpy as np
 
-from simfluence.collect.tasks.base import Task
 from simfluence.collect.train import train_run, train_runs_vmap
 from simfluence.evaluate import spearman
 from simfluence.progress import progress_bar
 from simfluence.query import check_test_index, simulate_curricula
 from simfluence.runs.log import PAD
 from simfluence.simulators.base import Simulator
+from simfluence.tasks.base import Task
 
 RETRAIN_CHUNK = 64
 """Runs trained at once by the vectorised trainer (beyond this, CPU gains little per run)."""

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 import simfluence.collect.collector as collector
-from simfluence.collect import EpochSampler, collect, derive_seed, get_task
+from simfluence.collect import EpochSampler, collect, derive_seed
 from simfluence.collect.train import train_run
 from simfluence.runs import RunDataError, RunStore
+from simfluence.tasks import get_task
 
 TASK = "digits-mlp"
 
@@ -93,6 +94,29 @@ def test_loop_and_vectorised_collections_agree(tmp_path):
     loop = _collect(tmp_path / "b", vectorize=False).load()
     np.testing.assert_array_equal(loop.curricula, vectorised.curricula)
     assert np.abs(loop.losses - vectorised.losses).max() < 1e-5
+
+
+def test_the_cli_takes_the_collection_settings(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from simfluence.cli import main
+
+    chunks = []
+
+    def recording(chunk):
+        chunks.append(chunk)
+        return collector_run_chunk(chunk)
+
+    collector_run_chunk = collector.run_chunk
+    monkeypatch.setattr(collector, "run_chunk", recording)
+    result = CliRunner().invoke(main, ["collect", TASK, "--runs", "3", "--steps", "15", "--seed", "3", "--out",
+                                       str(tmp_path / "cli"), "--chunk-size", "1", "--threads", "2",
+                                       "--no-vectorize", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [chunk.run_indices for chunk in chunks] == [(0,), (1,), (2,)]
+    assert all(not chunk.vectorize and chunk.num_threads == 2 for chunk in chunks)
+    loop = _collect(tmp_path / "library", num_runs=3, vectorize=False).load()
+    np.testing.assert_array_equal(RunStore(tmp_path / "cli").load().losses, loop.losses)
 
 
 def test_eval_steps_and_epoch_sampler(tmp_path):

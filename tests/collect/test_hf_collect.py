@@ -1,5 +1,5 @@
-"""Runs through the real Hugging Face Trainer: minilm-finetune, a user's own Trainer (locally, in worker
-processes, on a real `ray start --head` cluster, resumed after kill -9), and the recorder's losses."""
+"""Runs through the real Hugging Face Trainer: minilm-finetune and a user's own Trainer (locally, in worker
+processes, on a real `ray start --head` cluster, resumed after kill -9)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ import hf_tiny  # noqa: E402
 from workers import create_store  # noqa: E402
 from simfluence.collect import UniformSampler, collect, derive_seed  # noqa: E402
 from simfluence.collect.hf import CurriculumBatchSampler, collect_trainer, use_curriculum  # noqa: E402
-from simfluence.collect.recorder import Recorder, auto_loss, causal_lm_loss, from_criterion  # noqa: E402
-from simfluence.collect.tasks.finetune import MiniLMFinetune, PadCollator  # noqa: E402
 from simfluence.runs import RunDataError, RunStore  # noqa: E402
+from simfluence.tasks.finetune import MiniLMFinetune, PadCollator  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -187,7 +186,7 @@ def test_gradient_accumulation_records_whole_steps(tmp_path):
     trainer = hf_tiny.make_tiny_trainer(0, np.zeros((3, 4)))
     trainer.args.gradient_accumulation_steps = 2
     curriculum = UniformSampler(hf_tiny.NUM_TRAIN, 4).sample(3, 1)
-    from simfluence.collect.recorder import SimfluenceCallback
+    from simfluence.recorder import SimfluenceCallback
 
     callback = SimfluenceCallback(tmp_path / "s", test_inputs=hf_tiny.TEST, test_collate=hf_tiny.collate)
     callback.attach(trainer)
@@ -267,65 +266,6 @@ def test_user_trainer_collection_resumes_after_kill(tmp_path):
     reference = _collect_tiny(tmp_path / "reference", num_runs=runs).load()
     assert list(resumed.run_ids) == list(reference.run_ids)
     np.testing.assert_allclose(resumed.losses, reference.losses, rtol=0, atol=1e-6)
-
-
-# --- the recorder's per-example losses ------------------------------------------------------------------------
-def _tiny_config(**extra):
-    return dict(vocab_size=hf_tiny.VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=32, max_position_embeddings=32, **extra)
-
-
-def test_auto_loss_by_output_type_equals_manual_losses():
-    torch.manual_seed(0)
-    batch = hf_tiny.collate(hf_tiny.TEST)
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-
-    classifier = transformers.BertForSequenceClassification(transformers.BertConfig(**_tiny_config(num_labels=3))).eval()
-    with torch.no_grad():
-        manual = F.cross_entropy(classifier(input_ids=ids, attention_mask=mask).logits, labels, reduction="none")
-        np.testing.assert_allclose(auto_loss(classifier, batch), manual, rtol=1e-6)
-        np.testing.assert_allclose(from_criterion(torch.nn.CrossEntropyLoss(reduction="none"))(classifier, batch, None),
-                                   manual, rtol=1e-6)
-        # Regression head (num_labels=1): squared error.
-        regressor = transformers.BertForSequenceClassification(transformers.BertConfig(**_tiny_config(num_labels=1)))
-        targets = torch.linspace(-1, 1, len(labels))
-        out = regressor.eval()(input_ids=ids, attention_mask=mask).logits[:, 0]
-        np.testing.assert_allclose(auto_loss(regressor, {**batch, "labels": targets}), (out - targets) ** 2, rtol=1e-6)
-
-        # Token classification: mean over each example's labelled, unpadded tokens.
-        tagger = transformers.BertForTokenClassification(transformers.BertConfig(**_tiny_config(num_labels=4))).eval()
-        tags = (ids % 4).masked_fill(mask == 0, -100)
-        tags[:, 0] = -100
-        logits = tagger(input_ids=ids, attention_mask=mask).logits
-        expected = torch.stack([F.cross_entropy(logits[i][tags[i] != -100], tags[i][tags[i] != -100])
-                                for i in range(len(ids))])
-        np.testing.assert_allclose(auto_loss(tagger, {"input_ids": ids, "attention_mask": mask, "labels": tags}),
-                                   expected, rtol=1e-5)
-
-        # Causal LM: the same as causal_lm_loss.
-        lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16,
-                                                                  vocab_size=hf_tiny.VOCAB, n_positions=32,
-                                                                  bos_token_id=1, eos_token_id=2)).eval()
-        np.testing.assert_allclose(auto_loss(lm, {"input_ids": ids, "attention_mask": mask}),
-                                   causal_lm_loss(lm, {"input_ids": ids, "attention_mask": mask}), rtol=1e-6)
-
-    with pytest.raises(ValueError, match="no per-example loss is known for model outputs of type BaseModelOutput"):
-        auto_loss(classifier.bert, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-
-
-def test_length_sorted_test_chunks_give_the_same_losses_with_less_padding(tmp_path):
-    model = hf_tiny.tiny_model().eval()
-    results = {}
-    for sort in (True, False):
-        recorder = Recorder(tmp_path / f"s{sort}", model=model, loss_fn=auto_loss, train_ids=hf_tiny.NUM_TRAIN,
-                            test_inputs=hf_tiny.TEST, test_collate=hf_tiny.collate, eval_batch_size=2,
-                            sort_by_length=sort)
-        recorder.start()
-        widths = [inputs["input_ids"].shape[1] for inputs, _ in recorder._chunks]
-        results[sort] = (recorder.evaluate().numpy(), sum(widths))
-        recorder.abort()
-    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
-    assert results[True][1] < results[False][1]   # fewer padded positions
 
 
 def test_concurrent_creation_of_one_store_lets_exactly_one_win(tmp_path):

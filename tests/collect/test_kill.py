@@ -23,7 +23,7 @@ def _settings():
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_sigkill_mid_collection_then_resume(tmp_path):
     root = tmp_path / "store"
-    command = [sys.executable, "-m", "simfluence.collect", "digits-mlp", "--runs", str(RUNS), "--steps",
+    command = [sys.executable, "-m", "simfluence.cli", "collect", "digits-mlp", "--runs", str(RUNS), "--steps",
                str(STEPS), "--seed", str(SEED), "--out", str(root), "--chunk-size", "1", "--threads", "1", "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -6,13 +6,14 @@ import torch
 from click.testing import CliRunner
 
 from simfluence.cli import main
-from simfluence.collect import UniformSampler, collect, get_task
-from simfluence.collect.schedules import learning_rates
+from simfluence.collect import UniformSampler, collect
 from simfluence.collect.train import train_run, train_runs_vmap, train_states
 from simfluence.func import trainable_params
 from simfluence.func.gradients import gradient_products
 from simfluence.runs import RunDataError, RunStore
 from simfluence.simulators import GradDotSimulator, TracInCPSimulator
+from simfluence.tasks import get_task
+from simfluence.tasks.schedules import learning_rates
 
 
 def test_schedules_follow_their_formulas():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from simfluence.collect.curricula import UniformSampler
-from simfluence.collect.tasks import get_task
 from simfluence.collect.train import train_run, train_runs_vmap
+from simfluence.tasks import get_task
 
 
 @pytest.fixture(scope="module")

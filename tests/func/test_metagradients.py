@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from simfluence.collect import UniformSampler, get_task
-from simfluence.collect.tasks.digits import DigitsMLP
-from simfluence.collect.threads import torch_threads
+from simfluence.collect import UniformSampler
 from simfluence.collect.train import train_run
 from simfluence.evaluate import spearman
 from simfluence.func.metagradients import MetagradientResult, metagradients
 from simfluence.retrain import retrain
 from simfluence.runs import PAD
+from simfluence.tasks import get_task
+from simfluence.tasks.digits import DigitsMLP
+from simfluence.threads import torch_threads
 
 SMALL = {"num_train": 40, "num_test": 12}
 

@@ -3,7 +3,8 @@
 import pytest
 
 from peer_tasks import SIZES
-from simfluence.collect import DigitsMLP, UniformSampler
+from simfluence.collect import UniformSampler
+from simfluence.tasks import DigitsMLP
 
 pytest.importorskip("trak")
 pytest.importorskip("kronfluence")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from peer_tasks import gradients
-from simfluence.collect import UniformSampler, get_task
+from simfluence.collect import UniformSampler
 from simfluence.peers import ensemble_checkpoints, get_peer, trajectory_checkpoints
+from simfluence.tasks import get_task
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")

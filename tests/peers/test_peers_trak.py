@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from peer_tasks import SIZES, DuplicateDigits, KeywordDigits, gradients
-from simfluence.collect import DigitsMLP
 from simfluence.peers import TRAK, ensemble_checkpoints, get_peer
 from simfluence.peers.base import model_at
 from simfluence.peers.trak import margin_of_loss
+from simfluence.tasks import DigitsMLP
 
 
 @pytest.fixture(scope="module")

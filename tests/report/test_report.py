@@ -15,14 +15,14 @@ from matplotlib.image import imread
 from sklearn.datasets import load_digits
 
 from simfluence.cli import main
-from simfluence.collect.tasks import get_task
-from simfluence.collect.tasks.glosses import load_glosses
 from simfluence.evaluate import METRICS, evaluate, split_runs
 from simfluence.report import build_report_data, influence_matrix, write_report
 from simfluence.report.data import rank_training_examples, spread_over_difficulty
 from simfluence.report.examples import example_views
 from simfluence.runs import RunDataError, RunSet
 from simfluence.simulators import LinearIdentitySimulator, LinearSimulator
+from simfluence.tasks import get_task
+from simfluence.tasks.glosses import load_glosses
 from synthetic import linear_runs
 
 class _Page(HTMLParser):

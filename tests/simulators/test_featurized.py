@@ -149,8 +149,8 @@ def test_bad_features_give_one_line_errors(fitted):
 
 
 def test_gradient_sketch_preserves_gradient_products():
-    from simfluence.collect import get_task
     from simfluence.func.gradients import gradient_products, trainable_params
+    from simfluence.tasks import get_task
 
     torch.set_num_threads(1)
     task = get_task("digits-mlp", num_train=40, num_test=12)
@@ -163,7 +163,8 @@ def test_gradient_sketch_preserves_gradient_products():
 
 
 def test_task_features_and_fit_from_collected_runs(tmp_path):
-    from simfluence.collect import collect, get_task
+    from simfluence.collect import collect
+    from simfluence.tasks import get_task
 
     torch.set_num_threads(1)
     task = get_task("digits-mlp", num_train=40, num_test=12)
@@ -180,9 +181,10 @@ def test_task_features_and_fit_from_collected_runs(tmp_path):
 
 
 def test_gradient_features_at_checkpoints_of_a_replayed_fitting_run(tmp_path):
-    from simfluence.collect import collect, get_task
+    from simfluence.collect import collect
     from simfluence.collect.train import train_states
     from simfluence.func.gradients import gradient_products, trainable_params
+    from simfluence.tasks import get_task
 
     torch.set_num_threads(1)
     task = get_task("digits-mlp", num_train=40, num_test=12)

@@ -144,8 +144,9 @@ def test_bad_settings_and_inputs_give_one_line_errors(fitted):
 
 
 def test_fits_collected_digits_runs_from_the_task_features(tmp_path):
-    from simfluence.collect import collect, get_task
+    from simfluence.collect import collect
     from simfluence.evaluate import split_runs
+    from simfluence.tasks import get_task
 
     torch.set_num_threads(1)
     task = get_task("digits-mlp", num_train=40, num_test=12)

@@ -6,10 +6,11 @@ import torch
 from scipy.stats import spearmanr
 
 from simfluence import RunSet
-from simfluence.collect import UniformSampler, get_task, train_runs_vmap
+from simfluence.collect import UniformSampler, train_runs_vmap
 from simfluence.func import per_example_gradients, trainable_params
 from simfluence.simulators.gradient import _batched_cg
 from simfluence.simulators import GradDotSimulator, InfluenceSimulator, Simulator, TracInCPSimulator, make_simulator
+from simfluence.tasks import get_task
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,9 @@ def test_fitting_twice_equals_a_fresh_fit(kind):
 
 def test_gradient_methods_and_featurized_read_the_task_of_the_runs_they_are_fitted_on(tmp_path):
     """A second fit on runs of another task configuration must not reuse the first runs' task."""
-    from simfluence.collect import collect, get_task
+    from simfluence.collect import collect
     from simfluence.runs import load_runs
+    from simfluence.tasks import get_task
 
     first = load_runs(collect(get_task("digits-mlp", num_train=30, num_test=6, learning_rate=0.03),
                               tmp_path / "a", num_runs=3, num_steps=6, progress=False).root)

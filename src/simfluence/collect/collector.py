@@ -19,13 +19,13 @@ from typing import Any
 
 from simfluence.collect.curricula import Sampler, UniformSampler
 from simfluence.collect.executors import Chunk, Executor, get_executor, run_chunk, run_id_of, split_chunks
-from simfluence.collect.tasks.base import Task
-from simfluence.collect.tasks.registry import get_task
 from simfluence.collect.train import checkpoint_steps_of
 from simfluence.errors import require_extras
 from simfluence.progress import progress_bar
 from simfluence.runs.log import validate_eval_steps
 from simfluence.runs.store import RunStore
+from simfluence.tasks.base import Task
+from simfluence.tasks.registry import get_task
 
 MAX_CHUNK = 64
 """Default cap on runs per chunk: past ~64 runs the vectorised trainer gains little

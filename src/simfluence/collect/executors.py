@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from simfluence.collect.curricula import Sampler, derive_seed
-from simfluence.collect.tasks.base import Task
-from simfluence.collect.threads import torch_threads
 from simfluence.errors import SimfluenceError, require_extra
+from simfluence.tasks.base import Task
+from simfluence.threads import torch_threads
 
 if TYPE_CHECKING:
     from simfluence.runs.log import RunLog

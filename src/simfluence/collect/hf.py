@@ -2,7 +2,7 @@
 
 Simfluence learns from many runs that differ only in their curriculum. With a ``Trainer``
 that means: build the same Trainer for every run, make it train exactly along a curriculum
-drawn by one of our samplers, record it with :class:`~simfluence.collect.recorder.SimfluenceCallback`,
+drawn by one of our samplers, record it with :class:`~simfluence.recorder.SimfluenceCallback`,
 and write every run into one resumable store. :func:`collect_trainer` does all of it::
 
     from simfluence.collect import UniformSampler
@@ -47,10 +47,10 @@ import torch
 
 from simfluence.collect.curricula import Sampler, derive_seed
 from simfluence.collect.executors import Executor, get_executor, run_id_of, split_chunks
-from simfluence.collect.threads import torch_threads
 from simfluence.errors import require_extra
 from simfluence.runs.log import PAD, validate_curriculum
 from simfluence.runs.store import RunStore
+from simfluence.threads import torch_threads
 
 MakeTrainer = Callable[[int, np.ndarray], Any]
 """``make_trainer(run_index, curriculum) -> transformers.Trainer``: a fresh Trainer for one run.
@@ -126,11 +126,11 @@ class TrainerSpec:
             tensors with one row per example, with ``test_collate=None``).
         test_collate: collate function for ``test_examples`` (default: each run's
             ``trainer.data_collator``).
-        loss_fn: per-example test loss (default :func:`~simfluence.collect.recorder.auto_loss`,
+        loss_fn: per-example test loss (default :func:`~simfluence.recorder.auto_loss`,
             chosen from the model's output type).
         train_ids, test_ids: str ids of the training examples (the indices of the
             Trainer's ``train_dataset``) and of the test examples.
-        eval_every, eval_batch_size: as in :class:`~simfluence.collect.recorder.Recorder`.
+        eval_every, eval_batch_size: as in :class:`~simfluence.recorder.Recorder`.
         meta: JSON facts stored with every run.
     """
 
@@ -165,7 +165,7 @@ def train_recorded(spec: TrainerSpec, store: str | os.PathLike | RunStore, run_i
     Returns the :class:`~simfluence.runs.log.RunLog` written. Raises ``RuntimeError`` if the
     batches that reached the model differ from ``curriculum`` (an internal invariant).
     """
-    from simfluence.collect.recorder import SimfluenceCallback, auto_loss
+    from simfluence.recorder import SimfluenceCallback, auto_loss
 
     trainer = spec.make_trainer(run_index, curriculum)
     collate = spec.test_collate if spec.test_collate is not None else trainer.data_collator
@@ -241,8 +241,8 @@ def collect_trainer(
         test_ids: str ids of the test examples.
         test_collate: collate function for ``test_examples``.
         loss_fn: per-example test loss.
-        eval_every: as in :class:`~simfluence.collect.recorder.Recorder`.
-        eval_batch_size: as in :class:`~simfluence.collect.recorder.Recorder`.
+        eval_every: as in :class:`~simfluence.recorder.Recorder`.
+        eval_batch_size: as in :class:`~simfluence.recorder.Recorder`.
         seed: collection seed.
         meta: JSON facts stored with every run.
         store_meta: extra facts for the store.

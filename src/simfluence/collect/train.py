@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from simfluence.collect.tasks.base import Task, take
 from simfluence.runs.log import PAD, RunLog, validate_curriculum, validate_eval_steps
+from simfluence.tasks.base import Task, take
 
 EVAL_CHUNK = 4096
 """Test examples evaluated per forward pass (bounds memory for big test sets)."""

@@ -23,9 +23,9 @@ from typing import cast
 import numpy as np
 import torch
 
-from simfluence.collect.tasks.base import Task
 from simfluence.collect.train import train_runs_vmap, train_states
 from simfluence.runs.log import validate_curriculum
+from simfluence.tasks.base import Task
 
 VMAP_RUNS = 16
 """Runs trained together by :func:`final_states` (bounds memory to about this many weight copies)."""
@@ -71,7 +71,7 @@ def checkpoint_weights(learning_rates, steps: Sequence[int] | np.ndarray) -> np.
 
     Args:
         learning_rates: float ``[T]``, the rate of steps ``1..T``
-            (e.g. :meth:`Task.learning_rates(T) <simfluence.collect.tasks.base.Task.learning_rates>`).
+            (e.g. :meth:`Task.learning_rates(T) <simfluence.tasks.base.Task.learning_rates>`).
         steps: ``K`` distinct checkpoint steps in ``0..T`` (0: the starting weights), any order;
             the weights follow this order.
 

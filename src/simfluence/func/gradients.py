@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from simfluence.collect.tasks.base import Inputs, Task, num_examples, take
+from simfluence.tasks.base import Inputs, Task, num_examples, take
 
 
 def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:

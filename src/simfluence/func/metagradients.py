@@ -61,9 +61,9 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from simfluence.collect.tasks.base import Inputs, Task, take
 from simfluence.progress import progress_bar
 from simfluence.runs.log import PAD, check_indices
+from simfluence.tasks.base import Inputs, Task, take
 
 Params = dict[str, torch.Tensor]
 

@@ -13,8 +13,9 @@ predicted change of test example ``m``'s loss from training on example ``i`` (ne
 helpful). The libraries are imported only when a peer runs; a missing one raises
 :class:`~simfluence.errors.MissingExtraError` naming the ``peers`` extra. Example::
 
-    from simfluence.collect import UniformSampler, get_task
+    from simfluence.collect import UniformSampler
     from simfluence.peers import ensemble_checkpoints, get_peer
+    from simfluence.tasks import get_task
 
     task = get_task("digits-mlp")
     sampler = UniformSampler(task.default_pool(), task.batch_size)

@@ -37,11 +37,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from simfluence.collect.tasks.base import Inputs, Task, take
 from simfluence.collect.train import train_states
 from simfluence.errors import require_extra
 from simfluence.func.checkpoints import checkpoint_weights, final_states
 from simfluence.runs.log import check_indices
+from simfluence.tasks.base import Inputs, Task, take
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -58,8 +58,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from simfluence.collect.tasks.base import Inputs, Task, num_examples, take
 from simfluence.peers.base import Checkpoints, Peer, model_at, split_rows
+from simfluence.tasks.base import Inputs, Task, num_examples, take
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHERS = ("auto", "true", "empirical")

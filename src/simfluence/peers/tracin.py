@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from simfluence.collect.tasks.base import Inputs, Task
 from simfluence.peers.base import Checkpoints, Peer, model_at, split_rows
+from simfluence.tasks.base import Inputs, Task
 
 
 class LossModel(nn.Module):

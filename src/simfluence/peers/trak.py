@@ -54,8 +54,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from simfluence.collect.tasks.base import Task, take
 from simfluence.peers.base import Checkpoints, Peer, frozen_names, model_at, one, split_rows
+from simfluence.tasks.base import Task, take
 
 LOSS_FLOOR = 1e-12
 """Losses below this are raised to it before the margin (``-log(1 - e^{-0})`` is infinite)."""

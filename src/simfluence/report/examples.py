@@ -1,6 +1,6 @@
 """How the report shows one training or test example: the task's own view (text or image), or its id.
 
-A task renders an example with :meth:`simfluence.collect.tasks.Task.describe_example`
+A task renders an example with :meth:`simfluence.tasks.Task.describe_example`
 (text, or float grey levels / RGB in [0, 1]); built-in tasks show the digit image, the
 gloss or the decoded text. Runs of the user's own training loop, or runs whose task
 cannot be rebuilt here, are shown by id. Everything returned is escaped HTML.
@@ -27,7 +27,7 @@ class ExampleViews:
     Args:
         train_ids: str ``[N]``.
         test_ids: str ``[M]``.
-        task: a :class:`~simfluence.collect.tasks.Task` whose data has these ids in this
+        task: a :class:`~simfluence.tasks.Task` whose data has these ids in this
             order, or None to show ids only.
         note: why the task is not used (shown in the page), if it is not.
     """
@@ -82,7 +82,7 @@ def example_views(runs: RunSet, use_task_data: bool = True, task: Any = None) ->
         if not name:
             plain.note = "the runs do not name a task, so examples are shown by id"
             return plain
-        from simfluence.collect.tasks import get_task
+        from simfluence.tasks import get_task
 
         try:
             task = get_task(name, **runs.meta.get("task_config", {}))

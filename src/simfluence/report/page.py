@@ -330,7 +330,7 @@ def write_report(simulator: Simulator, heldout_runs: RunSet, path: str | os.Path
         top: helpful and harmful training examples listed per test example.
         use_task_data: show examples' text or images from the task in the runs' meta
             (or ``task``), where it can be built here; False: ids only.
-        task: a :class:`~simfluence.collect.tasks.Task` to render examples with, for
+        task: a :class:`~simfluence.tasks.Task` to render examples with, for
             tasks that are not registered by name.
         title: the page title (default ``simfluence report: <method>``).
         source: names the held-out runs in messages.

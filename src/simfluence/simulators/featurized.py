@@ -93,9 +93,9 @@ def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk
     products Grad-Dot uses) with relative error about ``1 / sqrt(dim)``, in ``O(P)`` memory.
     ``seed`` fixes ``S``; both splits share it.
     """
-    from simfluence.collect.tasks.base import num_examples, take
     from simfluence.func.gradients import per_example_gradients, trainable_params
     from simfluence.progress import progress_bar
+    from simfluence.tasks.base import num_examples, take
 
     inputs, targets = task.split_data(split)
     count = num_examples(inputs)
@@ -401,7 +401,7 @@ class FeaturizedSimulator(Simulator):
         The setting ``task``, else the one ``runs``' meta names, else (after fitting or loading)
         the one the fitting runs named (``fit_info``).
         """
-        from simfluence.collect.tasks.registry import replayable_task, task_for_runs
+        from simfluence.tasks.registry import replayable_task, task_for_runs
 
         if runs is not None:
             meta = runs.meta
@@ -633,7 +633,7 @@ class FeaturizedSimulator(Simulator):
 
     # --- persistence --------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
-        from simfluence.collect.tasks import Task
+        from simfluence.tasks import Task
 
         task, options = self.task_spec, self.task_options
         if isinstance(task, Task):

@@ -24,7 +24,7 @@ so that one step is
 ``L_t = L_{t-1} + s_alpha sum_j Abar_j (L_{t-j} - c) + s_beta Abar_beta``, where
 
 * ``e~ = [(f - mu) / sigma, 1]``: the example's FROZEN embedding ``f`` (the task's
-  :meth:`~simfluence.collect.tasks.Task.example_features`, or the caller's ``train_features`` /
+  :meth:`~simfluence.tasks.Task.example_features`, or the caller's ``train_features`` /
   ``test_features``), standardised per column (``mu``, ``sigma`` over the training examples;
   test features of another width by their own) with a 1 appended, so the maps are affine;
 * ``W_h`` ``[r, D + 1]`` and ``U_h`` ``[r, D' + 1]`` are learned maps of rank ``r`` and ``o_h``
@@ -218,10 +218,10 @@ class GPTfluenceSimulator(Simulator):
 
     Args:
         train_features: float ``[N, D]`` frozen embeddings, one row per training id of the fitting
-            runs; default: the task's :meth:`~simfluence.collect.tasks.Task.example_features`.
+            runs; default: the task's :meth:`~simfluence.tasks.Task.example_features`.
         test_features: float ``[M, D']``, one row per test id of the fitting runs (given with
             ``train_features`` or not at all).
-        task: a registered task name or a :class:`~simfluence.collect.tasks.Task` supplying the
+        task: a registered task name or a :class:`~simfluence.tasks.Task` supplying the
             features by id; default: the task named in the runs' meta (runs made by ``collect``).
         task_options: options for a task given by name (default: the runs' ``task_config``).
         order: ``n``, the number of previous losses each step depends on.
@@ -284,7 +284,7 @@ class GPTfluenceSimulator(Simulator):
         if given["train"] is not None or given["test"] is not None:
             missing = "train_features" if given["train"] is None else "test_features"
             raise RunDataError(missing, "value", "is missing", "pass both train_features and test_features, or neither")
-        from simfluence.collect.tasks.registry import task_for_runs
+        from simfluence.tasks.registry import task_for_runs
 
         task = task_for_runs(self.task, self.task_options, runs.meta, _FIX)
         out = []
@@ -438,7 +438,7 @@ class GPTfluenceSimulator(Simulator):
 
     # --- persistence --------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
-        from simfluence.collect.tasks import Task
+        from simfluence.tasks import Task
 
         task, options = self.task, self.task_options
         if isinstance(self.task, Task):

@@ -49,12 +49,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from simfluence.collect.schedules import run_learning_rates
 from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import LinearSimulator, Transitions
+from simfluence.tasks.schedules import run_learning_rates
 
 
 class GradientSimulator(LinearSimulator):
@@ -83,7 +83,7 @@ class GradientSimulator(LinearSimulator):
         self.scale = 1.0
 
     def _task_for(self, runs: RunSet):
-        from simfluence.collect.tasks.registry import replayable_task, task_for_runs
+        from simfluence.tasks.registry import replayable_task, task_for_runs
 
         # The resolved task is fitted state (task_): the setting task_spec stays as given, so a
         # second fit on other runs reads their task, not the first runs'.
@@ -128,7 +128,7 @@ class GradientSimulator(LinearSimulator):
 
     # --- persistence --------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
-        from simfluence.collect.tasks import Task
+        from simfluence.tasks import Task
 
         options: Mapping[str, Any] | None
         if isinstance(self.task_spec, Task):

@@ -104,7 +104,7 @@ def trajectory_features(curricula: np.ndarray, num_train: int, rates: np.ndarray
 
 def step_weights(runs: RunSet) -> np.ndarray:
     """float64 ``[T]``: each step's learning rate over the largest (ones if the runs do not say)."""
-    from simfluence.collect.schedules import run_learning_rates
+    from simfluence.tasks.schedules import run_learning_rates
 
     rates = run_learning_rates(runs.meta, runs.num_steps)
     if rates is None or not np.isfinite(rates).all() or rates.max() <= 0:

@@ -1,7 +1,7 @@
 """``text-minilm``: fine-tune a classifier on all-MiniLM-L6-v2 sentence embeddings of WordNet glosses.
 
 Data: WordNet 3.0 glosses shipped with simfluence (``data/wordnet_glosses.tsv``, see
-:mod:`simfluence.collect.tasks.glosses` and ``data/README.md``; WordNet 3.0 license). An
+:mod:`simfluence.tasks.glosses` and ``data/README.md``; WordNet 3.0 license). An
 example is one synset's definition, e.g. "a creature (especially a whale) that has been
 prevented from attaining full growth"; its label is the synset's lexicographer file,
 WordNet's own coarse semantic class (``noun.animal``). ``classes`` picks the labels (8 by
@@ -46,8 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData, check_split, output_error
-from simfluence.collect.tasks.glosses import (
+from simfluence.tasks.base import Task, TaskData, check_split, output_error
+from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
     cached_tensors,
     checked_classes,
@@ -57,9 +57,9 @@ from simfluence.collect.tasks.glosses import (
     minilm_fingerprint,
     take_slices,
 )
-from simfluence.collect.tasks.optim import adam
-from simfluence.collect.tasks.registry import register_task
-from simfluence.collect.threads import torch_threads
+from simfluence.tasks.optim import adam
+from simfluence.tasks.registry import register_task
+from simfluence.threads import torch_threads
 
 EMBEDDING_DIM = 384
 MAX_SEQ_LENGTH = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2

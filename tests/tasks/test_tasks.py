@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from simfluence.collect.tasks import DigitsMLP, Task, TaskData, get_task, list_tasks, take
-from simfluence.collect.tasks.digits import _digits, _split
+from simfluence.tasks import DigitsMLP, Task, TaskData, get_task, list_tasks, take
+from simfluence.tasks.digits import _digits, _split
 
 
 def test_registry_lists_and_builds_digits():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from simfluence.collect.tasks.base import Task
 from simfluence.runs.log import RunDataError
+from simfluence.tasks.base import Task
 
 _TASKS: dict[str, type[Task]] = {}
 

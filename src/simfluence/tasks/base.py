@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from simfluence.collect.schedules import learning_rates
+from simfluence.tasks.schedules import learning_rates
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 """Model inputs: a tensor, or a dict of tensors passed as keyword arguments; examples along dim 0."""
@@ -101,7 +101,7 @@ class Task(ABC):
         learning_rate: SGD step size (the peak of the schedule).
         batch_size: default examples per step ``B``.
         lr_schedule: ``"constant"`` (default), ``"linear"`` or ``"cosine"`` decay over the
-            run, after ``warmup_steps`` of linear warm-up (:mod:`simfluence.collect.schedules`).
+            run, after ``warmup_steps`` of linear warm-up (:mod:`simfluence.tasks.schedules`).
 
     Subclasses implement :meth:`load_data`, :meth:`build_model` and :meth:`example_loss`.
     The optimizer is plain SGD (``p <- p - lr * grad`` of the batch-mean loss), which the

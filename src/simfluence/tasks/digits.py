@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData, check_split, output_error
-from simfluence.collect.tasks.optim import adam
-from simfluence.collect.tasks.registry import register_task
-from simfluence.collect.threads import torch_threads
+from simfluence.tasks.base import Task, TaskData, check_split, output_error
+from simfluence.tasks.optim import adam
+from simfluence.tasks.registry import register_task
+from simfluence.threads import torch_threads
 
 NUM_CLASSES = 10
 NUM_PIXELS = 64

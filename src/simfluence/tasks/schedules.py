@@ -57,7 +57,7 @@ def run_learning_rates(meta: dict, num_steps: int) -> np.ndarray | None:
     if not isinstance(config, dict):
         config = {}
     if isinstance(meta.get("task"), str):
-        from simfluence.collect.tasks.registry import get_task
+        from simfluence.tasks.registry import get_task
 
         try:
             return get_task(meta["task"], **config).learning_rates(num_steps)

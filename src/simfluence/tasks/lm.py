@@ -1,7 +1,7 @@
 """``tiny-lm``: fine-tune a tiny pre-trained GPT-2 language model on WordNet definitions of new verbs.
 
 Data: WordNet 3.0 glosses shipped with simfluence (``data/wordnet_glosses.tsv``, see
-:mod:`simfluence.collect.tasks.glosses` and ``data/README.md``; WordNet 3.0 license).
+:mod:`simfluence.tasks.glosses` and ``data/README.md``; WordNet 3.0 license).
 
 * Fine-tuning domain: the definitions of the synsets of ``finetune_lexnames``, by
   default verbs of motion, of eating and drinking, of contact and of bodily care
@@ -37,7 +37,7 @@ RNGs): about 20 s on an idle core, to a loss of about 5.1 nats per token. It is 
 once per machine and cached on disk under ``$SIMFLUENCE_CACHE`` (default
 ``~/.cache/simfluence``) keyed by a hash of every setting it depends on and of the
 transformers and torch versions (see
-:func:`simfluence.collect.tasks.glosses.cached_tensors`: written to a temporary file and
+:func:`simfluence.tasks.glosses.cached_tensors`: written to a temporary file and
 renamed, under a file lock), so every process of a collection starts from the same bits.
 
 What is trained: **all weights** of the GPT-2 model, by plain SGD (``learning_rate``)
@@ -62,8 +62,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData, check_split
-from simfluence.collect.tasks.glosses import (
+from simfluence.tasks.base import Task, TaskData, check_split
+from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
     cached_tensors,
     hub_offline,
@@ -72,9 +72,9 @@ from simfluence.collect.tasks.glosses import (
     minilm_fingerprint,
     take_slices,
 )
-from simfluence.collect.tasks.optim import adam
-from simfluence.collect.tasks.registry import register_task
-from simfluence.collect.threads import torch_threads
+from simfluence.tasks.optim import adam
+from simfluence.tasks.registry import register_task
+from simfluence.threads import torch_threads
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

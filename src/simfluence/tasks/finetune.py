@@ -4,11 +4,11 @@ Training uses the real Hugging Face ``Trainer`` (AdamW, linear warm-up then deca
 
 This is the setting users train in: a pre-trained transformer, every weight trained, AdamW
 with a schedule, through ``transformers.Trainer``, recorded by our
-:class:`~simfluence.collect.recorder.SimfluenceCallback`. Each run is one ``Trainer`` made by
+:class:`~simfluence.recorder.SimfluenceCallback`. Each run is one ``Trainer`` made by
 :meth:`MiniLMFinetune.make_trainer` and driven along a curriculum drawn by our samplers
 (:func:`simfluence.collect.hf.use_curriculum`), so the recorded curriculum is what was trained on.
 
-Data: WordNet 3.0 glosses shipped with simfluence (see :mod:`simfluence.collect.tasks.glosses`),
+Data: WordNet 3.0 glosses shipped with simfluence (see :mod:`simfluence.tasks.glosses`),
 labelled with their lexicographer file; by default 4 classes, 24 training and 12 test glosses
 each (96 and 48), plus a few per class that only the starting head saw. Tokens: MiniLM's
 WordPiece tokenizer (lower-cased, ``[CLS] ... [SEP]``, at most ``max_length``).
@@ -38,8 +38,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.collect.tasks.base import Task, TaskData, check_split
-from simfluence.collect.tasks.glosses import (
+from simfluence.errors import require_extra
+from simfluence.func.devices import check_device
+from simfluence.tasks.base import Task, TaskData, check_split
+from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
     cached_tensors,
     checked_classes,
@@ -49,10 +51,8 @@ from simfluence.collect.tasks.glosses import (
     minilm_fingerprint,
     take_slices,
 )
-from simfluence.collect.tasks.registry import register_task
-from simfluence.collect.threads import torch_threads
-from simfluence.errors import require_extra
-from simfluence.func.devices import check_device
+from simfluence.tasks.registry import register_task
+from simfluence.threads import torch_threads
 
 if TYPE_CHECKING:
     from transformers import BertForSequenceClassification
@@ -162,7 +162,7 @@ class MiniLMFinetune(Task):
 
         Hugging Face's schedules evaluate their factor at the number of steps already taken,
         so step ``t`` of the warm-up gets ``(t - 1) / W`` (the first step has rate 0); after
-        the warm-up they equal :func:`simfluence.collect.schedules.learning_rates`.
+        the warm-up they equal :func:`simfluence.tasks.schedules.learning_rates`.
         """
         rates = super().learning_rates(num_steps)
         if self.warmup_steps:
