@@ -134,3 +134,28 @@ def test_simulate_accepts_every_source_the_queries_accept(tmp_path):
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "t1.npz") as out:
         np.testing.assert_allclose(out["trajectories"][0], expected[2], rtol=1e-6)
+
+
+def test_only_simfluence_errors_become_one_line_messages(tmp_path, monkeypatch):
+    """A user error is one line and status 2; any other exception is a bug and keeps its traceback."""
+    import simfluence.evaluate
+    from simfluence.errors import UsageError
+
+    runs, _, _ = linear_runs(num_runs=6)
+    save_runs(runs, tmp_path / "runs.npz")
+    args = ("split", tmp_path / "runs.npz", "--heldout", 2, "--out-dir", tmp_path / "split")
+
+    def user_error(*_, **__):
+        raise UsageError("num_heldout: must be between 1 and 5")
+
+    monkeypatch.setattr(simfluence.evaluate, "split_runs", user_error)
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.output == "error: --heldout: must be between 1 and 5\n"
+
+    def bug(*_, **__):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(simfluence.evaluate, "split_runs", bug)
+    result = invoke(*args)
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    assert "an internal bug" in str(result.exception) and "error:" not in result.output

@@ -69,7 +69,7 @@ def test_split_is_seeded_and_disjoint():
     assert a.num_runs == 9 and b.num_runs == 3
     assert not set(a.run_ids) & set(b.run_ids)
     assert np.array_equal(split_runs(runs, 3, seed=7)[1].run_ids, b.run_ids)
-    with pytest.raises(ValueError, match="--heldout"):
+    with pytest.raises(ValueError, match="num_heldout"):
         split_runs(runs, 12)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.evaluate import METRICS, evaluate, split_runs
 from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
@@ -92,7 +93,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
 
     unknown = sorted(set(config.methods) - set(ALL_METHODS))
     if unknown:
-        raise ValueError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
+        raise UsageError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
     out = Path(config.out_dir)
     task = get_task(config.task, **config.task_options)
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,

@@ -1,14 +1,18 @@
 """The ``simfluence`` command line: a thin layer over the library.
 
-Errors in the user's input (files, fields, arguments) print one line and exit with status 2.
+Errors in the user's input (files, fields, arguments) print one line and exit with status 2:
+the library raises them as :class:`~simfluence.errors.SimfluenceError` in its own terms, and
+this layer names its flags. Every other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +55,23 @@ def _user_errors(command):
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_warning
                 return command(*args, **kwargs)
-        except (SimfluenceError, ValueError, FileNotFoundError) as error:
+        except SimfluenceError as error:  # anything else is a bug: it keeps its traceback
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _as_flag(flag: str, argument: str) -> Iterator[None]:
+    """Name the library's ``argument`` by its command-line ``flag`` in a :class:`UsageError` raised inside."""
+    try:
+        yield
+    except UsageError as error:
+        text = str(error)
+        if text.startswith(argument) and text[len(argument):len(argument) + 1] in (":", " "):
+            raise UsageError(flag + text[len(argument):]) from None
+        raise UsageError(f"{flag}: {text}") from None
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -172,7 +188,7 @@ def _check_out(out: str) -> None:
     try:
         check_writable(out)
     except SimfluenceError as error:
-        raise ValueError(f"--out: {error}") from None
+        raise UsageError(f"--out: {error}") from None
 
 
 @main.command()
@@ -252,7 +268,8 @@ def split(runs: str, heldout: int, seed: int, out_dir: str | None) -> None:
     from simfluence.evaluate import split_runs
 
     path = Path(runs)
-    fitting, held_out = split_runs(load_runs(path), heldout, seed)
+    with _as_flag("--heldout", "num_heldout"):
+        fitting, held_out = split_runs(load_runs(path), heldout, seed)
     directory = Path(out_dir) if out_dir else path.parent
     stem = path.stem if path.suffix == ".npz" else path.name
     for suffix, part in (("train", fitting), ("heldout", held_out)):
@@ -265,7 +282,7 @@ def _integers(text: str, option: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"{option}: expected comma-separated integers, got '{text}'") from None
+        raise UsageError(f"{option}: expected comma-separated integers, got '{text}'") from None
 
 
 def _task_options(options: tuple[str, ...]) -> dict:
@@ -274,7 +291,7 @@ def _task_options(options: tuple[str, ...]) -> dict:
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or not key:
-            raise ValueError(f"--option: expected KEY=VALUE, got '{option}'")
+            raise UsageError(f"--option: expected KEY=VALUE, got '{option}'")
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -363,7 +380,7 @@ def collect(task: str, num_runs: int, num_steps: int, out: str, seed: int, execu
     task_options = _task_options(options)
     if device is not None:
         if get_task(task).runner != "trainer":
-            raise ValueError(f"--device: task '{task}' trains on the CPU with the vectorised trainer; --device is for "
+            raise UsageError(f"--device: task '{task}' trains on the CPU with the vectorised trainer; --device is for "
                              "tasks trained by the Hugging Face Trainer (minilm-finetune)")
         task_options["device"] = device
     eval_steps = None if eval_every == 1 else sorted(set(range(0, num_steps + 1, eval_every)) | {num_steps})
@@ -471,7 +488,8 @@ def _query_inputs(model: str, curriculum: str, run: int | None):
     from simfluence.simulators import Simulator
 
     simulator = Simulator.load(model)
-    return (simulator, *load_query_curriculum(curriculum, simulator, run))
+    with _as_flag("--run", "run"):
+        return (simulator, *load_query_curriculum(curriculum, simulator, run))
 
 
 def _test_index(simulator, ids: tuple[str, ...], option: str = "--test"):
@@ -509,7 +527,7 @@ def attribute(model: str, curriculum: str, run: int | None, tests: tuple[str, ..
         for text in groups:
             name, equals, members = text.partition("=")
             if not equals or not name or not members:
-                raise ValueError(f"--group {text!r}: expected NAME=id,id,... (training ids or indices)")
+                raise UsageError(f"--group {text!r}: expected NAME=id,id,... (training ids or indices)")
             parsed[name] = [resolve_id(member, train_ids, f"--group {name}") for member in members.split(",")]
         grouped = leave_group_out(simulator, steps, initial, parsed, test_index)
         rows = [{"group": name, "size": int(members.size), "final_delta": grouped.final_delta[g].tolist(),
@@ -568,7 +586,8 @@ def whatif(model: str, curriculum: str, run: int | None, edits: tuple[str, ...],
 
     simulator, steps, initial = _query_inputs(model, curriculum, run)
     test_index = _test_index(simulator, tests)
-    result = simulate_whatif(simulator, steps, initial, list(edits), test_index)
+    with _as_flag("--edit", "edit"):
+        result = simulate_whatif(simulator, steps, initial, list(edits), test_index)
     columns = np.arange(result.test_index.size) if test_index is not None else \
         np.argsort(-np.abs(result.final_change), kind="stable")[:5]
     num_steps = result.before.shape[0] - 1
@@ -622,8 +641,9 @@ def optimize(model: str, test_set: tuple[str, ...], budget: int, num_steps: int,
 
     simulator, _, losses = _query_inputs(model, initial, run)
     targets = _test_index(simulator, test_set, "--test-set")
-    result = search(simulator, losses, targets, budget, num_steps, batch_size, beam_width=beam, rounds=rounds,
-                    num_random=num_random, seed=seed, progress=True)
+    with _as_flag("--budget", "budget"):
+        result = search(simulator, losses, targets, budget, num_steps, batch_size, beam_width=beam, rounds=rounds,
+                        num_random=num_random, seed=seed, progress=True)
     written = []
     if out:
         save_query_curriculum(out, result.curriculum, losses, simulator, order=result.order,

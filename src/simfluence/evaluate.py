@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import rankdata
 
+from simfluence.errors import UsageError
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Simulator
 from simfluence.simulators.baselines import mean_trajectory
@@ -76,9 +77,9 @@ def score(predicted: np.ndarray, runs: RunSet) -> Metrics:
     """Metrics of ``predicted`` ``[R, T + 1, M]`` trajectories against ``runs``' recorded losses."""
     if predicted.shape[:1] + predicted.shape[2:] != (runs.num_runs, runs.num_test) or \
             predicted.shape[1] != runs.num_steps + 1:
-        raise ValueError(f"predictions of shape {predicted.shape} do not match {runs!r}")
+        raise UsageError(f"predictions of shape {predicted.shape} do not match {runs!r}")
     if runs.eval_steps.size < 2:
-        raise ValueError("held-out runs need losses recorded after at least one step")
+        raise UsageError("held-out runs need losses recorded after at least one step")
     pred = predicted[:, runs.eval_steps[1:]].astype(np.float64)
     true = runs.losses[:, 1:].astype(np.float64)
     error = pred - true
@@ -179,7 +180,7 @@ def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out run
     if predicted is None:
         predicted = simulator.simulate(heldout.curricula, initial, source)
     elif np.shape(predicted) != expected:
-        raise ValueError(f"predicted: shape {np.shape(predicted)} does not match the held-out runs {expected}")
+        raise UsageError(f"predicted: shape {np.shape(predicted)} does not match the held-out runs {expected}")
     constant = np.repeat(initial[:, None], heldout.num_steps + 1, axis=1)
     baselines = {
         "mean-trajectory": score(mean_trajectory(simulator.mean_change, initial, heldout.num_steps), heldout),
@@ -197,7 +198,7 @@ def evaluate(simulator: Simulator, heldout: RunSet, source: str = "<held-out run
 def split_runs(runs: RunSet, num_heldout: int, seed: int = 0) -> tuple[RunSet, RunSet]:
     """Random split into (fitting runs, ``num_heldout`` held-out runs)."""
     if not 0 < num_heldout < runs.num_runs:
-        raise ValueError(f"--heldout must be between 1 and {runs.num_runs - 1} for {runs.num_runs} runs, "
+        raise UsageError(f"num_heldout: must be between 1 and {runs.num_runs - 1} for {runs.num_runs} runs, "
                          f"got {num_heldout}")
     order = np.random.default_rng(seed).permutation(runs.num_runs)
     return runs.select(np.sort(order[num_heldout:])), runs.select(np.sort(order[:num_heldout]))

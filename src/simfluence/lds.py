@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simfluence.collect.curricula import EpochSampler, Sampler, UniformSampler, derive_seed
+from simfluence.errors import UsageError
 from simfluence.evaluate import spearman
 from simfluence.runs.log import PAD
 from simfluence.tasks.base import Task
@@ -58,9 +59,9 @@ def lds_per_example(predicted, actual) -> np.ndarray:
     """
     predicted, actual = np.asarray(predicted, dtype=np.float64), np.asarray(actual, dtype=np.float64)
     if predicted.shape != actual.shape or predicted.ndim != 2:
-        raise ValueError(f"predicted {predicted.shape} and actual {actual.shape}: expected equal [m, M] shapes")
+        raise UsageError(f"predicted {predicted.shape} and actual {actual.shape}: expected equal [m, M] shapes")
     if predicted.shape[0] < 3:
-        raise ValueError(f"need at least 3 counterfactuals for a rank correlation, got {predicted.shape[0]}")
+        raise UsageError(f"need at least 3 counterfactuals for a rank correlation, got {predicted.shape[0]}")
     return spearman(predicted, actual, axis=0).astype(np.float64)
 
 
@@ -103,9 +104,9 @@ def draw_subsets(pool, num_train: int, num_subsets: int, fraction: float, seed: 
     """Bool ``[m, N]``: ``m`` uniformly random subsets of ``pool``, each ``round(fraction * |pool|)`` examples."""
     pool = np.unique(np.asarray(pool, dtype=np.int64))
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction: must lie strictly between 0 and 1, got {fraction!r}")
+        raise UsageError(f"fraction: must lie strictly between 0 and 1, got {fraction!r}")
     if int(num_subsets) != num_subsets or num_subsets < 3:
-        raise ValueError(f"num_subsets: must be an integer >= 3 (a rank correlation needs 3), got {num_subsets!r}")
+        raise UsageError(f"num_subsets: must be an integer >= 3 (a rank correlation needs 3), got {num_subsets!r}")
     return draw_removals(pool, num_train, num_subsets, max(1, round(fraction * pool.size)), seed)
 
 
@@ -115,7 +116,7 @@ def pool_sampler(kind: str, pool: np.ndarray, batch_size: int) -> Sampler:
         return EpochSampler(pool, batch_size)
     if kind in ("uniform", None):
         return UniformSampler(pool, batch_size)
-    raise ValueError(f"sampler kind '{kind}': the subset protocol redraws curricula with 'uniform' or 'epoch' "
+    raise UsageError(f"sampler kind '{kind}': the subset protocol redraws curricula with 'uniform' or 'epoch' "
                      "samplers only; collect the fitting runs with one of those")
 
 
@@ -137,7 +138,7 @@ def draw_removals(pool, num_train: int, num_sets: int, size: int, seed: int = 0)
     """Bool ``[m, N]``: ``m`` random sets of ``size`` distinct examples from ``pool`` (to remove, or keep)."""
     pool = np.unique(np.asarray(pool, dtype=np.int64))
     if not 1 <= size <= pool.size:
-        raise ValueError(f"removal size: must lie in 1..{pool.size} (the pool), got {size}")
+        raise UsageError(f"removal size: must lie in 1..{pool.size} (the pool), got {size}")
     rng = np.random.default_rng(seed)
     masks = np.zeros((int(num_sets), num_train), dtype=bool)
     for j in range(int(num_sets)):
@@ -316,7 +317,7 @@ class OccurrenceMethod(Method):
         if counterfactuals.reference is None:
             return masks.astype(np.float64) @ self.result.per_example(masks.shape[1])
         if not np.array_equal(counterfactuals.reference, self.result.curriculum):
-            raise ValueError(f"{self.name}: its metagradients are of another reference curriculum than the "
+            raise UsageError(f"{self.name}: its metagradients are of another reference curriculum than the "
                              "removal protocol's")
         return self.result.predict_removals([np.flatnonzero(mask) for mask in masks])
 
@@ -328,7 +329,7 @@ def score_method(method: Method, counterfactuals: Counterfactuals, num_resamples
     predicted = method.predict(counterfactuals)
     seconds = time.perf_counter() - start
     if not np.isfinite(predicted).all():
-        raise ValueError(f"{method.name}: predicted non-finite values on {counterfactuals.protocol}")
+        raise UsageError(f"{method.name}: predicted non-finite values on {counterfactuals.protocol}")
     per_example = lds_per_example(predicted, counterfactuals.actual)
     record = {"method": method.name, "protocol": counterfactuals.protocol,
               **bootstrap_mean(per_example, num_resamples, seed=seed).as_dict(),

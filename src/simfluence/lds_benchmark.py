@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.collect.curricula import derive_seed
+from simfluence.errors import UsageError
 from simfluence.lds import (
     SUBSETS,
     Counterfactuals,
@@ -93,15 +94,15 @@ class LDSConfig:
         """Raise a ``ValueError`` naming the first field that is out of range."""
         unknown = sorted(set(self.methods) - set(ALL_METHODS))
         if unknown:
-            raise ValueError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
+            raise UsageError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
         for name in ("num_runs", "num_steps", "draws", "bootstrap"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+                raise UsageError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
         for name in ("num_subsets", "num_removals"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 3:
-                raise ValueError(f"{name}: must be an integer >= 3 (a rank correlation needs 3)")
+                raise UsageError(f"{name}: must be an integer >= 3 (a rank correlation needs 3)")
         if not 0 < self.fraction < 1 or not all(0 < f < 1 for f in self.removal_fractions):
-            raise ValueError("fraction / removal_fractions: must lie strictly between 0 and 1")
+            raise UsageError("fraction / removal_fractions: must lie strictly between 0 and 1")
 
 
 def _fit_simulators(config: LDSConfig, task, runs: RunSet, progress: bool) -> list[Method]:

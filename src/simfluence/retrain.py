@@ -34,6 +34,7 @@ from typing import cast
 import numpy as np
 
 from simfluence.collect.train import train_run, train_runs_vmap
+from simfluence.errors import UsageError
 from simfluence.evaluate import spearman
 from simfluence.progress import progress_bar
 from simfluence.query import check_test_index, simulate_curricula
@@ -60,7 +61,7 @@ class _Rescheduled:
 
     def learning_rates(self, num_steps: int) -> np.ndarray:
         if num_steps != self._rates.size:
-            raise ValueError(f"learning_rates: asked for {num_steps} steps, the kept steps are {self._rates.size}")
+            raise UsageError(f"learning_rates: asked for {num_steps} steps, the kept steps are {self._rates.size}")
         return self._rates
 
 
@@ -104,7 +105,7 @@ def _train_skipping_empty_steps(task: Task, curricula: np.ndarray) -> np.ndarray
 def check_retrainable(task: Task) -> None:
     """Raise a one-line ``ValueError`` unless our trainers reproduce ``task``'s runs (not Trainer tasks)."""
     if task.runner != "torch":
-        raise ValueError(f"task '{task.name}' trains through the Hugging Face Trainer ({task.optimizer}); "
+        raise UsageError(f"task '{task.name}' trains through the Hugging Face Trainer ({task.optimizer}); "
                          "retraining counterfactuals through it is not supported yet, and our SGD trainers "
                          "would not reproduce its runs: use a task trained by simfluence's own loop")
 
@@ -125,9 +126,9 @@ def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bo
     check_retrainable(task)
     curricula = np.asarray(curricula)
     if curricula.ndim != 3:
-        raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
+        raise UsageError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
     if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
+        raise UsageError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
     parts = []
     for start in progress_bar(range(0, len(curricula), chunk_size), desc=f"retrain {task.name}", unit="chunk",
                       enabled=progress):
@@ -184,12 +185,12 @@ def compare_with_retraining(simulator: Simulator, task: Task, curricula, test_in
     """
     if not np.array_equal(simulator.train_ids, task.train_ids) or not np.array_equal(simulator.test_ids,
                                                                                        task.test_ids):
-        raise ValueError(f"task '{task.name}': its train/test ids differ from the simulator's; retrain with the "
+        raise UsageError(f"task '{task.name}': its train/test ids differ from the simulator's; retrain with the "
                          "task the simulator's runs were collected from")
     test_index = check_test_index(simulator, test_index)
     curricula = np.asarray(curricula)
     if reference is not None and not 0 <= reference < len(curricula):
-        raise ValueError(f"reference: {reference} is not a row of the {len(curricula)} curricula")
+        raise UsageError(f"reference: {reference} is not a row of the {len(curricula)} curricula")
     start = time.perf_counter()
     actual = retrain(task, curricula, progress=progress)
     train_seconds = time.perf_counter() - start

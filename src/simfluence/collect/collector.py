@@ -20,7 +20,7 @@ from typing import Any
 from simfluence.collect.curricula import Sampler, UniformSampler
 from simfluence.collect.executors import Chunk, Executor, get_executor, run_chunk, run_id_of, split_chunks
 from simfluence.collect.train import checkpoint_steps_of
-from simfluence.errors import require_extras
+from simfluence.errors import UsageError, require_extras
 from simfluence.progress import progress_bar
 from simfluence.runs.log import validate_eval_steps
 from simfluence.runs.store import RunStore
@@ -100,13 +100,13 @@ def collect(
     for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("chunk_size", chunk_size),
                         ("threads", threads)):
         if value is not None and (int(value) != value or value < 1):
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+            raise UsageError(f"{name}: must be a positive integer, got {value!r}")
     sampler = UniformSampler(task.default_pool(), task.batch_size) if sampler is None else sampler
     if not isinstance(sampler, Sampler):
-        raise ValueError(f"sampler: expected a Sampler (UniformSampler, EpochSampler, FixedCurriculum), "
+        raise UsageError(f"sampler: expected a Sampler (UniformSampler, EpochSampler, FixedCurriculum), "
                          f"got {type(sampler).__name__}")
     if sampler.max_index() >= task.num_train:
-        raise ValueError(f"sampler: draws index {sampler.max_index()} but task '{task.name}' has "
+        raise UsageError(f"sampler: draws index {sampler.max_index()} but task '{task.name}' has "
                          f"{task.num_train} training examples; use indices below {task.num_train}")
     if eval_steps is not None:
         eval_steps = tuple(int(step) for step in validate_eval_steps(list(eval_steps), num_steps, "eval_steps"))
@@ -143,14 +143,14 @@ def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, se
     from simfluence.collect.hf import TrainerSpec, collect_spec
 
     if checkpoint_steps:
-        raise ValueError(f"checkpoint_steps: not supported for task '{task.name}' (trained by the Hugging Face "
+        raise UsageError(f"checkpoint_steps: not supported for task '{task.name}' (trained by the Hugging Face "
                          "Trainer); collect without it")
     eval_every = 1
     if eval_steps is not None:
         eval_every = eval_steps[1] - eval_steps[0] if len(eval_steps) > 1 else num_steps
         regular = sorted(set(range(0, num_steps + 1, eval_every)) | {num_steps})
         if list(eval_steps) != regular:
-            raise ValueError(f"eval_steps: task '{task.name}' evaluates every k-th step (and the last); "
+            raise UsageError(f"eval_steps: task '{task.name}' evaluates every k-th step (and the last); "
                              f"give steps 0, k, 2k, ..., {num_steps}")
     trainer_task: Any = task   # a Trainer task also has make_trainer, examples, collator and eval_batch_size
     spec = TrainerSpec(trainer_task.make_trainer, trainer_task.examples("test"), tuple(task.train_ids.tolist()),

@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from simfluence.errors import UsageError
+
 
 def derive_seed(seed: int, index: int) -> int:
     """A 32-bit seed for item ``index`` of a collection seeded with ``seed``.
@@ -35,17 +37,17 @@ def _check_pool(pool, name: str = "pool") -> np.ndarray:
         pool = np.arange(int(pool))
     array = np.asarray(pool)
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{name}: expected a non-empty 1-D array of training-example indices, got shape {array.shape}")
+        raise UsageError(f"{name}: expected a non-empty 1-D array of training-example indices, got shape {array.shape}")
     if array.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected integer indices, got dtype {array.dtype}")
+        raise UsageError(f"{name}: expected integer indices, got dtype {array.dtype}")
     if array.min() < 0:
-        raise ValueError(f"{name}: indices must be >= 0, got {int(array.min())}")
+        raise UsageError(f"{name}: indices must be >= 0, got {int(array.min())}")
     return array.astype(np.int32)
 
 
 def _check_positive(value: int, name: str) -> int:
     if int(value) != value or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        raise UsageError(f"{name}: must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -124,7 +126,7 @@ class EpochSampler(Sampler):
         self.batch_size = _check_positive(batch_size, "batch_size")
         self.subset_size = self.pool.size if subset_size is None else _check_positive(subset_size, "subset_size")
         if self.subset_size > self.pool.size:
-            raise ValueError(f"subset_size: {self.subset_size} exceeds the pool size {self.pool.size}; "
+            raise UsageError(f"subset_size: {self.subset_size} exceeds the pool size {self.pool.size}; "
                              "use a smaller subset or a larger pool")
 
     def sample(self, num_steps: int, seed: int) -> np.ndarray:
@@ -162,13 +164,13 @@ class FixedCurriculum(Sampler):
     def __init__(self, curriculum):
         array = np.asarray(curriculum)
         if array.ndim != 2 or array.size == 0:
-            raise ValueError(f"curriculum: expected a non-empty [steps, batch] array, got shape {array.shape}")
+            raise UsageError(f"curriculum: expected a non-empty [steps, batch] array, got shape {array.shape}")
         if array.dtype.kind not in "iu":
-            raise ValueError(f"curriculum: expected integer indices, got dtype {array.dtype}")
+            raise UsageError(f"curriculum: expected integer indices, got dtype {array.dtype}")
         if array.min() < -1:
-            raise ValueError(f"curriculum: entries must be >= 0 or -1 (padding), got {int(array.min())}")
+            raise UsageError(f"curriculum: entries must be >= 0 or -1 (padding), got {int(array.min())}")
         if (array == -1).all(axis=1).any():
-            raise ValueError("curriculum: a step has an empty batch (all -1); every step needs an example")
+            raise UsageError("curriculum: a step has an empty batch (all -1); every step needs an example")
         self.curriculum = array.astype(np.int32)
         self.batch_size = int(array.shape[1])
 
@@ -176,7 +178,7 @@ class FixedCurriculum(Sampler):
         """int32 ``[num_steps, batch_size]``: the first ``num_steps`` steps (``seed`` is ignored)."""
         num_steps = _check_positive(num_steps, "num_steps")
         if num_steps > self.curriculum.shape[0]:
-            raise ValueError(f"num_steps: {num_steps} exceeds the fixed curriculum's "
+            raise UsageError(f"num_steps: {num_steps} exceeds the fixed curriculum's "
                              f"{self.curriculum.shape[0]} steps; ask for fewer steps")
         return self.curriculum[:num_steps].copy()
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from simfluence.collect.curricula import Sampler, derive_seed
-from simfluence.errors import SimfluenceError, require_extra
+from simfluence.errors import SimfluenceError, UsageError, require_extra
 from simfluence.tasks.base import Task
 from simfluence.threads import torch_threads
 
@@ -137,7 +137,7 @@ class LocalExecutor(Executor):
 
     def __init__(self, workers: int = 1):
         if int(workers) != workers or workers < 1:
-            raise ValueError(f"workers: must be a positive integer, got {workers!r}")
+            raise UsageError(f"workers: must be a positive integer, got {workers!r}")
         self.workers = int(workers)
 
     def map(self, function, chunks):
@@ -236,9 +236,9 @@ class RayExecutor(Executor):
     def __init__(self, workers: int = 1, address: str | None = None, max_retries: int = 2,
                  runtime_env: dict | None = None, gpus_per_task: float | str = 0):
         if int(workers) != workers or workers < 1:
-            raise ValueError(f"workers: must be a positive integer, got {workers!r}")
+            raise UsageError(f"workers: must be a positive integer, got {workers!r}")
         if int(max_retries) != max_retries or max_retries < 0:
-            raise ValueError(f"max_retries: must be a non-negative integer, got {max_retries!r}")
+            raise UsageError(f"max_retries: must be a non-negative integer, got {max_retries!r}")
         ray = _import_ray()  # fail now, not after the store is created
         if address is not None and not ray.is_initialized():
             check_ray_address(address)   # fail in seconds where Ray would retry for minutes
@@ -247,7 +247,7 @@ class RayExecutor(Executor):
         self.max_retries = int(max_retries)
         self.runtime_env = runtime_env
         if gpus_per_task != "auto" and (isinstance(gpus_per_task, str) or not gpus_per_task >= 0):
-            raise ValueError(f"gpus_per_task: expected a number >= 0 or 'auto', got {gpus_per_task!r}")
+            raise UsageError(f"gpus_per_task: expected a number >= 0 or 'auto', got {gpus_per_task!r}")
         self.gpus_per_task = gpus_per_task
 
     def _init(self):
@@ -300,11 +300,11 @@ def get_executor(executor: str | Executor, workers: int = 1, address: str | None
     if isinstance(executor, Executor):
         return executor
     if executor not in EXECUTORS:
-        raise ValueError(f"executor '{executor}' is unknown; choose one of: {', '.join(sorted(EXECUTORS))}")
+        raise UsageError(f"executor '{executor}' is unknown; choose one of: {', '.join(sorted(EXECUTORS))}")
     if executor == "ray":
         return RayExecutor(workers, address=address, gpus_per_task=gpus_per_task)
     if address is not None:
-        raise ValueError(f"address: only for executor='ray', got executor='{executor}'")
+        raise UsageError(f"address: only for executor='ray', got executor='{executor}'")
     return EXECUTORS[executor](workers)
 
 

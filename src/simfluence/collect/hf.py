@@ -47,7 +47,7 @@ import torch
 
 from simfluence.collect.curricula import Sampler, derive_seed
 from simfluence.collect.executors import Executor, get_executor, run_id_of, split_chunks
-from simfluence.errors import require_extra
+from simfluence.errors import UsageError, require_extra
 from simfluence.runs.log import PAD, validate_curriculum
 from simfluence.runs.store import RunStore
 from simfluence.threads import torch_threads
@@ -73,7 +73,7 @@ class CurriculumBatchSampler(torch.utils.data.Sampler):
         self.micro_batches = int(micro_batches)
         for step, row in enumerate(self.rows, start=1):
             if row.size < self.micro_batches:
-                raise ValueError(f"curriculum: step {step} has {row.size} examples, fewer than the "
+                raise UsageError(f"curriculum: step {step} has {row.size} examples, fewer than the "
                                  f"{self.micro_batches} gradient-accumulation micro-batches of a step")
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -95,13 +95,13 @@ def use_curriculum(trainer: Any, curriculum: np.ndarray) -> Any:
     """
     dataset = trainer.train_dataset
     if dataset is None:
-        raise ValueError("use_curriculum: the trainer has no train_dataset")
+        raise UsageError("use_curriculum: the trainer has no train_dataset")
     curriculum = validate_curriculum(curriculum, len(dataset), "curriculum")
     if curriculum.ndim != 2:
-        raise ValueError(f"curriculum: expected one run's curriculum [T, B], got shape {curriculum.shape}")
+        raise UsageError(f"curriculum: expected one run's curriculum [T, B], got shape {curriculum.shape}")
     args = trainer.args
     if getattr(args, "world_size", 1) > 1:
-        raise ValueError("use_curriculum: distributed training is not supported; train each run on one process")
+        raise UsageError("use_curriculum: distributed training is not supported; train each run on one process")
     sampler = CurriculumBatchSampler(curriculum, args.gradient_accumulation_steps)
     args.max_steps = int(curriculum.shape[0])
 
@@ -260,15 +260,15 @@ def collect_trainer(
     require_extra("hf", "transformers", "collecting runs of a Hugging Face Trainer")
     for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("workers", workers)):
         if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+            raise UsageError(f"{name}: must be a positive integer, got {value!r}")
     if not isinstance(sampler, Sampler):
-        raise ValueError(f"sampler: expected a Sampler (UniformSampler, EpochSampler, FixedCurriculum), "
+        raise UsageError(f"sampler: expected a Sampler (UniformSampler, EpochSampler, FixedCurriculum), "
                          f"got {type(sampler).__name__}")
     train_ids = tuple(str(i) for i in (range(train_ids) if isinstance(train_ids, int) else train_ids))
     num_test = len(next(iter(test_examples.values()))) if isinstance(test_examples, dict) else len(test_examples)
     test_ids = tuple(str(i) for i in (range(num_test) if test_ids is None else test_ids))
     if sampler.max_index() >= len(train_ids):
-        raise ValueError(f"sampler: draws index {sampler.max_index()} but there are {len(train_ids)} training "
+        raise UsageError(f"sampler: draws index {sampler.max_index()} but there are {len(train_ids)} training "
                          f"examples; use indices below {len(train_ids)}")
     spec = TrainerSpec(make_trainer, test_examples, train_ids, test_ids, test_collate, loss_fn, int(eval_every),
                        int(eval_batch_size), dict(meta or {}))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
+from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunLog, validate_curriculum, validate_eval_steps
 from simfluence.tasks.base import Task, take
 
@@ -100,7 +101,7 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
     """
     curriculum, eval_steps = _check_curricula(task, curriculum, eval_steps, f"train_run[{run_id}]")
     if curriculum.ndim != 2:
-        raise ValueError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}; "
+        raise UsageError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}; "
                          "use train_runs_vmap for several runs")
     checkpoints = _check_checkpoint_steps(checkpoint_steps, curriculum.shape[0], on_checkpoint)
     model = task.build_model().eval()
@@ -122,14 +123,14 @@ def checkpoint_steps_of(steps: Sequence[int] | None, num_steps: int) -> tuple[in
     """``steps`` sorted without repeats, each checked to lie in ``0..num_steps`` (the run length)."""
     steps = tuple(sorted({int(step) for step in steps or ()}))
     if steps and (steps[0] < 0 or steps[-1] > num_steps):
-        raise ValueError(f"checkpoint_steps: must lie in 0..{num_steps} (the run length), got {list(steps)}")
+        raise UsageError(f"checkpoint_steps: must lie in 0..{num_steps} (the run length), got {list(steps)}")
     return steps
 
 
 def _check_checkpoint_steps(steps: Sequence[int], num_steps: int, callback) -> set[int]:
     steps = checkpoint_steps_of(steps, num_steps)
     if steps and callback is None:
-        raise ValueError("checkpoint_steps: given without on_checkpoint, so the checkpoints would be lost")
+        raise UsageError("checkpoint_steps: given without on_checkpoint, so the checkpoints would be lost")
     return set(steps)
 
 
@@ -155,17 +156,17 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
     step's activations: chunk ``R`` for big models.
     """
     if task.optimizer != "sgd":
-        raise ValueError(f"task '{task.name}': optimizer '{task.optimizer}' is not supported by the vectorised "
+        raise UsageError(f"task '{task.name}': optimizer '{task.optimizer}' is not supported by the vectorised "
                          "trainer; collect with vectorize=False")
     curricula, eval_steps = _check_curricula(task, curricula, eval_steps, "train_runs_vmap")
     if curricula.ndim != 3:
-        raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
+        raise UsageError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
     num_runs, num_steps, _ = curricula.shape
     checkpoints = _check_checkpoint_steps(checkpoint_steps, num_steps, on_checkpoint)
     run_ids = [f"run-{r:06d}" for r in range(num_runs)] if run_ids is None else list(run_ids)
     seeds = [None] * num_runs if seeds is None else list(seeds)
     if len(run_ids) != num_runs or len(seeds) != num_runs:
-        raise ValueError(f"run_ids/seeds: need one per run ({num_runs}), got {len(run_ids)} and {len(seeds)}")
+        raise UsageError(f"run_ids/seeds: need one per run ({num_runs}), got {len(run_ids)} and {len(seeds)}")
 
     data = task.data
     model = task.build_model().eval()
@@ -233,7 +234,7 @@ def train_states(task: Task, curriculum, steps: Sequence[int]) -> list[dict[str,
     curriculum, _ = _check_curricula(task, curriculum, None, "train_states")
     wanted = sorted({int(step) for step in steps})
     if not wanted or wanted[0] < 0 or wanted[-1] > curriculum.shape[0]:
-        raise ValueError(f"steps: must lie in 0..{curriculum.shape[0]}, got {list(steps)}")
+        raise UsageError(f"steps: must lie in 0..{curriculum.shape[0]}, got {list(steps)}")
     model = task.build_model().eval()
     optimizer = task.make_optimizer(model.parameters())
     states = {0: _state(model)} if 0 in wanted else {}

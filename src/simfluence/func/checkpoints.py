@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from simfluence.collect.train import train_runs_vmap, train_states
+from simfluence.errors import UsageError
 from simfluence.runs.log import validate_curriculum
 from simfluence.tasks.base import Task
 
@@ -44,14 +45,14 @@ def final_states(task: Task, curricula) -> list[dict[str, torch.Tensor]]:
         ``R`` state dicts, in the order of ``curricula``.
     """
     if task.runner != "torch":
-        raise ValueError(f"task '{task.name}' trains with the Hugging Face Trainer, which cannot be replayed "
+        raise UsageError(f"task '{task.name}' trains with the Hugging Face Trainer, which cannot be replayed "
                          "here; give its checkpoints directly")
     curricula = np.asarray(curricula)
     if curricula.ndim == 2:
         curricula = curricula[None]
     curricula = validate_curriculum(curricula, task.num_train, "final_states")
     if curricula.ndim != 3:
-        raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
+        raise UsageError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
     num_runs, num_steps, _ = curricula.shape
     if task.optimizer != "sgd":
         return [train_states(task, curriculum, [num_steps])[0] for curriculum in curricula]
@@ -80,12 +81,12 @@ def checkpoint_weights(learning_rates, steps: Sequence[int] | np.ndarray) -> np.
     """
     rates = np.asarray(learning_rates, dtype=np.float64)
     if rates.ndim != 1:
-        raise ValueError(f"learning_rates: expected a 1-D array [T], got shape {rates.shape}")
+        raise UsageError(f"learning_rates: expected a 1-D array [T], got shape {rates.shape}")
     order = np.asarray([int(step) for step in steps], dtype=np.int64)
     if order.size == 0 or np.unique(order).size != order.size:
-        raise ValueError(f"steps: need at least one checkpoint step, without repeats, got {list(order)}")
+        raise UsageError(f"steps: need at least one checkpoint step, without repeats, got {list(order)}")
     if order.min() < 0 or order.max() > rates.size:
-        raise ValueError(f"steps: must lie in 0..{rates.size} (the run length), got {list(order)}")
+        raise UsageError(f"steps: must lie in 0..{rates.size} (the run length), got {list(order)}")
     sorted_steps = np.sort(order)
     gradient_at = np.arange(rates.size)                                 # step t+1 uses the weights of step t
     distance = np.abs(gradient_at[:, None] - sorted_steps[None, :])    # [T, K]

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from simfluence.errors import UsageError
 from simfluence.progress import progress_bar
 from simfluence.runs.log import PAD, check_indices
 from simfluence.tasks.base import Inputs, Task, take
@@ -107,7 +108,7 @@ class MetagradientResult:
         num_train = int(num_train)
         real = self.curriculum != PAD
         if real.any() and int(self.curriculum.max()) >= num_train:
-            raise ValueError(f"num_train: {num_train} is too small, the curriculum uses index "
+            raise UsageError(f"num_train: {num_train} is too small, the curriculum uses index "
                              f"{int(self.curriculum.max())}")
         scores = np.zeros((num_train, self.occurrence.shape[-1]))
         np.add.at(scores, self.curriculum[real], self.occurrence[real])
@@ -195,7 +196,7 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
     """
     start_time = time.perf_counter()
     if task.optimizer != "sgd" or getattr(task, "runner", "torch") != "torch":
-        raise ValueError(f"task '{task.name}': metagradients replay plain SGD, but this task trains with "
+        raise UsageError(f"task '{task.name}': metagradients replay plain SGD, but this task trains with "
                          f"'{task.optimizer}' (runner '{getattr(task, 'runner', 'torch')}'); only SGD tasks "
                          "such as digits-mlp, text-minilm and tiny-lm are supported")
     curriculum = _check_curriculum(curriculum, task.num_train)
@@ -203,19 +204,19 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
     num_steps, batch_size = curriculum.shape
     every = _check_checkpoint_every(checkpoint_every, num_steps)
     if hvp not in ("reverse", "forward"):
-        raise ValueError(f"hvp: expected 'reverse' or 'forward', got {hvp!r}")
+        raise UsageError(f"hvp: expected 'reverse' or 'forward', got {hvp!r}")
     if int(test_chunk) != test_chunk or test_chunk < 1:
-        raise ValueError(f"test_chunk: must be a positive integer, got {test_chunk!r}")
+        raise UsageError(f"test_chunk: must be a positive integer, got {test_chunk!r}")
     test_chunk = int(test_chunk)
 
     model = task.build_model().eval()
     if dtype is not None:
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype: expected a floating dtype such as torch.float64, got {dtype}")
+            raise UsageError(f"dtype: expected a floating dtype such as torch.float64, got {dtype}")
         model = model.to(dtype)
     params = {name: value.detach() for name, value in model.named_parameters() if value.requires_grad}
     if not params:
-        raise ValueError(f"task '{task.name}': the model has no trainable parameters")
+        raise UsageError(f"task '{task.name}': the model has no trainable parameters")
     fixed = {name: value.detach() for name, value in model.named_buffers()}
     fixed.update({name: value.detach() for name, value in model.named_parameters() if not value.requires_grad})
     rates = task.learning_rates(num_steps).astype(np.float64)
@@ -385,11 +386,11 @@ def _cast(value, dtype: torch.dtype | None):
 def _check_curriculum(curriculum, num_train: int) -> np.ndarray:
     array = np.asarray(curriculum)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"curriculum: expected a non-empty int array [steps, batch], got shape {array.shape}")
+        raise UsageError(f"curriculum: expected a non-empty int array [steps, batch], got shape {array.shape}")
     if array.dtype.kind not in "iu":
-        raise ValueError(f"curriculum: expected integer indices, got dtype {array.dtype}")
+        raise UsageError(f"curriculum: expected integer indices, got dtype {array.dtype}")
     if array.min() < PAD or array.max() >= num_train:
-        raise ValueError(f"curriculum: entries must lie in [0, {num_train - 1}] (the training examples) or be "
+        raise UsageError(f"curriculum: entries must lie in [0, {num_train - 1}] (the training examples) or be "
                          f"{PAD} (padding), got {int(array.min())}..{int(array.max())}")
     return array.astype(np.int32)
 
@@ -398,5 +399,5 @@ def _check_checkpoint_every(every, num_steps: int) -> int:
     if every is None:
         return max(1, math.ceil(math.sqrt(num_steps)))
     if isinstance(every, bool) or int(every) != every or every < 1:
-        raise ValueError(f"checkpoint_every: must be a positive integer, got {every!r}")
+        raise UsageError(f"checkpoint_every: must be a positive integer, got {every!r}")
     return int(every)

@@ -26,6 +26,7 @@ helpful). The libraries are imported only when a peer runs; a missing one raises
 
 from __future__ import annotations
 
+from simfluence.errors import UsageError
 from simfluence.peers.base import (
     Attribution,
     Checkpoints,
@@ -46,11 +47,11 @@ PEERS: dict[str, type[Peer]] = {"trak": TRAK, "ekfac": EKFAC, "tracin": TracInCP
 def get_peer(name: str, **settings) -> Peer:
     """The peer called ``name`` (a key of :data:`PEERS`), built with ``settings`` (its dataclass fields)."""
     if name not in PEERS:
-        raise ValueError(f"peer '{name}' is unknown; choose one of: {', '.join(PEERS)}")
+        raise UsageError(f"peer '{name}' is unknown; choose one of: {', '.join(PEERS)}")
     try:
         return PEERS[name](**settings)
     except TypeError as error:
-        raise ValueError(f"peer '{name}': bad settings {sorted(settings)} ({error})") from None
+        raise UsageError(f"peer '{name}': bad settings {sorted(settings)} ({error})") from None
 
 
 __all__ = ["EKFAC", "PEERS", "TRAK", "Attribution", "Checkpoints", "Cost", "Peer", "TracInCP",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from simfluence.collect.train import train_states
-from simfluence.errors import require_extra
+from simfluence.errors import UsageError, require_extra
 from simfluence.func.checkpoints import checkpoint_weights, final_states
 from simfluence.runs.log import check_indices
 from simfluence.tasks.base import Inputs, Task, take
@@ -69,16 +69,16 @@ class Checkpoints:
     def __post_init__(self):
         states = tuple(self.states)
         if not states or not all(isinstance(state, Mapping) for state in states):
-            raise ValueError("checkpoints: need at least one model state dict")
+            raise UsageError("checkpoints: need at least one model state dict")
         object.__setattr__(self, "states", states)
         if self.weights is not None:
             weights = np.asarray(self.weights, dtype=np.float64)
             if weights.shape != (len(states),) or not np.isfinite(weights).all():
-                raise ValueError(f"checkpoints.weights: need {len(states)} finite numbers (one per state), "
+                raise UsageError(f"checkpoints.weights: need {len(states)} finite numbers (one per state), "
                                  f"got shape {weights.shape}")
             object.__setattr__(self, "weights", weights)
         if not self.trainings >= 0 or not self.seconds >= 0:
-            raise ValueError(f"checkpoints: trainings and seconds must be >= 0, got {self.trainings}, {self.seconds}")
+            raise UsageError(f"checkpoints: trainings and seconds must be >= 0, got {self.trainings}, {self.seconds}")
 
     def __len__(self) -> int:
         return len(self.states)
@@ -180,7 +180,7 @@ class Peer(ABC):
         train_index = check_indices(train_index, task.num_train, "train_index")
         test_index = check_indices(test_index, task.num_test, "test_index")
         if self.chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+            raise UsageError(f"chunk_size: must be >= 1, got {self.chunk_size}")
         start = time.perf_counter()
         scores = np.asarray(self._scores(task, checkpoints, train_index, test_index, progress), dtype=np.float64)
         seconds = time.perf_counter() - start
@@ -265,11 +265,11 @@ def trajectory_checkpoints(task: Task, curriculum, steps: Sequence[int] | int) -
     """
     curriculum = np.asarray(curriculum)
     if curriculum.ndim != 2:
-        raise ValueError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}")
+        raise UsageError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}")
     num_steps = curriculum.shape[0]
     if isinstance(steps, (int, np.integer)):
         if not 1 <= steps <= num_steps:
-            raise ValueError(f"steps: a count must lie in 1..{num_steps}, got {steps}")
+            raise UsageError(f"steps: a count must lie in 1..{num_steps}, got {steps}")
         wanted = np.unique((2 * np.arange(int(steps)) + 1) * num_steps // (2 * int(steps))).tolist()
     else:
         wanted = list(steps)

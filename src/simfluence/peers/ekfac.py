@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simfluence.errors import UsageError
 from simfluence.peers.base import Checkpoints, Peer, model_at, split_rows
 from simfluence.tasks.base import Inputs, Task, num_examples, take
 
@@ -133,7 +134,7 @@ def tracked_modules(model: nn.Module) -> list[str]:
         if type(module) in (nn.Linear, nn.Conv2d) and params and all(p.requires_grad for p in params):
             names.append(name)
     if not names:
-        raise ValueError(f"ekfac: the model has no trained nn.Linear or nn.Conv2d layer, which kronfluence "
+        raise UsageError(f"ekfac: the model has no trained nn.Linear or nn.Conv2d layer, which kronfluence "
                          f"needs; use another peer (trak, tracin) for {type(model).__name__}")
     return names
 
@@ -202,11 +203,11 @@ class EKFAC(Peer):
         from kronfluence.utils.dataset import DataLoaderKwargs
 
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+            raise UsageError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.fisher not in FISHERS:
-            raise ValueError(f"fisher: expected one of {', '.join(FISHERS)}, got {self.fisher!r}")
+            raise UsageError(f"fisher: expected one of {', '.join(FISHERS)}, got {self.fisher!r}")
         if self.damping is not None and not self.damping >= 0:
-            raise ValueError(f"damping: must be >= 0 or None (kronfluence's heuristic), got {self.damping}")
+            raise UsageError(f"damping: must be >= 0 or None (kronfluence's heuristic), got {self.damping}")
         num_train = task.num_train
         train_all = Rows(*task.split_data("train"))
         train_rows = Rows(*split_rows(task, "train", train_index))
@@ -216,7 +217,7 @@ class EKFAC(Peer):
             model = Holder(model_at(task, state))
             classifier = classifies(task, model)
             if self.fisher == "true" and not classifier:
-                raise ValueError(f"fisher='true': task '{task.name}' has no class-logit outputs to sample labels "
+                raise UsageError(f"fisher='true': task '{task.name}' has no class-logit outputs to sample labels "
                                  "from; use fisher='empirical'")
             sample = self.fisher == "true" or (self.fisher == "auto" and classifier)
             kron_task = kronfluence_task(task, tracked_modules(model))

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simfluence.errors import UsageError
 from simfluence.peers.base import Checkpoints, Peer, model_at, split_rows
 from simfluence.tasks.base import Inputs, Task
 
@@ -92,7 +93,7 @@ def trained_layers(model: LossModel) -> list[str] | None:
         own = list(module.parameters(recurse=False))
         if any(param.requires_grad for param in own):
             if not all(param.requires_grad for param in own):
-                raise ValueError(f"tracin: module '{name}' mixes trained and frozen parameters, which captum's "
+                raise UsageError(f"tracin: module '{name}' mixes trained and frozen parameters, which captum's "
                                  "layers cannot separate")
             layers.append(name)
     return layers

@@ -54,6 +54,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from simfluence.errors import UsageError
 from simfluence.peers.base import Checkpoints, Peer, frozen_names, model_at, one, split_rows
 from simfluence.tasks.base import Task, take
 
@@ -142,7 +143,7 @@ class TRAK(Peer):
         from trak.projectors import NoOpProjector
 
         if self.projector not in ("basic", "none"):
-            raise ValueError(f"projector: expected 'basic' or 'none', got {self.projector!r}")
+            raise UsageError(f"projector: expected 'basic' or 'none', got {self.projector!r}")
         model = model_at(task, checkpoints.states[0])
         frozen = frozen_names(model)
         trained = [name for name, value in model.named_parameters() if value.requires_grad]

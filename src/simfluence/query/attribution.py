@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.query.edits import Edit, apply_edits, parse_edit
 from simfluence.query.rollout import _check_query, _rollouts, simulate_curricula
 from simfluence.runs.log import PAD
@@ -71,7 +72,7 @@ class Attribution:
 
     def _delta(self, by: str) -> np.ndarray:
         if by not in ("final", "mean"):
-            raise ValueError(f"by: expected 'final' or 'mean', got {by!r}")
+            raise UsageError(f"by: expected 'final' or 'mean', got {by!r}")
         return self.final_delta if by == "final" else self.mean_delta
 
     def top_helpful(self, k: int = 10, by: str = "final", column: int | None = None) -> list[tuple[int, float]]:
@@ -187,12 +188,12 @@ def leave_group_out(simulator: Simulator, curriculum, initial_losses, groups: Ma
     """
     curriculum, initial, test_index = _check_query(simulator, curriculum, initial_losses, test_index)
     if not groups:
-        raise ValueError("groups: no groups given; pass at least one name -> list of training indices")
+        raise UsageError("groups: no groups given; pass at least one name -> list of training indices")
     names, members = [], []
     for name, indices in groups.items():
         index = np.unique(np.asarray(list(indices), dtype=np.int64))
         if index.size == 0 or index.min() < 0 or index.max() >= simulator.train_ids.size:
-            raise ValueError(f"groups[{name!r}]: needs training-example indices in [0, "
+            raise UsageError(f"groups[{name!r}]: needs training-example indices in [0, "
                              f"{simulator.train_ids.size - 1}], got {list(indices)}")
         names.append(str(name))
         members.append(index)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.runs.log import PAD
 
 EDIT_KINDS = ("drop", "insert", "duplicate", "shuffle", "swap", "move")
@@ -60,7 +61,7 @@ def resolve_id(text: str, ids: np.ndarray, where: str, what: str = "training") -
         return int(match[0])
     if text.isdigit() and int(text) < ids.size:
         return int(text)
-    raise ValueError(f"{where}: unknown {what} id {text!r} (give an id from the model's {what} "
+    raise UsageError(f"{where}: unknown {what} id {text!r} (give an id from the model's {what} "
                      f"ids, e.g. {str(ids[0])!r}, or an index 0..{ids.size - 1})")
 
 
@@ -68,26 +69,26 @@ def _integer(text: str, where: str, what: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{where}: {what} must be an integer, got {text!r} ({EDIT_SYNTAX})") from None
+        raise UsageError(f"{where}: {what} must be an integer, got {text!r} ({EDIT_SYNTAX})") from None
 
 
 def parse_edit(text: str, train_ids: np.ndarray) -> Edit:
     """Parse ``KIND:ARGUMENT`` (see :data:`EDIT_SYNTAX`); ids are looked up in ``train_ids``."""
-    where = f"--edit {text!r}"
+    where = f"edit {text!r}"
     kind, _, argument = text.partition(":")
     if kind not in EDIT_KINDS or not argument:
-        raise ValueError(f"{where}: expected KIND:ARGUMENT with KIND one of {list(EDIT_KINDS)} ({EDIT_SYNTAX})")
+        raise UsageError(f"{where}: expected KIND:ARGUMENT with KIND one of {list(EDIT_KINDS)} ({EDIT_SYNTAX})")
     if kind == "shuffle":
         return Edit(kind, seed=_integer(argument, where, "the seed"))
     if kind in ("swap", "move"):
         parts = argument.split(",")
         if len(parts) != 2:
-            raise ValueError(f"{where}: expected {kind}:STEP,STEP ({EDIT_SYNTAX})")
+            raise UsageError(f"{where}: expected {kind}:STEP,STEP ({EDIT_SYNTAX})")
         return Edit(kind, steps=tuple(_integer(part, where, "a step") for part in parts))
     if kind == "insert":
         name, at, step = argument.rpartition("@")
         if not at:
-            raise ValueError(f"{where}: expected insert:ID@STEP ({EDIT_SYNTAX})")
+            raise UsageError(f"{where}: expected insert:ID@STEP ({EDIT_SYNTAX})")
         return Edit(kind, resolve_id(name, train_ids, where), (_integer(step, where, "the step"),))
     return Edit(kind, resolve_id(argument, train_ids, where))
 
@@ -109,14 +110,14 @@ def apply_edits(curriculum, edits: Sequence[Edit], num_train: int | None = None)
     num_steps = out.shape[0]
     for edit in edits:
         if edit.kind not in EDIT_KINDS:
-            raise ValueError(f"edit {edit}: unknown kind {edit.kind!r}, expected one of {list(EDIT_KINDS)}")
+            raise UsageError(f"edit {edit}: unknown kind {edit.kind!r}, expected one of {list(EDIT_KINDS)}")
         for step in edit.steps:
             if not 1 <= step <= num_steps:
-                raise ValueError(f"edit {edit}: step {step} is outside the curriculum's steps 1..{num_steps}")
+                raise UsageError(f"edit {edit}: step {step} is outside the curriculum's steps 1..{num_steps}")
         if edit.example is not None and num_train is not None and not 0 <= edit.example < num_train:
-            raise ValueError(f"edit {edit}: training index {edit.example} is outside 0..{num_train - 1}")
+            raise UsageError(f"edit {edit}: training index {edit.example} is outside 0..{num_train - 1}")
         if edit.kind in ("drop", "duplicate") and not (out == edit.example).any():
-            raise ValueError(f"edit {edit}: training example {edit.example} is not in the curriculum "
+            raise UsageError(f"edit {edit}: training example {edit.example} is not in the curriculum "
                              f"(at this point of the edits), so there is nothing to {edit.kind}")
         if edit.kind == "drop":
             out = np.where(out == edit.example, PAD, out).astype(np.int32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.log import RunDataError, validate_curriculum, validate_losses
@@ -33,7 +34,7 @@ def load_query_curriculum(path, simulator: Simulator, run: int | None = None) ->
     arrays = read_npz_arrays(path, ()) if str(path).endswith(".npz") else {}
     if "curriculum" in arrays:
         if run is not None:
-            raise ValueError(f"--run: {source} holds a single curriculum, not runs; drop --run")
+            raise UsageError(f"run: {source} holds a single curriculum, not runs; give no run")
         for name in ("train_ids", "test_ids"):
             if name in arrays and not np.array_equal(arrays[name].astype(str), getattr(simulator, name)):
                 raise RunDataError(source, name, "differ from the ids the simulator was fitted on",
@@ -53,7 +54,7 @@ def load_query_curriculum(path, simulator: Simulator, run: int | None = None) ->
     simulator.check_compatible(runs, source)
     run = 0 if run is None else run
     if not 0 <= run < runs.num_runs:
-        raise ValueError(f"--run: {run} is out of range for {source}, which holds runs 0..{runs.num_runs - 1}")
+        raise UsageError(f"run: {run} is out of range for {source}, which holds runs 0..{runs.num_runs - 1}")
     return runs.curricula[run], runs.initial_losses[run]
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.progress import progress_bar
 from simfluence.runs.log import PAD, check_indices, validate_curriculum, validate_losses
 from simfluence.simulators.base import Simulator
@@ -90,14 +91,14 @@ def _check_query(simulator: Simulator, curriculum, initial_losses, test_index,
     simulator._check_fitted()
     curriculum = validate_curriculum(curriculum, simulator.train_ids.size, "curriculum")
     if curriculum.ndim != 2:
-        raise ValueError(f"curriculum: expected one curriculum of shape [steps, batch], got {curriculum.shape}")
+        raise UsageError(f"curriculum: expected one curriculum of shape [steps, batch], got {curriculum.shape}")
     return curriculum, _check_initial(simulator, initial_losses), check_test_index(simulator, test_index)
 
 
 def _check_initial(simulator: Simulator, initial_losses) -> np.ndarray:
     initial = validate_losses(initial_losses, "initial_losses").astype(np.float64)
     if initial.shape != (simulator.test_ids.size,):
-        raise ValueError(f"initial_losses: expected shape [{simulator.test_ids.size}] (one loss per test example "
+        raise UsageError(f"initial_losses: expected shape [{simulator.test_ids.size}] (one loss per test example "
                          f"before training), got {initial.shape}")
     return initial
 
@@ -124,7 +125,7 @@ def simulate_curricula(simulator: Simulator, curricula, initial_losses, test_ind
     simulator._check_fitted()
     curricula = np.asarray(curricula)
     if curricula.ndim != 3:
-        raise ValueError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
+        raise UsageError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
     # Empty steps are allowed here (they are skipped), so only dtype and range are checked.
     if curricula.dtype.kind not in "iu" or (curricula.size and (
             curricula.min() < PAD or curricula.max() >= simulator.train_ids.size)):

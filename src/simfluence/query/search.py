@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.progress import progress_bar
 from simfluence.query.rollout import _check_initial, _rollouts, check_test_index
 from simfluence.simulators.base import Simulator
@@ -111,14 +112,14 @@ def optimize(simulator: Simulator, initial_losses, target_test_index, budget: in
     batch_size = int(batch_size or simulator.fit_info.get("batch_size", 0))
     pool = np.arange(simulator.train_ids.size) if pool is None else np.unique(np.asarray(pool, dtype=np.int64))
     if pool.size == 0 or pool.min() < 0 or pool.max() >= simulator.train_ids.size:
-        raise ValueError(f"pool: needs training-example indices in [0, {simulator.train_ids.size - 1}]")
+        raise UsageError(f"pool: needs training-example indices in [0, {simulator.train_ids.size - 1}]")
     for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("budget", budget),
                         ("beam_width", beam_width), ("num_random", num_random)):
         if int(value) != value or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+            raise UsageError(f"{name}: must be a positive integer, got {value!r}")
     if budget > min(pool.size, num_steps * batch_size):
-        raise ValueError(f"budget: {budget} distinct examples do not fit: at most {pool.size} (the pool) and "
-                         f"{num_steps * batch_size} (steps x batch size); lower --budget or raise --steps")
+        raise UsageError(f"budget: {budget} distinct examples do not fit: at most {pool.size} (the pool) and "
+                         f"{num_steps * batch_size} (steps x batch size); lower the budget or use more steps")
 
     def objectives(orders: np.ndarray) -> np.ndarray:
         (score,) = _rollouts(simulator, lambda rows: epoch_curricula(orders[rows], num_steps, batch_size),

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from simfluence.errors import UsageError
 from simfluence.recorder.losses import LossFn, auto_loss
 from simfluence.recorder.recorder import Recorder
 from simfluence.runs.log import RunLog
@@ -136,7 +137,7 @@ class _SimfluenceCallbackImpl:
         :class:`IndexedCollator`. Returns the trainer.
         """
         if trainer.train_dataset is None:
-            raise ValueError("SimfluenceCallback.attach: the trainer has no train_dataset")
+            raise UsageError("SimfluenceCallback.attach: the trainer has no train_dataset")
         if not isinstance(trainer.train_dataset, IndexedDataset):
             if self.train_ids is None:
                 self.train_ids = len(trainer.train_dataset)
@@ -164,7 +165,7 @@ class _SimfluenceCallbackImpl:
         if train_ids is None:
             dataset = getattr(train_dataloader, "dataset", None)
             if dataset is None:
-                raise ValueError("SimfluenceCallback: give train_ids (or use attach(trainer))")
+                raise UsageError("SimfluenceCallback: give train_ids (or use attach(trainer))")
             train_ids = len(dataset)
         self._remove_hook()
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from simfluence.errors import UsageError
+
 Inputs = torch.Tensor | Mapping[str, Any] | Sequence[Any]
 """Model inputs: a tensor, a dict of tensors or a tuple of tensors, examples along dim 0."""
 
@@ -39,7 +41,7 @@ def num_rows(inputs: Any, name: str) -> int:
 
     map_tensors(inputs, note_rows, name)
     if len(sizes) != 1:
-        raise ValueError(f"{name}: tensors disagree on the number of examples {sorted(sizes)}; "
+        raise UsageError(f"{name}: tensors disagree on the number of examples {sorted(sizes)}; "
                          "give every tensor one row per test example")
     return sizes.pop()
 

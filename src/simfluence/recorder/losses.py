@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from simfluence.errors import UsageError
+
 LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
 """``loss_fn(model, inputs, targets) -> [n]``: the loss of each of ``n`` examples.
 
@@ -39,7 +41,7 @@ def causal_lm_example_loss(logits: torch.Tensor, labels: torch.Tensor,
     at step 0 with the offending test id.
     """
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"causal_lm_example_loss: expected logits [n, L, V] and labels [n, L], "
+        raise UsageError(f"causal_lm_example_loss: expected logits [n, L, V] and labels [n, L], "
                          f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
     return _token_mean_loss(logits[:, :-1], labels[:, 1:], None if attention_mask is None else attention_mask[:, 1:],
                             ignore_index)
@@ -89,13 +91,13 @@ def from_criterion(criterion: Callable[[Any, Any], torch.Tensor]) -> LossFn:
     """
     reduction = getattr(criterion, "reduction", "none")
     if reduction != "none":
-        raise ValueError(f"from_criterion: the criterion reduces over examples (reduction={reduction!r}); "
+        raise UsageError(f"from_criterion: the criterion reduces over examples (reduction={reduction!r}); "
                          "construct it with reduction='none'")
 
     def loss_fn(model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         inputs, labels = _split_labels(inputs, targets)
         if labels is None:
-            raise ValueError("from_criterion: no targets: pass test_targets, or put 'labels' in the test batches")
+            raise UsageError("from_criterion: no targets: pass test_targets, or put 'labels' in the test batches")
         losses = criterion(_logits(_call(model, inputs)), labels)
         return losses.flatten(1).mean(dim=1) if losses.ndim > 1 else losses
 
@@ -121,7 +123,7 @@ def auto_loss(model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tenso
     outputs = _call(model, inputs)
     kind = type(outputs).__name__
     if not any(known in kind for known in ("CausalLM", "SequenceClassifier", "TokenClassifier")):
-        raise ValueError(f"auto_loss: no per-example loss is known for model outputs of type {kind}; pass "
+        raise UsageError(f"auto_loss: no per-example loss is known for model outputs of type {kind}; pass "
                          "loss_fn=your_loss(model, inputs, targets) -> [n] (or from_criterion(...))")
     logits = _logits(outputs)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
@@ -130,7 +132,7 @@ def auto_loss(model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tenso
             labels = inputs["input_ids"]
         return causal_lm_example_loss(logits, labels, mask)
     if labels is None:
-        raise ValueError(f"auto_loss: the test batches of a {kind} model need 'labels' (or pass test_targets)")
+        raise UsageError(f"auto_loss: the test batches of a {kind} model need 'labels' (or pass test_targets)")
     if "SequenceClassifier" in kind:
         logits = logits.float()
         if logits.shape[-1] == 1 and labels.ndim == 1:
@@ -160,7 +162,7 @@ def _logits(outputs: Any) -> torch.Tensor:
         return logits
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
         return outputs[0]
-    raise ValueError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; pass your own loss_fn")
+    raise UsageError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; pass your own loss_fn")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

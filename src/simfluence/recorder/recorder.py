@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simfluence.errors import UsageError
 from simfluence.recorder.inputs import map_tensors, num_rows, row_slicer
 from simfluence.recorder.losses import LossFn
 from simfluence.runs.log import PAD, RunDataError, RunLog, RunSet, check_run_id
@@ -39,7 +40,7 @@ def _ids_array(ids: Any, name: str) -> np.ndarray:
         return np.arange(int(ids)).astype(str)
     array = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
     if array.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D list of ids, got shape {array.shape}")
+        raise UsageError(f"{name}: expected a 1-D list of ids, got shape {array.shape}")
     return array.astype(str)
 
 
@@ -117,10 +118,10 @@ class Recorder:
         if not callable(loss_fn):
             raise TypeError("loss_fn: expected a callable loss_fn(model, inputs, targets) -> [n]")
         if isinstance(eval_every, bool) or not isinstance(eval_every, (int, np.integer)) or eval_every < 1:
-            raise ValueError(f"eval_every: expected an integer >= 1, got {eval_every!r}")
+            raise UsageError(f"eval_every: expected an integer >= 1, got {eval_every!r}")
         if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, (int, np.integer)) \
                 or eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size: expected an integer >= 1, got {eval_batch_size!r}")
+            raise UsageError(f"eval_batch_size: expected an integer >= 1, got {eval_batch_size!r}")
         self.model = model
         self.loss_fn = loss_fn
         self.eval_every = int(eval_every)
@@ -143,24 +144,24 @@ class Recorder:
         if test_collate is None:
             num_test = num_rows(test_inputs, "test_inputs")
             if test_targets is not None and num_rows(test_targets, "test_targets") != num_test:
-                raise ValueError(f"test_targets: has {num_rows(test_targets, 'test_targets')} rows, "
+                raise UsageError(f"test_targets: has {num_rows(test_targets, 'test_targets')} rows, "
                                  f"test_inputs has {num_test}; give one target row per test example")
         else:
             if test_targets is not None:
-                raise ValueError("test_targets: must be None with test_collate (the collated batch holds targets)")
+                raise UsageError("test_targets: must be None with test_collate (the collated batch holds targets)")
             num_test = len(test_inputs)
         all_test_ids = np.arange(num_test).astype(str) if test_ids is None else _ids_array(test_ids, "test_ids")
         if all_test_ids.size != num_test:
-            raise ValueError(f"test_ids: has {all_test_ids.size} ids for {num_test} test examples "
+            raise UsageError(f"test_ids: has {all_test_ids.size} ids for {num_test} test examples "
                              "(test_ids names every row of test_inputs; choose rows with test_subset)")
         if test_subset is None:
             subset = np.arange(num_test)
         else:
             subset = np.asarray(test_subset)
             if subset.ndim != 1 or subset.size == 0 or subset.dtype.kind not in "iu":
-                raise ValueError("test_subset: expected a non-empty 1-D list of row indices")
+                raise UsageError("test_subset: expected a non-empty 1-D list of row indices")
             if subset.min() < 0 or subset.max() >= num_test:
-                raise ValueError(f"test_subset: indices must lie in [0, {num_test - 1}]")
+                raise UsageError(f"test_subset: indices must lie in [0, {num_test - 1}]")
         self._subset = subset.astype(np.int64)
         self._test_inputs = test_inputs
         self._test_targets = test_targets
@@ -216,7 +217,7 @@ class Recorder:
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
                 bad = self.test_ids[int(torch.nonzero(~finite)[0, 0])]
-                raise ValueError(f"loss_fn: the loss of test example '{bad}' at step 0 is NaN or inf "
+                raise UsageError(f"loss_fn: the loss of test example '{bad}' at step 0 is NaN or inf "
                                  "(e.g. no target tokens); fix or drop that example")
         except BaseException:
             self.abort()
@@ -343,7 +344,7 @@ class Recorder:
                     part = self.loss_fn(self.model, inputs, targets)
                     if not isinstance(part, torch.Tensor) or part.shape != (size,):
                         shape = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
-                        raise ValueError(f"loss_fn: returned {shape} for a chunk of {size} test examples; it "
+                        raise UsageError(f"loss_fn: returned {shape} for a chunk of {size} test examples; it "
                                          f"must return one loss per example, shape [{size}] (reduction='none')")
                     parts.append(part.detach())
         finally:
@@ -433,11 +434,11 @@ class Recorder:
         array = np.asarray(batch_ids).reshape(-1) if not isinstance(batch_ids, np.ndarray) \
             else batch_ids.reshape(-1)
         if array.size == 0:
-            raise ValueError(f"{where}: the batch is empty; every step must train on at least one example")
+            raise UsageError(f"{where}: the batch is empty; every step must train on at least one example")
         if array.dtype.kind in "iu":
             low, high = int(array.min()), int(array.max())
             if low < 0 or high >= self.train_ids.size:
-                raise ValueError(f"{where}: index out of range [{low}, {high}]; integer batch ids are positions "
+                raise UsageError(f"{where}: index out of range [{low}, {high}]; integer batch ids are positions "
                                  f"in train_ids, [0, {self.train_ids.size - 1}]")
             return array.astype(np.int64)
         if array.dtype.kind in "USO":
@@ -446,7 +447,7 @@ class Recorder:
             try:
                 return np.fromiter((self._train_lookup[str(i)] for i in array.tolist()), np.int64, array.size)
             except KeyError as error:
-                raise ValueError(f"{where}: unknown training id {error.args[0]!r} (not in train_ids)") from None
+                raise UsageError(f"{where}: unknown training id {error.args[0]!r} (not in train_ids)") from None
         raise TypeError(f"{where}: batch_ids must be ints (positions in train_ids) or str ids, "
                         f"got dtype {array.dtype}")
 

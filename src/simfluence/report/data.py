@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.evaluate import Evaluation, evaluate
 from simfluence.progress import progress_bar
 from simfluence.query import leave_one_out, resolve_id
@@ -129,7 +130,7 @@ def build_report_data(simulator: Simulator, heldout: RunSet, test_ids=None, num_
     """
     for name, value in (("num_examples", num_examples), ("num_runs", num_runs), ("top", top)):
         if int(value) != value or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+            raise UsageError(f"{name}: must be a positive integer, got {value!r}")
     if not isinstance(heldout, RunSet):
         raise TypeError(f"heldout: expected a RunSet, got {type(heldout).__name__}")
     if test_ids:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.runs.log import RunSet
 
 IMAGE_PIXELS = 56
@@ -60,7 +61,7 @@ def image_html(image: np.ndarray, alt: str) -> str:
     from matplotlib.image import imsave
 
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-        raise ValueError(f"describe_example: an image must be [H, W] or [H, W, 3], got shape {image.shape}")
+        raise UsageError(f"describe_example: an image must be [H, W] or [H, W, 3], got shape {image.shape}")
     buffer = io.BytesIO()
     imsave(buffer, np.clip(image, 0.0, 1.0), cmap="gray", vmin=0.0, vmax=1.0, format="png")
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simfluence.errors import UsageError
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.log import RunDataError, RunSet
 
@@ -91,7 +92,7 @@ def _checked_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, 
             version = np.lib.format.read_magic(stream)
             reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
             if version not in reader:
-                raise ValueError(f"unsupported .npy version {version}")
+                raise UsageError(f"unsupported .npy version {version}")
             shape, _, dtype = reader[version](stream)
             header_length = stream.tell()
         except ValueError as error:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from simfluence.errors import SimfluenceError
+from simfluence.errors import SimfluenceError, UsageError
 
 PAD = -1
 """Curriculum entry that pads a batch smaller than the widest batch."""
@@ -132,10 +132,10 @@ def check_indices(index: Any, size: int, name: str) -> np.ndarray:
         return np.arange(size, dtype=np.int64)
     array = np.atleast_1d(np.asarray(index))
     if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected a non-empty 1-D list of integer indices, got {array.dtype} "
+        raise UsageError(f"{name}: expected a non-empty 1-D list of integer indices, got {array.dtype} "
                          f"of shape {array.shape}")
     if array.min() < 0 or array.max() >= size:
-        raise ValueError(f"{name}: indices must lie in 0..{size - 1}, got {array.min()}..{array.max()}")
+        raise UsageError(f"{name}: indices must lie in 0..{size - 1}, got {array.min()}..{array.max()}")
     return array.astype(np.int64)
 
 

@@ -288,7 +288,7 @@ class LinearSimulator(Simulator):
                 yield table
 
         return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, self.alpha_offset,
-                              self.fit_alpha, "pass an explicit ridge (--ridge)")
+                              self.fit_alpha, "pass an explicit ridge")
 
     # --- prediction ---------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:

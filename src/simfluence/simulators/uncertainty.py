@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from simfluence.errors import UsageError
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
@@ -57,7 +58,7 @@ def interval_coverage(lower: np.ndarray, upper: np.ndarray, runs: RunSet) -> dic
     (loss units) over the same cells (``width``, ``final_width``).
     """
     if lower.shape != upper.shape or lower.shape != (runs.num_runs, runs.num_steps + 1, runs.num_test):
-        raise ValueError(f"intervals of shape {lower.shape} / {upper.shape} do not match {runs!r}")
+        raise UsageError(f"intervals of shape {lower.shape} / {upper.shape} do not match {runs!r}")
     steps = runs.eval_steps[1:]
     true = runs.losses[:, 1:]
     low, high = lower[:, steps], upper[:, steps]
@@ -162,7 +163,7 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         """``q_level``: the calibrated multiple of the predictive standard deviation."""
         self._check_fitted()
         if not 0 < level < 1:
-            raise ValueError(f"level must lie strictly between 0 and 1 (e.g. 0.9), got {level}")
+            raise UsageError(f"level must lie strictly between 0 and 1 (e.g. 0.9), got {level}")
         return float(np.interp(level, _SCORE_GRID, self.score_quantiles))
 
     def _replica_rollouts(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:

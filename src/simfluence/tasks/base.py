@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from simfluence.errors import UsageError
 from simfluence.tasks.schedules import learning_rates
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -43,7 +44,7 @@ def num_examples(inputs: Inputs) -> int:
     if isinstance(inputs, Mapping):
         sizes = {int(value.shape[0]) for value in inputs.values()}
         if len(sizes) != 1:
-            raise ValueError(f"inputs: tensors disagree on the number of examples {sorted(sizes)}; "
+            raise UsageError(f"inputs: tensors disagree on the number of examples {sorted(sizes)}; "
                              "give every input tensor one row per example")
         return sizes.pop()
     return int(inputs.shape[0])
@@ -81,11 +82,11 @@ class TaskData:
             ids = np.asarray(getattr(self, f"{split}_ids")).astype(str)
             object.__setattr__(self, f"{split}_ids", ids)
             if ids.ndim != 1 or ids.size == 0 or np.unique(ids).size != ids.size:
-                raise ValueError(f"{split}_ids: expected a non-empty 1-D list of unique strings")
+                raise UsageError(f"{split}_ids: expected a non-empty 1-D list of unique strings")
             for part in ("inputs", "targets"):
                 rows = num_examples(getattr(self, f"{split}_{part}"))
                 if rows != ids.size:
-                    raise ValueError(f"{split}_{part}: has {rows} rows but {split}_ids has {ids.size}; "
+                    raise UsageError(f"{split}_{part}: has {rows} rows but {split}_ids has {ids.size}; "
                                      "give one row per id")
 
 
@@ -246,7 +247,7 @@ class Task(ABC):
 def check_split(split: str) -> str:
     """``split`` if it is ``"train"`` or ``"test"``, else a ValueError."""
     if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+        raise UsageError(f"split: expected 'train' or 'test', got {split!r}")
     return split
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simfluence.errors import UsageError
 from simfluence.tasks.base import Task, TaskData, check_split, output_error
 from simfluence.tasks.optim import adam
 from simfluence.tasks.registry import register_task
@@ -71,7 +72,7 @@ class DigitsMLP(Task):
 
     def __post_init__(self):
         if len(self.pretrain_per_class) != NUM_CLASSES:
-            raise ValueError(f"pretrain_per_class: needs {NUM_CLASSES} counts (one per digit), "
+            raise UsageError(f"pretrain_per_class: needs {NUM_CLASSES} counts (one per digit), "
                              f"got {len(self.pretrain_per_class)}")
         self.pretrain_per_class = tuple(int(count) for count in self.pretrain_per_class)
 
@@ -151,19 +152,19 @@ def _split(split_seed: int, num_train: int, num_test: int, pretrain_per_class: t
     _, labels = _digits()
     order = np.random.default_rng(split_seed).permutation(labels.size)
     if num_train + num_test >= labels.size:
-        raise ValueError(f"num_train + num_test: {num_train + num_test} leaves no digits for pretraining "
+        raise UsageError(f"num_train + num_test: {num_train + num_test} leaves no digits for pretraining "
                          f"(there are {labels.size}); use fewer")
     test, train, rest = order[:num_test], order[num_test:num_test + num_train], order[num_test + num_train:]
     parts = []
     for digit, count in enumerate(pretrain_per_class):
         candidates = rest[labels[rest] == digit]
         if count > candidates.size:
-            raise ValueError(f"pretrain_per_class[{digit}]: {count} requested, only {candidates.size} "
+            raise UsageError(f"pretrain_per_class[{digit}]: {count} requested, only {candidates.size} "
                              "digits of that class are left after the split; ask for fewer")
         parts.append(candidates[:count])
     pretrain = np.sort(np.concatenate(parts))
     if pretrain.size == 0:
-        raise ValueError("pretrain_per_class: all zero; pretraining needs at least one example")
+        raise UsageError("pretrain_per_class: all zero; pretraining needs at least one example")
     return {"test": test, "train": train, "pretrain": pretrain}
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfluence.errors import require_extra
+from simfluence.errors import UsageError, require_extra
 from simfluence.func.devices import check_device
 from simfluence.tasks.base import Task, TaskData, check_split
 from simfluence.tasks.glosses import (
@@ -125,12 +125,12 @@ class MiniLMFinetune(Task):
         self.classes, self.pretrain_per_class = checked_classes(self.classes, self.pretrain_per_class)
         for name in ("train_per_class", "test_per_class", "batch_size", "max_length"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+                raise UsageError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
         if self.lr_schedule not in HF_SCHEDULES:
-            raise ValueError(f"lr_schedule: unknown schedule '{self.lr_schedule}'; choose one of "
+            raise UsageError(f"lr_schedule: unknown schedule '{self.lr_schedule}'; choose one of "
                              f"{', '.join(HF_SCHEDULES)}")
         if not (self.learning_rate > 0 and np.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate: must be a finite number > 0, got {self.learning_rate!r}")
+            raise UsageError(f"learning_rate: must be a finite number > 0, got {self.learning_rate!r}")
         self.device = check_device(self.device)
 
     # --- Task ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simfluence.errors import MissingExtraError
+from simfluence.errors import MissingExtraError, UsageError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 GLOSSES_PATH = DATA_DIR / "wordnet_glosses.tsv"
@@ -86,7 +86,7 @@ def lexname_rows(lexname: str, salt: str) -> np.ndarray:
     rows = np.flatnonzero(glosses.lexnames == lexname)
     if rows.size == 0:
         known = ", ".join(sorted(set(glosses.lexnames.tolist())))
-        raise ValueError(f"lexname '{lexname}': not in the shipped WordNet sample; choose from {known}")
+        raise UsageError(f"lexname '{lexname}': not in the shipped WordNet sample; choose from {known}")
     keys = [hashlib.sha256(f"{salt}:{glosses.ids[row]}".encode()).hexdigest() for row in rows]
     return rows[np.argsort(keys, kind="stable")]
 
@@ -100,11 +100,11 @@ def checked_classes(classes, pretrain_per_class) -> tuple[tuple[str, ...], tuple
     classes = tuple(str(name) for name in classes)
     counts = tuple(int(count) for count in pretrain_per_class)
     if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ValueError(f"classes: need at least two distinct lexicographer files, got {classes}")
+        raise UsageError(f"classes: need at least two distinct lexicographer files, got {classes}")
     if len(counts) != len(classes):
-        raise ValueError(f"pretrain_per_class: needs one count per class ({len(classes)}), got {len(counts)}")
+        raise UsageError(f"pretrain_per_class: needs one count per class ({len(classes)}), got {len(counts)}")
     if sum(counts) == 0:
-        raise ValueError("pretrain_per_class: all zero; the head's pretraining needs at least one example")
+        raise UsageError("pretrain_per_class: all zero; the head's pretraining needs at least one example")
     return classes, counts
 
 
@@ -125,7 +125,7 @@ def take_slices(lexnames: tuple[str, ...], sizes: dict[str, tuple[int, ...]], sa
             count = int(counts[k])
             if start + count > order.size:
                 need = sum(int(c[k]) for c in sizes.values())
-                raise ValueError(f"{split}: lexname '{lexname}' has {order.size} usable synsets in the shipped sample, "
+                raise UsageError(f"{split}: lexname '{lexname}' has {order.size} usable synsets in the shipped sample, "
                                  f"{need} requested over all splits; ask for fewer")
             out[split].append(order[start:start + count])
             start += count

@@ -62,6 +62,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simfluence.errors import UsageError
 from simfluence.tasks.base import Task, TaskData, check_split
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
@@ -118,13 +119,13 @@ class TinyLM(Task):
     def __post_init__(self):
         self.finetune_lexnames = tuple(str(name) for name in self.finetune_lexnames)
         if not self.finetune_lexnames or len(set(self.finetune_lexnames)) != len(self.finetune_lexnames):
-            raise ValueError(f"finetune_lexnames: need distinct lexicographer files, got {self.finetune_lexnames}")
+            raise UsageError(f"finetune_lexnames: need distinct lexicographer files, got {self.finetune_lexnames}")
         if self.train_per_lexname < 1 or self.test_per_lexname < 1:
-            raise ValueError("train_per_lexname and test_per_lexname must be positive")
+            raise UsageError("train_per_lexname and test_per_lexname must be positive")
         if self.max_length < 3:
-            raise ValueError(f"max_length: must be at least 3 ([CLS], a token, [SEP]), got {self.max_length}")
+            raise UsageError(f"max_length: must be at least 3 ([CLS], a token, [SEP]), got {self.max_length}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise UsageError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
     # --- Task ------------------------------------------------------------------------
     def load_data(self) -> TaskData:
@@ -321,7 +322,7 @@ def _choose_vocab(pretraining: list[str], vocab_size: int) -> torch.Tensor:
                                  for index in item.ids if index not in specials)
     budget = vocab_size - len(SPECIAL_TOKENS)
     if len(pieces) > budget:
-        raise ValueError(f"vocab_size: {vocab_size} is too small; the single characters alone need "
+        raise UsageError(f"vocab_size: {vocab_size} is too small; the single characters alone need "
                          f"{len(pieces) + len(SPECIAL_TOKENS)} entries")
     chosen = set(pieces)
     for index, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from simfluence.errors import UsageError
 from simfluence.runs.log import RunDataError
 from simfluence.tasks.base import Task
 
@@ -24,9 +25,9 @@ def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: make ``cls`` available as ``get_task(cls.name)``."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{cls.__name__}.name: a registered task needs a non-empty string name")
+        raise UsageError(f"{cls.__name__}.name: a registered task needs a non-empty string name")
     if name in _TASKS and _TASKS[name] is not cls:
-        raise ValueError(f"task name '{name}' is already registered by {_TASKS[name].__name__}; choose another name")
+        raise UsageError(f"task name '{name}' is already registered by {_TASKS[name].__name__}; choose another name")
     _TASKS[name] = cls
     return cls
 
@@ -35,14 +36,14 @@ def get_task(name: str | Task, **options) -> Task:
     """The task called ``name``, built with ``options`` overriding its defaults (a Task passes through)."""
     if isinstance(name, Task):
         if options:
-            raise ValueError("options: give options only with a task name, not with a Task object")
+            raise UsageError("options: give options only with a task name, not with a Task object")
         return name
     if name not in _TASKS:
-        raise ValueError(f"task '{name}' is unknown; choose one of: {', '.join(sorted(_TASKS))}")
+        raise UsageError(f"task '{name}' is unknown; choose one of: {', '.join(sorted(_TASKS))}")
     try:
         return _TASKS[name](**options)
     except TypeError as error:
-        raise ValueError(f"task '{name}': bad options {sorted(options)} ({error})") from None
+        raise UsageError(f"task '{name}': bad options {sorted(options)} ({error})") from None
 
 
 def task_for_runs(task: str | Task | None, options: Mapping[str, Any] | None, meta: Mapping[str, Any],

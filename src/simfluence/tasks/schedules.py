@@ -18,15 +18,17 @@ import math
 
 import numpy as np
 
+from simfluence.errors import UsageError
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
 def learning_rates(base: float, num_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> np.ndarray:
     """float64 ``[T]``: the learning rate of steps ``1..T`` (see the module docstring)."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"lr_schedule: unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
+        raise UsageError(f"lr_schedule: unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
     if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-        raise ValueError(f"warmup_steps: must be an integer >= 0, got {warmup_steps!r}")
+        raise UsageError(f"warmup_steps: must be an integer >= 0, got {warmup_steps!r}")
     steps = np.arange(1, num_steps + 1, dtype=np.float64)
     warmup = int(warmup_steps)
     progress = np.clip((steps - 1 - warmup) / max(num_steps - warmup, 1), 0.0, 1.0)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simfluence.errors import UsageError
 from simfluence.tasks.base import Task, TaskData, check_split, output_error
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
@@ -97,7 +98,7 @@ class TextMiniLM(Task):
     def __post_init__(self):
         self.classes, self.pretrain_per_class = checked_classes(self.classes, self.pretrain_per_class)
         if self.train_per_class < 1 or self.test_per_class < 1:
-            raise ValueError("train_per_class and test_per_class must be positive")
+            raise UsageError("train_per_class and test_per_class must be positive")
 
     # --- Task ------------------------------------------------------------------------
     def load_data(self) -> TaskData:
