@@ -32,6 +32,9 @@ from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.log import PAD, RunDataError, RunSet, validate_curriculum, validate_losses
 
+ANY_VALUE: Any = object()
+"""In :attr:`Simulator.retired_params`: a removed setting that never changed the fit, whatever its value."""
+
 FORMAT = "simfluence-simulator"
 VERSION = 1
 _REGISTRY: dict[str, type[Simulator]] = {}
@@ -110,6 +113,13 @@ class Simulator(ABC):
     kind: ClassVar[str]
     fitted_params: ClassVar[tuple[str, ...]] = ()
     """Keys of :meth:`_params` that record fitted state for loading (e.g. ``auto``'s choice), not settings."""
+    retired_params: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    """Settings removed from the class, each with the one value a saved file may still hold for it.
+
+    ``(name, value)``: :meth:`load` drops ``name`` from an old file's params when it holds ``value``
+    (the removed option's default, which the fit did not depend on; :data:`ANY_VALUE`: whatever it
+    holds) and refuses the file with a one-line error otherwise.
+    """
 
     def __init__(self) -> None:
         # Fitted state, None until fit or load; every use is behind _check_fitted, so typed as fitted.
@@ -259,8 +269,12 @@ class Simulator(ABC):
         kind = config.get("kind")
         if kind not in _REGISTRY:
             raise RunDataError(source, "config.kind", f"unknown simulator '{kind}'", f"known: {simulator_kinds()}")
+        cls = _REGISTRY[kind]
+        params = config.get("params", {})
+        if isinstance(params, dict):
+            params = cls._without_retired(params, source)
         try:
-            simulator = _REGISTRY[kind](**config.get("params", {}))
+            simulator = cls(**params)
         except (TypeError, ValueError) as error:   # unknown or out-of-range parameters
             raise RunDataError(source, "config.params", str(error)) from None
         simulator.train_ids, simulator.test_ids = arrays["train_ids"], arrays["test_ids"]
@@ -290,6 +304,20 @@ class Simulator(ABC):
             raise RunDataError(source, "config_checksum", "the config (kind, params, fit_info) does not match the "
                                "checksum saved with it (the file was altered or damaged)", "fit the simulator again")
         return simulator
+
+    @classmethod
+    def _without_retired(cls, params: dict[str, Any], source: str) -> dict[str, Any]:
+        """Saved ``params`` without the :attr:`retired_params` (a one-line error where one mattered)."""
+        params = dict(params)
+        for name, accepted in cls.retired_params:
+            if name not in params:
+                continue
+            value = params.pop(name)
+            if accepted is not ANY_VALUE and value != accepted:
+                raise RunDataError(source, f"config.params.{name}", f"is {value!r}: '{cls.kind}' no longer has this "
+                                   f"setting (only {accepted!r}, its old default, still loads)",
+                                   "fit the simulator again with the current version")
+        return params
 
     # --- helpers ------------------------------------------------------------------
     def _check_fitted(self) -> None:

@@ -31,8 +31,7 @@ records how they were trained):
   Hessian-vector products finds its top-:math:`k` eigenpairs :math:`(V, \Lambda)` and the
   rest of the spectrum is taken as 0,
   :math:`(H + \lambda I)^{-1} g \approx V (\Lambda + \lambda)^{-1} V^\top g + (g - V V^\top g)/\lambda`
-  (``k`` Hessian-vector products in all, however many test examples; conjugate gradient,
-  one solve per test example, is the slower alternative).
+  (``k`` Hessian-vector products in all, however many test examples).
 
 Each has a ``-scaled`` form: one global scalar :math:`s` multiplying every predicted step
 change, fitted by least squares on the fitting runs' one-step transitions,
@@ -52,7 +51,7 @@ import torch
 from simfluence.collect.schedules import run_learning_rates
 from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import register
+from simfluence.simulators.base import ANY_VALUE, register
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import LinearSimulator, Transitions
 
@@ -249,21 +248,19 @@ class InfluenceSimulator(GradientSimulator):
         damping: after shifting ``H`` to be positive semi-definite (training losses are not
             convex), ``lambda = damping * |H|_2`` is added to its diagonal (scale-free).
         exact_max_params: up to this many parameters ``H`` is formed and solved exactly;
-            above, ``solver`` works with Hessian-vector products.
-        solver: ``"lanczos"`` (rank-``rank`` eigendecomposition, see the module docstring)
-            or ``"cg"`` (conjugate gradient, ``cg_iterations`` per test example).
+            above, Lanczos with Hessian-vector products finds its top ``rank`` eigenpairs (see
+            the module docstring).
     """
 
     kind = "influence"
+    # Conjugate gradient, one solve per test example, was an alternative to Lanczos; it did not
+    # finish fitting in 1,000 s where Lanczos took 373 s (docs/benchmarks.md), so it was removed.
+    retired_params = (("solver", "lanczos"), ("cg_iterations", ANY_VALUE))
 
     def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
-                 damping: float = 0.01, exact_max_params: int = 8000, solver: str = "lanczos", rank: int = 128,
-                 cg_iterations: int = 100, **kwargs):
+                 damping: float = 0.01, exact_max_params: int = 8000, rank: int = 128, **kwargs):
         super().__init__(task, task_options, **kwargs)
-        if solver not in ("lanczos", "cg"):
-            raise ValueError(f"solver: expected 'lanczos' or 'cg', got {solver!r}")
-        self.damping, self.exact_max_params, self.cg_iterations = damping, exact_max_params, cg_iterations
-        self.solver, self.rank = solver, rank
+        self.damping, self.exact_max_params, self.rank = damping, exact_max_params, rank
 
     def _scores(self, task, runs, rates):
         model, params = _state_params(task, None)
@@ -294,22 +291,14 @@ class InfluenceSimulator(GradientSimulator):
                     return torch.func.jvp(torch.func.grad(mean_train_loss), (point,), (v,))[1]
                 return torch.func.vmap(one)(vectors.float()).double()
 
-            if self.solver == "lanczos":
-                eigenvalues, eigenvectors = _lanczos(hvp, flat0.numel(), self.rank)
-                damping = _positive_damping(float(eigenvalues.min()), float(eigenvalues.abs().max()), self.damping)
+            eigenvalues, eigenvectors = _lanczos(hvp, flat0.numel(), self.rank)
+            damping = _positive_damping(float(eigenvalues.min()), float(eigenvalues.abs().max()), self.damping)
 
-                def solve(test_grads: torch.Tensor) -> torch.Tensor:
-                    test_grads = test_grads.double()
-                    coordinates = test_grads @ eigenvectors                        # [M, k]
-                    inside = (coordinates / (eigenvalues + damping)) @ eigenvectors.T
-                    return inside + (test_grads - coordinates @ eigenvectors.T) / damping
-            else:
-                top = _power_iteration(hvp, flat0.numel())
-                smallest = top - _power_iteration(lambda v: top * v - hvp(v), flat0.numel())
-                damping = _positive_damping(smallest, abs(top), self.damping)
-
-                def solve(test_grads: torch.Tensor) -> torch.Tensor:
-                    return _batched_cg(lambda v: hvp(v) + damping * v, test_grads.double(), self.cg_iterations)
+            def solve(test_grads: torch.Tensor) -> torch.Tensor:
+                test_grads = test_grads.double()
+                coordinates = test_grads @ eigenvectors                        # [M, k]
+                inside = (coordinates / (eigenvalues + damping)) @ eigenvectors.T
+                return inside + (test_grads - coordinates @ eigenvectors.T) / damping
 
         self.fit_info["damping_absolute"] = damping
         products = gradient_products(task, model, params, test_transform=solve, chunk_size=self.chunk_size)
@@ -317,7 +306,7 @@ class InfluenceSimulator(GradientSimulator):
 
     def _params(self) -> dict[str, Any]:
         return {**super()._params(), "damping": self.damping, "exact_max_params": self.exact_max_params,
-                "solver": self.solver, "rank": self.rank, "cg_iterations": self.cg_iterations}
+                "rank": self.rank}
 
 
 def _positive_damping(smallest: float, largest: float, relative: float) -> float:
@@ -358,41 +347,6 @@ def _lanczos(hvp, size: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, to
                    + torch.diag(betas[:steps - 1], -1))
     values, rotation = torch.linalg.eigh(tridiagonal)
     return values, basis[:, :steps] @ rotation
-
-
-def _power_iteration(apply, size: int, iterations: int = 50) -> float:
-    """Dominant eigenvalue (by magnitude, with its sign) of a symmetric operator."""
-    vector = torch.randn(1, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    value = 0.0
-    for _ in range(iterations):
-        product = apply(vector)
-        value = float((vector * product).sum() / (vector * vector).sum())
-        vector = product / product.norm().clamp_min(1e-300)
-    return value
-
-
-def _batched_cg(apply, rhs: torch.Tensor, iterations: int, tol: float = 1e-8) -> torch.Tensor:
-    """Solve ``apply(x) = rhs`` row by row (``[M, P]``) with (truncated) conjugate gradient."""
-    x = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    direction = residual.clone()
-    rho = (residual * residual).sum(1)
-    active = torch.ones(rhs.shape[0], dtype=torch.bool)
-    for _ in range(iterations):
-        product = apply(direction)
-        curvature = (direction * product).sum(1)
-        # Truncated CG: a row that meets non-positive curvature (H + damping is not
-        # positive definite there) keeps its current iterate.
-        active &= curvature > 0
-        step = torch.where(active, rho / curvature.clamp_min(1e-300), 0.0)
-        x += step[:, None] * direction
-        residual -= step[:, None] * product
-        rho_next = (residual * residual).sum(1)
-        if float(rho_next.max().sqrt()) < tol * float(rhs.norm(dim=1).max()) or not bool(active.any()):
-            break
-        direction = residual + torch.where(active, rho_next / rho.clamp_min(1e-300), 0.0)[:, None] * direction
-        rho = rho_next
-    return x
 
 
 def _scaled(base: type[GradientSimulator]) -> type[GradientSimulator]:
