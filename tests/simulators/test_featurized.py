@@ -10,7 +10,6 @@ from simfluence import RunDataError, RunSet
 from simfluence.simulators import FeaturizedSimulator, LinearIdentitySimulator, Simulator, make_simulator
 from simfluence.simulators.base import config_checksum
 from simfluence.simulators.baselines import mean_trajectory
-from simfluence.simulators.featurized import gradient_sketch
 
 NUM_TRAIN, NUM_TEST, WIDTH = 60, 30, 5
 
@@ -175,20 +174,6 @@ def test_bad_features_give_one_line_errors(fitted):
         fitted["simulator"].for_test_examples(["new", "other"], np.zeros((1, WIDTH)))
     with pytest.raises(ValueError, match="features must be one of"):
         FeaturizedSimulator(features="pixels")
-
-
-def test_gradient_sketch_preserves_gradient_products():
-    from simfluence.collect import get_task
-    from simfluence.func.gradients import gradient_products, trainable_params
-
-    torch.set_num_threads(1)
-    task = get_task("digits-mlp", num_train=40, num_test=12)
-    model = task.build_model().eval()
-    exact = gradient_products(task, model, trainable_params(model)).numpy()
-    whole = gradient_sketch(task, "train", dim=10**6) @ gradient_sketch(task, "test", dim=10**6).T
-    assert np.allclose(whole, exact, rtol=1e-4, atol=1e-6 * np.abs(exact).max())
-    sketched = gradient_sketch(task, "train", dim=1024) @ gradient_sketch(task, "test", dim=1024).T
-    assert np.corrcoef(sketched.ravel(), exact.ravel())[0, 1] > 0.95
 
 
 def test_task_features_and_fit_from_collected_runs(tmp_path):

@@ -16,8 +16,9 @@ and the same for ``b`` with ``W_b, u_b, v_b, c^b, r^b``:
 
 * kernels ``k_j(i, m) = f_{i,j} \cdot g_{m,j} / \sigma_j``: the inner products of the examples'
   feature block ``j`` (blocks: the task's features, the gradient features), scaled to unit
-  root mean square over the fitting pairs. With gradient features (:func:`gradient_sketch`, at
-  ``checkpoints`` checkpoints of a replayed fitting run) the kernel is Grad-Dot (one
+  root mean square over the fitting pairs. With gradient features
+  (:func:`~simfluence.func.features.gradient_sketch`, at ``checkpoints`` checkpoints of a
+  replayed fitting run) the kernel is Grad-Dot (one
   checkpoint) or TracIn-CP's sum (several): for one SGD step with batch-mean loss,
   ``b_i^m \approx -(\eta/|c|)\, g_m \cdot g_i``, so the bilinear form ``f_i^\top (\theta I) g_m``
   already holds the first-order effect, and fitting on runs calibrates it;
@@ -50,7 +51,8 @@ and the same for ``b`` with ``W_b, u_b, v_b, c^b, r^b``:
   feature part.
 
 Features come from the task (:meth:`simfluence.collect.tasks.Task.example_features`), from
-per-example gradients, or from the caller (``train_features=``, ``test_features=``).
+per-example gradients, or from the caller (``train_features=``, ``test_features=``); they are
+read and scaled by :mod:`simfluence.func.features`.
 :meth:`FeaturizedSimulator.for_test_examples` returns a simulator for other (possibly never
 seen) test examples from their features alone.
 """
@@ -66,6 +68,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from simfluence.func.features import (
+    block_scales,
+    check_features,
+    checkpoint_states,
+    checkpoint_steps,
+    given_features,
+    scale_blocks,
+)
+from simfluence.func.features import task_features as read_task_features
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Simulator, register
 from simfluence.simulators.design import BatchDesign
@@ -75,51 +86,6 @@ from simfluence.simulators.ridge import solve_transition_ridge
 FEATURE_SOURCES = ("task", "gradients", "task+gradients")
 DEFAULT_WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 SPLITS = ("train", "test")
-
-
-def gradient_sketch(task: Any, split: str, dim: int = 4096, seed: int = 0, chunk_size: int = 64,
-                    states: Sequence[Mapping[str, torch.Tensor] | None] = (None,)) -> np.ndarray:
-    """float32 ``[n, K min(P, dim)]``: per-example gradients at ``K`` checkpoints, each sketched to ``dim``.
-
-    ``states`` are the checkpoints' state dicts (``None``: the task's starting checkpoint);
-    their sketches are concatenated, so inner products of the result add the checkpoints'
-    gradient inner products, as TracIn-CP does.
-
-    ``P`` is the number of trainable weights (:func:`~simfluence.func.gradients.per_example_gradients`).
-    When ``P <= dim`` the gradients are returned as they are. Otherwise each flattened gradient
-    ``g`` becomes ``S g`` with ``S`` a ``[dim, P]`` count sketch: coordinate ``j`` goes to a
-    random bucket ``h(j)`` with a random sign, so ``E[(S g) . (S g')] = g . g'`` (the inner
-    products Grad-Dot uses) with relative error about ``1 / sqrt(dim)``, in ``O(P)`` memory.
-    ``seed`` fixes ``S``; both splits share it.
-    """
-    from simfluence.collect.tasks.base import num_examples, take
-    from simfluence.func.gradients import per_example_gradients, trainable_params
-    from simfluence.progress import progress_bar
-
-    inputs, targets = task.split_data(split)
-    count = num_examples(inputs)
-    blocks = []
-    for state in progress_bar(states, desc=f"gradient features ({split})", unit="checkpoint", leave=False,
-                      enabled=len(states) >= 2):
-        model = task.build_model().eval()
-        if state is not None:
-            model.load_state_dict(state)
-        params = trainable_params(model)
-        size = sum(value.numel() for value in params.values())
-        width = min(size, dim)
-        generator = torch.Generator().manual_seed(seed)
-        buckets = torch.randint(0, width, (size,), generator=generator)
-        signs = torch.randint(0, 2, (size,), generator=generator).to(torch.float32).mul_(2).sub_(1)
-        out = torch.zeros(count, width)
-        for start in range(0, count, chunk_size):
-            index = torch.arange(start, min(start + chunk_size, count))
-            grads = per_example_gradients(task, model, params, take(inputs, index), targets[index], chunk_size)
-            grads = grads.to(torch.float32)
-            if size > dim:
-                grads = torch.zeros(index.numel(), width).index_add_(1, buckets, grads * signs)
-            out[index] = grads
-        blocks.append(out)
-    return torch.cat(blocks, dim=1).numpy()
 
 
 @dataclass(frozen=True)
@@ -161,32 +127,6 @@ class Projection:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str) -> Projection:
         """The projection saved by :meth:`arrays` under ``prefix``."""
         return cls(arrays[f"{prefix}_mean"], arrays[f"{prefix}_basis"], float(arrays[f"{prefix}_scale"]))
-
-
-def check_features(features: Any, ids: np.ndarray, name: str, dims: int | None = None) -> np.ndarray:
-    """float32 ``[len(ids), D]`` or a one-line :class:`RunDataError` naming ``name``."""
-    array = np.asarray(features)
-    if array.dtype.kind not in "fiu":
-        raise RunDataError(name, "dtype", f"expected numbers, got {array.dtype}", "pass a float array [examples, D]")
-    if array.ndim != 2 or array.shape[0] != ids.size or array.shape[1] == 0:
-        raise RunDataError(name, "shape", f"expected [{ids.size}, D] (one row per id), got {array.shape}",
-                           "give one feature row per example, in the order of the runs' ids")
-    if dims is not None and array.shape[1] != dims:
-        raise RunDataError(name, "shape", f"has {array.shape[1]} feature columns, the simulator was fitted on {dims}",
-                           "compute the features the same way as for fitting")
-    if not np.isfinite(array).all():
-        raise RunDataError(name, "values", "contain NaN or inf", "replace or drop those examples")
-    return array.astype(np.float32)
-
-
-def _align(features: np.ndarray, feature_ids: np.ndarray, wanted: np.ndarray, name: str) -> np.ndarray:
-    """Rows of ``features`` (one per ``feature_ids``) in the order of ``wanted``."""
-    position = {key: row for row, key in enumerate(feature_ids.tolist())}
-    missing = [key for key in wanted.tolist() if key not in position]
-    if missing:
-        raise RunDataError(name, "ids", f"{len(missing)} ids have no features, e.g. {missing[:3]}",
-                           "use runs of the same task, or pass the features directly")
-    return features[[position[key] for key in wanted.tolist()]]
 
 
 PARAMETERS = ("w_a", "w_b", "u_a", "u_b", "v_a", "v_b")
@@ -279,7 +219,7 @@ class FeaturizedSimulator(Simulator):
         task: a registered task name or a :class:`~simfluence.collect.tasks.Task` supplying
             features by id; default: the task named in the runs' meta (runs made by ``collect``).
         task_options: options for a task given by name (default: the runs' ``task_config``).
-        features: ``"gradients"`` (:func:`gradient_sketch`), ``"task"``
+        features: ``"gradients"`` (:func:`~simfluence.func.features.gradient_sketch`), ``"task"``
             (:meth:`Task.example_features`) or ``"task+gradients"`` (both, each scaled to unit mean
             square, each its own kernel).
         sketch_dim: width of the gradient sketches (gradients with fewer weights are kept whole).
@@ -378,57 +318,37 @@ class FeaturizedSimulator(Simulator):
         """Unscaled ``features`` of the ``split`` examples ``ids`` from the task.
 
         float32 ``[len(ids), D]`` and the column ranges ``[J, 2]`` of its blocks (each block is
-        one kernel).
+        one kernel); :func:`simfluence.func.features.task_features`.
         """
         task = self.task(runs)
-        blocks = []
-        if self.features in ("task", "task+gradients"):
-            blocks.append(task.example_features(split))
-        if self.features in ("gradients", "task+gradients"):
-            blocks.append(gradient_sketch(task, split, self.sketch_dim, self.seed, states=self._states(task)))
-        ends = np.cumsum([block.shape[1] for block in blocks])
-        table = np.concatenate(blocks, axis=1).astype(np.float32)
-        features = _align(table, getattr(task, f"{split}_ids"), ids, f"task '{task.name}' {split} features")
-        return features, np.stack([ends - [block.shape[1] for block in blocks], ends], axis=1)
+        return read_task_features(task, split, ids, self.features.split("+"), self.sketch_dim, self.seed,
+                                  self._states(task))
 
     def _scaled(self, features: np.ndarray) -> np.ndarray:
         """``features`` with each kernel block divided by its scale (fitted on the training features)."""
-        out = features.astype(np.float32, copy=True)
-        for (start, stop), scale in zip(self.kernel_blocks, self.feature_scales):
-            out[:, start:stop] /= scale
-        return out
+        return scale_blocks(features, self.kernel_blocks, self.feature_scales)
 
     def checkpoint_steps(self) -> list[int]:
         """Steps of the replayed fitting run after which gradient features are taken."""
         num_steps = 0 if self.checkpoint_curriculum is None else self.checkpoint_curriculum.shape[0]
-        return sorted({round(k * num_steps / self.checkpoints) for k in range(self.checkpoints)})
+        return checkpoint_steps(num_steps, self.checkpoints)
 
     def _states(self, task) -> Sequence[Mapping[str, torch.Tensor] | None]:
-        steps = self.checkpoint_steps()
-        if steps == [0]:
-            return [None]
-        from simfluence.collect.train import train_states
-
-        return train_states(task, self.checkpoint_curriculum, steps)
+        return checkpoint_states(task, self.checkpoint_curriculum, self.checkpoint_steps())
 
     def _resolve(self, runs: RunSet) -> None:
-        given = self.given_features
-        if given["train"] is None and given["test"] is None:
+        given = given_features(self.given_features["train"], self.given_features["test"], runs.train_ids,
+                               runs.test_ids)
+        if given is None:
             self.checkpoint_curriculum = runs.curricula[0]
             train, self.kernel_blocks = self.task_features("train", runs.train_ids, runs)
             # Unit mean square per block (over the training examples, so that every later test
             # example is scaled alike): no block dominates the principal directions by its units.
-            self.feature_scales = np.array([max(float(np.sqrt(np.mean(np.square(train[:, start:stop],
-                                                                                dtype=np.float64)))), 1e-12)
-                                            for start, stop in self.kernel_blocks])
+            self.feature_scales = block_scales(train, self.kernel_blocks)
             self.train_features = self._scaled(train)
             self.test_features = self._scaled(self.task_features("test", runs.test_ids, runs)[0])
             return
-        if given["train"] is None or given["test"] is None:
-            missing = "train_features" if given["train"] is None else "test_features"
-            raise RunDataError(missing, "value", "is missing", "pass both train_features and test_features, or neither")
-        self.train_features = check_features(given["train"], runs.train_ids, "train_features")
-        self.test_features = check_features(given["test"], runs.test_ids, "test_features")
+        self.train_features, self.test_features = given
         width = self.train_features.shape[1]
         # Features of one space (same width) also give one kernel: their inner products.
         self.kernel_blocks = np.array([[0, width]] if self.test_features.shape[1] == width else [], dtype=np.int64

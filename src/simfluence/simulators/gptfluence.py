@@ -76,9 +76,9 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
+from simfluence.func.features import check_features, given_features, task_features
 from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Simulator, register
-from simfluence.simulators.featurized import _align, check_features
 
 _FIX = "pass train_features and test_features, or task="
 
@@ -276,25 +276,17 @@ class GPTfluenceSimulator(Simulator):
     # --- features -------------------------------------------------------------------
     def _features(self, runs: RunSet) -> tuple[np.ndarray, np.ndarray]:
         """Unscaled float32 features ``[N, D]`` and ``[M, D']`` in the order of the runs' ids."""
-        given = self.given_features
-        if given["train"] is not None and given["test"] is not None:
-            return (check_features(given["train"], runs.train_ids, "train_features"),
-                    check_features(given["test"], runs.test_ids, "test_features"))
-        if given["train"] is not None or given["test"] is not None:
-            missing = "train_features" if given["train"] is None else "test_features"
-            raise RunDataError(missing, "value", "is missing", "pass both train_features and test_features, or neither")
+        given = given_features(self.given_features["train"], self.given_features["test"], runs.train_ids,
+                               runs.test_ids)
+        if given is not None:
+            return given
         from simfluence.collect.tasks.registry import task_for_runs
 
         task = task_for_runs(self.task, self.task_options, runs.meta, _FIX)
-        out = []
-        for split, ids in (("train", runs.train_ids), ("test", runs.test_ids)):
-            try:
-                table = np.asarray(task.example_features(split))
-            except NotImplementedError as error:
-                raise RunDataError("<runs>", "meta.task", str(error).splitlines()[0], _FIX) from None
-            name = f"task '{task.name}' {split} features"
-            out.append(check_features(_align(table, getattr(task, f"{split}_ids"), ids, name), ids, name))
-        return out[0], out[1]
+        try:
+            return task_features(task, "train", runs.train_ids)[0], task_features(task, "test", runs.test_ids)[0]
+        except NotImplementedError as error:
+            raise RunDataError("<runs>", "meta.task", str(error).splitlines()[0], _FIX) from None
 
     # --- fitting ----------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
