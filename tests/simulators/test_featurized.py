@@ -10,6 +10,7 @@ from simfluence import RunDataError, RunSet
 from simfluence.simulators import FeaturizedSimulator, LinearIdentitySimulator, Simulator, make_simulator
 from simfluence.simulators.base import config_checksum
 from simfluence.simulators.baselines import mean_trajectory
+from synthetic import linear_trajectories
 
 NUM_TRAIN, NUM_TEST, WIDTH = 60, 30, 5
 
@@ -26,11 +27,7 @@ def runs_of(a, b, pool, num_runs, seed, num_steps=40, batch=4, noise=1e-4):
     """Identity-centred Simfluence-Linear runs whose curricula draw from ``pool`` only."""
     rng = np.random.default_rng(seed)
     curricula = rng.choice(pool, (num_runs, num_steps, batch))
-    losses = np.zeros((num_runs, num_steps + 1, a.shape[1]))
-    losses[:, 0] = 2.0 + rng.random((num_runs, a.shape[1]))
-    for t in range(num_steps):
-        alpha = 1 + a[curricula[:, t]].sum(1)
-        losses[:, t + 1] = alpha * losses[:, t] + b[curricula[:, t]].sum(1) + rng.normal(0, noise, losses[:, t].shape)
+    losses = linear_trajectories(a, b, curricula, 2.0 + rng.random((num_runs, a.shape[1])), rng, noise)
     return RunSet.create(curricula, losses, [f"train-{i}" for i in range(a.shape[0])],
                          [f"test-{m}" for m in range(a.shape[1])])
 
