@@ -307,7 +307,11 @@ def _benchmark_module():
     spec = importlib.util.spec_from_file_location("interactions_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))  # the script imports its folder's _common, as when it runs
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
