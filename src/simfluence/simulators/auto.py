@@ -98,12 +98,13 @@ class AutoSimulator(Simulator):
         return self.model_._arrays()
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        from simfluence.simulators import make_simulator
+        from simfluence.simulators import SIMULATORS
 
         chosen, params = self._saved_choice
         if chosen not in self.candidates:
             raise ValueError(f"the chosen simulator {chosen!r} is not among the candidates")
-        model = make_simulator(chosen, **(params or {}))
+        cls = SIMULATORS[chosen]
+        model = cls(**cls._without_retired(params or {}, "config", "params.chosen_params"))
         model.train_ids, model.test_ids, model.mean_change = self.train_ids, self.test_ids, self.mean_change
         model.fit_digests, model.fit_info = self.fit_digests, {}
         model._restore(arrays)

@@ -306,15 +306,18 @@ class Simulator(ABC):
         return simulator
 
     @classmethod
-    def _without_retired(cls, params: dict[str, Any], source: str) -> dict[str, Any]:
-        """Saved ``params`` without the :attr:`retired_params` (a one-line error where one mattered)."""
+    def _without_retired(cls, params: dict[str, Any], source: str, field: str = "config.params") -> dict[str, Any]:
+        """Saved ``params`` (``field`` of ``source``) without the :attr:`retired_params`.
+
+        A one-line :class:`RunDataError` where a retired setting holds a value that mattered.
+        """
         params = dict(params)
         for name, accepted in cls.retired_params:
             if name not in params:
                 continue
             value = params.pop(name)
             if accepted is not ANY_VALUE and value != accepted:
-                raise RunDataError(source, f"config.params.{name}", f"is {value!r}: '{cls.kind}' no longer has this "
+                raise RunDataError(source, f"{field}.{name}", f"is {value!r}: '{cls.kind}' no longer has this "
                                    f"setting (only {accepted!r}, its old default, still loads)",
                                    "fit the simulator again with the current version")
         return params

@@ -18,8 +18,8 @@ and the same for ``b`` with ``W_b, u_b, v_b, c^b, r^b``:
   feature block ``j`` (blocks: the task's features, the gradient features), scaled to unit
   root mean square over the fitting pairs. With gradient features
   (:func:`~simfluence.func.features.gradient_sketch`, at ``checkpoints`` checkpoints of a
-  replayed fitting run) the kernel is Grad-Dot (one
-  checkpoint) or TracIn-CP's sum (several): for one SGD step with batch-mean loss,
+  replayed fitting run) the kernel is Grad-Dot (one checkpoint) or TracIn-CP's sum
+  (several): for one SGD step with batch-mean loss,
   ``b_i^m \approx -(\eta/|c|)\, g_m \cdot g_i``, so the bilinear form ``f_i^\top (\theta I) g_m``
   already holds the first-order effect, and fitting on runs calibrates it;
 * ``phi_i = [P (f_i - mu) / s, 1]``, ``psi_m = [P (g_m - mu) / s, 1]`` (``psi~`` without the 1):
