@@ -24,21 +24,18 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import benchmark_parser, best_of, machine, markdown_table, number, timed, write_json
 
 from simfluence.collect import UniformSampler, collect, train_run, train_runs_vmap
 from simfluence.evaluate import split_runs
 from simfluence.query import leave_group_out, optimize, simulate_curricula
 from simfluence.retrain import agreement, compare_with_retraining
 from simfluence.runs import PAD
-from simfluence.runs.atomic import write_text_atomic
 from simfluence.simulators import LinearIdentitySimulator
 from simfluence.tasks import get_task
 
@@ -96,10 +93,8 @@ def search_queries(simulator, task, initial, target_sets: dict[str, np.ndarray],
                    batch_size: int, num_random: int, num_retrained_random: int, seed: int) -> list[dict]:
     rows = []
     for name, targets in target_sets.items():
-        start = time.perf_counter()
-        result = optimize(simulator, initial, targets, budget, num_steps, batch_size, num_random=num_random,
-                          seed=seed)
-        search_seconds = time.perf_counter() - start
+        result, search_seconds = timed(optimize, simulator, initial, targets, budget, num_steps, batch_size,
+                                       num_random=num_random, seed=seed)
         curricula = np.concatenate([result.curriculum[None], result.random_curricula[:num_retrained_random]])
         comparison = compare_with_retraining(simulator, task, curricula, test_index=targets)
         simulated, real = comparison.predicted.mean(axis=1), comparison.actual.mean(axis=1)
@@ -123,23 +118,15 @@ def speed(simulator, task, initial, num_curricula: int, num_steps: int, num_targ
     curricula = sampler.sample_many(num_steps, range(seed, seed + num_curricula))
     starting = np.repeat(initial[None], num_curricula, axis=0)
 
-    def best_of(function) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    simulate_all = best_of(lambda: simulator.simulate(curricula, starting))
+    simulate_all = best_of(repeats, simulator.simulate, curricula, starting)[0]
     targets = np.arange(num_targets)
-    simulate_targets = best_of(lambda: simulate_curricula(simulator, curricula, initial, targets))
+    simulate_targets = best_of(repeats, simulate_curricula, simulator, curricula, initial, targets)[0]
     # A counterfactual needs only the final losses: retraining evaluates at steps 0 and T only.
     ends = [0, num_steps]
     loop_runs = curricula[:5]
     train_run(task, loop_runs[0], ends)  # warm caches (checkpoint, data) before timing
-    loop = best_of(lambda: [train_run(task, curriculum, ends) for curriculum in loop_runs]) / len(loop_runs)
-    vmap = best_of(lambda: train_runs_vmap(task, curricula[:64], ends)) / 64
+    loop = best_of(repeats, lambda: [train_run(task, curriculum, ends) for curriculum in loop_runs])[0] / len(loop_runs)
+    vmap = best_of(repeats, train_runs_vmap, task, curricula[:64], ends)[0] / 64
     per_all, per_targets = simulate_all / num_curricula, simulate_targets / num_curricula
     return {"curricula": num_curricula, "steps": num_steps, "test_examples": int(initial.size),
             "targets": num_targets, "simulate_seconds_per_curriculum_all_tests": per_all,
@@ -149,13 +136,8 @@ def speed(simulator, task, initial, num_curricula: int, num_steps: int, num_targ
             "speedup_vs_vmap_targets": vmap / per_targets}
 
 
-def _cell(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def _table(rows: list[dict], columns: list[str]) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
-        "| " + " | ".join(_cell(row[column]) for column in columns) + " |" for row in rows]
+    return markdown_table(columns, [[number(row[column], 3) for column in columns] for row in rows])
 
 
 def markdown(results: dict) -> str:
@@ -204,7 +186,7 @@ def speed_only(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, quick="Small sizes for a smoke run.")
     parser.add_argument("--out", default="out/counterfactual", help="Run store and results directory.")
     parser.add_argument("--runs", type=int, default=48)
     parser.add_argument("--heldout", type=int, default=8)
@@ -214,26 +196,23 @@ def main() -> None:
     parser.add_argument("--retrain-random", type=int, default=50, help="Of those, retrained for real.")
     parser.add_argument("--speed-curricula", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="Small sizes for a smoke run.")
-    parser.add_argument("--json", default=None, help="Also write every number to this file.")
     parser.add_argument("--speed-only", metavar="TASK", default=None,
-                        help="Only time simulated vs retrained counterfactuals, on TASK (e.g. tiny-lm).")
+                           help="Only time simulated vs retrained counterfactuals, on TASK (e.g. tiny-lm).")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.heldout, args.steps, args.budgets = 16, 2, 40, "10"
         args.random, args.retrain_random, args.speed_curricula, args.repeats = 40, 10, 1000, 1
     torch.set_num_threads(1)
     if args.speed_only:
-        print(json.dumps(speed_only(args), indent=1))
+        result = speed_only(args)
+        print(json.dumps(result, indent=1))
+        write_json(args.json, result)
         return
 
     task = get_task("digits-mlp")
     store = collect(task, Path(args.out) / "runs", args.runs, args.steps, args.seed)
     fitting, heldout = split_runs(store.load(), args.heldout, args.seed)
-    start = time.perf_counter()
-    simulator = LinearIdentitySimulator().fit(fitting)
-    fit_seconds = time.perf_counter() - start
+    simulator, fit_seconds = timed(LinearIdentitySimulator().fit, fitting)
     initial = heldout.initial_losses[0].astype(np.float64)
 
     train_labels, test_labels = task.data.train_targets.numpy(), task.data.test_targets.numpy()
@@ -244,7 +223,7 @@ def main() -> None:
                    "random-10": np.sort(rng.choice(task.num_test, 10, replace=False))}
 
     results = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
+        "machine": machine(),
         "config": vars(args), "fitting_runs": fitting.num_runs, "heldout_runs": heldout.num_runs,
         "fit_seconds": fit_seconds, "ridge": simulator.fit_info["ridge"],
         "leave_class_out": group_queries(simulator, task, heldout, class_groups),
@@ -256,8 +235,7 @@ def main() -> None:
         "speed": speed(simulator, task, initial, args.speed_curricula, args.steps, 10, args.repeats, args.seed),
     }
     print(markdown(results))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(results, indent=1))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,15 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import benchmark_parser, markdown_table, number, timed, write_json
 
 from simfluence.collect import UniformSampler, collect
 from simfluence.evaluate import score
-from simfluence.runs.atomic import atomic_path, write_text_atomic
+from simfluence.runs.atomic import atomic_path
 from simfluence.simulators import make_simulator
 from simfluence.tasks import get_task
 
@@ -50,10 +47,7 @@ def measure(task_name: str, args) -> list[dict]:
         subset = fitting.select(np.arange(size))
         for method in METHODS:
             kind, params = VARIANTS.get(method, (method, {}))
-            simulator = make_simulator(kind, **params)
-            start = time.perf_counter()
-            simulator.fit(subset)
-            seconds = time.perf_counter() - start
+            simulator, seconds = timed(make_simulator(kind, **params).fit, subset)
             metrics = score(simulator.simulate(heldout.curricula, heldout.initial_losses), heldout)
             rows.append({"task": task_name, "num_runs": size, "method": method, "mse": metrics.mse,
                          "across_run_spearman": metrics.across_run_spearman, "fit_seconds": seconds})
@@ -62,22 +56,17 @@ def measure(task_name: str, args) -> list[dict]:
     return rows
 
 
-def cell(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4g}"
-
-
 def markdown(rows: list[dict], sizes: list[int]) -> str:
     lines = []
     for metric, title in (("mse", "all-steps MSE"), ("across_run_spearman", "across-run Spearman")):
-        lines += [f"**{title}** (held-out runs) by number of fitting runs", "",
-                  "| task | method | " + " | ".join(str(size) for size in sizes) + " |",
-                  "|---|---|" + "---|" * len(sizes)]
+        table = []
         for task in dict.fromkeys(row["task"] for row in rows):
             for method in METHODS:
                 values = {row["num_runs"]: row[metric] for row in rows
                           if row["task"] == task and row["method"] == method}
-                lines.append(f"| {task} | {method} | " + " | ".join(cell(values.get(size)) for size in sizes) + " |")
-        lines.append("")
+                table.append([task, method, *(number(values.get(size)) for size in sizes)])
+        lines += [f"**{title}** (held-out runs) by number of fitting runs", "",
+                  *markdown_table(["task", "method", *sizes], table), ""]
     return "\n".join(lines)
 
 
@@ -131,16 +120,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--task", action="append", choices=TASKS, help="repeatable; default: both")
     parser.add_argument("--sizes", default="4,8,16,32,64", help="comma-separated numbers of fitting runs")
     parser.add_argument("--heldout-runs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default="out/data_efficiency", help="run stores (reused when present)")
     parser.add_argument("--plot", default="docs/img/data_efficiency.png")
-    parser.add_argument("--json", default=None, help="also write every number here")
     args = parser.parse_args()
     args.sizes = sorted(int(size) for size in args.sizes.split(","))
     torch.set_num_threads(args.threads)
@@ -149,8 +136,7 @@ def main() -> None:
     print(markdown(rows, args.sizes))
     print("\n".join(targets(rows)))
     plot(rows, Path(args.plot))
-    if args.json:
-        write_text_atomic(Path(args.json), json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_json(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

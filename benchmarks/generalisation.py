@@ -37,18 +37,14 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import benchmark_parser, markdown_table, number, timed, write_json
 
 from simfluence.collect import UniformSampler, collect
 from simfluence.evaluate import METRICS, score
-from simfluence.runs.atomic import write_text_atomic
 from simfluence.runs.log import RunSet
 from simfluence.simulators import make_simulator
 from simfluence.simulators.baselines import mean_trajectory
@@ -90,7 +86,7 @@ def collect_runs(task_name: str, out: Path, args) -> dict:
 
 
 def featurized(args):
-    return make_simulator("featurized", features=args.features, dim=args.dim, checkpoints=args.checkpoints)
+    return make_simulator("featurized", features=args.features, dim=args.dim, num_checkpoints=args.checkpoints)
 
 
 def evaluate_task(task_name: str, args) -> list[dict]:
@@ -115,9 +111,7 @@ def evaluate_task(task_name: str, args) -> list[dict]:
         fitting = select_columns(runs[fit_name], kept)
         for method in ("featurized", "linear-identity", "mean-trajectory"):
             simulator = featurized(args) if method == "featurized" else make_simulator(method)
-            start = time.perf_counter()
-            simulator.fit(fitting)
-            seconds = time.perf_counter() - start
+            _, seconds = timed(simulator.fit, fitting)
             seen = scored["seen"]
             add(cells[0], method, simulator.simulate(seen.curricula, seen.initial_losses), "seen", seconds)
             unseen = scored["unseen-test"]
@@ -137,16 +131,9 @@ def evaluate_task(task_name: str, args) -> list[dict]:
     return rows
 
 
-def cell(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4g}"
-
-
 def markdown(rows: list[dict]) -> str:
     columns = ["task", "cell", "method", *METRICS, "fit_seconds"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row[c] if c in ("task", "cell", "method") else cell(row[c]) for c in columns) + " |"
-              for row in rows]
-    return "\n".join(lines)
+    return "\n".join(markdown_table(columns, [[number(row[c]) for c in columns] for row in rows]))
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -159,13 +146,13 @@ def targets(rows: list[dict]) -> list[str]:
                      f"{ratio:.2f}x (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
         for name in ("unseen-test", "both"):
             rho = get[(name, "featurized")]["across_run_spearman"]
-            lines.append(f"{task}: {name} across-run Spearman (featurized) = {cell(rho)} "
+            lines.append(f"{task}: {name} across-run Spearman (featurized) = {number(rho)} "
                          f"(target >= 0.5: {'met' if rho is not None and rho >= 0.5 else 'NOT met'})")
     return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--task", action="append", choices=TASKS, help="repeatable; default: digits-mlp and text-minilm")
     parser.add_argument("--fit-runs", type=int, default=40)
     parser.add_argument("--heldout-runs", type=int, default=16)
@@ -174,10 +161,8 @@ def main() -> None:
     parser.add_argument("--features", default="gradients", help="featurized simulator's features")
     parser.add_argument("--dim", type=int, default=0, help="featurized simulator's low-rank bilinear dimension")
     parser.add_argument("--checkpoints", type=int, default=4, help="featurized simulator's gradient checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default="out/generalisation", help="run stores (reused when present)")
-    parser.add_argument("--json", default=None, help="also write every number here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [row for task in (args.task or DEFAULT_TASKS) for row in evaluate_task(task, args)]
@@ -185,8 +170,7 @@ def main() -> None:
     print(markdown(rows))
     print()
     print("\n".join(targets(rows)))
-    if args.json:
-        write_text_atomic(Path(args.json), json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_json(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

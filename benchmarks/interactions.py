@@ -33,13 +33,11 @@ padded out of their batches, simulated vs measured by real retraining.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from _common import benchmark_parser, timed, write_json
 from torch import nn
 from torch.nn import functional as F
 
@@ -163,10 +161,12 @@ def two_key_experiment(num_runs: int = 96, num_steps: int = 40, num_heldout: int
                        seed: int = 0, pairwise: dict | None = None) -> dict:
     """Collect, fit both simulators, and compare them (module docstring). Returns a JSON-ready dict."""
     task = TwoKeyTask()
-    start = time.perf_counter()
-    curricula, kinds = two_key_curricula(num_runs, num_steps, seed)
-    runs = train(task, curricula)
-    collect_seconds = time.perf_counter() - start
+
+    def collect() -> tuple[RunSet, np.ndarray]:
+        curricula, kinds = two_key_curricula(num_runs, num_steps, seed)
+        return train(task, curricula), kinds
+
+    (runs, kinds), collect_seconds = timed(collect)
     order = np.random.default_rng(seed).permutation(num_runs)
     fit_index, held_index = np.sort(order[num_heldout:]), np.sort(order[:num_heldout])
     fitting, heldout = runs.select(fit_index), runs.select(held_index)
@@ -189,9 +189,7 @@ def two_key_experiment(num_runs: int = 96, num_steps: int = 40, num_heldout: int
     measured_needs_both = interaction_of(measured)[:, needs_both].ravel()
     for name, simulator in (("linear-identity", LinearIdentitySimulator()),
                             ("linear-pairwise", PairwiseSimulator(**(pairwise or {})))):
-        start = time.perf_counter()
-        simulator.fit(fitting)
-        fit_seconds = time.perf_counter() - start
+        _, fit_seconds = timed(simulator.fit, fitting)
         predicted = simulator.simulate(heldout.curricula, heldout.initial_losses)
         # Every run starts from the same checkpoint, so the probes share the runs' initial losses.
         probe_initial = np.repeat(runs.initial_losses[:1], flat.shape[0], axis=0)
@@ -217,17 +215,14 @@ def digits_comparison(num_runs: int, num_steps: int, num_heldout: int, seed: int
     """Held-out all-steps MSE of linear-identity and linear-pairwise on the same digits-mlp runs."""
     task = get_task("digits-mlp")
     sampler = UniformSampler(task.default_pool(), task.batch_size)
-    start = time.perf_counter()
-    runs = train(task, sampler.sample_many(num_steps, [seed * 100_000 + r for r in range(num_runs)]))
-    collect_seconds = time.perf_counter() - start
+    runs, collect_seconds = timed(lambda: train(task, sampler.sample_many(num_steps, [seed * 100_000 + r
+                                                                                     for r in range(num_runs)])))
     fitting, heldout = split_runs(runs, num_heldout, seed)
     result = {"num_fitting_runs": fitting.num_runs, "num_heldout_runs": heldout.num_runs, "num_steps": num_steps,
               "collect_seconds": collect_seconds, "simulators": {}}
     for name, simulator in (("linear-identity", LinearIdentitySimulator()),
                             ("linear-pairwise", PairwiseSimulator(**(pairwise or {})))):
-        start = time.perf_counter()
-        simulator.fit(fitting)
-        fit_seconds = time.perf_counter() - start
+        _, fit_seconds = timed(simulator.fit, fitting)
         metrics = score(simulator.simulate(heldout.curricula, heldout.initial_losses), heldout)
         result["simulators"][name] = {"fit_seconds": fit_seconds, "rounds_used": simulator.fit_info.get("rounds_used"),
                                       **metrics.as_dict()}
@@ -255,8 +250,7 @@ def _print_two_key(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (as in the test)")
+    parser = benchmark_parser(__doc__, quick="small sizes (as in the test)")
     parser.add_argument("--runs", type=int, default=96)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--heldout", type=int, default=24)
@@ -266,8 +260,6 @@ def main() -> None:
     parser.add_argument("--digits-heldout", type=int, default=8)
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write every number to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.quick:
@@ -284,10 +276,7 @@ def main() -> None:
             rounds = "" if record["rounds_used"] is None else f" ({record['rounds_used']} rounds)"
             print(f"  {name:<16} all-steps MSE {record['mse']:.5f}  final MSE {record['final_mse']:.5f}  "
                   f"across-run Spearman {record['across_run_spearman']:.3f}  fit {record['fit_seconds']:.2f} s{rounds}")
-    if args.json:
-        from simfluence.runs.atomic import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps(out, indent=1))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -37,15 +37,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from _common import (
+    benchmark_parser,
+    child_result,
+    markdown_table,
+    max_rss_bytes,
+    print_result,
+    rss_bytes,
+    timed,
+    write_json,
+)
 
 from simfluence.collect import UniformSampler
 from simfluence.evaluate import spearman
@@ -54,13 +61,7 @@ from simfluence.retrain import retrain
 from simfluence.runs import PAD
 from simfluence.tasks import get_task
 
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+MIB = 2 ** 20
 
 
 def probe(task_name: str, checkpoint_every: int | None, steps: int, seed: int, num_test: int | None,
@@ -71,12 +72,12 @@ def probe(task_name: str, checkpoint_every: int | None, steps: int, seed: int, n
     task.data, task.build_model()                                   # load data and pretrain first
     curriculum = UniformSampler(task.default_pool(), task.batch_size).sample(steps, seed)
     metagradients(task, curriculum[:2], [0], hvp=hvp)              # warm up torch.func
-    before = _rss_mib()
-    start, cpu = time.perf_counter(), time.process_time()
+    before = rss_bytes()[0] / MIB
     test_index = None if num_test is None else np.arange(num_test)
-    result = metagradients(task, curriculum, test_index, checkpoint_every=checkpoint_every, hvp=hvp)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu = time.process_time()
+    result, seconds = timed(metagradients, task, curriculum, test_index, checkpoint_every=checkpoint_every, hvp=hvp)
+    cpu_seconds = time.process_time() - cpu
+    peak = max_rss_bytes() / MIB
     params = sum(p.numel() for p in task.build_model().parameters())
     return {"task": task_name, "checkpoint_every": result.checkpoint_every, "hvp": hvp, "seconds": seconds,
             "cpu_seconds": cpu_seconds, "rss_before_mib": before, "peak_rss_mib": peak, "extra_mib": peak - before,
@@ -88,8 +89,7 @@ def cost(task_name: str, steps: int, seed: int, num_test: int | None = None, hvp
     for every in ("default", "1"):
         command = [sys.executable, __file__, "--probe", every, "--probe-task", task_name, "--steps", str(steps),
                    "--seed", str(seed), "--hvp", hvp] + ([] if num_test is None else ["--probe-tests", str(num_test)])
-        out = subprocess.run(command, check=True, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(child_result(command))
     return rows
 
 
@@ -97,11 +97,10 @@ def print_cost(rows: list[dict]) -> None:
     first = rows[0]
     print(f"## cost: {first['task']}, T={first['steps']}, B=4, {first['num_test']} test examples, "
           f"{first['num_params']} weights, hvp={first['hvp']}\n")
-    print("| checkpoint_every | seconds (wall) | seconds (CPU) | peak RSS MiB | extra MiB |")
-    print("| --- | --- | --- | --- | --- |")
-    for row in rows:
-        print(f"| {row['checkpoint_every']} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
-              f"{row['peak_rss_mib']:.0f} | {row['extra_mib']:.1f} |")
+    print("\n".join(markdown_table(
+        ["checkpoint_every", "seconds (wall)", "seconds (CPU)", "peak RSS MiB", "extra MiB"],
+        [[row["checkpoint_every"], f"{row['seconds']:.2f}", f"{row['cpu_seconds']:.2f}", f"{row['peak_rss_mib']:.0f}",
+          f"{row['extra_mib']:.1f}"] for row in rows])))
 
 
 def removal_lds(steps: int, num_sets: int, fraction: float, references: int) -> list[dict]:
@@ -114,13 +113,10 @@ def removal_lds(steps: int, num_sets: int, fraction: float, references: int) -> 
         curriculum = UniformSampler(pool, task.batch_size).sample(steps, reference)
         rng = np.random.default_rng(1000 + reference)
         sets = [rng.choice(task.num_train, size=drop, replace=False) for _ in range(num_sets)]
-        start = time.perf_counter()
-        result = metagradients(task, curriculum)
-        metagradient_seconds = time.perf_counter() - start
+        result, metagradient_seconds = timed(metagradients, task, curriculum)
         edited = np.stack([np.where(np.isin(curriculum, removed), PAD, curriculum) for removed in sets])
-        start = time.perf_counter()
-        actual = retrain(task, edited)[:, -1].astype(np.float64)                       # [S, M]
-        retrain_seconds = time.perf_counter() - start
+        retrained, retrain_seconds = timed(retrain, task, edited)
+        actual = retrained[:, -1].astype(np.float64)                                  # [S, M]
         renormalised = result.predict_removals(sets)                                   # [S, M]
         scores = result.per_example(task.num_train)
         additive = result.final_losses - np.stack([scores[removed].sum(axis=0) for removed in sets])
@@ -138,14 +134,12 @@ def removal_lds(steps: int, num_sets: int, fraction: float, references: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10 sets, 1 reference, T=40")
+    parser = benchmark_parser(__doc__, quick="10 sets, 1 reference, T=40",
+                              seed="curriculum seed of the cost measurement")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--sets", type=int, default=50)
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--references", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0, help="curriculum seed of the cost measurement")
-    parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--tiny-lm", action="store_true",
                         help="also measure checkpointing on tiny-lm (T steps, 8 test examples, hvp=forward)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
@@ -154,8 +148,8 @@ def main() -> None:
     parser.add_argument("--hvp", default="reverse", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe is not None:
-        print(json.dumps(probe(args.probe_task, None if args.probe == "default" else int(args.probe), args.steps,
-                               args.seed, args.probe_tests, args.hvp)))
+        print_result(probe(args.probe_task, None if args.probe == "default" else int(args.probe), args.steps,
+                           args.seed, args.probe_tests, args.hvp))
         return
     if args.quick:
         args.steps, args.sets, args.references = 40, 10, 1
@@ -171,20 +165,18 @@ def main() -> None:
     lds = removal_lds(args.steps, args.sets, args.fraction, args.references)
     print(f"\n## removal LDS: {args.sets} sets, each dropping {lds[0]['removed_per_set']} of 200 training examples "
           f"({args.fraction:.0%}), T={args.steps}, B=4, 100 test examples\n")
-    print("| reference seed | LDS renormalised (min) | LDS sum of scores (min) | rel. error of effects "
-          "(renorm. / sum) | mean abs effect | metagradient s | retrain s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row in lds:
-        print(f"| {row['reference_seed']} | {row['lds_renormalised']:.3f} ({row['lds_renormalised_min']:.2f}) | "
-              f"{row['lds_sum_of_scores']:.3f} ({row['lds_sum_of_scores_min']:.2f}) | "
-              f"{row['effect_rel_error_renormalised']:.3f} / {row['effect_rel_error_sum_of_scores']:.3f} | "
-              f"{row['mean_abs_effect']:.4f} | {row['metagradient_seconds']:.2f} | {row['retrain_seconds']:.1f} |")
+    print("\n".join(markdown_table(
+        ["reference seed", "LDS renormalised (min)", "LDS sum of scores (min)",
+         "rel. error of effects (renorm. / sum)", "mean abs effect", "metagradient s", "retrain s"],
+        [[row["reference_seed"], f"{row['lds_renormalised']:.3f} ({row['lds_renormalised_min']:.2f})",
+          f"{row['lds_sum_of_scores']:.3f} ({row['lds_sum_of_scores_min']:.2f})",
+          f"{row['effect_rel_error_renormalised']:.3f} / {row['effect_rel_error_sum_of_scores']:.3f}",
+          f"{row['mean_abs_effect']:.4f}", f"{row['metagradient_seconds']:.2f}", f"{row['retrain_seconds']:.1f}"]
+         for row in lds])))
     mean = {key: float(np.mean([row[key] for row in lds])) for key in ("lds_renormalised", "lds_sum_of_scores")}
     print(f"\nmean over references: LDS renormalised {mean['lds_renormalised']:.3f}, "
           f"sum of scores {mean['lds_sum_of_scores']:.3f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"cost": rows, "lds": lds, "mean": mean, "args": vars(args)}, handle, indent=2)
+    write_json(args.json, {"cost": rows, "lds": lds, "mean": mean, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ units), beside the held-out all-steps MSE of the point prediction and of the mea
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
 import torch
+from _common import benchmark_parser, timed, write_json
 
 from simfluence.collect.curricula import UniformSampler
 from simfluence.collect.train import train_runs_vmap
@@ -36,14 +33,14 @@ def measure(task_name: str, num_runs: int, num_steps: int, num_heldout: int, rep
     """Collect, fit on the fitting runs, and score the intervals on the held-out runs."""
     task = get_task(task_name)
     sampler = UniformSampler(task.default_pool(), task.batch_size)
-    start = time.perf_counter()
-    logs = train_runs_vmap(task, sampler.sample_many(num_steps, [seed * 100_000 + r for r in range(num_runs)]))
-    runs = RunSet.from_logs(logs, task.train_ids, task.test_ids, meta=task.meta())
-    collect_seconds = time.perf_counter() - start
+
+    def collect() -> RunSet:
+        logs = train_runs_vmap(task, sampler.sample_many(num_steps, [seed * 100_000 + r for r in range(num_runs)]))
+        return RunSet.from_logs(logs, task.train_ids, task.test_ids, meta=task.meta())
+
+    runs, collect_seconds = timed(collect)
     fitting, heldout = split_runs(runs, num_heldout, seed)
-    start = time.perf_counter()
-    simulator = BootstrapLinearSimulator(replicas=replicas, seed=seed).fit(fitting)
-    fit_seconds = time.perf_counter() - start
+    simulator, fit_seconds = timed(BootstrapLinearSimulator(replicas=replicas, seed=seed).fit, fitting)
     evaluation = evaluate(simulator, heldout)
     intervals = {}
     for level in LEVELS:
@@ -59,15 +56,12 @@ def measure(task_name: str, num_runs: int, num_steps: int, num_heldout: int, rep
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, quick="24 runs (8 held out) of 50 steps, 8 replicas")
     parser.add_argument("--tasks", default="digits-mlp,text-minilm")
     parser.add_argument("--runs", type=int, default=96)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--heldout", type=int, default=48)
     parser.add_argument("--replicas", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="24 runs (8 held out) of 50 steps, 8 replicas")
-    parser.add_argument("--json", default=None, help="also write every number to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.quick:
@@ -86,10 +80,7 @@ def main() -> None:
         for level, row in result["intervals"].items():
             print(f"{level:>6} {row['scale']:>6.2f} {row['coverage']:>9.3f} {row['final_coverage']:>10.3f} "
                   f"{row['width']:>8.4f} {row['final_width']:>11.4f}")
-    if args.json:
-        from simfluence.runs.atomic import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps(results, indent=1))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

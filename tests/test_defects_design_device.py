@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from dense import dense_design
 from simfluence.simulators.design import BatchDesign
 
 
@@ -26,9 +27,11 @@ def test_tensor_batches_give_the_numpy_design():
     batches = _batches()
     table = torch.as_tensor(np.random.default_rng(1).normal(size=(7, 4)))
     reference = BatchDesign(batches, 7)
+    identity = torch.eye(7, dtype=torch.float64)
+    assert np.array_equal(reference.matmul(identity).numpy(), dense_design(batches, 7))
     for tensor in (torch.as_tensor(batches), torch.as_tensor(batches).as_subclass(NoNumpy)):
         design = BatchDesign(tensor, 7)
-        assert np.array_equal(design.dense(), reference.dense())
+        assert np.array_equal(design.matmul(identity).as_subclass(torch.Tensor).numpy(), dense_design(batches, 7))
         got = design.matmul(table).as_subclass(torch.Tensor)
         assert torch.allclose(got, reference.matmul(table))
         back = design.rmatmul(reference.matmul(table)).as_subclass(torch.Tensor)

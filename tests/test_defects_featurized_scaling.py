@@ -16,8 +16,8 @@ def test_passing_the_tasks_own_features_gives_the_tasks_predictions():
     curricula = rng.integers(0, 40, (6, 15, 4))
     losses = 2.0 + rng.random((6, 1, 12)) - 0.01 * np.arange(16)[None, :, None] + rng.normal(0, 1e-3, (6, 16, 12))
     runs = RunSet.create(curricula, losses, task.train_ids, task.test_ids)
-    simulator = FeaturizedSimulator(task=task, features="task", weight_decay=1e-3, residual_ridge=1.0,
-                                    max_iter=20).fit(runs)
+    simulator = FeaturizedSimulator(task=task, features="task", weight_decay=1e-3, residual_ridge_factor=1.0,
+                                    lbfgs_iterations=20).fit(runs)
     assert not np.allclose(simulator.feature_scales, 1.0)  # the scaling is not a no-op
     ids = task.test_ids[[0, 5, 11]]
     from_task = simulator.for_test_examples(ids)

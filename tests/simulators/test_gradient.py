@@ -8,7 +8,6 @@ from scipy.stats import spearmanr
 from simfluence import RunSet
 from simfluence.collect import UniformSampler, train_runs_vmap
 from simfluence.func import per_example_gradients, trainable_params
-from simfluence.simulators.gradient import _batched_cg
 from simfluence.simulators import GradDotSimulator, InfluenceSimulator, Simulator, TracInCPSimulator, make_simulator
 from simfluence.tasks import get_task
 
@@ -86,23 +85,6 @@ def test_tracin_agrees_with_captum(task, tmp_path):
     np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
 
 
-def test_batched_cg_matches_dense_solve():
-    rng = np.random.default_rng(0)
-    root = rng.normal(size=(30, 30))
-    matrix = torch.tensor(root @ root.T + 3 * np.eye(30))
-    rhs = torch.tensor(rng.normal(size=(4, 30)))
-    solution = _batched_cg(lambda v: v @ matrix, rhs, iterations=200, tol=1e-12)
-    assert torch.allclose(solution, torch.linalg.solve(matrix, rhs.T).T, atol=1e-8)
-
-
-def test_influence_hessian_vector_path_agrees_with_exact_solve(task):
-    runs = collect_runs(task, num_runs=3, num_steps=5)
-    exact = InfluenceSimulator(task=task, damping=0.1).fit(runs).coefficients[1]
-    iterative = InfluenceSimulator(task=task, damping=0.1, exact_max_params=0, solver="cg", cg_iterations=100).fit(runs)
-    assert np.isfinite(iterative.coefficients[1]).all()
-    assert spearmanr(exact.ravel(), iterative.coefficients[1].ravel()).statistic > 0.9
-
-
 def test_scaled_forms_fit_one_scale_and_round_trip(task, tmp_path):
     runs = collect_runs(task, num_runs=6, num_steps=20)
     raw = make_simulator("grad-dot", task=task).fit(runs)
@@ -118,7 +100,7 @@ def test_scaled_forms_fit_one_scale_and_round_trip(task, tmp_path):
 def test_lanczos_path_agrees_with_exact_solve(task):
     runs = collect_runs(task, num_runs=3, num_steps=5)
     exact = InfluenceSimulator(task=task, damping=0.1).fit(runs).coefficients[1]
-    lanczos = InfluenceSimulator(task=task, damping=0.1, exact_max_params=0, rank=128).fit(runs).coefficients[1]
+    lanczos = InfluenceSimulator(task=task, damping=0.1, exact_max_params=0, lanczos_rank=128).fit(runs).coefficients[1]
     assert spearmanr(exact.ravel(), lanczos.ravel()).statistic > 0.95
     np.testing.assert_allclose(lanczos, exact, atol=0.05 * np.abs(exact).max())
 
@@ -134,3 +116,28 @@ def test_lanczos_finds_the_extreme_eigenvalues():
     assert values.max() == pytest.approx(50.0, rel=1e-8) and values.min() == pytest.approx(-3.0, rel=1e-8)
     top = vectors[:, values.argmax()].numpy()
     assert abs(top @ basis[:, 0]) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_influence_files_from_before_the_cg_solver_was_removed(task, tmp_path):
+    """Files that recorded ``solver``/``cg_iterations`` load when they used Lanczos; ``"cg"`` is refused."""
+    import json
+
+    from simfluence.runs.log import RunDataError
+    from simfluence.simulators.base import config_checksum
+
+    runs = collect_runs(task, num_runs=2, num_steps=3)
+    simulator = InfluenceSimulator(task=task, damping=0.1).fit(runs)
+    with np.load(simulator.save(tmp_path / "influence.npz"), allow_pickle=False) as saved:
+        arrays = dict(saved)
+
+    def old_file(name, **params):
+        config = json.loads(str(arrays["config"]))
+        config["params"].update(params)
+        config["config_checksum"] = config_checksum(config)
+        np.savez(tmp_path / name, **{**arrays, "config": np.array(json.dumps(config))})
+        return tmp_path / name
+
+    loaded = Simulator.load(old_file("lanczos.npz", solver="lanczos", cg_iterations=50))
+    np.testing.assert_array_equal(loaded.coefficients[1], simulator.coefficients[1])
+    with pytest.raises(RunDataError, match=r"config\.params.*solver: this setting was removed; only 'lanczos'.*got 'cg'"):
+        Simulator.load(old_file("cg.npz", solver="cg", cg_iterations=100))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from dense import dense_design
 from simfluence import RunDataError, RunSet
 from simfluence.simulators import LinearIdentitySimulator, Simulator, interaction, make_simulator
 from simfluence.simulators.design import BatchDesign
@@ -124,7 +125,7 @@ def test_solve_pair_ridge_matches_a_dense_solve(warm):
     initial = torch.as_tensor(rng.normal(size=(num_train, 2 * num_test))) if warm else None
     solution = solve_pair_ridge(design, features, previous, target, ridge, pair_ridge, tol=1e-12, max_iter=2000,
                                 initial=initial)
-    dense = design.dense()
+    dense = dense_design(batches, num_train)
     for m in range(num_test):
         z = np.hstack([previous[:, m:m + 1].numpy() * dense, dense, features.numpy()])
         penalty = np.diag(np.r_[np.full(2 * num_train, ridge), np.full(width, pair_ridge)])
@@ -307,7 +308,11 @@ def _benchmark_module():
     spec = importlib.util.spec_from_file_location("interactions_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))  # the script imports its folder's _common, as when it runs
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 

@@ -106,6 +106,42 @@ def test_load_rejects_other_files(tmp_path):
         Simulator.load(tmp_path / "z.npz")
 
 
+def _old_file(path, out, edit):
+    """A copy of the saved simulator ``path`` with its config changed by ``edit``, checksums still valid."""
+    from simfluence.simulators.base import config_checksum
+
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = dict(saved)
+    config = json.loads(str(arrays["config"]))
+    edit(config)
+    config["config_checksum"] = config_checksum(config)
+    np.savez(out, **{**arrays, "config": np.array(json.dumps(config))})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear-identity", "auto"])
+def test_a_retired_setting_loads_only_at_its_old_value(tmp_path, monkeypatch, kind):
+    """SimulatorConfig.retired: also for the model an ``auto`` file holds."""
+    from simfluence.simulators.linear import LinearConfig
+
+    monkeypatch.setattr(LinearConfig, "retired", {"old": 0, "ignored": None})
+    runs, _, _ = linear_runs(seed=4)
+    params = {"candidates": ["linear-identity"]} if kind == "auto" else {"ridge": 0.3}
+    simulator = make_simulator(kind, **params).fit(runs)
+    path = simulator.save(tmp_path / "model.npz")
+
+    def holding(**old):
+        def edit(config):
+            (config["fitted"]["chosen_params"] if kind == "auto" else config["params"]).update(old)
+        return edit
+
+    loaded = Simulator.load(_old_file(path, tmp_path / "old.npz", holding(old=0, ignored="x")))
+    assert np.array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
+                          simulator.simulate(runs.curricula, runs.initial_losses))
+    with pytest.raises(RunDataError, match=r"config\.params.*old: this setting was removed; only 0 .*got 3"):
+        Simulator.load(_old_file(path, tmp_path / "new.npz", holding(old=3)))
+
+
 def test_simulate_validates_inputs():
     runs, _, _ = linear_runs(seed=5)
     with pytest.raises(NotFittedError):

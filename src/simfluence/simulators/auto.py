@@ -75,13 +75,23 @@ class AutoSimulator(Simulator):
 
     def __init__(self, config: AutoConfig | None = None, **settings: Any):
         super().__init__(config, **settings)
-        self._saved_choice: dict[str, Any] = {}  # set by load() only: which candidate the saved file holds
+        self._saved_model: Simulator | None = None  # set by load() only: the chosen candidate, not yet restored
 
     def _fitted_settings(self) -> dict[str, Any]:
         return {"chosen": self.chosen_, "chosen_params": self.model_._params()} if hasattr(self, "model_") else {}
 
     def _load_fitted_settings(self, values: dict[str, Any]) -> None:
-        self._saved_choice = dict(values)
+        from simfluence.simulators import make_simulator
+
+        chosen = values.get("chosen")
+        if chosen is None:
+            return
+        if chosen not in self.config.candidates:
+            raise UsageError(f"chosen: {chosen!r} is not among the candidates {list(self.config.candidates)}")
+        params = values.get("chosen_params") or {}
+        if not isinstance(params, dict):
+            raise UsageError(f"chosen_params: expected the settings of '{chosen}', got {params!r}")
+        self._saved_model = make_simulator(chosen, **params)
 
     def _fit(self, runs: RunSet) -> None:
         from simfluence.simulators import make_simulator
@@ -115,13 +125,10 @@ class AutoSimulator(Simulator):
         return self.model_._arrays()
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        from simfluence.simulators import make_simulator
-
-        chosen, params = self._saved_choice.get("chosen"), self._saved_choice.get("chosen_params")
-        if chosen not in self.config.candidates:
-            raise ValueError(f"the chosen simulator {chosen!r} is not among the candidates")
-        model = make_simulator(chosen, **(params or {}))
+        model = self._saved_model
+        if model is None:
+            raise ValueError("the file does not say which candidate was chosen")
         model.train_ids, model.test_ids, model.mean_change = self.train_ids, self.test_ids, self.mean_change
         model.fit_digests, model.fit_info = self.fit_digests, {}
         model._restore(arrays)
-        self.chosen_, self.model_ = chosen, model
+        self.chosen_, self.model_ = model.kind, model

@@ -34,7 +34,7 @@ from simfluence.errors import UsageError
 from simfluence.runs.atomic import atomic_path
 from simfluence.runs.interchange import read_npz_arrays
 from simfluence.runs.log import PAD, RunDataError, RunSet, validate_curriculum, validate_losses
-from simfluence.simulators.config import SimulatorConfig
+from simfluence.simulators.config import SimulatorConfig, split_task
 
 FORMAT = "simfluence-simulator"
 VERSION = 1
@@ -213,6 +213,8 @@ class Simulator(ABC):
 
     def __init__(self, config: SimulatorConfig | None = None, **settings: Any) -> None:
         """Build from a ``config`` of the kind's :attr:`config_class`, or from its fields as keywords."""
+        settings, self.task_object = split_task(settings)
+        """The :class:`~simfluence.tasks.Task` object given as ``task``, if one was (its name is in ``config``)."""
         if config is None:
             config = self.config_class.from_params(settings, type(self).__name__)
         elif settings:
@@ -229,6 +231,11 @@ class Simulator(ABC):
         self.fit_digests: np.ndarray | None = None
         """str ``[R_fit]``: :func:`run_digests` of the fitting runs; ``None`` if saved without them."""
         self.fit_info: dict[str, Any] = {}
+
+    @property
+    def task_spec(self) -> Any:
+        """The task to read: the Task object given, else the configured name (``None``: the runs' meta)."""
+        return self.task_object if self.task_object is not None else getattr(self.config, "task", None)
 
     # --- protocol -----------------------------------------------------------------
     def fit(self, runs: RunSet) -> Simulator:

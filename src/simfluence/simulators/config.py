@@ -91,6 +91,38 @@ class SimulatorConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class TaskConfig(SimulatorConfig):
+    """Settings of kinds that read the task (model and data) beside the runs.
+
+    A :class:`~simfluence.tasks.Task` object given as ``task`` is kept by the simulator
+    (``task_object``, so its data loads once) and recorded here by name and options.
+    """
+
+    task: str | None = dataclasses.field(default=None, metadata={
+        "help": "A registered task name; None: the task named in the fitting runs' meta (runs made by collect)."})
+    task_options: dict[str, Any] | None = dataclasses.field(default=None, metadata={
+        "help": "Options of a task given by name (default: the runs' task_config)."})
+
+    def validate(self) -> None:
+        """Check the task name and options are JSON-ready values."""
+        super().validate()
+        if self.task is not None and not isinstance(self.task, str):
+            raise UsageError(f"task: expected a registered task name or a Task, got {type(self.task).__name__}")
+        if self.task_options is not None:
+            if not isinstance(self.task_options, Mapping):
+                raise UsageError(f"task_options: expected a mapping of option names, got {self.task_options!r}")
+            self._set("task_options", dict(self.task_options))
+
+
+def split_task(settings: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``(settings, task object)``: a Task given as ``settings["task"]`` replaced by its name and options."""
+    task = settings.get("task")
+    if task is None or isinstance(task, str) or not hasattr(task, "config"):
+        return dict(settings), None
+    return {**settings, "task": task.name, "task_options": task.config()}, task
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(item) for item in value]

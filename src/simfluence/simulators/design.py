@@ -72,13 +72,6 @@ class BatchDesign:
             weights = weights * weights
         return embedding_bag(self._col_rows, values, self._col_offsets, mode="sum", per_sample_weights=weights)
 
-    def dense(self) -> np.ndarray:
-        """``X`` as a dense float64 array (for references and tests only)."""
-        out = np.zeros((self.num_steps, self.num_train))
-        rows = np.repeat(np.arange(self.num_steps), np.diff(np.append(self._row_offsets.cpu().numpy(), self.nnz)))
-        np.add.at(out, (rows, self._row_cols.cpu().numpy()), self._row_counts.cpu().numpy())
-        return out
-
 
 def _offsets(sorted_keys: torch.Tensor, num_bags: int) -> torch.Tensor:
     """Start of each bag in a key-sorted list; empty bags get the next start (sum = 0)."""

@@ -68,7 +68,6 @@ states for ``tiny-lm``) or the caller gives.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,9 +75,11 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
+from simfluence.errors import UsageError
+from simfluence.func.features import check_features, given_features, task_features
 from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
-from simfluence.simulators.featurized import _align, check_features
+from simfluence.simulators.config import TaskConfig, integer, positive, setting
 
 _FIX = "pass train_features and test_features, or task="
 
@@ -212,6 +213,37 @@ def markov_rollout(train: torch.Tensor, test: torch.Tensor, params: tuple[torch.
     return out
 
 
+@dataclass(frozen=True)
+class GPTfluenceConfig(TaskConfig):
+    """Settings of ``gptfluence``."""
+
+    order: int = setting(2, "n, the number of previous losses each step depends on.")
+    rank: int = setting(8, "r, the rank of the learned maps W_h, U_h (an embedding size).")
+    epochs: int = setting(1000, "Most full-batch Adam steps (and the length of the cosine learning-rate decay).")
+    learning_rate: float = setting(1e-2, "Adam's initial learning rate.")
+    weight_decay: float = setting(1e-4, "lambda, the L2 penalty on all learned parameters (absolute).")
+    validation_fraction: float = setting(0.2, "Share of the fitting runs kept aside for early stopping (0: none, "
+                                         "all epochs are run).")
+    patience: int = setting(500, "Epochs without a better validation MSE before training stops.")
+    eval_every: int = setting(10, "Epochs between validation rollouts.")
+    refit: bool = setting(True, "After early stopping, train again on all fitting runs for the best epoch count.")
+    seed: int = setting(0, "Seed of the validation split and of the initial maps.")
+
+    def validate(self) -> None:
+        """Check each setting's range."""
+        super().validate()
+        for name in ("order", "rank", "epochs", "patience", "eval_every"):
+            self._set(name, integer(name, getattr(self, name), 1))
+        self._set("learning_rate", positive("learning_rate", self.learning_rate))
+        self._set("weight_decay", positive("weight_decay", self.weight_decay, allow_zero=True))
+        if isinstance(self.validation_fraction, bool) or not isinstance(self.validation_fraction, (int, float)) \
+                or not 0 <= self.validation_fraction < 1:
+            raise UsageError(f"validation_fraction: expected a number in [0, 1), got {self.validation_fraction!r}")
+        self._set("validation_fraction", float(self.validation_fraction))
+        self._set("refit", bool(self.refit))
+        self._set("seed", integer("seed", self.seed, 0))
+
+
 @register
 class GPTfluenceSimulator(Simulator):
     r"""GPTfluence's featurized ``n``-th order Markov simulator (see the module docstring for the model).
@@ -246,27 +278,13 @@ class GPTfluenceSimulator(Simulator):
     kind = "gptfluence"
     capabilities = Capabilities("extension", task="optional")
 
-    def __init__(self, train_features: Any = None, test_features: Any = None, task: Any = None,
-                 task_options: Mapping[str, Any] | None = None, order: int = 2, rank: int = 8, epochs: int = 1000,
-                 learning_rate: float = 1e-2, weight_decay: float = 1e-4, validation_fraction: float = 0.2,
-                 patience: int = 500, eval_every: int = 10, refit: bool = True, seed: int = 0):
-        super().__init__()
-        for name, value, least in (("order", order, 1), ("rank", rank, 1), ("epochs", epochs, 1),
-                                   ("patience", patience, 1), ("eval_every", eval_every, 1)):
-            if isinstance(value, bool) or int(value) != value or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
-        if not 0 <= validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    config_class = GPTfluenceConfig
+    config: GPTfluenceConfig
+
+    def __init__(self, config: GPTfluenceConfig | None = None, *, train_features: Any = None,
+                 test_features: Any = None, **settings: Any):
+        super().__init__(config, **settings)
         self.given_features = {"train": train_features, "test": test_features}
-        self.task, self.task_options = task, None if task_options is None else dict(task_options)
-        self.order, self.rank, self.epochs, self.patience = int(order), int(rank), int(epochs), int(patience)
-        self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
-        self.validation_fraction, self.eval_every = float(validation_fraction), int(eval_every)
-        self.refit, self.seed = bool(refit), int(seed)
         self.train_embeddings_: np.ndarray | None = None
         self.test_embeddings_: np.ndarray | None = None
         self.train_maps_: np.ndarray | None = None
@@ -277,35 +295,28 @@ class GPTfluenceSimulator(Simulator):
     # --- features -------------------------------------------------------------------
     def _features(self, runs: RunSet) -> tuple[np.ndarray, np.ndarray]:
         """Unscaled float32 features ``[N, D]`` and ``[M, D']`` in the order of the runs' ids."""
-        given = self.given_features
-        if given["train"] is not None and given["test"] is not None:
-            return (check_features(given["train"], runs.train_ids, "train_features"),
-                    check_features(given["test"], runs.test_ids, "test_features"))
-        if given["train"] is not None or given["test"] is not None:
-            missing = "train_features" if given["train"] is None else "test_features"
-            raise RunDataError(missing, "value", "is missing", "pass both train_features and test_features, or neither")
+        given = given_features(self.given_features["train"], self.given_features["test"], runs.train_ids,
+                               runs.test_ids)
+        if given is not None:
+            return given
         from simfluence.tasks.registry import task_for_runs
 
-        task = task_for_runs(self.task, self.task_options, runs.meta, _FIX)
-        out = []
-        for split, ids in (("train", runs.train_ids), ("test", runs.test_ids)):
-            try:
-                table = np.asarray(task.example_features(split))
-            except NotImplementedError as error:
-                raise RunDataError("<runs>", "meta.task", str(error).splitlines()[0], _FIX) from None
-            name = f"task '{task.name}' {split} features"
-            out.append(check_features(_align(table, getattr(task, f"{split}_ids"), ids, name), ids, name))
-        return out[0], out[1]
+        task = task_for_runs(self.task_spec, self.config.task_options, runs.meta, _FIX)
+        try:
+            return task_features(task, "train", runs.train_ids)[0], task_features(task, "test", runs.test_ids)[0]
+        except NotImplementedError as error:
+            raise RunDataError("<runs>", "meta.task", str(error).splitlines()[0], _FIX) from None
 
     # --- fitting ----------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
+        config = self.config
         train, test = self._features(runs)
         train_stats = _standardisation(train)
         test_stats = train_stats if test.shape[1] == train.shape[1] else _standardisation(test)
         self.train_embeddings_ = _embeddings(train, *train_stats)
         self.test_embeddings_ = _embeddings(test, *test_stats)
 
-        transitions = MarkovTransitions.of(runs, self.order)
+        transitions = MarkovTransitions.of(runs, config.order)
         previous = transitions.previous[:, 0].astype(np.float64)
         delta_rms = max(float(np.sqrt(np.mean(np.square(transitions.target - previous)))), 1e-12)
         center = float(previous.mean())
@@ -313,19 +324,21 @@ class GPTfluenceSimulator(Simulator):
         self.units_ = np.array([delta_rms / loss_rms, delta_rms, center])
 
         num_validation = 0
-        if self.validation_fraction > 0 and runs.num_runs >= 2:
-            num_validation = min(max(round(self.validation_fraction * runs.num_runs), 1), runs.num_runs - 1)
-        permutation = np.random.default_rng(self.seed).permutation(runs.num_runs)
+        if config.validation_fraction > 0 and runs.num_runs >= 2:
+            num_validation = min(max(round(config.validation_fraction * runs.num_runs), 1), runs.num_runs - 1)
+        permutation = np.random.default_rng(config.seed).permutation(runs.num_runs)
         training = runs.select(np.sort(permutation[num_validation:])) if num_validation else runs
         validation = runs.select(np.sort(permutation[:num_validation])) if num_validation else None
-        params, best_epoch, scores = self._train(MarkovTransitions.of(training, self.order), validation, self.epochs)
-        refit = validation is not None and self.refit and best_epoch > 0
+        params, best_epoch, scores = self._train(MarkovTransitions.of(training, config.order), validation,
+                                                 config.epochs)
+        refit = validation is not None and config.refit and best_epoch > 0
         if refit:
             params, _, _ = self._train(transitions, None, best_epoch)
         self.train_maps_, self.test_maps_, self.offsets_ = (value.numpy().copy() for value in params)
         with torch.no_grad():
             relative_mse = float(self._transition_loss(self._tensors(transitions), params))
-        self.fit_info.update(order=self.order, rank=self.rank, feature_dims=[int(train.shape[1]), int(test.shape[1])],
+        self.fit_info.update(order=config.order, rank=config.rank,
+                             feature_dims=[int(train.shape[1]), int(test.shape[1])],
                              units=self.units_.tolist(), best_epoch=best_epoch, validation_runs=num_validation,
                              validation_mse=scores, refit=refit, transition_relative_mse=relative_mse)
 
@@ -356,16 +369,17 @@ class GPTfluenceSimulator(Simulator):
             The parameters ``(W, U, o)`` of the best epoch (the last without ``validation``), that
             epoch, and the validation MSE every ``eval_every`` epochs by epoch (empty without ``validation``).
         """
+        config = self.config
         assert self.train_embeddings_ is not None and self.test_embeddings_ is not None
-        heads = self.order + 1
+        heads = config.order + 1
         width = self.train_embeddings_.shape[1]
-        generator = torch.Generator().manual_seed(self.seed)
-        params = (torch.randn(heads, self.rank, width, generator=generator).div_(np.sqrt(width)).requires_grad_(True),
-                  torch.zeros(heads, self.rank, self.test_embeddings_.shape[1], requires_grad=True),
+        generator = torch.Generator().manual_seed(config.seed)
+        params = (torch.randn(heads, config.rank, width, generator=generator).div_(np.sqrt(width)).requires_grad_(True),
+                  torch.zeros(heads, config.rank, self.test_embeddings_.shape[1], requires_grad=True),
                   torch.zeros(heads, requires_grad=True))
-        optimizer = torch.optim.Adam(params, lr=self.learning_rate)
+        optimizer = torch.optim.Adam(params, lr=config.learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: 0.5 * (1 + float(np.cos(np.pi * min(epoch, self.epochs) / self.epochs))))
+            optimizer, lambda epoch: 0.5 * (1 + float(np.cos(np.pi * min(epoch, config.epochs) / config.epochs))))
         tensors = self._tensors(transitions)
 
         def snapshot() -> tuple[torch.Tensor, ...]:
@@ -378,17 +392,17 @@ class GPTfluenceSimulator(Simulator):
         for epoch in range(1, epochs + 1):
             optimizer.zero_grad()
             loss = self._transition_loss(tensors, params)
-            if self.weight_decay:
-                loss = loss + self.weight_decay * sum(value.square().sum() for value in params)
+            if config.weight_decay:
+                loss = loss + config.weight_decay * sum(value.square().sum() for value in params)
             loss.backward()
             optimizer.step()
             schedule.step()
-            if validation is None or (epoch % self.eval_every and epoch != epochs):
+            if validation is None or (epoch % config.eval_every and epoch != epochs):
                 continue
             score = scores[str(epoch)] = self._validation_mse(validation, snapshot())
             if score < best_score:
                 best, best_epoch, best_score = snapshot(), epoch, score
-            elif epoch - best_epoch >= self.patience:
+            elif epoch - best_epoch >= config.patience:
                 break
         if validation is None:
             best, best_epoch = snapshot(), epochs
@@ -437,17 +451,6 @@ class GPTfluenceSimulator(Simulator):
         return out.numpy().astype(np.float32)
 
     # --- persistence --------------------------------------------------------------------
-    def _params(self) -> dict[str, Any]:
-        from simfluence.tasks import Task
-
-        task, options = self.task, self.task_options
-        if isinstance(self.task, Task):
-            task, options = self.task.name, self.task.config()
-        return {"task": task, "task_options": options, "order": self.order, "rank": self.rank, "epochs": self.epochs,
-                "learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
-                "validation_fraction": self.validation_fraction, "patience": self.patience,
-                "eval_every": self.eval_every, "refit": self.refit, "seed": self.seed}
-
     def _arrays(self) -> dict[str, np.ndarray]:
         state = {"train_embeddings": self.train_embeddings_, "test_embeddings": self.test_embeddings_,
                  "train_maps": self.train_maps_, "test_maps": self.test_maps_, "offsets": self.offsets_,
@@ -455,11 +458,12 @@ class GPTfluenceSimulator(Simulator):
         return {name: np.asarray(value) for name, value in state.items()}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        config = self.config
         assert self.train_ids is not None and self.test_ids is not None
         train = check_features(arrays["train_embeddings"], self.train_ids, "state.train_embeddings")
         test = check_features(arrays["test_embeddings"], self.test_ids, "state.test_embeddings")
-        heads = self.order + 1
-        shapes = {"train_maps": (heads, self.rank, train.shape[1]), "test_maps": (heads, self.rank, test.shape[1]),
+        heads = config.order + 1
+        shapes = {"train_maps": (heads, config.rank, train.shape[1]), "test_maps": (heads, config.rank, test.shape[1]),
                   "offsets": (heads,), "units": (3,)}
         for name, shape in shapes.items():
             if arrays[name].shape != shape:

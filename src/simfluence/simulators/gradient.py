@@ -31,8 +31,7 @@ records how they were trained):
   Hessian-vector products finds its top-:math:`k` eigenpairs :math:`(V, \Lambda)` and the
   rest of the spectrum is taken as 0,
   :math:`(H + \lambda I)^{-1} g \approx V (\Lambda + \lambda)^{-1} V^\top g + (g - V V^\top g)/\lambda`
-  (``k`` Hessian-vector products in all, however many test examples; conjugate gradient,
-  one solve per test example, is the slower alternative).
+  (``k`` Hessian-vector products in all, however many test examples).
 
 Each has a ``-scaled`` form: one global scalar :math:`s` multiplying every predicted step
 change, fitted by least squares on the fitting runs' one-step transitions,
@@ -44,24 +43,87 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from simfluence.errors import UsageError
 from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
+from simfluence.simulators.config import TaskConfig, integer, positive, setting
 from simfluence.simulators.design import BatchDesign
-from simfluence.simulators.linear import LinearSimulator, Transitions
+from simfluence.simulators.linear import TableConfig, TableSimulator, Transitions
 from simfluence.tasks.schedules import run_learning_rates
 
 
-class GradientSimulator(LinearSimulator):
+@dataclass(frozen=True)
+class GradientConfig(TaskConfig, TableConfig):
+    """Settings of the gradient kinds: the task, the table's device and precision, the chunk size."""
+
+    chunk_size: int = setting(256, "Examples per vectorised gradient pass.")
+
+    def validate(self) -> None:
+        """Check the chunk size (and the task, device and dtype)."""
+        super().validate()
+        self._set("chunk_size", integer("chunk_size", self.chunk_size, 1))
+
+
+@dataclass(frozen=True)
+class TracInConfig(GradientConfig):
+    """Settings of ``tracin-cp``."""
+
+    checkpoint_steps: tuple[int, ...] | None = setting(None, "Steps whose weights serve as checkpoints; None: "
+                                                       "those stored (with checkpoints=STORE), else 0 and every "
+                                                       "quarter of the run.")
+    checkpoints: str | None = setting(None, "A run store collected with checkpoint_steps, whose checkpoints of the "
+                                      "first fitting run that has them are read; None: replay the first fitting "
+                                      "run (or use the state dicts given as checkpoints).")
+
+    def validate(self) -> None:
+        """Check the checkpoint steps and the store path."""
+        super().validate()
+        if self.checkpoint_steps is not None:
+            steps = self.checkpoint_steps if isinstance(self.checkpoint_steps, (list, tuple)) else None
+            if not steps:
+                raise UsageError(f"checkpoint_steps: expected a non-empty list of steps, got {self.checkpoint_steps!r}")
+            self._set("checkpoint_steps", tuple(sorted({integer("checkpoint_steps", step, 0) for step in steps})))
+        if isinstance(self.checkpoints, os.PathLike):
+            self._set("checkpoints", os.fspath(self.checkpoints))
+        if self.checkpoints is not None and not isinstance(self.checkpoints, str):
+            raise UsageError(f"checkpoints: expected a run store path, got {type(self.checkpoints).__name__}")
+
+
+@dataclass(frozen=True)
+class InfluenceConfig(GradientConfig):
+    """Settings of ``influence``."""
+
+    damping: float = setting(0.01, "After shifting H to be positive semi-definite, damping * |H|_2 is added to "
+                             "its diagonal (scale-free).")
+    exact_max_params: int = setting(8000, "Up to this many parameters H is formed and solved exactly; above, "
+                                    "Lanczos finds its top lanczos_rank eigenpairs.")
+    lanczos_rank: int = setting(128, "Lanczos steps (eigenpairs of H kept) above exact_max_params.")
+
+    renamed: ClassVar[Mapping[str, str]] = {"rank": "lanczos_rank"}
+    # Conjugate gradient, one solve per test example, was an alternative to Lanczos; it did not
+    # finish fitting in 1,000 s where Lanczos took 373 s (docs/benchmarks.md), so it was removed.
+    retired: ClassVar[Mapping[str, Any]] = {"solver": "lanczos", "cg_iterations": None}
+
+    def validate(self) -> None:
+        """Check damping, the exact-solve cap and the Lanczos rank."""
+        super().validate()
+        self._set("damping", positive("damping", self.damping))
+        self._set("exact_max_params", integer("exact_max_params", self.exact_max_params, 0))
+        self._set("lanczos_rank", integer("lanczos_rank", self.lanczos_rank, 1))
+
+
+class GradientSimulator(TableSimulator):
     """Shared machinery: ``B`` from gradients, optional fitted scale, additive rollout.
 
     Args:
-        task: a registered task name or a :class:`~simfluence.collect.tasks.Task` (supplies
+        task: a registered task name or a :class:`~simfluence.tasks.Task` (supplies
             the starting checkpoint, loss and data); default: the task named in the fitting
             runs' meta, with their recorded options. The learning rates come from the runs'
             meta (``learning_rate``, ``task_config.lr_schedule`` and ``warmup_steps``)
@@ -74,20 +136,19 @@ class GradientSimulator(LinearSimulator):
     alpha_offset = 1.0
     fitted_scale = False
 
-    def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
-                 chunk_size: int = 256, device: str = "cpu", dtype: str = "float32"):
-        super().__init__(ridge=1.0, device=device, dtype=dtype)
-        self.task_spec = task
-        self.task_options = None if task_options is None else dict(task_options)
-        self.chunk_size = chunk_size
+    config_class = GradientConfig
+    config: GradientConfig
+
+    def __init__(self, config: GradientConfig | None = None, **settings: Any):
+        super().__init__(config, **settings)
         self.scale = 1.0
 
     def _task_for(self, runs: RunSet):
         from simfluence.tasks.registry import replayable_task, task_for_runs
 
-        # The resolved task is fitted state (task_): the setting task_spec stays as given, so a
+        # The resolved task is fitted state (task_): the setting config.task stays as given, so a
         # second fit on other runs reads their task, not the first runs'.
-        self.task_ = replayable_task(task_for_runs(self.task_spec, self.task_options, runs.meta,
+        self.task_ = replayable_task(task_for_runs(self.task_spec, self.config.task_options, runs.meta,
                                                    "pass task=... (the Task the runs were collected from)"))
         self.fit_info.update(task=self.task_.name)
         return self.task_
@@ -127,17 +188,6 @@ class GradientSimulator(LinearSimulator):
         return float((predicted * change).sum() / denominator) if denominator > 0 else 0.0
 
     # --- persistence --------------------------------------------------------------
-    def _params(self) -> dict[str, Any]:
-        from simfluence.tasks import Task
-
-        options: Mapping[str, Any] | None
-        if isinstance(self.task_spec, Task):
-            name, options = self.task_spec.name, self.task_spec.config()
-        else:
-            name, options = self.task_spec, self.task_options
-        return {"task": name, "task_options": options, "chunk_size": self.chunk_size, "device": self.config.device,
-                "dtype": self.config.dtype}
-
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"table": self.table.cpu().numpy(), "scale": np.array(self.scale)}
 
@@ -163,7 +213,7 @@ class GradDotSimulator(GradientSimulator):
 
     def _scores(self, task, runs, rates):
         model, params = _state_params(task, None)
-        products = gradient_products(task, model, params, chunk_size=self.chunk_size)
+        products = gradient_products(task, model, params, chunk_size=self.config.chunk_size)
         return (-rates.mean() / runs.batch_size * products).numpy()
 
 
@@ -189,30 +239,37 @@ class TracInCPSimulator(GradientSimulator):
         "gradient", task="required", device=True, precision=True, checkpoints=True, column_rollout=True,
         replay_runs=1)
 
-    def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
-                 checkpoint_steps: Sequence[int] | None = None,
-                 checkpoints: str | os.PathLike | Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
-        super().__init__(task, task_options, **kwargs)
-        self.checkpoint_steps = None if checkpoint_steps is None else sorted({int(s) for s in checkpoint_steps})
-        self.checkpoints = checkpoints
+    config_class = TracInConfig
+    config: TracInConfig
+
+    def __init__(self, config: TracInConfig | None = None, **settings: Any):
+        checkpoints = settings.get("checkpoints")
+        self.checkpoint_states: list[Mapping[str, torch.Tensor]] | None = None
+        """State dicts given as ``checkpoints`` (not a setting: kept in memory, not saved)."""
+        if checkpoints is not None and not isinstance(checkpoints, (str, os.PathLike)):
+            self.checkpoint_states = list(checkpoints)
+            settings = {**settings, "checkpoints": None}
+        super().__init__(config, **settings)
 
     def _checkpoints(self, task, runs: RunSet) -> tuple[list[int] | None, Sequence[Mapping[str, torch.Tensor]]]:
         """The checkpoint steps ``s_k`` (``None``: unknown) and their state dicts."""
-        steps, num_steps = self.checkpoint_steps, runs.num_steps
+        config = self.config
+        steps = None if config.checkpoint_steps is None else list(config.checkpoint_steps)
+        num_steps = runs.num_steps
         states: Sequence[Mapping[str, torch.Tensor]]
-        if isinstance(self.checkpoints, (str, os.PathLike)):
+        if config.checkpoints is not None:
             from simfluence.runs.store import RunStore
 
-            store = RunStore(self.checkpoints)
+            store = RunStore(config.checkpoints)
             stored = {run_id: store.checkpoint_steps(run_id) for run_id in runs.run_ids}
             run_id = next((run_id for run_id, found in stored.items() if found), None)
             if run_id is None:
-                raise RunDataError(str(self.checkpoints), "checkpoints", "holds no checkpoint of the fitting runs",
+                raise RunDataError(config.checkpoints, "checkpoints", "holds no checkpoint of the fitting runs",
                                    "collect with --checkpoint-steps, or leave checkpoints unset to replay a run")
             steps = stored[run_id] if steps is None else steps
             states = [store.read_checkpoint(run_id, step) for step in steps]
-        elif self.checkpoints is not None:
-            states = list(self.checkpoints)
+        elif self.checkpoint_states is not None:
+            states = self.checkpoint_states
         else:
             from simfluence.collect.train import train_states
 
@@ -238,12 +295,8 @@ class TracInCPSimulator(GradientSimulator):
         total = np.zeros((task.num_train, task.num_test))
         for weight, state in zip(weights, states):
             model, params = _state_params(task, state)
-            total += weight * gradient_products(task, model, params, chunk_size=self.chunk_size).numpy()
+            total += weight * gradient_products(task, model, params, chunk_size=self.config.chunk_size).numpy()
         return -total / runs.batch_size
-
-    def _params(self) -> dict[str, Any]:
-        checkpoints = str(self.checkpoints) if isinstance(self.checkpoints, (str, os.PathLike)) else None
-        return {**super()._params(), "checkpoint_steps": self.checkpoint_steps, "checkpoints": checkpoints}
 
 
 @register
@@ -254,23 +307,16 @@ class InfluenceSimulator(GradientSimulator):
         damping: after shifting ``H`` to be positive semi-definite (training losses are not
             convex), ``lambda = damping * |H|_2`` is added to its diagonal (scale-free).
         exact_max_params: up to this many parameters ``H`` is formed and solved exactly;
-            above, ``solver`` works with Hessian-vector products.
-        solver: ``"lanczos"`` (rank-``rank`` eigendecomposition, see the module docstring)
-            or ``"cg"`` (conjugate gradient, ``cg_iterations`` per test example).
+            above, Lanczos with Hessian-vector products finds its top ``rank`` eigenpairs (see
+            the module docstring).
     """
 
     kind = "influence"
     capabilities = Capabilities(
         "gradient", task="required", device=True, precision=True, column_rollout=True, replay_runs=0)
 
-    def __init__(self, task: Any = None, task_options: Mapping[str, Any] | None = None,
-                 damping: float = 0.01, exact_max_params: int = 8000, solver: str = "lanczos", rank: int = 128,
-                 cg_iterations: int = 100, **kwargs):
-        super().__init__(task, task_options, **kwargs)
-        if solver not in ("lanczos", "cg"):
-            raise ValueError(f"solver: expected 'lanczos' or 'cg', got {solver!r}")
-        self.damping, self.exact_max_params, self.cg_iterations = damping, exact_max_params, cg_iterations
-        self.solver, self.rank = solver, rank
+    config_class = InfluenceConfig
+    config: InfluenceConfig
 
     def _scores(self, task, runs, rates):
         model, params = _state_params(task, None)
@@ -285,10 +331,10 @@ class InfluenceSimulator(GradientSimulator):
             p = {name: piece.reshape(shape) for name, piece, shape in zip(names, pieces, shapes)}
             return task.example_losses(model, data.train_inputs, data.train_targets, params=p).mean()
 
-        if flat0.numel() <= self.exact_max_params:
+        if flat0.numel() <= self.config.exact_max_params:
             hessian = torch.func.hessian(mean_train_loss)(flat0.float()).double()
             eigenvalues = torch.linalg.eigvalsh(hessian)
-            damping = _positive_damping(float(eigenvalues[0]), float(eigenvalues.abs().max()), self.damping)
+            damping = _positive_damping(float(eigenvalues[0]), float(eigenvalues.abs().max()), self.config.damping)
             system = hessian + damping * torch.eye(hessian.shape[0], dtype=torch.float64)
 
             def solve(test_grads: torch.Tensor) -> torch.Tensor:
@@ -301,30 +347,18 @@ class InfluenceSimulator(GradientSimulator):
                     return torch.func.jvp(torch.func.grad(mean_train_loss), (point,), (v,))[1]
                 return torch.func.vmap(one)(vectors.float()).double()
 
-            if self.solver == "lanczos":
-                eigenvalues, eigenvectors = _lanczos(hvp, flat0.numel(), self.rank)
-                damping = _positive_damping(float(eigenvalues.min()), float(eigenvalues.abs().max()), self.damping)
+            eigenvalues, eigenvectors = _lanczos(hvp, flat0.numel(), self.config.lanczos_rank)
+            damping = _positive_damping(float(eigenvalues.min()), float(eigenvalues.abs().max()), self.config.damping)
 
-                def solve(test_grads: torch.Tensor) -> torch.Tensor:
-                    test_grads = test_grads.double()
-                    coordinates = test_grads @ eigenvectors                        # [M, k]
-                    inside = (coordinates / (eigenvalues + damping)) @ eigenvectors.T
-                    return inside + (test_grads - coordinates @ eigenvectors.T) / damping
-            else:
-                top = _power_iteration(hvp, flat0.numel())
-                smallest = top - _power_iteration(lambda v: top * v - hvp(v), flat0.numel())
-                damping = _positive_damping(smallest, abs(top), self.damping)
-
-                def solve(test_grads: torch.Tensor) -> torch.Tensor:
-                    return _batched_cg(lambda v: hvp(v) + damping * v, test_grads.double(), self.cg_iterations)
+            def solve(test_grads: torch.Tensor) -> torch.Tensor:
+                test_grads = test_grads.double()
+                coordinates = test_grads @ eigenvectors                        # [M, k]
+                inside = (coordinates / (eigenvalues + damping)) @ eigenvectors.T
+                return inside + (test_grads - coordinates @ eigenvectors.T) / damping
 
         self.fit_info["damping_absolute"] = damping
-        products = gradient_products(task, model, params, test_transform=solve, chunk_size=self.chunk_size)
+        products = gradient_products(task, model, params, test_transform=solve, chunk_size=self.config.chunk_size)
         return (-products / (runs.num_steps * runs.batch_size)).numpy()
-
-    def _params(self) -> dict[str, Any]:
-        return {**super()._params(), "damping": self.damping, "exact_max_params": self.exact_max_params,
-                "solver": self.solver, "rank": self.rank, "cg_iterations": self.cg_iterations}
 
 
 def _positive_damping(smallest: float, largest: float, relative: float) -> float:
@@ -365,41 +399,6 @@ def _lanczos(hvp, size: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, to
                    + torch.diag(betas[:steps - 1], -1))
     values, rotation = torch.linalg.eigh(tridiagonal)
     return values, basis[:, :steps] @ rotation
-
-
-def _power_iteration(apply, size: int, iterations: int = 50) -> float:
-    """Dominant eigenvalue (by magnitude, with its sign) of a symmetric operator."""
-    vector = torch.randn(1, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    value = 0.0
-    for _ in range(iterations):
-        product = apply(vector)
-        value = float((vector * product).sum() / (vector * vector).sum())
-        vector = product / product.norm().clamp_min(1e-300)
-    return value
-
-
-def _batched_cg(apply, rhs: torch.Tensor, iterations: int, tol: float = 1e-8) -> torch.Tensor:
-    """Solve ``apply(x) = rhs`` row by row (``[M, P]``) with (truncated) conjugate gradient."""
-    x = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    direction = residual.clone()
-    rho = (residual * residual).sum(1)
-    active = torch.ones(rhs.shape[0], dtype=torch.bool)
-    for _ in range(iterations):
-        product = apply(direction)
-        curvature = (direction * product).sum(1)
-        # Truncated CG: a row that meets non-positive curvature (H + damping is not
-        # positive definite there) keeps its current iterate.
-        active &= curvature > 0
-        step = torch.where(active, rho / curvature.clamp_min(1e-300), 0.0)
-        x += step[:, None] * direction
-        residual -= step[:, None] * product
-        rho_next = (residual * residual).sum(1)
-        if float(rho_next.max().sqrt()) < tol * float(rhs.norm(dim=1).max()) or not bool(active.any()):
-            break
-        direction = residual + torch.where(active, rho_next / rho.clamp_min(1e-300), 0.0)[:, None] * direction
-        rho = rho_next
-    return x
 
 
 def _scaled(base: type[GradientSimulator]) -> type[GradientSimulator]:

@@ -170,7 +170,20 @@ def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet
 
 
 @dataclass(frozen=True)
-class LinearConfig(SimulatorConfig):
+class TableConfig(SimulatorConfig):
+    """Settings every coefficient-table simulator has: where and in what precision the table lives."""
+
+    device: str = setting("cpu", "torch device for fitting and rollouts ('cpu', 'cuda', ...).")
+    dtype: str = setting("float32", "'float32' (fast) or 'float64'.")
+
+    def validate(self) -> None:
+        """Check the dtype."""
+        super().validate()
+        one_of("dtype", self.dtype, tuple(_DTYPES))
+
+
+@dataclass(frozen=True)
+class LinearConfig(TableConfig):
     """Settings of the Simfluence-Linear family (``linear``, ``linear-identity``, ``additive``)."""
 
     ridge: float | None = setting(None, "Ridge strength lambda on the summed squared one-step errors (absolute); "
@@ -180,25 +193,87 @@ class LinearConfig(SimulatorConfig):
     cv_folds: int = setting(3, "Folds of fitting runs for the choice of ridge.")
     tol: float = setting(1e-5, "Conjugate-gradient stopping tolerance (relative residual of every system).")
     cg_max_iter: int = setting(1000, "Conjugate-gradient iteration cap.")
-    device: str = setting("cpu", "torch device for fitting and rollouts ('cpu', 'cuda', ...).")
-    dtype: str = setting("float32", "'float32' (fast) or 'float64'.")
     seed: int = setting(0, "Seed of the cross-validation fold assignment.")
 
     renamed: ClassVar[Mapping[str, str]] = {"max_iter": "cg_max_iter"}
 
     def validate(self) -> None:
         """Check ridge, grid, folds, tolerance, iteration cap and dtype."""
+        super().validate()
         self._set("ridge", positive("ridge", self.ridge, allow_none=True))
         self._set("ridge_grid", positive_grid("ridge_grid", self.ridge_grid))
         self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))
         self._set("tol", positive("tol", self.tol))
         self._set("cg_max_iter", integer("cg_max_iter", self.cg_max_iter, 1))
-        one_of("dtype", self.dtype, tuple(_DTYPES))
         self._set("seed", integer("seed", self.seed, 0))
 
 
+class TableSimulator(Simulator):
+    """A coefficient table rolled out by the Simfluence-Linear recurrence (not a kind of its own).
+
+    The table is float ``[N, 2M]`` ``[A | B]`` (``[N, M]`` ``B`` when ``fit_alpha`` is false),
+    on ``config.device`` in ``config.dtype``; ``L_t = (alpha_offset + sum A) L_{t-1} + sum B``
+    over the batch. Subclasses fill ``table`` in ``_fit``: by ridge (:class:`LinearSimulator`)
+    or from gradients (:mod:`simfluence.simulators.gradient`).
+    """
+
+    fit_alpha = True
+    alpha_offset = 0.0
+    config_class = TableConfig
+    config: TableConfig
+
+    def __init__(self, config: TableConfig | None = None, **settings: Any):
+        super().__init__(config, **settings)
+        self.table: torch.Tensor = None  # type: ignore[assignment]  # fitted state, behind _check_fitted
+
+    # --- fitted coefficients ------------------------------------------------------
+    @property
+    def coefficients(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(A, B)`` as float ``[N, M]`` arrays (``A`` is ``None`` for additive models)."""
+        self._check_fitted()
+        table = self.table.cpu().numpy()
+        num_test = self.test_ids.size
+        return (table[:, :num_test], table[:, num_test:]) if self.fit_alpha else (None, table)
+
+    # --- prediction ---------------------------------------------------------------
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        return rollout(self.table, curricula, initial, self.alpha_offset, self.fit_alpha)
+
+    def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """A rollout of the ``test_index`` columns of the coefficient table only.
+
+        Each test example's recurrence is independent of the others', so rolling out a
+        column subset gives the same numbers as slicing a full rollout, at ``M' / M`` of the
+        cost. ``None`` for subclasses that do not declare ``capabilities.column_rollout``
+        (their rollout is not this recurrence).
+        """
+        if not type(self).capabilities.column_rollout:
+            return None
+        self._check_fitted()
+        num_test = self.test_ids.size
+        columns = np.concatenate([test_index, num_test + test_index]) if self.fit_alpha else test_index
+        table = self.table[:, columns]
+
+        def run(curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+            return rollout(table, curricula, initial[:, test_index], self.alpha_offset, self.fit_alpha)
+
+        return run
+
+    # --- persistence --------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"table": self.table.cpu().numpy()}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        table = arrays["table"]
+        expected = (self.train_ids.size, (2 if self.fit_alpha else 1) * self.test_ids.size)
+        if table.shape != expected:
+            raise ValueError(f"table has shape {table.shape}, expected {expected}")
+        device = self.config.device if self.config.device == "cpu" or torch.cuda.is_available() else "cpu"
+        self.table = torch.as_tensor(table, device=device)
+
+
 @register
-class LinearSimulator(Simulator):
+class LinearSimulator(TableSimulator):
     """Simfluence-Linear (``alpha_0 = 0``, as in the paper).
 
     Args:
@@ -227,17 +302,7 @@ class LinearSimulator(Simulator):
 
     def __init__(self, config: LinearConfig | None = None, **settings: Any):
         super().__init__(config, **settings)
-        self.table: torch.Tensor = None  # type: ignore[assignment]  # fitted state, behind _check_fitted
         self.chosen_ridge: float | None = None
-
-    # --- fitted coefficients ------------------------------------------------------
-    @property
-    def coefficients(self) -> tuple[np.ndarray | None, np.ndarray]:
-        """``(A, B)`` as float ``[N, M]`` arrays (``A`` is ``None`` for additive models)."""
-        self._check_fitted()
-        table = self.table.cpu().numpy()
-        num_test = self.test_ids.size
-        return (table[:, :num_test], table[:, num_test:]) if self.fit_alpha else (None, table)
 
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
@@ -289,42 +354,6 @@ class LinearSimulator(Simulator):
 
         return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, self.alpha_offset,
                               self.fit_alpha, "pass an explicit ridge")
-
-    # --- prediction ---------------------------------------------------------------
-    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-        return rollout(self.table, curricula, initial, self.alpha_offset, self.fit_alpha)
-
-    def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
-        """A rollout of the ``test_index`` columns of the coefficient table only.
-
-        Each test example's recurrence is independent of the others', so rolling out a
-        column subset gives the same numbers as slicing a full rollout, at ``M' / M`` of the
-        cost. ``None`` for subclasses that do not declare ``capabilities.column_rollout``
-        (their rollout is not this recurrence).
-        """
-        if not type(self).capabilities.column_rollout:
-            return None
-        self._check_fitted()
-        num_test = self.test_ids.size
-        columns = np.concatenate([test_index, num_test + test_index]) if self.fit_alpha else test_index
-        table = self.table[:, columns]
-
-        def run(curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-            return rollout(table, curricula, initial[:, test_index], self.alpha_offset, self.fit_alpha)
-
-        return run
-
-    # --- persistence --------------------------------------------------------------
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return {"table": self.table.cpu().numpy()}
-
-    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        table = arrays["table"]
-        expected = (self.train_ids.size, (2 if self.fit_alpha else 1) * self.test_ids.size)
-        if table.shape != expected:
-            raise ValueError(f"table has shape {table.shape}, expected {expected}")
-        device = self.config.device if self.config.device == "cpu" or torch.cuda.is_available() else "cpu"
-        self.table = torch.as_tensor(table, device=device)
 
 
 @register

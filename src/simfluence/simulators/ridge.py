@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from simfluence.simulators.design import BatchDesign
@@ -142,28 +141,3 @@ def solve_transition_ridge(
     a = weights[:, :num_cols] if fit_alpha else None
     b = weights[:, num_cols:] if fit_alpha else weights
     return RidgeSolution(a, b, iterations, float(relative.max()))
-
-
-def dense_transition_ridge(
-    batches: np.ndarray, num_train: int, previous: np.ndarray, target: np.ndarray, ridge: float,
-    fit_alpha: bool = True,
-) -> tuple[np.ndarray | None, np.ndarray]:
-    """Reference: one dense float64 ridge solve per test example (slow; for tests and benchmarks).
-
-    Shapes as in :func:`solve_transition_ridge`, NumPy in and out: returns ``(a, b)``, each ``[N, M]``.
-    """
-    x = BatchDesign(batches, num_train).dense()
-    previous = np.asarray(previous, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    num_cols = target.shape[1]
-    a = np.zeros((num_train, num_cols)) if fit_alpha else None
-    b = np.zeros((num_train, num_cols))
-    for m in range(num_cols):
-        features = np.hstack([previous[:, m : m + 1] * x, x]) if fit_alpha else x
-        gram = features.T @ features + ridge * np.eye(features.shape[1])
-        solution = np.linalg.solve(gram, features.T @ target[:, m])
-        if a is not None:   # fit_alpha
-            a[:, m], b[:, m] = solution[:num_train], solution[num_train:]
-        else:
-            b[:, m] = solution
-    return a, b
