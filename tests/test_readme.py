@@ -91,13 +91,14 @@ def test_every_python_snippet_runs(demo_dir, capsys):
     context = {"fitting": load_runs("out/digits-train.npz"), "curricula": heldout.curricula[:2],
                "initial": heldout.initial_losses[:2], "new_test_ids": heldout.test_ids[:3],
                "new_initial_losses": heldout.initial_losses[:2, :3]}
-    executed = 0
+    executed, defined = 0, {}
     for language, body, skipped, line in blocks():
         if language != "python" or skipped:
             continue
         namespace = dict(context)
         exec(compile(body, f"README.md:{line}", "exec"), namespace)  # noqa: S102 - the README's own code
         executed += 1
+        defined.update(namespace)
     assert executed >= 2
     assert "all-steps MSE" in capsys.readouterr().out
-    assert np.isfinite(namespace["trajectories"]).all()
+    assert np.isfinite(defined["trajectories"]).all()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from simfluence.errors import UsageError
 from simfluence.func.gradients import per_example_gradients, trainable_params
 from simfluence.runs.log import RunDataError
 from simfluence.tasks.base import num_examples, take
@@ -156,7 +157,7 @@ def task_features(task: Any, split: str, ids: np.ndarray, sources: Sequence[str]
     """
     unknown = [source for source in sources if source not in SOURCES]
     if unknown or not sources:
-        raise ValueError(f"sources must be some of {list(SOURCES)}, got {list(sources)}")
+        raise UsageError(f"sources must be some of {list(SOURCES)}, got {list(sources)}")
     blocks = [np.asarray(task.example_features(split)) if source == "task"
               else gradient_sketch(task, split, sketch_dim, seed, states=states) for source in sources]
     ends = np.cumsum([block.shape[1] for block in blocks])

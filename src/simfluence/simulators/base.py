@@ -162,7 +162,7 @@ def simulator_kinds(family: str | None = None, **declared: Any) -> list[str]:
 def simulator_class(kind: str) -> type[Simulator]:
     """The registered class of ``kind``; a ``ValueError`` naming the known kinds otherwise."""
     if kind not in _REGISTRY:
-        raise ValueError(f"unknown simulator '{kind}': choose one of {simulator_kinds()}")
+        raise UsageError(f"unknown simulator '{kind}': choose one of {simulator_kinds()}")
     return _REGISTRY[kind]
 
 

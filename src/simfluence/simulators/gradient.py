@@ -276,10 +276,10 @@ class TracInCPSimulator(GradientSimulator):
             if steps is None:
                 steps = sorted({round(q * num_steps) for q in (0, 0.25, 0.5, 0.75)})
             if max(steps) > num_steps:
-                raise ValueError(f"checkpoint_steps: {max(steps)} is past the runs' {num_steps} steps")
+                raise UsageError(f"checkpoint_steps: {max(steps)} is past the runs' {num_steps} steps")
             states = train_states(task, runs.curricula[0], steps)
         if steps is not None and len(steps) != len(states):
-            raise ValueError(f"checkpoint_steps: {len(steps)} steps for {len(states)} checkpoints; "
+            raise UsageError(f"checkpoint_steps: {len(steps)} steps for {len(states)} checkpoints; "
                              "give one per checkpoint")
         return steps, states
 
