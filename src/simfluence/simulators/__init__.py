@@ -15,6 +15,7 @@ from simfluence.simulators.featurized import FeaturizedSimulator
 from simfluence.simulators.uncertainty import BootstrapLinearSimulator
 from simfluence.simulators.interaction import PairwiseSimulator
 from simfluence.simulators.gptfluence import GPTfluenceSimulator
+from simfluence.simulators.hybrid import HybridSimulator
 from simfluence.simulators.gradient import (
     GradDotScaledSimulator,
     GradDotSimulator,
@@ -56,6 +57,7 @@ __all__ = [
     "GPTfluenceSimulator",
     "GradDotScaledSimulator",
     "GradDotSimulator",
+    "HybridSimulator",
     "InfluenceScaledSimulator",
     "InfluenceSimulator",
     "LinearIdentitySimulator",

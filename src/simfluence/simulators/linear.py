@@ -303,6 +303,8 @@ class LinearSimulator(TableSimulator):
     def __init__(self, config: LinearConfig | None = None, **settings: Any):
         super().__init__(config, **settings)
         self.chosen_ridge: float | None = None
+        self.prior_b: torch.Tensor | None = None
+        """float ``[N, M]``: the ``B`` the ridge shrinks towards (``None``: zero); set by subclasses' fits."""
 
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
@@ -329,12 +331,18 @@ class LinearSimulator(TableSimulator):
             cols = slice(start, min(start + chunk, num_test))
             previous, current = (torch.as_tensor(x, dtype=dtype, device=device) for x in transitions.columns(cols))
             target = current - previous if self.alpha_offset == 1.0 else current
+            prior = None if self.prior_b is None else self.prior_b[:, cols].to(device, dtype)
+            if prior is not None:  # ridge around the prior: fit the residual B - prior
+                target = target - design.matmul(prior)
             warm = None
             if initial is not None:
                 warm = torch.cat([initial[:, num_test * k:][:, cols] for k in range(blocks)], dim=1)
+                if prior is not None:
+                    warm[:, warm.shape[1] - prior.shape[1]:] -= prior
             solution = solve_transition_ridge(design, previous, target, ridge, self.fit_alpha, self.config.tol,
                                               self.config.cg_max_iter, warm)
-            for k, part in enumerate([solution.b] if solution.a is None else [solution.a, solution.b]):  # a: fit_alpha
+            b_part = solution.b if prior is None else solution.b + prior
+            for k, part in enumerate([b_part] if solution.a is None else [solution.a, b_part]):  # a: fit_alpha
                 table[:, num_test * k:][:, cols] = part
             iterations = max(iterations, solution.iterations)
             residual = max(residual, solution.max_relative_residual)
