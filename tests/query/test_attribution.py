@@ -88,3 +88,26 @@ def test_influence_over_time(fitted, runs):
     k = int(np.searchsorted(train_index, curriculum[4, 0]))
     assert matrix[k, 4] == pytest.approx(result.final_delta[4, 0, 0] + result.final_delta[4, 2, 0])
     assert np.isnan(matrix[k]).sum() == curriculum.shape[0] - (curriculum == curriculum[4, 0]).any(axis=1).sum()
+
+
+def test_removals_under_a_batch_mean_loss_rescale_the_rest_of_the_batch(runs):
+    """Additive, batch-mean: dropping i from a step of n leaves n/(n-1) x the others: delta = (S - n B_i) / (n - 1)."""
+    additive = KINDS["additive"](ridge=0.05, dtype="float64").fit(runs)
+    assert additive.config.batch_mean
+    curriculum, initial = query_curriculum(runs)
+    _, b = additive.coefficients
+    result = influence_over_time(additive, curriculum, initial)
+    n = runs.batch_size
+    for step, slot in [(0, 0), (4, 2), (24, 1)]:
+        batch = curriculum[step]
+        total = b[batch[batch != PAD]].sum(axis=0)
+        expected = (total - n * b[batch[slot]]) / (n - 1)
+        np.testing.assert_allclose(result.final_delta[step, slot], expected, atol=1e-6)
+    # A duplicate joins the batch mean of its step (a plain loop over steps as the reference).
+    def final_change(c):
+        return sum(n / (row != PAD).sum() * b[row[row != PAD]].sum(axis=0) for row in c if (row != PAD).any())
+
+    example = int(curriculum[4, 0])
+    doubled = whatif(additive, curriculum, initial, [Edit("duplicate", example)])
+    edited = apply_edits(curriculum, [Edit("duplicate", example)])
+    np.testing.assert_allclose(doubled.final_change, final_change(edited) - final_change(curriculum), atol=1e-6)

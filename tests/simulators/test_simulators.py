@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from simfluence import RunDataError
 from simfluence.simulators import (LinearIdentitySimulator, LinearSimulator, NotFittedError, Simulator,
@@ -13,8 +14,11 @@ from synthetic import linear_runs
 RUN_ONLY = ("linear", "linear-identity", "additive", "mean-trajectory", "constant")
 
 
-def python_rollout(a, b, curricula, initial, alpha_offset):
-    """Plain loop over runs, steps and batch slots: the reference for the vectorised rollout."""
+def python_rollout(a, b, curricula, initial, alpha_offset, batch_size=None):
+    """Plain loop over runs, steps and batch slots: the reference for the vectorised rollout.
+
+    With ``batch_size`` n, a step of k examples weighs each n / k (a batch-mean loss).
+    """
     runs, steps, _ = curricula.shape
     out = np.zeros((runs, steps + 1, initial.shape[1]))
     for r in range(runs):
@@ -23,25 +27,30 @@ def python_rollout(a, b, curricula, initial, alpha_offset):
         for t in range(steps):
             alpha = np.full(loss.shape, alpha_offset) if a is not None else np.ones_like(loss)
             beta = np.zeros_like(loss)
+            present = int((curricula[r, t] >= 0).sum())
+            weight = 1.0 if batch_size is None or present == 0 else batch_size / present
             for i in curricula[r, t]:
                 if i < 0:
                     continue
                 if a is not None:
-                    alpha = alpha + a[i]
-                beta = beta + b[i]
+                    alpha = alpha + weight * a[i]
+                beta = beta + weight * b[i]
             loss = alpha * loss + beta
             out[r, t + 1] = loss
     return out
 
 
+@pytest.mark.parametrize("batch_mean", [True, False])
 @pytest.mark.parametrize("kind", ["linear", "linear-identity", "additive"])
-def test_rollout_matches_python_loop(kind):
+def test_rollout_matches_python_loop(kind, batch_mean):
     runs, _, _ = linear_runs(seed=1)
-    simulator = make_simulator(kind, ridge=0.1, dtype="float64").fit(runs)
+    simulator = make_simulator(kind, ridge=0.1, dtype="float64", batch_mean=batch_mean).fit(runs)
     a, b = simulator.coefficients
     curricula = runs.curricula.copy()
-    curricula[0, 5, 1:] = -1
-    expected = python_rollout(a, b, curricula, runs.initial_losses, simulator.alpha_offset)
+    curricula[0, 5, 1:] = -1       # a step that lost 3 of its 4 examples
+    curricula[1, 2, 2] = -1        # and one that lost 1
+    expected = python_rollout(a, b, curricula, runs.initial_losses, simulator.alpha_offset,
+                              runs.batch_size if batch_mean else None)
     raw = simulator._simulate(curricula, runs.initial_losses.astype(np.float64))   # the recurrence itself
     assert raw.shape == expected.shape and raw.dtype == np.float32
     assert np.allclose(raw, expected, rtol=1e-5, atol=1e-5)
@@ -171,3 +180,24 @@ def test_fit_on_sparse_evaluations_uses_consecutive_pairs_only():
                              eval_steps=[0, 10, 30])
     with pytest.raises(RunDataError, match="eval_steps.*consecutive"):
         LinearIdentitySimulator(ridge=0.1).fit(none)
+
+
+def test_batch_mean_changes_nothing_on_full_batches_and_fits_ragged_runs_as_a_batch_mean_loss():
+    """Full batches: the same fit either way. Ragged steps: fitted with weights n / k (dense reference)."""
+    from dense import dense_design
+
+    from simfluence.simulators.design import BatchDesign
+
+    runs, _, _ = linear_runs(seed=6)
+    kwargs = dict(ridge=0.2, dtype="float64", tol=1e-12)
+    on = make_simulator("linear-identity", batch_mean=True, **kwargs).fit(runs)
+    off = make_simulator("linear-identity", batch_mean=False, **kwargs).fit(runs)
+    np.testing.assert_allclose(on.table.numpy(), off.table.numpy(), rtol=1e-9, atol=1e-12)
+
+    batches = np.array([[0, 1, 2, 3], [4, 5, -1, -1], [6, -1, -1, 6]])
+    weights = np.array([[1.0], [2.0], [2.0]])   # n / k: 4/4, 4/2, 4/2
+    design = BatchDesign(batches, 8, batch_size=4)
+    table = np.arange(16.0).reshape(8, 2)
+    np.testing.assert_allclose(design.matmul(torch.as_tensor(table)).numpy(),
+                               (weights * dense_design(batches, 8)) @ table)
+    np.testing.assert_allclose(design.occurrences.numpy(), (weights * dense_design(batches, 8)).sum(axis=0))

@@ -232,6 +232,17 @@ class Simulator(ABC):
         """str ``[R_fit]``: :func:`run_digests` of the fitting runs; ``None`` if saved without them."""
         self.fit_info: dict[str, Any] = {}
 
+    def _batch_size(self, runs: RunSet | None = None) -> int | None:
+        """The batch size effects are scaled to under a batch-mean loss (``config.batch_mean``).
+
+        ``runs``' batch size while fitting on them, else the fitting runs' (``fit_info``);
+        ``None`` for kinds without that setting or with it off (effects are plain sums).
+        """
+        if not getattr(self.config, "batch_mean", False):
+            return None
+        size = runs.batch_size if runs is not None else self.fit_info.get("batch_size")
+        return int(size) if isinstance(size, (int, np.integer)) else None
+
     @property
     def task_spec(self) -> Any:
         """The task to read: the Task object given, else the configured name (``None``: the runs' meta)."""

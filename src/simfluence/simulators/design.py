@@ -25,9 +25,14 @@ class BatchDesign:
             tensor on any device (never converted through NumPy).
         num_train: ``N``, the number of training examples.
         device: torch device for all products.
+        batch_size: with a batch size ``n``, a step of ``k`` examples weighs each ``n / k``
+            (``X[s, i]`` = count x ``n / k``): under a batch-mean loss, the examples left in a
+            batch that lost some move the model as much as the full batch did. ``None``: plain
+            counts (a sum over the batch).
     """
 
-    def __init__(self, batches: np.ndarray | torch.Tensor, num_train: int, device: str | torch.device = "cpu"):
+    def __init__(self, batches: np.ndarray | torch.Tensor, num_train: int, device: str | torch.device = "cpu",
+                 batch_size: int | None = None):
         if isinstance(batches, torch.Tensor):
             # Stays on its own device (a CUDA tensor has no NumPy view); indices are built there.
             batches = batches.detach().to(torch.int64)
@@ -44,6 +49,9 @@ class BatchDesign:
         keys, counts = torch.unique(steps * self.num_train + examples, return_counts=True)
         rows, cols = keys // self.num_train, keys % self.num_train
         counts = counts.to(torch.float64)
+        if batch_size is not None:
+            sizes = valid.sum(dim=1).to(torch.float64)          # [S]: examples in each step
+            counts = counts * (float(batch_size) / sizes[rows].clamp_min(1.0))
         # Row-major (by step) for X @ W, column-major (by example) for X^T @ G.
         self._row_cols = cols.to(self.device)
         self._row_offsets = _offsets(rows, self.num_steps).to(self.device)
@@ -53,7 +61,7 @@ class BatchDesign:
         self._col_offsets = _offsets(cols[order], self.num_train).to(self.device)
         self._col_counts = counts[order].to(self.device)
         self.occurrences = torch.bincount(cols, weights=counts, minlength=self.num_train).cpu()
-        """float64 ``[N]`` on the CPU: how many times each example was trained on."""
+        """float64 ``[N]`` on the CPU: how many times each example was trained on (weighted as ``X``)."""
 
     @property
     def nnz(self) -> int:

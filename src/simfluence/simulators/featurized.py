@@ -234,6 +234,8 @@ class FeaturizedConfig(TaskConfig):
     num_checkpoints: int = setting(4, "Gradient features are taken at this many checkpoints, after steps 0, T/K, "
                                    "2T/K, ... of the first fitting run; 1: the starting checkpoint only.")
     seed: int = setting(0, "Seed of the folds and of the gradient sketch.")
+    batch_mean: bool = setting(True, "Effects are those of a batch-mean loss: a step with k of the n batch slots "
+                               "filled scales each example's effect by n / k (as linear's).")
 
     renamed: ClassVar[Mapping[str, str]] = {"residual_ridge": "residual_ridge_factor", "max_iter": "lbfgs_iterations",
                                             "checkpoints": "num_checkpoints"}
@@ -258,6 +260,7 @@ class FeaturizedConfig(TaskConfig):
         self._set("lbfgs_iterations", integer("lbfgs_iterations", self.lbfgs_iterations, 1))
         self._set("num_checkpoints", integer("num_checkpoints", self.num_checkpoints, 1))
         self._set("seed", integer("seed", self.seed, 0))
+        self._set("batch_mean", bool(self.batch_mean))
 
 
 @register
@@ -408,7 +411,7 @@ class FeaturizedSimulator(Simulator):
         phi, psi, kernels = self._inputs()
         weight_decay, scores = ((self.config.weight_decay, None) if self.config.weight_decay is not None
                                 else self._cross_validate(runs, phi, psi, kernels))
-        design, previous, delta = _problem(Transitions.of(runs))
+        design, previous, delta = _problem(Transitions.of(runs), self._batch_size(runs))
         self.params, fitted = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay,
                                                self.config.lbfgs_iterations)
         info: dict[str, Any] = dict(fitted)
@@ -439,13 +442,14 @@ class FeaturizedSimulator(Simulator):
         grid = sorted(self.config.weight_decay_grid, reverse=True)  # warm starts go strong -> weak
 
         def tables(fitting: RunSet):
-            problem, params = _problem(Transitions.of(fitting)), None
+            problem, params = _problem(Transitions.of(fitting), self._batch_size(runs)), None
             for weight_decay in grid:
                 params, _ = fit_coefficients(*problem, phi, psi, kernels, weight_decay, self.config.lbfgs_iterations,
                                              params)
                 yield coefficient_table(phi, psi, kernels, params)
 
-        return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, fix=_CV_FIX)
+        return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, fix=_CV_FIX,
+                              batch_size=self._batch_size(runs))
 
     def _choose_residual_ridge(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor, kernels: torch.Tensor,
                                weight_decay: float, scale: float) -> tuple[float, dict[str, float]]:
@@ -453,7 +457,7 @@ class FeaturizedSimulator(Simulator):
         grid = sorted((scale * factor for factor in self.config.residual_ridge_grid), reverse=True)  # warm starts
 
         def tables(fitting: RunSet):
-            design, previous, delta = _problem(Transitions.of(fitting))
+            design, previous, delta = _problem(Transitions.of(fitting), self._batch_size(runs))
             params, _ = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay,
                                          self.config.lbfgs_iterations)
             table = coefficient_table(phi, psi, kernels, params)
@@ -464,7 +468,8 @@ class FeaturizedSimulator(Simulator):
                 residuals, _ = _residuals(design, previous, delta, table, ridge, residuals)
                 yield table + residuals
 
-        return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, fix=_CV_FIX)
+        return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, fix=_CV_FIX,
+                              batch_size=self._batch_size(runs))
 
     # --- coefficients -----------------------------------------------------------------
     def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -490,7 +495,7 @@ class FeaturizedSimulator(Simulator):
         return table[:, :num_test].numpy(), table[:, num_test:].numpy()
 
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-        return rollout(self._full_table(), curricula, initial, 1.0, True)
+        return rollout(self._full_table(), curricula, initial, 1.0, True, batch_size=self._batch_size())
 
     # --- new test examples ------------------------------------------------------------
     def for_test_examples(self, test_ids: Any, test_features: Any = None) -> FeaturizedSimulator:
@@ -597,7 +602,9 @@ def _residuals(design: BatchDesign, previous: torch.Tensor, delta: torch.Tensor,
     return torch.cat([solution.a, solution.b], dim=1), solution.iterations
 
 
-def _problem(transitions: Transitions) -> tuple[BatchDesign, torch.Tensor, torch.Tensor]:
-    """Batch design ``X``, previous losses and one-step changes ``[S, M]`` (float32) of ``transitions``."""
+def _problem(transitions: Transitions,
+             batch_size: int | None = None) -> tuple[BatchDesign, torch.Tensor, torch.Tensor]:
+    """Batch design ``X`` (batch-mean weights with ``batch_size``), previous losses and one-step changes ``[S, M]``."""
     previous, current = (torch.as_tensor(x, dtype=torch.float32) for x in transitions.columns(slice(None)))
-    return BatchDesign(transitions.batches, transitions.runs.num_train), previous, current - previous
+    design = BatchDesign(transitions.batches, transitions.runs.num_train, batch_size=batch_size)
+    return design, previous, current - previous

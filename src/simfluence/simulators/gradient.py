@@ -178,10 +178,11 @@ class GradientSimulator(TableSimulator):
         """float64 ``[N, M]``: ``B`` for the runs' step learning rates ``rates`` ``[T]``."""
         raise NotImplementedError
 
-    @staticmethod
-    def _fit_scale(scores: np.ndarray, runs: RunSet) -> float:
+    def _fit_scale(self, scores: np.ndarray, runs: RunSet) -> float:
+        """Least-squares ``s`` of ``L_t - L_{t-1} ~ s X_t scores`` over the runs' transitions."""
         transitions = Transitions.of(runs)
-        predicted = BatchDesign(transitions.batches, runs.num_train).matmul(torch.as_tensor(scores)).numpy()
+        design = BatchDesign(transitions.batches, runs.num_train, batch_size=self._batch_size(runs))
+        predicted = design.matmul(torch.as_tensor(scores)).numpy()
         previous, current = transitions.columns(slice(None))
         change = (current - previous).astype(np.float64)
         denominator = float((predicted * predicted).sum())

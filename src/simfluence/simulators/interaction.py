@@ -86,6 +86,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from simfluence.errors import UsageError
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Capabilities, register
@@ -328,6 +329,8 @@ class PairwiseConfig(LinearConfig):
                                         "Spearman of a round may be for the round to be chosen.")
     patience: int = setting(2, "A validation fold's path stops after this many rounds without a better round.")
     inner_tol: float = setting(1e-3, "Relative residual at which the inner (a, b, V) solves stop.")
+    batch_mean: bool = setting(False, "Not for linear-pairwise: its pair terms are sums over the batch, so its "
+                               "linear part is too.")
 
     renamed: ClassVar[Mapping[str, str]] = {**LinearConfig.renamed, "steps": "lbfgs_iterations",
                                             "validate": "validate_rounds"}
@@ -345,6 +348,8 @@ class PairwiseConfig(LinearConfig):
         self._set("spearman_tolerance", positive("spearman_tolerance", self.spearman_tolerance, allow_zero=True))
         self._set("inner_tol", positive("inner_tol", self.inner_tol))
         self._set("validate_rounds", bool(self.validate_rounds))
+        if self.batch_mean:
+            raise UsageError("batch_mean: linear-pairwise sums its effects over the batch; only False is accepted")
 
 
 @register

@@ -80,7 +80,7 @@ class Transitions:
 
 def rollout(
     table: torch.Tensor, curricula: np.ndarray, initial: np.ndarray, alpha_offset: float, fit_alpha: bool,
-    steps_per_block: int = 8,
+    steps_per_block: int = 8, batch_size: int | None = None,
 ) -> np.ndarray:
     r"""Roll ``L_t = (alpha_offset + X_t A) L_{t-1} + X_t B`` out from ``initial``.
 
@@ -92,6 +92,8 @@ def rollout(
         fit_alpha: whether ``table`` holds ``A`` (else ``alpha`` is 1).
         steps_per_block: steps whose coefficients are gathered at once; a few steps keep
             the gathered block in cache, which is faster than gathering all steps first.
+        batch_size: the batch size the coefficients were fitted at: a step of ``k < n``
+            examples weighs each ``n / k`` (batch-mean loss, :class:`BatchDesign`); ``None``: sums.
 
     Returns:
         float32 ``[R, T + 1, M]``.
@@ -104,10 +106,11 @@ def rollout(
     for start in range(0, num_steps, steps_per_block):
         span = min(steps_per_block, num_steps - start)
         block = index[:, start:start + span].reshape(-1, width)
-        if bool((block >= 0).all()):  # the common case: no padding, one fused gather-sum
+        full = bool((block >= 0).all()) and (batch_size is None or width == batch_size)
+        if full:  # the common case: full batches, one fused gather-sum
             coefficients = embedding_bag(block, table, mode="sum")
         else:
-            coefficients = BatchDesign(block, table.shape[0], table.device).matmul(table)
+            coefficients = BatchDesign(block, table.shape[0], table.device, batch_size).matmul(table)
         coefficients = coefficients.view(num_runs, span, -1)
         for k in range(span):
             t = start + k
@@ -143,14 +146,16 @@ def example_scales(runs: RunSet, cap: float = 3.0) -> np.ndarray:
 
 def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet], Iterable[torch.Tensor]],
                    cv_folds: int, seed: int, alpha_offset: float = 1.0, fit_alpha: bool = True,
-                   fix: str = "pass the setting explicitly") -> tuple[float, dict[str, float]]:
+                   fix: str = "pass the setting explicitly", batch_size: int | None = None,
+                   ) -> tuple[float, dict[str, float]]:
     """Choose a setting from ``grid`` by rolled-out all-steps error on K folds of the fitting runs.
 
     ``tables(fitting_runs)`` yields one coefficient table (as :func:`rollout` takes it) per
     grid value, in grid order, so a caller can warm-start each fit from the previous one.
     The error is the all-steps MSE with outlying test examples scaled down (:func:`example_scales`):
     one test example with huge losses cannot choose the setting for all the others.
-    Returns the best value and the mean error of each (keyed by the value).
+    ``batch_size``: as :func:`rollout`'s. Returns the best value and the mean error of each (keyed
+    by the value).
     """
     if runs.num_runs < 2:
         raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs", fix)
@@ -161,7 +166,7 @@ def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet
         fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
         for g, table in enumerate(tables(fitting)):
             predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
-                                alpha_offset, fit_alpha)
+                                alpha_offset, fit_alpha, batch_size=batch_size)
             squared = (predicted[:, held_out.eval_steps[1:]].astype(np.float64) - held_out.losses[:, 1:]) ** 2
             with np.errstate(over="ignore", invalid="ignore"):
                 normalised = float(np.mean(squared.mean(axis=(0, 1)) / scales))
@@ -175,11 +180,15 @@ class TableConfig(SimulatorConfig):
 
     device: str = setting("cpu", "torch device for fitting and rollouts ('cpu', 'cuda', ...).")
     dtype: str = setting("float32", "'float32' (fast) or 'float64'.")
+    batch_mean: bool = setting(True, "Effects are those of a batch-mean loss: in a step with k of the fitting runs' "
+                               "n batch slots filled (examples removed or padding), each example's effect is "
+                               "scaled by n / k. False: a step's effect is the plain sum of its examples'.")
 
     def validate(self) -> None:
         """Check the dtype."""
         super().validate()
         one_of("dtype", self.dtype, tuple(_DTYPES))
+        self._set("batch_mean", bool(self.batch_mean))
 
 
 @dataclass(frozen=True)
@@ -237,7 +246,8 @@ class TableSimulator(Simulator):
 
     # --- prediction ---------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-        return rollout(self.table, curricula, initial, self.alpha_offset, self.fit_alpha)
+        return rollout(self.table, curricula, initial, self.alpha_offset, self.fit_alpha,
+                       batch_size=self._batch_size())
 
     def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         """A rollout of the ``test_index`` columns of the coefficient table only.
@@ -252,10 +262,11 @@ class TableSimulator(Simulator):
         self._check_fitted()
         num_test = self.test_ids.size
         columns = np.concatenate([test_index, num_test + test_index]) if self.fit_alpha else test_index
-        table = self.table[:, columns]
+        table, batch_size = self.table[:, columns], self._batch_size()
 
         def run(curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-            return rollout(table, curricula, initial[:, test_index], self.alpha_offset, self.fit_alpha)
+            return rollout(table, curricula, initial[:, test_index], self.alpha_offset, self.fit_alpha,
+                           batch_size=batch_size)
 
         return run
 
@@ -320,7 +331,7 @@ class LinearSimulator(TableSimulator):
         dtype, device = _DTYPES[self.config.dtype], torch.device(self.config.device)
         runs = transitions.runs
         num_train, num_test = runs.num_train, runs.num_test
-        design = BatchDesign(transitions.batches, num_train, device)
+        design = BatchDesign(transitions.batches, num_train, device, self._batch_size(runs))
         blocks = 2 if self.fit_alpha else 1
         itemsize = torch.finfo(dtype).bits // 8
         per_column = itemsize * (14 * transitions.num_transitions + 8 * blocks * num_train)  # incl. temporaries
@@ -350,7 +361,8 @@ class LinearSimulator(TableSimulator):
 
     def _cross_validate(self, runs: RunSet) -> tuple[float, dict[str, float]]:
         """Choose ``ridge`` by rolled-out all-steps MSE on K folds of the fitting runs."""
-        scale = float(BatchDesign(Transitions.of(runs).batches, runs.num_train).occurrences.mean())
+        scale = float(BatchDesign(Transitions.of(runs).batches, runs.num_train,
+                                  batch_size=self._batch_size(runs)).occurrences.mean())
         # warm starts go strong -> weak
         grid = sorted((scale * factor for factor in self.config.ridge_grid), reverse=True)
 
@@ -361,7 +373,7 @@ class LinearSimulator(TableSimulator):
                 yield table
 
         return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, self.alpha_offset,
-                              self.fit_alpha, "pass an explicit ridge")
+                              self.fit_alpha, "pass an explicit ridge", self._batch_size(runs))
 
 
 @register

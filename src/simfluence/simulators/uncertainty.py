@@ -173,7 +173,8 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         # rollout reads [A | B] with num_test = initial's width: lay the replicas side by side in each half.
         halves = self.replica_tables.view(replicas, num_train, 2, num_test).permute(1, 2, 0, 3)
         wide = halves.reshape(num_train, 2 * replicas * num_test)
-        out = rollout(wide, curricula, np.tile(initial, (1, replicas)), self.alpha_offset, self.fit_alpha)
+        out = rollout(wide, curricula, np.tile(initial, (1, replicas)), self.alpha_offset, self.fit_alpha,
+                      batch_size=self._batch_size())
         return out.reshape(*out.shape[:2], replicas, num_test).transpose(2, 0, 1, 3)
 
     def simulate_replicas(self, curricula: Any, initial_losses: Any, source: str = "<input>") -> np.ndarray:
