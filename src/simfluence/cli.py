@@ -107,8 +107,9 @@ def main() -> None:
 @main.command()
 @click.argument("runs", type=click.Path(exists=True))
 @click.option("--method", type=_SimulatorChoice(), default="auto", show_default=True,
-              help="auto: the family with the least cross-validated error on the fitting runs. Gradient methods, "
-                   "featurized and gptfluence take the task (model, data) from the runs' meta.")
+              help="auto: the family with the least cross-validated error on the fitting runs. Kinds that read "
+                   "the task (gradient kinds, featurized, gptfluence, hybrid) take it (model, data) from the "
+                   "runs' meta.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Model file (.npz) to write.")
 @click.option("--ridge", type=click.FloatRange(min=0), default=None,
               help="Ridge strength; default: chosen by cross-validation.")

@@ -160,7 +160,7 @@ def simulator_kinds(family: str | None = None, **declared: Any) -> list[str]:
 
 
 def simulator_class(kind: str) -> type[Simulator]:
-    """The registered class of ``kind``; a ``ValueError`` naming the known kinds otherwise."""
+    """The registered class of ``kind``; a :class:`~simfluence.errors.UsageError` naming the known kinds otherwise."""
     if kind not in _REGISTRY:
         raise UsageError(f"unknown simulator '{kind}': choose one of {simulator_kinds()}")
     return _REGISTRY[kind]
@@ -201,7 +201,11 @@ def run_digests(runs: RunSet) -> np.ndarray:
 
 
 class Simulator(ABC):
-    """Base class: subclasses implement ``_fit``, ``_simulate``, ``_params`` and the array state."""
+    """Base class of every simulator kind.
+
+    Subclasses declare ``kind``, ``capabilities`` and ``config_class`` and implement ``_fit``,
+    ``_simulate`` and the array state (``_arrays`` / ``_restore``).
+    """
 
     kind: ClassVar[str]
     capabilities: ClassVar[Capabilities]
