@@ -167,12 +167,13 @@ def test_cli_lds_bad_options_give_one_line(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
 
 
-def test_lds_refuses_tasks_it_cannot_retrain_faithfully(tmp_path):
+def test_lds_refuses_sgd_replays_of_trainer_tasks_before_collecting(tmp_path):
     from simfluence.lds_benchmark import LDSConfig, run_lds
-    from simfluence.retrain import retrain
 
-    with pytest.raises(ValueError, match="Hugging Face Trainer"):
-        run_lds(LDSConfig.quick(task="minilm-finetune", out_dir=str(tmp_path / "x")), progress=False)
+    with pytest.raises(ValueError, match=r"Hugging Face Trainer, which \['trak', 'ekfac', 'tracin', 'metagradient'"):
+        run_lds(LDSConfig.quick(task="minilm-finetune", out_dir=str(tmp_path / "x"),
+                                methods=("linear-identity", "trak", "ekfac", "tracin", "metagradient")), progress=False)
+    with pytest.raises(ValueError, match=r"\['tracin-cp'\] would replay"):
+        run_lds(LDSConfig.quick(task="minilm-finetune", out_dir=str(tmp_path / "x"), methods=("tracin-cp",)),
+                progress=False)
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match="Hugging Face Trainer"):
-        retrain(get_task("minilm-finetune"), np.zeros((1, 2, 4), dtype=np.int32))

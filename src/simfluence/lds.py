@@ -199,15 +199,15 @@ class Counterfactuals:
         return None if self.repeat is None else lds_per_example(self.repeat, self.actual)
 
 
-def _retrain(task: Task, curricula: np.ndarray, progress: bool) -> np.ndarray:
+def _retrain(task: Task, curricula: np.ndarray, progress: bool, workers: int = 1) -> np.ndarray:
     from simfluence.retrain import retrain
 
-    return retrain(task, curricula, progress=progress).astype(np.float64)
+    return retrain(task, curricula, progress=progress, workers=workers).astype(np.float64)
 
 
 def subset_counterfactuals(task: Task, num_steps: int, *, num_subsets: int = 50, fraction: float = 0.5,
                            draws: int = 16, repeat: bool = True, kind: str = "uniform", batch_size: int | None = None,
-                           pool=None, seed: int = 0, progress: bool = False) -> Counterfactuals:
+                           pool=None, seed: int = 0, progress: bool = False, workers: int = 1) -> Counterfactuals:
     """The subset-training protocol: draw, retrain (twice with ``repeat``), and keep ``draws`` curricula to simulate."""
     batch_size = task.batch_size if batch_size is None else int(batch_size)
     pool = task.default_pool() if pool is None else pool
@@ -216,7 +216,7 @@ def subset_counterfactuals(task: Task, num_steps: int, *, num_subsets: int = 50,
     extra = 2 if repeat else 1
     curricula = subset_curricula(masks, num_steps, batch_size, draws + extra, derive_seed(seed, 1), kind)
     start = time.perf_counter()
-    losses = _retrain(task, curricula[:, :extra].reshape(-1, num_steps, batch_size), progress)
+    losses = _retrain(task, curricula[:, :extra].reshape(-1, num_steps, batch_size), progress, workers)
     seconds = time.perf_counter() - start
     final = losses[:, -1].reshape(len(masks), extra, -1)
     trajectories = losses.reshape(len(masks), extra, *losses.shape[1:])[:, 0].astype(np.float32)
@@ -225,7 +225,7 @@ def subset_counterfactuals(task: Task, num_steps: int, *, num_subsets: int = 50,
 
 
 def removal_counterfactuals(task: Task, reference, size: int, *, num_sets: int = 50, pool=None, seed: int = 0,
-                            progress: bool = False) -> Counterfactuals:
+                            progress: bool = False, workers: int = 1) -> Counterfactuals:
     """The removal protocol: ``num_sets`` random sets of ``size`` examples dropped from ``reference``, retrained."""
     reference = np.asarray(reference, dtype=np.int32)
     if pool is None:  # examples the reference trains on: removing any other changes nothing
@@ -233,7 +233,7 @@ def removal_counterfactuals(task: Task, reference, size: int, *, num_sets: int =
     masks = draw_removals(pool, task.num_train, num_sets, size, seed)
     trained = remove_occurrences(reference, masks)
     start = time.perf_counter()
-    losses = _retrain(task, trained, progress)
+    losses = _retrain(task, trained, progress, workers)
     seconds = time.perf_counter() - start
     return Counterfactuals(f"removal-{size}", masks, trained, trained[:, None], reference, losses[0, 0],
                            losses[:, -1], None, seconds)

@@ -184,18 +184,32 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
     return out
 
 
+def _check_trainer_methods(task: str, methods: tuple[str, ...]) -> None:
+    """Refuse, in one line, methods that replay training with plain SGD on a Trainer task's runs."""
+    from simfluence.simulators import capabilities
+
+    replaying = [name for name in methods
+                 if name in PEERS or name == METAGRADIENT or (name in SIMULATORS and capabilities(name).task != "none")]
+    if replaying:
+        allowed = [name for name in SIMULATORS if capabilities(name).task == "none"]
+        raise UsageError(f"methods: task '{task}' trains through the Hugging Face Trainer, which {replaying} would "
+                         f"replay with plain SGD; choose from {allowed}")
+
+
 def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     """Run the comparison of the module docstring; returns the JSON record."""
     from simfluence.collect import collect
-    from simfluence.retrain import check_retrainable
     from simfluence.tasks import get_task
 
     config.validate()
     out = Path(config.out_dir)
     task = get_task(config.task, **config.task_options)
-    check_retrainable(task)  # before collecting anything: every counterfactual is retrained
+    trainer = task.runner == "trainer"
+    if trainer:  # before collecting anything
+        _check_trainer_methods(task.name, config.methods)
+    # TRAK reads the fitting runs' final weights; a Trainer collection keeps no checkpoints.
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
-                    checkpoint_steps=(config.num_steps,), progress=progress)
+                    checkpoint_steps=() if trainer else (config.num_steps,), progress=progress)
     runs = store.load()
     kind = (runs.meta.get("sampler") or {}).get("kind", "uniform")
     pool = task.default_pool()
@@ -206,13 +220,15 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
               f"{len(config.removal_fractions) + config.single} removal protocols)")
     protocols = [subset_counterfactuals(task, config.num_steps, num_subsets=config.num_subsets,
                                         fraction=config.fraction, draws=config.draws, kind=kind,
-                                        batch_size=runs.batch_size, pool=pool, seed=config.seed, progress=progress)]
+                                        batch_size=runs.batch_size, pool=pool, seed=config.seed, progress=progress,
+                                        workers=config.workers)]
     # Removal sets are fractions of the whole pool (as MAGIC removes from the training set); an
     # example the reference never trains on is among them with its real effect, none.
     sizes = ([1] if config.single else []) + [max(1, round(f * pool.size)) for f in config.removal_fractions]
     for size in dict.fromkeys(sizes):
         protocols.append(removal_counterfactuals(task, reference, size, num_sets=config.num_removals, pool=pool,
-                                                 seed=derive_seed(config.seed, size), progress=progress))
+                                                 seed=derive_seed(config.seed, size), progress=progress,
+                                                 workers=config.workers))
 
     methods = _fit_simulators(config, task, runs, progress)
     methods += _peer_methods(config, task, store, runs, reference, progress)

@@ -3,8 +3,9 @@
 A simulator answers "what would the test losses be after training on curriculum ``c'``?"
 in microseconds; this module asks the model itself. :func:`retrain` trains a task's model
 along many curricula for real (vectorised over runs with ``torch.func.vmap`` when the task
-trains with plain SGD, else one run at a time) and :func:`compare_with_retraining` puts the
-simulated and the real final losses side by side.
+trains with plain SGD, one run at a time with its own optimizer otherwise, and through the real
+Hugging Face ``Trainer`` for Trainer tasks such as ``minilm-finetune``) and
+:func:`compare_with_retraining` puts the simulated and the real final losses side by side.
 
 With ``P`` the predicted and ``Y`` the real final losses, both ``[R, M']`` (curricula x
 target test examples), :class:`RetrainComparison` reports
@@ -22,6 +23,8 @@ A step that an edit empties (all ``-1``) is skipped in training just as in simul
 no update, the loss carries over. It keeps its place in the task's learning-rate schedule:
 every later step trains at the rate it has in the unedited ``T``-step run (with a linear or
 cosine schedule, deleting the step instead would shift all later rates).
+A Trainer cannot skip a step and keep its schedule, so Trainer tasks refuse emptied steps (one
+line naming the run and step).
 """
 
 from __future__ import annotations
@@ -102,33 +105,37 @@ def _train_skipping_empty_steps(task: Task, curricula: np.ndarray) -> np.ndarray
     return out
 
 
-def check_retrainable(task: Task) -> None:
-    """Raise a one-line ``ValueError`` unless our trainers reproduce ``task``'s runs (not Trainer tasks)."""
-    if task.runner != "torch":
-        raise UsageError(f"task '{task.name}' trains through the Hugging Face Trainer ({task.optimizer}); "
-                         "retraining counterfactuals through it is not supported yet, and our SGD trainers "
-                         "would not reproduce its runs: use a task trained by simfluence's own loop")
-
-
-def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bool = False) -> np.ndarray:
+def retrain(task: Task, curricula, chunk_size: int = RETRAIN_CHUNK, progress: bool = False,
+            workers: int = 1) -> np.ndarray:
     """Train ``task``'s model along each curriculum for real.
+
+    Tasks of our own loop train vectorised in chunks; tasks trained by the Hugging Face Trainer
+    (``task.runner == "trainer"``) train one Trainer per curriculum, each recorded as collection
+    records it (:func:`simfluence.collect.hf.train_curricula`), ``workers`` at a time.
 
     Args:
         task: the task the simulator's runs were collected from.
         curricula: int ``[R, T, B]`` training-example indices, ``-1`` pads; all-padding steps are
-            skipped (no update, the loss held) and keep their place in the learning-rate schedule.
-        chunk_size: runs trained at once.
-        progress: a progress bar over chunks (only on a terminal).
+            skipped (no update, the loss held) and keep their place in the learning-rate schedule
+            (a Trainer task refuses them: the Trainer cannot skip a step).
+        chunk_size: runs trained at once (our own loop).
+        progress: a progress bar over chunks or runs (only on a terminal).
+        workers: processes training Trainer runs.
 
     Returns:
         float32 ``[R, T + 1, M]`` test losses before training and after every step.
     """
-    check_retrainable(task)
     curricula = np.asarray(curricula)
     if curricula.ndim != 3:
         raise UsageError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise UsageError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
+    if task.runner == "trainer":
+        from simfluence.collect.collector import trainer_spec
+        from simfluence.collect.hf import train_curricula
+
+        return train_curricula(trainer_spec(task), curricula, workers=workers, progress=progress,
+                               desc=f"retrain {task.name}")
     parts = []
     for start in progress_bar(range(0, len(curricula), chunk_size), desc=f"retrain {task.name}", unit="chunk",
                       enabled=progress):

@@ -84,6 +84,25 @@ def test_minilm_finetune_two_runs_match_a_replay_and_manual_evaluation(tmp_path)
     assert np.abs(runs.losses[0, -1] - runs.losses[0, 0]).max() > 1e-3   # training moved the losses
 
 
+def test_retraining_a_trainer_task_reproduces_its_collected_runs(tmp_path):
+    """retrain() drives the real Trainer: the collected curricula give the collected losses again."""
+    from simfluence.errors import UsageError
+    from simfluence.retrain import retrain
+
+    task = MiniLMFinetune(warmup_steps=1)
+    runs = collect(task, tmp_path / "store", num_runs=2, num_steps=3, seed=0, progress=False).load()
+    np.testing.assert_allclose(retrain(task, runs.curricula), runs.losses, rtol=1e-5, atol=1e-6)
+    # An example removed from a step: a smaller batch (its mean over 3 examples), and other losses.
+    edited = runs.curricula[:1].copy()
+    edited[0, 1, 0] = -1
+    changed = retrain(task, edited)
+    np.testing.assert_allclose(changed[0, :2], runs.losses[0, :2], rtol=1e-5, atol=1e-6)
+    assert np.abs(changed[0, 2:] - runs.losses[0, 2:]).max() > 1e-6
+    edited[0, 1] = -1   # nothing left at step 2: the Trainer cannot skip it and keep its schedule
+    with pytest.raises(UsageError, match="run 0 has no example left at step 2"):
+        retrain(task, edited)
+
+
 def test_minilm_finetune_cli_and_its_errors(tmp_path):
     from click.testing import CliRunner
 

@@ -183,9 +183,16 @@ def train_recorded(spec: TrainerSpec, store: str | os.PathLike | RunStore, run_i
     log = callback.log
     if log is None:
         raise RuntimeError(f"run {run_index}: the Trainer finished without the callback writing the run")
-    if not np.array_equal(log.curriculum, curriculum):
+    if not _same_batches(log.curriculum, curriculum):
         raise RuntimeError(f"run {run_index}: the batches the model trained on differ from the curriculum drawn")
     return log
+
+
+def _same_batches(recorded: np.ndarray, curriculum: np.ndarray) -> bool:
+    """Whether each step trained on the curriculum's examples, in order (``-1`` pads anywhere, any width)."""
+    recorded, curriculum = np.asarray(recorded), np.asarray(curriculum)
+    return len(recorded) == len(curriculum) and all(
+        np.array_equal(a[a != PAD], b[b != PAD]) for a, b in zip(recorded, curriculum))
 
 
 def run_trainer_chunk(chunk: TrainerChunk) -> list[str]:
@@ -198,6 +205,63 @@ def run_trainer_chunk(chunk: TrainerChunk) -> list[str]:
             train_recorded(chunk.spec, chunk.store_root, index, curriculum, seed)
             run_ids.append(run_id_of(index))
     return run_ids
+
+
+@dataclass(frozen=True)
+class CurriculaChunk:
+    """Given curricula that one worker trains one after another and writes to ``store_root``."""
+
+    spec: TrainerSpec
+    store_root: str
+    run_indices: tuple[int, ...]
+    curricula: np.ndarray           # int [len(run_indices), T, B]
+    num_threads: int | None = None
+
+
+def run_trainer_curricula(chunk: CurriculaChunk) -> list[str]:
+    """Train and record the chunk's given curricula, one after another; returns their run ids."""
+    run_ids = []
+    with torch_threads(chunk.num_threads):
+        for index, curriculum in zip(chunk.run_indices, chunk.curricula):
+            train_recorded(chunk.spec, chunk.store_root, index, curriculum, seed=0)
+            run_ids.append(run_id_of(index))
+    return run_ids
+
+
+def train_curricula(spec: TrainerSpec, curricula: np.ndarray, *, workers: int = 1, threads: int | None = 1,
+                    progress: bool = False, desc: str = "retrain") -> np.ndarray:
+    """float32 ``[R, T + 1, M]``: the test losses of training ``spec``'s Trainer along each curriculum.
+
+    Every run is recorded (with ``spec.eval_every``, which must be 1) into a temporary run store
+    and read back, so these losses are measured exactly as collected runs' are. ``-1`` pads are
+    dropped from their step (a smaller batch); a step with no example left cannot be trained by
+    a Trainer while keeping its place in the learning-rate schedule, so it is refused.
+    """
+    import tempfile
+
+    from simfluence.progress import progress_bar
+
+    curricula = np.asarray(curricula)
+    if spec.eval_every != 1:
+        raise UsageError(f"eval_every: retraining records every step, got {spec.eval_every}")
+    empty = np.argwhere(~(curricula != PAD).any(axis=-1))
+    if empty.size:
+        run, step = (int(v) for v in empty[0])
+        raise UsageError(f"curricula: run {run} has no example left at step {step + 1}; a Trainer cannot skip a "
+                         "step and keep its learning-rate schedule, so keep at least one example per step")
+    with tempfile.TemporaryDirectory(prefix="simfluence-retrain-") as root:
+        store = RunStore.create(Path(root) / "runs", list(spec.train_ids), list(spec.test_ids),
+                                {"collector": "retrain"})
+        runner = get_executor("local", workers)
+        indices = list(range(len(curricula)))
+        size = max(1, math.ceil(len(indices) / (runner.workers * 4)))
+        chunks = [CurriculaChunk(spec, str(store.root), tuple(part), curricula[list(part)], threads)
+                  for part in split_chunks(indices, size)]
+        with progress_bar(total=len(indices), unit="run", desc=desc, enabled=progress) as bar:
+            for written in runner.map(run_trainer_curricula, chunks):
+                bar.update(len(written))
+        losses = [store.read(run_id_of(index)).losses for index in indices]
+    return np.stack(losses).astype(np.float32)
 
 
 def collect_trainer(
