@@ -150,6 +150,7 @@ def test_cli_lds_quick_writes_table_json_and_plot(tmp_path):
     record = json.loads((out / "lds.json").read_text())
     protocols = {r["protocol"] for r in record["scores"]}
     assert "subsets" in protocols and any(p.startswith("removal-") for p in protocols)
+    assert record["config"]["removal_fractions"] == [0.01, 0.05, 0.1]
     assert {c["method"] for c in record["costs"]} == {"additive", "linear"}
     assert "noise_ceiling" in record and (out / "lds.png").stat().st_size > 1000
     assert "| additive |" in result.output
@@ -159,6 +160,8 @@ def test_cli_lds_quick_writes_table_json_and_plot(tmp_path):
     (["--methods", "bogus"], "methods: unknown ['bogus']"),
     (["--fraction", "1.5"], "--fraction"),
     (["--subsets", "2"], "--subsets"),
+    (["--removal-fractions", "0.05,x"], "--removal-fractions: expected comma-separated numbers"),
+    (["--removal-fractions", "1.5"], "removal_fractions: must lie strictly between 0 and 1"),
 ])
 def test_cli_lds_bad_options_give_one_line(tmp_path, args, message):
     result = CliRunner().invoke(main, ["lds", "digits-mlp", "--quick", "--out", str(tmp_path / "x"), *args])

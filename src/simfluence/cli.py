@@ -446,16 +446,21 @@ _FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
 @click.option("--fraction", type=_FRACTION, default=None, help="Share of the pool in each subset (alpha). [0.5]")
 @click.option("--removals", "num_removals", type=click.IntRange(min=3), default=None,
               help="Removal sets per removal protocol. [50]")
+@click.option("--removal-fractions", default=None,
+              help="Comma-separated fractions of the pool removed per set, besides single examples. [0.01,0.05,0.1]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=POSITIVE, default=1, show_default=True,
+              help="Processes collecting runs and, for Trainer tasks (minilm-finetune), retraining them.")
 @click.option("--methods", default=None,
               help="Comma-separated methods: simulator kinds, peers (trak, ekfac, tracin; need the 'peers' extra) "
                    "and metagradient. [linear-trajectory, linear, additive, featurized, tracin-cp, trak, ekfac, "
-                   "tracin, metagradient]")
+                   "tracin, metagradient]; Trainer tasks: only kinds that need no SGD replay (e.g. auto, "
+                   "linear-trajectory, linear-identity).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record (lds.json) instead of the table.")
 @_user_errors
 def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
-        num_subsets: int | None, fraction: float | None, num_removals: int | None, seed: int,
-        methods: str | None, as_json: bool) -> None:
+        num_subsets: int | None, fraction: float | None, num_removals: int | None, removal_fractions: str | None,
+        seed: int, workers: int, methods: str | None, as_json: bool) -> None:
     """Linear datamodeling score of simulators, peers and metagradients on TASK against real retraining.
 
     Two protocols: random subsets of the training pool retrained from scratch, and removals
@@ -468,7 +473,13 @@ def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps
                                                                ("num_removals", num_removals)) if value is not None}
     if methods:
         overrides["methods"] = tuple(method.strip() for method in methods.split(",") if method.strip())
-    overrides.update(task=task, out_dir=out or f"out/lds-{task}", seed=seed)
+    if removal_fractions:
+        try:
+            overrides["removal_fractions"] = tuple(float(part) for part in removal_fractions.split(",") if part.strip())
+        except ValueError:
+            raise UsageError(f"--removal-fractions: expected comma-separated numbers, got '{removal_fractions}'") \
+                from None
+    overrides.update(task=task, out_dir=out or f"out/lds-{task}", seed=seed, workers=workers)
     config = LDSConfig.quick(**overrides) if quick else LDSConfig(**overrides)
     config.validate()
     result = run_lds(config, progress=sys.stderr.isatty() and not as_json)
