@@ -159,3 +159,14 @@ def test_only_simfluence_errors_become_one_line_messages(tmp_path, monkeypatch):
     result = invoke(*args)
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
     assert "an internal bug" in str(result.exception) and "error:" not in result.output
+
+
+def test_benchmark_refuses_replaying_methods_on_a_trainer_task_before_collecting(tmp_path):
+    from simfluence.benchmark import BenchmarkConfig, run_benchmark, sgd_replaying
+    from simfluence.errors import UsageError
+
+    assert set(sgd_replaying(["linear", "tracin-cp", "featurized", "hybrid"])) == {"tracin-cp", "featurized", "hybrid"}
+    with pytest.raises(UsageError, match=r"Hugging Face Trainer, which \['tracin-cp'\] cannot replay"):
+        run_benchmark(BenchmarkConfig(task="minilm-finetune", out_dir=str(tmp_path / "b"),
+                                      methods=("linear", "tracin-cp")), progress=False)
+    assert not (tmp_path / "b").exists()

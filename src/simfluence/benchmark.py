@@ -86,6 +86,15 @@ def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple
     return record, predicted
 
 
+def sgd_replaying(methods) -> list[str]:
+    """The simulator kinds among ``methods`` that read the task.
+
+    They replay its training with plain SGD or read its example features, which a Hugging Face
+    Trainer task's runs do not support.
+    """
+    return [name for name in methods if name in ALL_METHODS and capabilities(name).task != "none"]
+
+
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
     """Run the comparison described in the module docstring; returns the JSON record."""
     from simfluence.collect import collect
@@ -96,13 +105,22 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
         raise UsageError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
     out = Path(config.out_dir)
     task = get_task(config.task, **config.task_options)
+    methods = tuple(config.methods)
+    if task.runner == "trainer" and sgd_replaying(methods):   # before collecting anything
+        if methods != ALL_METHODS:
+            raise UsageError(f"methods: task '{task.name}' trains through the Hugging Face Trainer, which "
+                             f"{sgd_replaying(methods)} cannot replay; leave them out")
+        methods = tuple(name for name in methods if name not in sgd_replaying(methods))
+        if progress:
+            print(f"  {task.name} trains through the Hugging Face Trainer: leaving out "
+                  f"{', '.join(sgd_replaying(ALL_METHODS))}")
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
                     progress=progress)
     runs = store.load()
     fitting, heldout = split_runs(runs, config.num_heldout, config.seed)
 
     records, predictions = [], {}
-    for method in config.methods:
+    for method in methods:
         record, predictions[method] = _fit_and_score(method, task, fitting, heldout)
         records.append(record)
         if progress:
@@ -113,11 +131,11 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
         if size > fitting.num_runs:
             continue
         subset = fitting.select(np.arange(size))
-        for method in (method for method in LEARNED if method in config.methods):
+        for method in (method for method in LEARNED if method in methods):
             record, _ = _fit_and_score(method, task, subset, heldout)
             efficiency.append({"num_runs": size, **record})
 
-    result = {"config": {**asdict(config), "methods": list(config.methods)},
+    result = {"config": {**asdict(config), "methods": list(methods)},
               "task": task.name, "num_fitting_runs": fitting.num_runs, "num_heldout_runs": heldout.num_runs,
               "num_steps": runs.num_steps, "num_train": runs.num_train, "num_test": runs.num_test,
               "methods": records, "data_efficiency": efficiency}

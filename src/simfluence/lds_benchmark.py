@@ -186,12 +186,11 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
 
 def _check_trainer_methods(task: str, methods: tuple[str, ...]) -> None:
     """Refuse, in one line, methods that replay training with plain SGD on a Trainer task's runs."""
-    from simfluence.simulators import capabilities
+    from simfluence.benchmark import sgd_replaying
 
-    replaying = [name for name in methods
-                 if name in PEERS or name == METAGRADIENT or (name in SIMULATORS and capabilities(name).task != "none")]
+    replaying = [name for name in methods if name in PEERS or name == METAGRADIENT or name in sgd_replaying([name])]
     if replaying:
-        allowed = [name for name in SIMULATORS if capabilities(name).task == "none"]
+        allowed = [name for name in SIMULATORS if not sgd_replaying([name])]
         raise UsageError(f"methods: task '{task}' trains through the Hugging Face Trainer, which {replaying} would "
                          f"replay with plain SGD; choose from {allowed}")
 
