@@ -147,15 +147,20 @@ class TrainerSpec:
 
 @dataclass(frozen=True)
 class TrainerChunk:
-    """Runs that one worker trains one after another and writes to ``store_root``."""
+    """Runs that one worker trains one after another and writes to ``store_root``.
+
+    Each run draws its curriculum from ``sampler`` (seeded per run), or, with ``curricula``
+    (int ``[len(run_indices), T, B]``), trains along the given ones (retraining).
+    """
 
     spec: TrainerSpec
     store_root: str
     run_indices: tuple[int, ...]
     num_steps: int
     seed: int
-    sampler: Sampler
+    sampler: Sampler | None
     num_threads: int | None = None
+    curricula: np.ndarray | None = None
 
 
 def train_recorded(spec: TrainerSpec, store: str | os.PathLike | RunStore, run_index: int, curriculum: np.ndarray,
@@ -199,31 +204,14 @@ def run_trainer_chunk(chunk: TrainerChunk) -> list[str]:
     """Train and record the chunk's runs, one after another; returns their run ids."""
     run_ids = []
     with torch_threads(chunk.num_threads):
-        for index in chunk.run_indices:
-            seed = derive_seed(chunk.seed, index)
-            curriculum = chunk.sampler.sample(chunk.num_steps, seed)
+        for position, index in enumerate(chunk.run_indices):
+            if chunk.curricula is not None:
+                seed, curriculum = 0, chunk.curricula[position]
+            else:
+                assert chunk.sampler is not None
+                seed = derive_seed(chunk.seed, index)
+                curriculum = chunk.sampler.sample(chunk.num_steps, seed)
             train_recorded(chunk.spec, chunk.store_root, index, curriculum, seed)
-            run_ids.append(run_id_of(index))
-    return run_ids
-
-
-@dataclass(frozen=True)
-class CurriculaChunk:
-    """Given curricula that one worker trains one after another and writes to ``store_root``."""
-
-    spec: TrainerSpec
-    store_root: str
-    run_indices: tuple[int, ...]
-    curricula: np.ndarray           # int [len(run_indices), T, B]
-    num_threads: int | None = None
-
-
-def run_trainer_curricula(chunk: CurriculaChunk) -> list[str]:
-    """Train and record the chunk's given curricula, one after another; returns their run ids."""
-    run_ids = []
-    with torch_threads(chunk.num_threads):
-        for index, curriculum in zip(chunk.run_indices, chunk.curricula):
-            train_recorded(chunk.spec, chunk.store_root, index, curriculum, seed=0)
             run_ids.append(run_id_of(index))
     return run_ids
 
@@ -255,10 +243,10 @@ def train_curricula(spec: TrainerSpec, curricula: np.ndarray, *, workers: int = 
         runner = get_executor("local", workers)
         indices = list(range(len(curricula)))
         size = max(1, math.ceil(len(indices) / (runner.workers * 4)))
-        chunks = [CurriculaChunk(spec, str(store.root), tuple(part), curricula[list(part)], threads)
-                  for part in split_chunks(indices, size)]
+        chunks = [TrainerChunk(spec, str(store.root), tuple(part), curricula.shape[1], 0, None, threads,
+                               curricula[list(part)]) for part in split_chunks(indices, size)]
         with progress_bar(total=len(indices), unit="run", desc=desc, enabled=progress) as bar:
-            for written in runner.map(run_trainer_curricula, chunks):
+            for written in runner.map(run_trainer_chunk, chunks):
                 bar.update(len(written))
         losses = [store.read(run_id_of(index)).losses for index in indices]
     return np.stack(losses).astype(np.float32)
