@@ -106,14 +106,14 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
     out = Path(config.out_dir)
     task = get_task(config.task, **config.task_options)
     methods = tuple(config.methods)
-    if task.runner == "trainer" and sgd_replaying(methods):   # before collecting anything
+    replaying = sgd_replaying(methods) if task.runner == "trainer" else []
+    if replaying:   # before collecting anything
         if methods != ALL_METHODS:
             raise UsageError(f"methods: task '{task.name}' trains through the Hugging Face Trainer, which "
-                             f"{sgd_replaying(methods)} cannot replay; leave them out")
-        methods = tuple(name for name in methods if name not in sgd_replaying(methods))
+                             f"{replaying} cannot replay; leave them out")
+        methods = tuple(name for name in methods if name not in replaying)
         if progress:
-            print(f"  {task.name} trains through the Hugging Face Trainer: leaving out "
-                  f"{', '.join(sgd_replaying(ALL_METHODS))}")
+            print(f"  {task.name} trains through the Hugging Face Trainer: leaving out {', '.join(replaying)}")
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
                     progress=progress)
     runs = store.load()

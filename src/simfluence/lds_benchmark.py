@@ -188,9 +188,11 @@ def _check_trainer_methods(task: str, methods: tuple[str, ...]) -> None:
     """Refuse, in one line, methods that replay training with plain SGD on a Trainer task's runs."""
     from simfluence.benchmark import sgd_replaying
 
-    replaying = [name for name in methods if name in PEERS or name == METAGRADIENT or name in sgd_replaying([name])]
+    simulators = set(sgd_replaying(methods))
+    replaying = [name for name in methods if name in PEERS or name == METAGRADIENT or name in simulators]
     if replaying:
-        allowed = [name for name in SIMULATORS if not sgd_replaying([name])]
+        excluded = set(sgd_replaying(SIMULATORS))
+        allowed = [name for name in SIMULATORS if name not in excluded]
         raise UsageError(f"methods: task '{task}' trains through the Hugging Face Trainer, which {replaying} would "
                          f"replay with plain SGD; choose from {allowed}")
 
