@@ -454,13 +454,15 @@ _FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
 @click.option("--methods", default=None,
               help="Comma-separated methods: simulator kinds, peers (trak, ekfac, tracin; need the 'peers' extra) "
                    "and metagradient. [linear-trajectory, linear, additive, featurized, tracin-cp, trak, ekfac, "
-                   "tracin, metagradient]; Trainer tasks: only kinds that need no SGD replay (e.g. auto, "
+                   "tracin, metagradient]; Trainer tasks: the peers and the kinds that need no SGD replay (e.g. auto, "
                    "linear-trajectory, linear-identity).")
+@click.option("--trak-models", type=POSITIVE, default=None,
+              help="TRAK's ensemble: the final weights of this many fitting runs. [all --runs]")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record (lds.json) instead of the table.")
 @_user_errors
 def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
         num_subsets: int | None, fraction: float | None, num_removals: int | None, removal_fractions: str | None,
-        seed: int, workers: int, methods: str | None, as_json: bool) -> None:
+        seed: int, workers: int, methods: str | None, trak_models: int | None, as_json: bool) -> None:
     """Linear datamodeling score of simulators, peers and metagradients on TASK against real retraining.
 
     Two protocols: random subsets of the training pool retrained from scratch, and removals
@@ -470,7 +472,8 @@ def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps
 
     overrides: dict[str, Any] = {key: value for key, value in (("num_runs", num_runs), ("num_steps", num_steps),
                                                                ("num_subsets", num_subsets), ("fraction", fraction),
-                                                               ("num_removals", num_removals)) if value is not None}
+                                                               ("num_removals", num_removals),
+                                                               ("trak_models", trak_models)) if value is not None}
     if methods:
         overrides["methods"] = tuple(method.strip() for method in methods.split(",") if method.strip())
     if removal_fractions:

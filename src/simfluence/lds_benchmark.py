@@ -66,6 +66,9 @@ class LDSConfig:
         removal_fractions: fractions of the reference run's examples removed per set; a
             ``single`` protocol (one example per set) is added with ``single=True``.
         num_removals: sets per removal protocol.
+        trak_models: TRAK's ensemble: the final weights of the first this many fitting runs
+            (``None``: all ``num_runs``, equal budgets; fewer for big models, where each costs
+            about a minute of projection on the CPU).
     """
 
     task: str = "digits-mlp"
@@ -83,6 +86,7 @@ class LDSConfig:
     seed: int = 0
     workers: int = 1
     task_options: dict[str, Any] = field(default_factory=dict)
+    trak_models: int | None = None
 
     @classmethod
     def quick(cls, **overrides) -> LDSConfig:
@@ -101,6 +105,8 @@ class LDSConfig:
         for name in ("num_subsets", "num_removals"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 3:
                 raise UsageError(f"{name}: must be an integer >= 3 (a rank correlation needs 3)")
+        if self.trak_models is not None and not 1 <= self.trak_models <= self.num_runs:
+            raise UsageError(f"trak_models: must lie in 1..num_runs ({self.num_runs}), got {self.trak_models!r}")
         if not 0 < self.fraction < 1 or not all(0 < f < 1 for f in self.removal_fractions):
             raise UsageError("fraction / removal_fractions: must lie strictly between 0 and 1")
 
@@ -121,7 +127,7 @@ def _fit_simulators(config: LDSConfig, task, runs: RunSet, progress: bool) -> li
     return methods
 
 
-def _peer_checkpoints(name: str, task, store, runs: RunSet, reference: np.ndarray):
+def _peer_checkpoints(name: str, task, store, runs: RunSet, reference: np.ndarray, trak_models: int | None = None):
     """What each peer reads, at equal budgets.
 
     TRAK ensembles the fitting runs' final weights (kept by the collection), EK-FAC the
@@ -129,12 +135,27 @@ def _peer_checkpoints(name: str, task, store, runs: RunSet, reference: np.ndarra
     """
     from simfluence.peers import Checkpoints, trajectory_checkpoints
 
-    if name == "trak":
-        states = tuple(store.read_checkpoint(run_id, runs.num_steps) for run_id in runs.run_ids)
+    if name == "trak":   # read on access: one model's weights in memory at a time
+        states = tuple(store.stored_checkpoint(run_id, runs.num_steps) for run_id in runs.run_ids[:trak_models])
         return Checkpoints(states, trainings=float(len(states)))
     if name == "ekfac":
         return trajectory_checkpoints(task, reference, [reference.shape[0]])
     return trajectory_checkpoints(task, reference, 4)
+
+
+LARGE_MODEL = 1_000_000
+"""Trained weights above which the peers run with per-example gradient batches sized for memory."""
+LARGE_MODEL_SETTINGS: dict[str, dict[str, Any]] = {"trak": {"chunk_size": 8}, "tracin": {"chunk_size": 1}}
+"""Peer settings for models above ``LARGE_MODEL`` (minilm-finetune, 22.7M): TRAK vmaps 8 examples' gradients
+at a time (8 x 91 MB); captum's per-example path backpropagates each example through its batch's graph, so
+a batch of 1 is cheapest."""
+
+
+def peer_settings(name: str, task) -> dict[str, Any]:
+    """The settings ``run_lds`` gives peer ``name`` on ``task`` (its defaults, or ``LARGE_MODEL_SETTINGS``)."""
+    model = task.build_model()
+    trained = sum(value.numel() for value in model.parameters() if value.requires_grad)
+    return dict(LARGE_MODEL_SETTINGS.get(name, {})) if trained > LARGE_MODEL else {}
 
 
 def _peer_methods(config: LDSConfig, task, store, runs: RunSet, reference: np.ndarray,
@@ -146,10 +167,13 @@ def _peer_methods(config: LDSConfig, task, store, runs: RunSet, reference: np.nd
 
     methods: list[Method] = []
     for name in names:
-        result = get_peer(name).attribute(task, _peer_checkpoints(name, task, store, runs, reference),
-                                          progress=progress)
+        settings = peer_settings(name, task)
+        result = get_peer(name, **settings).attribute(task, _peer_checkpoints(name, task, store, runs, reference,
+                                                                                        config.trak_models),
+                                                      progress=progress)
         cost = result.cost
-        methods.append(ScoreMethod(name, result.scores, cost.trainings, cost.method_seconds, cost.as_dict()))
+        methods.append(ScoreMethod(name, result.scores, cost.trainings, cost.method_seconds,
+                                   {**cost.as_dict(), "settings": settings}))
         if progress:
             print(f"  scored {name:<18} {cost.method_seconds:6.1f} s")
     return methods
@@ -185,16 +209,21 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
 
 
 def _check_trainer_methods(task: str, methods: tuple[str, ...]) -> None:
-    """Refuse, in one line, methods that replay training with plain SGD on a Trainer task's runs."""
+    """Refuse, in one line, methods that cannot run on a Trainer task's runs.
+
+    The peers replay its checkpoints through the Trainer itself; simulator kinds that read the
+    task replay plain SGD, and metagradients differentiate through plain-SGD steps (not AdamW).
+    """
     from simfluence.benchmark import sgd_replaying
 
     simulators = set(sgd_replaying(methods))
-    replaying = [name for name in methods if name in PEERS or name == METAGRADIENT or name in simulators]
-    if replaying:
+    refused = [name for name in methods if name == METAGRADIENT or name in simulators]
+    if refused:
         excluded = set(sgd_replaying(SIMULATORS))
-        allowed = [name for name in SIMULATORS if name not in excluded]
-        raise UsageError(f"methods: task '{task}' trains through the Hugging Face Trainer, which {replaying} would "
-                         f"replay with plain SGD; choose from {allowed}")
+        allowed = [name for name in SIMULATORS if name not in excluded] + list(PEERS)
+        raise UsageError(f"methods: task '{task}' trains with AdamW through the Hugging Face Trainer, which "
+                         f"{refused} cannot follow (they replay or differentiate plain SGD steps); choose from "
+                         f"{allowed}")
 
 
 def run_lds(config: LDSConfig, progress: bool = True) -> dict:
@@ -208,9 +237,11 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     trainer = task.runner == "trainer"
     if trainer:  # before collecting anything
         _check_trainer_methods(task.name, config.methods)
-    # TRAK reads the fitting runs' final weights; a Trainer collection keeps no checkpoints.
+    # TRAK reads the fitting runs' final weights. A Trainer task's model is big (minilm-finetune: 91 MB a
+    # state), so its collection keeps them only when TRAK is asked for.
+    keep = not trainer or "trak" in config.methods
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
-                    checkpoint_steps=() if trainer else (config.num_steps,), progress=progress)
+                    checkpoint_steps=(config.num_steps,) if keep else (), progress=progress)
     runs = store.load()
     kind = (runs.meta.get("sampler") or {}).get("kind", "uniform")
     pool = task.default_pool()

@@ -103,6 +103,34 @@ def test_retraining_a_trainer_task_reproduces_its_collected_runs(tmp_path):
         retrain(task, edited)
 
 
+def test_trainer_states_are_the_collected_runs_checkpoints_and_reproduce_their_losses(tmp_path):
+    """train_states / final_states replay a Trainer task through the Trainer itself (the collection's code path)."""
+    from simfluence.collect.train import train_states
+    from simfluence.func.checkpoints import final_states
+    from simfluence.peers.base import model_at
+
+    task = MiniLMFinetune(warmup_steps=1, train_per_class=3, test_per_class=2)
+    store = collect(task, tmp_path / "store", num_runs=1, num_steps=3, seed=0, checkpoint_steps=(0, 3),
+                    progress=False)
+    assert store.meta["checkpoint_steps"] == [0, 3] and store.checkpoint_steps("run-000000") == [0, 3]
+    runs = store.load()
+    states = train_states(task, runs.curricula[0], [3, 0, 2])       # any order: returned by step
+    inputs, targets = task.split_data("test")
+    for step, state in zip([0, 2, 3], states):
+        with torch.no_grad():
+            losses = task.example_losses(model_at(task, state), inputs, targets).numpy()
+        np.testing.assert_allclose(losses, runs.losses[0, step], rtol=1e-6, atol=1e-6)
+    for step, state in ((0, states[0]), (3, states[2])):          # the collection's stored checkpoints
+        stored = store.read_checkpoint("run-000000", step)
+        assert set(stored) == set(state) and all(torch.equal(stored[key], state[key]) for key in state)
+    start = task.build_model().state_dict()
+    assert all(torch.equal(start[key], states[0][key]) for key in start)
+    (final,) = final_states(task, runs.curricula)
+    assert all(torch.equal(final[key], states[2][key]) for key in final)
+    lazy = store.stored_checkpoint("run-000000", 3)                 # read on access, same tensors
+    assert len(lazy) == len(final) and all(torch.equal(lazy[key], final[key]) for key in final)
+
+
 def test_minilm_finetune_cli_and_its_errors(tmp_path):
     from click.testing import CliRunner
 

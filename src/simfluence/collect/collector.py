@@ -137,14 +137,14 @@ def collect(
     return store
 
 
-def trainer_spec(task: Task, eval_every: int = 1):
+def trainer_spec(task: Task, eval_every: int = 1, checkpoint_steps: tuple[int, ...] = ()):
     """The :class:`~simfluence.collect.hf.TrainerSpec` of a task trained by the Hugging Face Trainer."""
     from simfluence.collect.hf import TrainerSpec
 
     trainer_task: Any = task   # a Trainer task also has make_trainer, examples, collator and eval_batch_size
     return TrainerSpec(trainer_task.make_trainer, trainer_task.examples("test"), tuple(task.train_ids.tolist()),
                        tuple(task.test_ids.tolist()), trainer_task.collator(), None, int(eval_every),
-                       trainer_task.eval_batch_size)
+                       trainer_task.eval_batch_size, checkpoint_steps=tuple(checkpoint_steps))
 
 
 def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, seed: int, sampler: Sampler,
@@ -152,9 +152,6 @@ def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, se
     """Collect a task whose runs go through the Hugging Face ``Trainer`` (``task.runner == "trainer"``)."""
     from simfluence.collect.hf import collect_spec
 
-    if checkpoint_steps:
-        raise UsageError(f"checkpoint_steps: not supported for task '{task.name}' (trained by the Hugging Face "
-                         "Trainer); collect without it")
     eval_every = 1
     if eval_steps is not None:
         eval_every = eval_steps[1] - eval_steps[0] if len(eval_steps) > 1 else num_steps
@@ -162,7 +159,7 @@ def _collect_with_trainer(task: Task, out_dir, num_runs: int, num_steps: int, se
         if list(eval_steps) != regular:
             raise UsageError(f"eval_steps: task '{task.name}' evaluates every k-th step (and the last); "
                              f"give steps 0, k, 2k, ..., {num_steps}")
-    spec = trainer_spec(task, eval_every)
-    meta = collection_meta(task, num_steps, seed, sampler, eval_steps)
+    spec = trainer_spec(task, eval_every, checkpoint_steps)
+    meta = collection_meta(task, num_steps, seed, sampler, eval_steps, checkpoint_steps)
     return collect_spec(spec, out_dir, num_runs, num_steps, sampler, seed, meta, desc=f"collect {task.name}",
                         **options)

@@ -34,6 +34,7 @@ Ray tasks, with one GPU each when the cluster has GPUs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -132,6 +133,8 @@ class TrainerSpec:
             Trainer's ``train_dataset``) and of the test examples.
         eval_every, eval_batch_size: as in :class:`~simfluence.recorder.Recorder`.
         meta: JSON facts stored with every run.
+        checkpoint_steps: steps after which every collected run's model state is written to
+            the store (``0``: the start), as :meth:`RunStore.write_checkpoint` files.
     """
 
     make_trainer: MakeTrainer
@@ -143,6 +146,7 @@ class TrainerSpec:
     eval_every: int = 1
     eval_batch_size: int = 64
     meta: dict = field(default_factory=dict)
+    checkpoint_steps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,29 +167,165 @@ class TrainerChunk:
     curricula: np.ndarray | None = None
 
 
+Checkpoint = Callable[[int, dict[str, torch.Tensor]], object]
+"""``on_checkpoint(step, state_dict)``: the model's weights after ``step`` (0: before training)."""
+
+
+def _state_of(model: Any) -> dict[str, torch.Tensor]:
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
+class _StateCallbackImpl:
+    """Hands the model's state dict to ``on_checkpoint`` after each of ``steps`` (0: at ``on_train_begin``).
+
+    ``on_step_end`` comes after the optimizer and scheduler step, so the state after step ``t`` is
+    the one the next step's gradient is taken at. With ``stop``, training stops after the last
+    of ``steps`` (the schedule still spans the whole curriculum: ``max_steps`` is unchanged).
+    """
+
+    def __init__(self, steps: Sequence[int], on_checkpoint: Checkpoint, stop: bool = False):
+        self.steps = frozenset(int(step) for step in steps)
+        self.last = max(self.steps)
+        self.on_checkpoint = on_checkpoint
+        self.stop = stop
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if 0 in self.steps:
+            self.on_checkpoint(0, _state_of(model))
+        if self.stop and self.last == 0:
+            control.should_training_stop = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.stop and state.global_step >= self.last:   # stopped at step 0: take no step
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self.on_checkpoint(int(state.global_step), _state_of(model))
+        if self.stop and state.global_step >= self.last:
+            control.should_training_stop = True
+
+
+_state_callback_class: type | None = None
+
+
+def state_callback(steps: Sequence[int], on_checkpoint: Checkpoint, stop: bool = False) -> Any:
+    """A ``transformers.TrainerCallback`` calling ``on_checkpoint(step, state_dict)`` after each of ``steps``.
+
+    ``0`` is the model before the first step; state dicts are copies on the CPU. With ``stop`` the
+    Trainer stops after the last of ``steps``.
+    """
+    global _state_callback_class
+    if _state_callback_class is None:
+        from transformers import TrainerCallback
+
+        _state_callback_class = type("StateCallback", (_StateCallbackImpl, TrainerCallback),
+                                     {"__module__": __name__, "__qualname__": "StateCallback"})
+    return _state_callback_class(steps, on_checkpoint, stop)
+
+
+def run_trainer(make_trainer: MakeTrainer, run_index: int, curriculum: np.ndarray, *,
+                prepare: Callable[[Any], object] | None = None, checkpoint_steps: Sequence[int] = (),
+                on_checkpoint: Checkpoint | None = None, stop_after_checkpoints: bool = False) -> Any:
+    """Train a fresh ``make_trainer(run_index, curriculum)`` along ``curriculum``: the one Trainer code path.
+
+    Collection, retraining (:func:`train_recorded`) and replaying checkpoints (:func:`trainer_states`)
+    all train through here.
+
+    Args:
+        make_trainer: see :data:`MakeTrainer`.
+        run_index: passed to ``make_trainer``.
+        curriculum: int ``[T, B]``, ``-1`` pads.
+        prepare: called with the new trainer before training (e.g. a recorder's ``attach``).
+        checkpoint_steps: steps in ``0..T`` after which ``on_checkpoint(step, state_dict)`` is called.
+        on_checkpoint: see ``checkpoint_steps``.
+        stop_after_checkpoints: stop training after the last of ``checkpoint_steps``.
+
+    Returns:
+        The trainer, trained.
+    """
+    trainer = make_trainer(run_index, curriculum)
+    if prepare is not None:
+        prepare(trainer)
+    if checkpoint_steps:
+        if on_checkpoint is None:
+            raise UsageError("checkpoint_steps: given without on_checkpoint, so the checkpoints would be lost")
+        trainer.add_callback(state_callback(checkpoint_steps, on_checkpoint, stop_after_checkpoints))
+    use_curriculum(trainer, curriculum)
+    trainer.train()
+    return trainer
+
+
+def trainer_states(make_trainer: MakeTrainer, curriculum, steps: Sequence[int],
+                   run_index: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Model state dicts after each of ``steps`` (0: the start) of the Trainer run along ``curriculum``.
+
+    Trains through :func:`run_trainer` (as collection does) and stops after the last wanted step; the
+    learning-rate schedule is that of the whole curriculum. Runs are deterministic given the
+    curriculum when the model has no dropout (as :class:`~simfluence.tasks.finetune.MiniLMFinetune`).
+
+    Args:
+        make_trainer: see :data:`MakeTrainer`.
+        curriculum: int ``[T, B]``, ``-1`` pads (a step needs at least one example).
+        steps: steps in ``0..T``, any order, repeats allowed.
+        run_index: passed to ``make_trainer``.
+
+    Returns:
+        One state dict (CPU tensors) per distinct step, in increasing step order.
+    """
+    curriculum = np.asarray(curriculum)
+    if curriculum.ndim != 2:
+        raise UsageError(f"curriculum: expected one run's curriculum [T, B], got shape {curriculum.shape}")
+    wanted = sorted({int(step) for step in steps})
+    if not wanted or wanted[0] < 0 or wanted[-1] > curriculum.shape[0]:
+        raise UsageError(f"steps: must lie in 0..{curriculum.shape[0]}, got {list(steps)}")
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(step: int, state: dict[str, torch.Tensor]) -> None:
+        states[step] = state
+
+    run_trainer(make_trainer, run_index, curriculum, checkpoint_steps=wanted, on_checkpoint=keep,
+                stop_after_checkpoints=True)
+    missing = [step for step in wanted if step not in states]
+    if missing:
+        raise RuntimeError(f"trainer_states: the Trainer stopped before steps {missing}")
+    return [states[step] for step in wanted]
+
+
 def train_recorded(spec: TrainerSpec, store: str | os.PathLike | RunStore, run_index: int, curriculum: np.ndarray,
                    seed: int) -> Any:
     """Train one run of ``spec`` along ``curriculum`` with the real Trainer, recorded into ``store``.
+
+    With ``spec.checkpoint_steps`` the model's state after those steps is written to ``store``
+    too (before the run itself, so a finished run has all of them).
 
     Returns the :class:`~simfluence.runs.log.RunLog` written. Raises ``RuntimeError`` if the
     batches that reached the model differ from ``curriculum`` (an internal invariant).
     """
     from simfluence.recorder import SimfluenceCallback, auto_loss
 
-    trainer = spec.make_trainer(run_index, curriculum)
-    collate = spec.test_collate if spec.test_collate is not None else trainer.data_collator
-    if isinstance(spec.test_examples, dict):
-        collate = None
-    callback = SimfluenceCallback(
-        store, test_inputs=spec.test_examples, test_collate=collate, loss_fn=spec.loss_fn or auto_loss,
-        train_ids=list(spec.train_ids), test_ids=list(spec.test_ids), run_id=run_id_of(run_index),
-        eval_every=spec.eval_every, eval_batch_size=spec.eval_batch_size, seed=seed, overwrite=True,
-        meta={**spec.meta, "run_index": int(run_index)},
-    )
-    callback.attach(trainer)
-    use_curriculum(trainer, curriculum)
-    trainer.train()
-    log = callback.log
+    callbacks: list[Any] = []
+
+    def prepare(trainer: Any) -> None:
+        collate = spec.test_collate if spec.test_collate is not None else trainer.data_collator
+        if isinstance(spec.test_examples, dict):
+            collate = None
+        callback = SimfluenceCallback(
+            store, test_inputs=spec.test_examples, test_collate=collate, loss_fn=spec.loss_fn or auto_loss,
+            train_ids=list(spec.train_ids), test_ids=list(spec.test_ids), run_id=run_id_of(run_index),
+            eval_every=spec.eval_every, eval_batch_size=spec.eval_batch_size, seed=seed, overwrite=True,
+            meta={**spec.meta, "run_index": int(run_index)},
+        )
+        callback.attach(trainer)
+        callbacks.append(callback)
+
+    on_checkpoint = None
+    if spec.checkpoint_steps:
+        writer = store if isinstance(store, RunStore) else RunStore(store)
+        on_checkpoint = functools.partial(writer.write_checkpoint, run_id_of(run_index))
+    run_trainer(spec.make_trainer, run_index, curriculum, prepare=prepare, checkpoint_steps=spec.checkpoint_steps,
+                on_checkpoint=on_checkpoint)
+    log = callbacks[0].log
     if log is None:
         raise RuntimeError(f"run {run_index}: the Trainer finished without the callback writing the run")
     if not _same_batches(log.curriculum, curriculum):

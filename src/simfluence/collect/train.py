@@ -22,6 +22,7 @@ curriculum, which is what a simulator is asked to predict.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -227,14 +228,33 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
 def train_states(task: Task, curriculum, steps: Sequence[int]) -> list[dict[str, torch.Tensor]]:
     """Model state dicts after each of ``steps`` (0 = the starting checkpoint) along ``curriculum``.
 
-    Replays the same loop as :func:`train_run` (training is deterministic given the
-    curriculum), so these are the checkpoints that run would have passed through; used
-    by TracIn-CP.
+    Replays the run the way the task's runs are trained (training is deterministic given the
+    curriculum), so these are the checkpoints that run passed through: a ``"torch"`` task with
+    the loop of :func:`train_run`, a ``"trainer"`` task (``task.runner``) with its Hugging Face
+    ``Trainer`` through :func:`simfluence.collect.hf.trainer_states`, the code path its
+    collection takes. Used by TracIn-CP and the peers.
+
+    Args:
+        task: the task.
+        curriculum: int ``[T, B]``, ``-1`` pads.
+        steps: steps in ``0..T``.
+
+    Returns:
+        One state dict per distinct step, in increasing step order.
     """
     curriculum, _ = _check_curricula(task, curriculum, None, "train_states")
+    if curriculum.ndim != 2:
+        raise UsageError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}")
     wanted = sorted({int(step) for step in steps})
     if not wanted or wanted[0] < 0 or wanted[-1] > curriculum.shape[0]:
         raise UsageError(f"steps: must lie in 0..{curriculum.shape[0]}, got {list(steps)}")
+    if task.runner == "trainer":
+        from simfluence.collect.hf import trainer_states
+
+        trainer_task: Any = task   # a Trainer task has make_trainer
+        return trainer_states(trainer_task.make_trainer, curriculum, wanted)
+    if task.runner != "torch":
+        raise UsageError(f"task '{task.name}': unknown runner '{task.runner}'; expected 'torch' or 'trainer'")
     model = task.build_model().eval()
     optimizer = task.make_optimizer(model.parameters())
     states = {0: _state(model)} if 0 in wanted else {}

@@ -3,7 +3,8 @@ r"""Model checkpoints of replayed runs, and the learning-rate weight each checkp
 Attribution methods read a task's model at a few parameter values: the final weights of
 several independently trained runs (TRAK's ensemble), the weights along one run
 (TracIn-CP), or one trained model (influence functions). Training is deterministic given
-the curriculum (:mod:`simfluence.collect.train`), so these are replayed from curricula:
+the curriculum (:mod:`simfluence.collect.train`; a Hugging Face ``Trainer`` task through its
+Trainer, :func:`simfluence.collect.hf.trainer_states`), so these are replayed from curricula:
 
 * :func:`final_states`: the weights at the end of each of ``R`` runs.
 * :func:`checkpoint_weights`: for checkpoints taken at steps :math:`s_0 < \dots < s_{K-1}`
@@ -37,16 +38,14 @@ def final_states(task: Task, curricula) -> list[dict[str, torch.Tensor]]:
 
     Args:
         task: the task; runs are replayed with :func:`~simfluence.collect.train.train_runs_vmap`
-            (``VMAP_RUNS`` runs at a time) when its optimizer is plain SGD, else one by one
-            with :func:`~simfluence.collect.train.train_states` (the task's own optimizer).
+            (``VMAP_RUNS`` runs at a time) when it trains with plain SGD in our loop, else one by
+            one with :func:`~simfluence.collect.train.train_states` (the task's own optimizer, or
+            its Hugging Face ``Trainer`` for ``task.runner == "trainer"``).
         curricula: int ``[R, T, B]`` (or one ``[T, B]``) training-example indices, ``-1`` pads.
 
     Returns:
         ``R`` state dicts, in the order of ``curricula``.
     """
-    if task.runner != "torch":
-        raise UsageError(f"task '{task.name}' trains with the Hugging Face Trainer, which cannot be replayed "
-                         "here; give its checkpoints directly")
     curricula = np.asarray(curricula)
     if curricula.ndim == 2:
         curricula = curricula[None]
@@ -54,7 +53,7 @@ def final_states(task: Task, curricula) -> list[dict[str, torch.Tensor]]:
     if curricula.ndim != 3:
         raise UsageError(f"curricula: expected shape [runs, steps, batch], got {curricula.shape}")
     num_runs, num_steps, _ = curricula.shape
-    if task.optimizer != "sgd":
+    if task.optimizer != "sgd" or task.runner != "torch":   # one run at a time, as the task trains
         return [train_states(task, curriculum, [num_steps])[0] for curriculum in curricula]
     states: list[dict[str, torch.Tensor] | None] = [None] * num_runs
     for start in range(0, num_runs, VMAP_RUNS):

@@ -115,15 +115,21 @@ def frozen_heap():
 
 
 def classifies(task: Task, model: nn.Module) -> bool:
-    """Whether the task's outputs are class logits ``[n, C]`` for integer targets ``[n]``.
+    """Whether the task's outputs (or their ``.logits``) are class logits ``[n, C]`` for integer targets ``[n]``.
 
     Sampling labels from ``softmax(outputs)`` then gives the true Fisher.
     """
     inputs, targets = task.split_data("train")
     with torch.no_grad():
-        outputs = task.forward(model, take(inputs, torch.arange(1)))
+        outputs = logits_of(task.forward(model, take(inputs, torch.arange(1))))
     return (isinstance(outputs, torch.Tensor) and outputs.ndim == 2 and targets.ndim == 1
             and not targets.dtype.is_floating_point)
+
+
+def logits_of(outputs):
+    """The logits of a model's outputs: ``outputs.logits`` (Hugging Face model outputs) or ``outputs`` itself."""
+    logits = getattr(outputs, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else outputs
 
 
 def tracked_modules(model: nn.Module) -> list[str]:
@@ -160,7 +166,7 @@ def kronfluence_task(task: Task, modules: list[str]):
             outputs = task.forward(model, inputs)
             if sample:  # kronfluence asks for this only when use_empirical_fisher is False
                 with torch.no_grad():
-                    targets = torch.distributions.Categorical(logits=outputs.detach()).sample()
+                    targets = torch.distributions.Categorical(logits=logits_of(outputs).detach().float()).sample()
             return task.example_loss(outputs, targets).sum()
 
         def compute_measurement(self, batch, model) -> torch.Tensor:

@@ -99,14 +99,25 @@ def trained_layers(model: LossModel) -> list[str] | None:
     return layers
 
 
+GRADIENT_BYTES = 2 << 30
+"""Default memory for the test gradients captum holds at once (see :attr:`TracInCP.test_chunk_size`)."""
+
+
 @dataclass
 class TracInCP(Peer):
     """TracIn-CP scores from captum over checkpoints of one run.
 
+    captum's ``influence`` first computes the gradients of every test example it is given at every
+    checkpoint (``K x M' x P`` floats, ``P`` the trained weights: 17 GB for minilm-finetune's 48
+    test examples at 4 checkpoints), then passes once over the training set. So each checkpoint
+    gets its own captum call (summed here, each weighted by its ``w_k``), on at most
+    ``test_chunk_size`` test examples at a time; every extra test chunk costs another pass of
+    training gradients.
+
     Attributes:
         checkpoints: e.g. :func:`~simfluence.peers.base.trajectory_checkpoints` (weights set,
-            ``trainings`` = the fraction of the run replayed); cost is that plus ``K (N' + M')``
-            per-example gradients.
+            ``trainings`` = the fraction of the run replayed); cost is that plus ``K (N' C + M')``
+            per-example gradients for ``C`` test chunks.
     """
 
     name = "tracin"
@@ -116,18 +127,27 @@ class TracInCP(Peer):
     chunk_size: int = field(default=8, kw_only=True)
     """Examples per captum batch. captum's per-example path backpropagates each example's loss
     through its whole batch's graph, so the cost grows with batch size times examples: small
-    batches are fastest for larger models (tiny-lm: 8 is ~6x faster than 64, 256 ~40x slower)."""
+    batches are fastest for larger models (tiny-lm: 8 is ~6x faster than 64, 256 ~40x slower;
+    minilm-finetune: use 1)."""
+    test_chunk_size: int | None = None
+    """Test examples whose gradients captum holds at once (``test_chunk_size x P`` float32);
+    ``None``: as many as fit in ``GRADIENT_BYTES`` (2 GiB; all of them for small models)."""
 
     def _scores(self, task: Task, checkpoints: Checkpoints, train_index: np.ndarray, test_index: np.ndarray,
                 progress: bool) -> np.ndarray:
         from captum.influence import TracInCP as CaptumTracInCP
 
+        if self.test_chunk_size is not None and self.test_chunk_size < 1:
+            raise UsageError(f"test_chunk_size: must be >= 1 or None, got {self.test_chunk_size}")
         weights = (checkpoints.weights if checkpoints.weights is not None
                    else np.full(len(checkpoints), float(task.learning_rate)))
         train_inputs, train_targets = split_rows(task, "train", train_index)
         test_inputs, test_targets = split_rows(task, "test", test_index)
         keys = list(train_inputs) if isinstance(train_inputs, Mapping) else None
         model = LossModel(task, model_at(task, checkpoints.states[0]), keys)
+        num_params = sum(param.numel() for param in model.parameters() if param.requires_grad)
+        test_chunk = (self.test_chunk_size if self.test_chunk_size is not None
+                      else max(1, GRADIENT_BYTES // (4 * num_params)))
 
         def load(wrapper: LossModel, k: int) -> float:
             wrapper.model.load_state_dict(checkpoints.states[k])
@@ -136,9 +156,14 @@ class TracInCP(Peer):
 
         train_set = torch.utils.data.TensorDataset(*flat(train_inputs, train_targets, keys))
         test_set = torch.utils.data.TensorDataset(*flat(test_inputs, test_targets, keys))
-        test_loader = torch.utils.data.DataLoader(test_set, batch_size=self.chunk_size, shuffle=False)
-        tracin = CaptumTracInCP(model, train_set, checkpoints=list(range(len(checkpoints))),
-                                checkpoints_load_func=load, layers=trained_layers(model), loss_fn=None,
-                                batch_size=self.chunk_size, sample_wise_grads_per_batch=False)
-        scores = tracin.influence(test_loader, show_progress=progress)          # [M', N']
-        return -scores.to(torch.float64).numpy().T / task.num_train
+        scores = torch.zeros(test_index.size, train_index.size, dtype=torch.float64)     # [M', N']
+        for k in range(len(checkpoints)):
+            tracin = CaptumTracInCP(model, train_set, checkpoints=[k], checkpoints_load_func=load,
+                                    layers=trained_layers(model), loss_fn=None, batch_size=self.chunk_size,
+                                    sample_wise_grads_per_batch=False)
+            for start in range(0, int(test_index.size), test_chunk):
+                rows = range(start, min(start + test_chunk, int(test_index.size)))
+                loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, rows),
+                                                     batch_size=self.chunk_size, shuffle=False)
+                scores[start:rows.stop] += tracin.influence(loader, show_progress=progress).to(torch.float64)
+        return -scores.numpy().T / task.num_train

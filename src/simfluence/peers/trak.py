@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -153,7 +154,10 @@ class TRAK(Peer):
         train_inputs, train_targets = task.split_data("train")
         test_inputs, test_targets = split_rows(task, "test", test_index)
 
-        with tempfile.TemporaryDirectory(prefix="simfluence-trak-") as save_dir, _quiet_trak(progress):
+        with tempfile.TemporaryDirectory(prefix="simfluence-trak-") as save_dir, _quiet_trak(progress), \
+                warnings.catch_warnings():
+            # vmap over attention (minilm-finetune) falls back to a loop for the CPU attention backward
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             projector = NoOpProjector(device="cpu") if self.projector == "none" else None
             traker = TRAKer(model=model, task=loss_margin_output(task), train_set_size=num_train, save_dir=save_dir,
                             load_from_save_dir=True, device="cpu", projector=projector, proj_dim=proj_dim,

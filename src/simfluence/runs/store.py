@@ -32,7 +32,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -312,8 +313,50 @@ class RunStore:
         return {key.removeprefix("state."): torch.from_numpy(value) for key, value in arrays.items()
                 if key.startswith("state.")}
 
+    def stored_checkpoint(self, run_id: str, step: int) -> StoredCheckpoint:
+        """Run ``run_id``'s state after ``step`` as a read-on-access mapping (nothing held in memory).
+
+        For reading many big checkpoints one after another (e.g. TRAK's ensemble): each tensor is
+        read from the file when it is looked up, so ``model.load_state_dict`` of one of them holds
+        only that one state for the duration of the call.
+        """
+        path = self.checkpoint_path(run_id, step)
+        if not path.is_file():
+            self.read_checkpoint(run_id, step)   # the error naming the stored steps
+        return StoredCheckpoint(path)
+
     def __repr__(self) -> str:
         return f"RunStore('{self.root}', runs={len(self)}, train={self.train_ids.size}, test={self.test_ids.size})"
+
+
+class StoredCheckpoint(Mapping):
+    """A state dict stored as ``.npz`` (:meth:`RunStore.write_checkpoint`), read one tensor per lookup.
+
+    Keys are the state dict's keys; ``state[key]`` reads that member (without unpickling) as a tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with zipfile.ZipFile(self.path) as archive:
+            members = [name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")]
+        self._keys = tuple(name.removeprefix("state.") for name in members if name.startswith("state."))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        import torch
+
+        if key not in self._keys:
+            raise KeyError(key)
+        member = f"state.{key}"
+        return torch.from_numpy(read_npz_arrays(self.path, (member,), ())[member])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"StoredCheckpoint('{self.path}', tensors={len(self._keys)})"
 
 
 def _run_to_table(log: RunLog, digest: str, store_meta_digest: str) -> pa.Table:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,7 +41,7 @@ from torch.nn import functional as F
 
 from simfluence.errors import UsageError, require_extra
 from simfluence.func.devices import check_device
-from simfluence.tasks.base import Task, TaskData, check_split
+from simfluence.tasks.base import Inputs, Task, TaskData, check_split
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
     cached_tensors,
@@ -151,6 +152,17 @@ class MiniLMFinetune(Task):
         model = _bert_classifier(len(self.classes))
         model.classifier.load_state_dict(_warm_head(*self._key()))
         return model
+
+    def forward(self, model: nn.Module, inputs: Inputs, params: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """Model outputs, with ``attention_mask`` ``[n, L]`` handed over as the 4-D boolean mask ``[n, 1, 1, L]``.
+
+        The same numbers as the 2-D mask (Hugging Face expands it to this), but Hugging Face's own
+        expansion looks at the mask's values (to skip a mask without padding), which
+        ``torch.func.vmap`` refuses; per-example gradients (TRAK, gradient features) vmap over this.
+        """
+        if isinstance(inputs, Mapping) and "attention_mask" in inputs and inputs["attention_mask"].ndim == 2:
+            inputs = {**inputs, "attention_mask": inputs["attention_mask"][:, None, None, :].bool()}
+        return super().forward(model, inputs, params)
 
     def example_loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """Per-example cross-entropy ``[n]`` of the logits (``outputs.logits`` or ``outputs``)."""
