@@ -93,7 +93,9 @@ def gradient_products(task: Task, model: nn.Module, params: Mapping[str, torch.T
     r"""float64 ``[N, M]``: ``g_train_i . T(g_test_m)`` over the task's training and test sets.
 
     Args:
-        task, model, params: as for :func:`per_example_gradients`.
+        task: supplies the data and ``example_losses``.
+        model: the module whose parameters ``params`` replace (functionally).
+        params: name -> tensor, e.g. :func:`trainable_params` of a checkpoint.
         test_transform: maps a chunk of test gradients ``[m, P]`` (row by row) before the
             products (e.g. an inverse-Hessian solve for influence functions); by default the identity.
         chunk_size: training examples per vectorised gradient pass (fewer where ``chunk_size``

@@ -448,10 +448,11 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
         if ridge is not None or not (grow_low or grow_high):
             break
         low, high = low - 3 * grow_low, min(high + 3 * grow_high, 12)
-    if prior is not None and ridge is None:   # the scaled prior alone
+    if prior is not None and ridge is None:   # the scaled prior alone, also where it ties with a huge ridge
+        alone = errors_at(np.inf)
+        best = np.where(alone <= errors[best, np.arange(num_test)] * (1 + 1e-9), len(exponents), best)
         exponents.append(np.inf)
-        errors = np.vstack([errors, errors_at(np.inf)[None]])
-        best = errors.argmin(axis=0)
+        errors = np.vstack([errors, alone[None]])
     chosen = np.asarray(exponents)[best]
     ridges = np.full(num_test, ridge, dtype=np.float64) if ridge is not None else top * 10.0 ** chosen
     count = num_runs * (losses.shape[1] - 1) * num_test
