@@ -118,3 +118,31 @@ def test_auto_skips_it_for_runs_without_a_task():
     assert auto.chosen_ == "mean-trajectory"
     row = auto.fit_info["cv_table"][0]
     assert row["method"] == "gradient-trajectory" and row["cv_mse"] is None and "task" in row["skipped"]
+
+
+def test_end_to_end_on_digits_mlp():
+    import torch
+
+    from simfluence.collect import UniformSampler, train_runs_vmap
+    from simfluence.func.gradients import gradient_products, trainable_params
+    from simfluence.tasks import get_task
+
+    torch.set_num_threads(1)
+    task = get_task("digits-mlp", num_train=40, num_test=10)
+    sampler = UniformSampler(task.default_pool(), task.batch_size)
+    curricula = np.stack([sampler.sample(20, seed=r) for r in range(10)])
+    runs = RunSet.from_logs(train_runs_vmap(task, curricula), task.train_ids, task.test_ids, task.meta())
+    fitting, heldout = split_runs(runs, 3, 0)
+    start = GradientTrajectorySimulator(task=task, prior_checkpoint="start").fit(fitting)
+    model = task.build_model().eval()
+    np.testing.assert_allclose(start.prior_, -gradient_products(task, model, trainable_params(model)).numpy())
+    info = start.fit_info
+    assert (info["preconditioner"], info["normalise"], info["prior_step"]) == ("none", False, 0)   # SGD runs
+    middle = GradientTrajectorySimulator(task=task).fit(fitting)   # default: the middle checkpoint, normalised
+    assert (middle.fit_info["prior_step"], middle.fit_info["normalise"]) == (10, True)
+    assert not middle.fit_info["prior_cached"]
+    again = GradientTrajectorySimulator(task=task).fit(fitting)
+    assert again.fit_info["prior_cached"] and np.array_equal(again.coef_, middle.coef_)
+    predicted = middle.simulate(heldout.curricula, heldout.initial_losses)
+    assert predicted.shape == heldout.losses.shape and np.isfinite(predicted).all()
+    assert evaluate(middle, heldout).metrics.mse < evaluate(MeanTrajectorySimulator().fit(fitting), heldout).metrics.mse
