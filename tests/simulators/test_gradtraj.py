@@ -138,10 +138,10 @@ def test_end_to_end_on_digits_mlp():
     np.testing.assert_allclose(start.prior_, -gradient_products(task, model, trainable_params(model)).numpy())
     info = start.fit_info
     assert (info["preconditioner"], info["normalise"], info["prior_step"]) == ("none", False, 0)   # SGD runs
-    middle = GradientTrajectorySimulator(task=task).fit(fitting)   # default: the middle checkpoint, normalised
+    middle = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting)   # normalised rows
     assert (middle.fit_info["prior_step"], middle.fit_info["normalise"]) == (10, True)
     assert not middle.fit_info["prior_cached"]
-    again = GradientTrajectorySimulator(task=task).fit(fitting)
+    again = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting)
     assert again.fit_info["prior_cached"] and np.array_equal(again.coef_, middle.coef_)
     predicted = middle.simulate(heldout.curricula, heldout.initial_losses)
     assert predicted.shape == heldout.losses.shape and np.isfinite(predicted).all()

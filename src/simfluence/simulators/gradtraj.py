@@ -70,9 +70,9 @@ _CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
 class GradientTrajectoryConfig(TaskConfig, TrajectoryConfig):
     """Settings of ``gradient-trajectory``: linear-trajectory's, the task, and how the prior is computed."""
 
-    prior_checkpoint: str = setting("middle", "Weights the gradients are taken at: 'start' (the task's starting "
-                                    "model) or 'middle' (after T // 2 steps of the first fitting run's curriculum, "
-                                    "replayed).")
+    prior_checkpoint: str = setting("start", "Weights the gradients are taken at: 'start' (the task's starting "
+                                    "model; the same for any fitting runs, so computed once per process) or 'middle' "
+                                    "(after T // 2 steps of the first fitting run's curriculum, replayed).")
     preconditioner: str = setting("auto", "'adam': divide the products by Adam's diagonal sqrt(v) + eps (v: mean "
                                   "squared training gradient); 'none'; 'auto': 'adam' where the runs' meta names "
                                   "an Adam-family optimizer, else 'none'.")
@@ -103,7 +103,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
     r"""linear-trajectory with :math:`b^m = \sigma_m p^m + r^m` around a gradient prior (module docstring).
 
     Args:
-        prior_checkpoint: ``"middle"`` (default) or ``"start"``.
+        prior_checkpoint: ``"start"`` (default) or ``"middle"``.
         preconditioner: ``"auto"``, ``"adam"`` or ``"none"``.
         normalise: ``True``, ``False`` or ``"auto"`` (``True`` for ``"middle"``).
         chunk_size, test_chunk_size, memory_gb: the gradient passes' sizes and memory bound.
