@@ -129,6 +129,18 @@ class AutoSimulator(Simulator):
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
         return self.model_._simulate(curricula, initial)
 
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return self.model_._arrays()
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        model = self._saved_model
+        if model is None:
+            raise ValueError("the file does not say which candidate was chosen")
+        model.train_ids, model.test_ids, model.mean_change = self.train_ids, self.test_ids, self.mean_change
+        model.fit_digests, model.fit_info = self.fit_digests, {}
+        model._restore(arrays)
+        self.chosen_, self.model_ = model.kind, model
+
 
 def _missing_task(kind: str, runs: RunSet) -> str | None:
     """Why candidate ``kind`` cannot be fitted on ``runs`` for want of a task (``None``: it can).
@@ -150,15 +162,3 @@ def _missing_task(kind: str, runs: RunSet) -> str | None:
     if task.runner != "torch" and not declared.trainer_tasks:
         return f"cannot replay task '{task.name}' (trains with the Hugging Face Trainer)"
     return None
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return self.model_._arrays()
-
-    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        model = self._saved_model
-        if model is None:
-            raise ValueError("the file does not say which candidate was chosen")
-        model.train_ids, model.test_ids, model.mean_change = self.train_ids, self.test_ids, self.mean_change
-        model.fit_digests, model.fit_info = self.fit_digests, {}
-        model._restore(arrays)
-        self.chosen_, self.model_ = model.kind, model
