@@ -166,6 +166,7 @@ def test_benchmark_refuses_replaying_methods_on_a_trainer_task_before_collecting
     from simfluence.errors import UsageError
 
     assert set(sgd_replaying(["linear", "tracin-cp", "featurized", "hybrid"])) == {"tracin-cp", "featurized", "hybrid"}
+    assert sgd_replaying(["gradient-trajectory"]) == []   # the starting model, or a replay through the Trainer
     with pytest.raises(UsageError, match=r"Hugging Face Trainer, which \['tracin-cp'\] cannot replay"):
         run_benchmark(BenchmarkConfig(task="minilm-finetune", out_dir=str(tmp_path / "b"),
                                       methods=("linear", "tracin-cp")), progress=False)

@@ -87,12 +87,14 @@ def _fit_and_score(method: str, task, fitting: RunSet, heldout: RunSet) -> tuple
 
 
 def sgd_replaying(methods) -> list[str]:
-    """The simulator kinds among ``methods`` that read the task.
+    """The simulator kinds among ``methods`` that read the task in ways a Trainer task does not support.
 
     They replay its training with plain SGD or read its example features, which a Hugging Face
-    Trainer task's runs do not support.
+    Trainer task's runs do not support; kinds that declare ``trainer_tasks`` (they need only the
+    starting model and the task's own replay) are not among them.
     """
-    return [name for name in methods if name in ALL_METHODS and capabilities(name).task != "none"]
+    return [name for name in methods if name in ALL_METHODS and capabilities(name).task != "none"
+            and not capabilities(name).trainer_tasks]
 
 
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:

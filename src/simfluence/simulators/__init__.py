@@ -16,6 +16,7 @@ from simfluence.simulators.uncertainty import BootstrapLinearSimulator
 from simfluence.simulators.interaction import PairwiseSimulator
 from simfluence.simulators.gptfluence import GPTfluenceSimulator
 from simfluence.simulators.hybrid import HybridSimulator
+from simfluence.simulators.gradtraj import GradientTrajectorySimulator
 from simfluence.simulators.gradient import (
     GradDotScaledSimulator,
     GradDotSimulator,
@@ -57,6 +58,7 @@ __all__ = [
     "GPTfluenceSimulator",
     "GradDotScaledSimulator",
     "GradDotSimulator",
+    "GradientTrajectorySimulator",
     "HybridSimulator",
     "InfluenceScaledSimulator",
     "InfluenceSimulator",

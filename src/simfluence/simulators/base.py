@@ -101,6 +101,10 @@ class Capabilities:
             (:meth:`Simulator.column_rollout`).
         replay_runs: training runs whose checkpoints it reads instead of learning from the
             logged losses (``0``: the initial model only); ``None``: it learns from the runs.
+        trainer_tasks: it reads the task only through its starting model and its own
+            training (:func:`~simfluence.collect.train.train_states`), so it runs on tasks
+            trained with the Hugging Face Trainer too (the other task-reading kinds replay
+            plain SGD or read example features those tasks lack).
     """
 
     family: Literal["learned", "extension", "gradient", "baseline"]
@@ -115,6 +119,7 @@ class Capabilities:
     new_test_examples: bool = False
     column_rollout: bool = False
     replay_runs: int | None = None
+    trainer_tasks: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

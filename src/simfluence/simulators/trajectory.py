@@ -187,8 +187,13 @@ class TrajectorySimulator(Simulator):
     config: TrajectoryConfig
 
     # --- fitting ---------------------------------------------------------------------
+    def _effect_prior(self, runs: RunSet) -> np.ndarray | None:
+        """float64 ``[N, M]``: the direction :math:`p^m` each effect vector is shrunk towards (``None``: 0)."""
+        return None
+
     def _fit(self, runs: RunSet) -> None:
         config = self.config
+        prior = self._effect_prior(runs)
         losses = runs.losses.astype(np.float64)
         rates = step_weights(runs) if config.schedule else np.ones(runs.num_steps)
         positive = bool((losses > 0).all())
@@ -208,6 +213,8 @@ class TrajectorySimulator(Simulator):
             target = _transform(losses, space)
             x = _centred(features, target)[0]
             strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
+            if prior is not None:   # with a prior, the strongest shrinkage is the scaled prior itself
+                strong = np.inf
             error, ridges = float("nan"), np.full(runs.num_test, config.ridge if config.ridge is not None else strong)
             rank = config.rank if isinstance(config.rank, int) else 0   # "auto" without a search: full rank
         else:
@@ -215,25 +222,26 @@ class TrajectorySimulator(Simulator):
             for setting in itertools.product(spaces, momenta, decays):
                 features = trajectory_features(runs.curricula, runs.num_train, rates, *setting[1:])[:, runs.eval_steps]
                 target = _transform(losses, setting[0])
-                ridges, error = _cross_validate(features, target, losses, setting[0], folds, config.ridge)
+                ridges, error = _cross_validate(features, target, losses, setting[0], folds, config.ridge, prior)
                 table.append({"space": setting[0], "momentum": setting[1], "decay": setting[2], "cv_mse": error})
                 if best is None or error < best[0]:
                     best = (error, setting, features, target, ridges)
             assert best is not None   # the grid has at least one setting
             error, (space, momentum, decay), features, target, ridges = best
             ranks = [config.rank] if isinstance(config.rank, int) else _ranks(runs.num_train, runs.num_test)
-            rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks)
+            rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks, prior)
             error, rank = min(zip(rank_errors, ranks))
             if config.ridge is None:   # chosen on (K-1)/K of the runs: scale to the Gram of all of them
                 ridges = ridges * len(folds) / (len(folds) - 1)
-        coef, offset = _solve(features, target, ridges, rank)
-        self.coef_, self.ridge_, self.rates_ = coef, ridges, rates
+        coef, offset, scale = _solve(features, target, ridges, rank, prior)
+        self.coef_, self.ridge_, self.rates_, self.prior_scale_ = coef, ridges, rates, scale
         self.space_, self.momentum_, self.decay_ = space, momentum, decay
         self.offset_ = _interpolate(offset, runs.eval_steps, runs.num_steps)
         self.floor_, self.ceiling_ = _bounds(losses)
         self.rank_ = rank
+        finite = ridges[np.isfinite(ridges)]
         self.fit_info.update({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error,
-                              "ridge_median": float(np.median(ridges)), "cv_table": table})
+                              "ridge_median": float(np.median(finite)) if finite.size else None, "cv_table": table})
 
     # --- simulation ------------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
@@ -312,19 +320,46 @@ def _centred(features: np.ndarray, target: np.ndarray):
     return x, y, f_mean, d_mean
 
 
-def _solve(features: np.ndarray, target: np.ndarray, ridges: np.ndarray, rank: int = 0):
-    """Ridge coefficients ``[N, M]`` and the per-step offsets ``[K, M]``.
+def _prior_fit(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(s [M], y - s * (x @ prior))``: each test example's least-squares scale of its prior column.
 
-    One ridge strength per test example; the coefficients are reduced to ``rank`` unless 0.
+    Without a prior (or for a zero column) the scale is 0 and ``y`` is unchanged.
+    """
+    if prior is None:
+        return np.zeros(y.shape[-1]), y
+    fitted = x @ prior
+    denominator = (fitted * fitted).sum(axis=0)
+    scale = np.where(denominator > 0, (fitted * y).sum(axis=0) / np.where(denominator > 0, denominator, 1.0), 0.0)
+    return scale, y - fitted * scale
+
+
+def _shrunk(values: np.ndarray, projected: np.ndarray, ridges) -> np.ndarray:
+    """``projected / (values + ridge)`` per column; an infinite ridge gives 0 (no residual)."""
+    ridges = np.broadcast_to(np.asarray(ridges, dtype=np.float64), (projected.shape[-1],))
+    out = np.zeros_like(projected)
+    finite = np.isfinite(ridges)
+    out[:, finite] = projected[:, finite] / (values[:, None] + ridges[None, finite])
+    return out
+
+
+def _solve(features: np.ndarray, target: np.ndarray, ridges: np.ndarray, rank: int = 0,
+           prior: np.ndarray | None = None):
+    """Ridge coefficients ``[N, M]``, the per-step offsets ``[K, M]`` and the prior's scales ``[M]``.
+
+    One ridge strength per test example (``inf``: the scaled prior alone); the coefficients
+    (the residual around the scaled prior, when there is one) are reduced to ``rank`` unless 0.
     """
     x, y, f_mean, d_mean = _centred(features, target)
+    scale, y = _prior_fit(x, y, prior)
     values, vectors = np.linalg.eigh(x.T @ x)
     projected = vectors.T @ (x.T @ y)                                  # [N, M]
-    coef = vectors @ (projected / (np.maximum(values, 0)[:, None] + ridges[None, :]))
+    coef = vectors @ _shrunk(np.maximum(values, 0), projected, ridges)
     if rank:
         coef = _reduce(coef, x, [rank])[0]
+    if prior is not None:
+        coef = coef + prior * scale
     offset = np.vstack([np.zeros((1, target.shape[-1])), d_mean - f_mean @ coef])
-    return coef, offset
+    return coef, offset, scale
 
 
 def _ranks(num_train: int, num_test: int) -> list[int]:
@@ -344,17 +379,20 @@ def _reduce(coef: np.ndarray, x: np.ndarray, ranks: list[int]) -> list[np.ndarra
     return [coef if not k else (coef @ vt[:k].T) @ vt[:k] for k in ranks]
 
 
-def _rank_errors(features, target, losses, space, folds, ridges, ranks) -> list[float]:
+def _rank_errors(features, target, losses, space, folds, ridges, ranks, prior=None) -> list[float]:
     """Held-out-fold all-steps MSE (loss units) of each rank, at the chosen ridges."""
     num_runs = losses.shape[0]
     errors = np.zeros(len(ranks))
     for fold in folds:
         train = np.setdiff1d(np.arange(num_runs), fold)
         x, y, f_mean, d_mean = _centred(features[train], target[train])
+        scale, y = _prior_fit(x, y, prior)
         values, vectors = np.linalg.eigh(x.T @ x)
-        coef = vectors @ ((vectors.T @ (x.T @ y)) / (np.maximum(values, 0)[:, None] + ridges[None, :]))
+        coef = vectors @ _shrunk(np.maximum(values, 0), vectors.T @ (x.T @ y), ridges)
         base = target[fold][:, :1] + d_mean
         centred = features[fold][:, 1:] - f_mean
+        if prior is not None:
+            base = base + (centred @ prior) * scale
         for j, reduced in enumerate(_reduce(coef, x, ranks)):
             predicted = _to_losses(base + centred @ reduced, space, *_bounds(losses))
             errors[j] += ((predicted - losses[fold][:, 1:]) ** 2).sum()
@@ -362,10 +400,12 @@ def _rank_errors(features, target, losses, space, folds, ridges, ranks) -> list[
 
 
 def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray, space: str, folds: list,
-                    ridge: float | None) -> tuple[np.ndarray, float]:
+                    ridge: float | None, prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Each test example's ridge ``[M]`` and the resulting all-steps MSE in loss units.
 
-    The ridge is the grid value with the least held-out-fold error.
+    The ridge is the grid value with the least held-out-fold error. With a ``prior`` ``[N, M]``
+    the effects are its column scaled by least squares (in each fold) plus a ridge residual, and
+    ``inf`` (the scaled prior alone, no residual) joins the grid.
 
     The grid is one value per :data:`GRID_STEP` decades over :data:`GRID_DECADES` times the largest eigenvalue of
     the features' Gram matrix (on the first fold); where a test example's best value lies on an
@@ -378,18 +418,22 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
     for fold in folds:
         train = np.setdiff1d(np.arange(num_runs), fold)
         x, y, f_mean, d_mean = _centred(features[train], target[train])
+        scale, y = _prior_fit(x, y, prior)
         values, vectors = np.linalg.eigh(x.T @ x)
-        parts.append((np.maximum(values, 0), vectors.T @ (x.T @ y), (features[fold][:, 1:] - f_mean) @ vectors,
-                      target[fold][:, :1] + d_mean, losses[fold][:, 1:]))
+        centred = features[fold][:, 1:] - f_mean
+        base = target[fold][:, :1] + d_mean
+        if prior is not None:
+            base = base + (centred @ prior) * scale
+        parts.append((np.maximum(values, 0), vectors.T @ (x.T @ y), centred @ vectors, base, losses[fold][:, 1:]))
     top = max(float(parts[0][0].max()), 1e-12)
     cache: dict[float, np.ndarray] = {}
 
     def errors_at(exponent: float) -> np.ndarray:
         if exponent not in cache:
-            value = ridge if ridge is not None else top * 10.0 ** exponent
+            value = ridge if ridge is not None else top * 10.0 ** exponent   # exponent inf: no residual
             total = np.zeros(num_test)
             for values, projected, rotated, base, truth in parts:
-                predicted = _to_losses(base + rotated @ (projected / (values[:, None] + value)), space, *bounds)
+                predicted = _to_losses(base + rotated @ _shrunk(values, projected, value), space, *bounds)
                 total += ((predicted - truth) ** 2).sum(axis=(0, 1))
             cache[exponent] = total
         return cache[exponent]
@@ -404,6 +448,11 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
         if ridge is not None or not (grow_low or grow_high):
             break
         low, high = low - 3 * grow_low, min(high + 3 * grow_high, 12)
+    if prior is not None and ridge is None:   # the scaled prior alone, also where it ties with a huge ridge
+        alone = errors_at(np.inf)
+        best = np.where(alone <= errors[best, np.arange(num_test)] * (1 + 1e-9), len(exponents), best)
+        exponents.append(np.inf)
+        errors = np.vstack([errors, alone[None]])
     chosen = np.asarray(exponents)[best]
     ridges = np.full(num_test, ridge, dtype=np.float64) if ridge is not None else top * 10.0 ** chosen
     count = num_runs * (losses.shape[1] - 1) * num_test

@@ -1,0 +1,222 @@
+r"""``gradient-trajectory``: linear-trajectory whose effects are a scaled gradient prior plus a residual.
+
+``linear-trajectory`` (:mod:`simfluence.simulators.trajectory`) models the rolled-out trajectory
+
+.. math::
+
+    z^m_t = z^m_0 + G^m_t + F_t \cdot b^m, \qquad F_t = \delta F_{t-1} + s_t u_t,
+
+with a free effect vector :math:`b^m \in \mathbb{R}^N` per test example. From a few dozen runs
+those ``N`` free numbers are noisy. Here each is anchored to what the model's gradients say:
+
+.. math::
+
+    b^m = \sigma_m\, p^m + r^m,
+
+* :math:`p^m = -P_{:,m}`, minus a column of prior scores ``P`` ``[N, M]`` in which a positive
+  score means "training on ``i`` lowers the loss of ``m``". By default
+  :math:`P_{im} = g_i^\top D^{-1} g_m`, the gradient inner products of training example ``i``
+  and test example ``m`` at a checkpoint (``prior_checkpoint``), preconditioned by Adam's
+  diagonal :math:`D = \operatorname{diag}(\sqrt{v} + \epsilon)` (:math:`v` the mean squared
+  training gradient) for runs trained with Adam(W), and optionally with each training row
+  divided by its own preconditioned norm (``normalise``). Any other scores (TRAK, ...) can be
+  given instead: ``fit(runs, prior=scores)``.
+* :math:`\sigma_m`: one scalar per test example, the least-squares fit of the prior's rolled-out
+  trajectories to the centred fitting trajectories (the same centring as linear-trajectory's).
+* :math:`r^m`: a ridge residual on what the scaled prior leaves, its strength chosen per test
+  example by cross-validation over the fitting runs on linear-trajectory's data-scaled grid
+  **plus** :math:`\lambda = \infty` (no residual: the scaled prior alone).
+
+So the fit nests linear-trajectory's free fit (small :math:`\lambda`: the residual takes over), the
+"decay kernel" :math:`b^m = \sigma_m p^m` (:math:`\lambda = \infty`) and, with a zero prior and
+:math:`\lambda = \infty`, exactly the mean trajectory. ``space``, ``momentum``, ``decay``,
+``schedule`` and ``rank`` (applied to the residual) are linear-trajectory's settings, chosen the
+same way. The saved model holds :math:`b` itself, so loading needs no task.
+
+The gradients need the task (model and data): the one named in the runs' meta unless ``task``
+is given. ``prior_checkpoint="start"`` reads the starting model only; ``"middle"`` replays the
+first fitting run's curriculum for ``T // 2`` steps with :func:`~simfluence.collect.train.train_states`
+(through the Hugging Face Trainer for Trainer tasks), so it works on any task that can be
+replayed. Products are computed in bounded memory (:func:`~simfluence.func.gradients.gradient_products`)
+and kept in a small in-process cache keyed by the task, the checkpoint and the settings, so
+refitting on other runs of the same task (``auto``'s folds) does not recompute them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from simfluence.errors import UsageError
+from simfluence.runs.log import RunDataError, RunSet
+from simfluence.simulators.base import Capabilities, register
+from simfluence.simulators.config import TaskConfig, integer, one_of, positive, setting
+from simfluence.simulators.trajectory import TrajectoryConfig, TrajectorySimulator, adam_momentum
+
+CHECKPOINTS = ("start", "middle")
+PRECONDITIONERS = ("auto", "adam", "none")
+CACHE_SIZE = 4
+"""Gradient priors kept in memory (per process) for refits on the same task and checkpoint."""
+_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class GradientTrajectoryConfig(TaskConfig, TrajectoryConfig):
+    """Settings of ``gradient-trajectory``: linear-trajectory's, the task, and how the prior is computed."""
+
+    prior_checkpoint: str = setting("start", "Weights the gradients are taken at: 'start' (the task's starting "
+                                    "model; the same for any fitting runs, so computed once per process) or 'middle' "
+                                    "(after T // 2 steps of the first fitting run's curriculum, replayed).")
+    preconditioner: str = setting("auto", "'adam': divide the products by Adam's diagonal sqrt(v) + eps (v: mean "
+                                  "squared training gradient); 'none'; 'auto': 'adam' where the runs' meta names "
+                                  "an Adam-family optimizer, else 'none'.")
+    normalise: bool | str = setting("auto", "Divide each training example's row by its gradient's "
+                                    "(preconditioned) norm; 'auto': for prior_checkpoint='middle' only.")
+    chunk_size: int = setting(64, "Training examples per vectorised gradient pass (fewer where their gradients "
+                              "would exceed memory_gb).")
+    test_chunk_size: int | None = setting(None, "Test gradients held at once (one pass over the training "
+                                          "gradients per chunk); None: as many as fit in memory_gb.")
+    memory_gb: float = setting(1.0, "Bound, in GiB, on the gradients held at once on each side (test, training); "
+                               "peak memory is about three times this plus one forward/backward pass.")
+
+    def validate(self) -> None:
+        """linear-trajectory's and the task's checks, then the prior's settings."""
+        super().validate()
+        one_of("prior_checkpoint", self.prior_checkpoint, CHECKPOINTS)
+        one_of("preconditioner", self.preconditioner, PRECONDITIONERS)
+        if self.normalise != "auto" and not isinstance(self.normalise, bool):
+            raise UsageError(f"normalise: expected true, false or 'auto', got {self.normalise!r}")
+        self._set("chunk_size", integer("chunk_size", self.chunk_size, 1))
+        if self.test_chunk_size is not None:
+            self._set("test_chunk_size", integer("test_chunk_size", self.test_chunk_size, 1, " or None"))
+        self._set("memory_gb", positive("memory_gb", self.memory_gb))
+
+
+@register
+class GradientTrajectorySimulator(TrajectorySimulator):
+    r"""linear-trajectory with :math:`b^m = \sigma_m p^m + r^m` around a gradient prior (module docstring).
+
+    Args:
+        prior_checkpoint: ``"start"`` (default) or ``"middle"``.
+        preconditioner: ``"auto"``, ``"adam"`` or ``"none"``.
+        normalise: ``True``, ``False`` or ``"auto"`` (``True`` for ``"middle"``).
+        chunk_size, test_chunk_size, memory_gb: the gradient passes' sizes and memory bound.
+        task / task_options: the task the gradients come from (default: the runs' meta).
+        **trajectory: the settings of :class:`~simfluence.simulators.trajectory.TrajectorySimulator`.
+
+    ``fit(runs, prior=scores)`` takes the prior scores ``[N, M]`` (positive: helpful) instead of
+    computing gradients. Fitted state adds ``prior_`` ``[N, M]`` (:math:`p`), ``prior_scale_``
+    ``[M]`` (:math:`\sigma`) and ``ridge_`` with ``inf`` where a test example chose the prior
+    alone; ``fit_info`` adds ``prior`` (its source), ``prior_seconds``, ``prior_only`` (how many
+    test examples chose :math:`\lambda = \infty`), ``ridge_quantiles`` (of the finite ``ridge_``)
+    and ``prior_scale_median``.
+    """
+
+    kind = "gradient-trajectory"
+    capabilities = Capabilities("extension", task="optional", ridge=True, cross_validation=True, trainer_tasks=True)
+
+    config_class = GradientTrajectoryConfig
+    config: GradientTrajectoryConfig
+
+    def __init__(self, config: GradientTrajectoryConfig | None = None, **settings: Any):
+        super().__init__(config, **settings)
+        self._given_prior: np.ndarray | None = None
+
+    def fit(self, runs: RunSet, prior: Any = None) -> GradientTrajectorySimulator:
+        """Learn from ``runs``; ``prior`` float ``[N, M]`` scores (positive: helpful) skip the gradients."""
+        if prior is not None:
+            scores = np.asarray(prior, dtype=np.float64)
+            if isinstance(runs, RunSet) and scores.shape != (runs.num_train, runs.num_test):
+                raise RunDataError("<prior>", "prior", f"shape {scores.shape} does not match (training, test "
+                                   f"examples) = ({runs.num_train}, {runs.num_test})")
+            if not np.isfinite(scores).all():
+                raise RunDataError("<prior>", "prior", "holds NaN or inf values")
+            self._given_prior = scores
+        try:
+            super().fit(runs)
+        finally:
+            self._given_prior = None
+        return self
+
+    def _effect_prior(self, runs: RunSet) -> np.ndarray:
+        start = time.perf_counter()
+        if self._given_prior is not None:
+            scores, source, cached = self._given_prior, "given", False
+        else:
+            scores, source, cached = self._gradient_scores(runs)
+        self.prior_ = -scores
+        self.fit_info.update(prior=source, prior_seconds=time.perf_counter() - start, prior_cached=cached)
+        return self.prior_
+
+    def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, bool]:
+        from simfluence.collect.train import train_states
+        from simfluence.func.gradients import gradient_products
+        from simfluence.simulators.gradient import _state_params
+        from simfluence.tasks.registry import task_for_runs
+
+        config = self.config
+        task = task_for_runs(self.task_spec, config.task_options, runs.meta,
+                             "pass task=... (the Task the runs were collected from), or fit(runs, prior=scores)")
+        for name, mine, theirs in (("train_ids", task.train_ids, runs.train_ids),
+                                   ("test_ids", task.test_ids, runs.test_ids)):
+            if not np.array_equal(mine, theirs):
+                raise RunDataError("<runs>", name, f"differ from task '{task.name}'s ids",
+                                   "fit on runs collected from that task, or pass prior=scores")
+        adam = adam_momentum(runs.meta) is not None
+        preconditioner = config.preconditioner if config.preconditioner != "auto" else ("adam" if adam else "none")
+        normalise = config.normalise if config.normalise != "auto" else config.prior_checkpoint == "middle"
+        trainer = runs.meta.get("trainer")
+        eps = trainer.get("adam_epsilon") if isinstance(trainer, dict) else None
+        eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-8
+        step = runs.num_steps // 2 if config.prior_checkpoint == "middle" else 0
+        curriculum = runs.curricula[0] if step else None
+        replayed = None if curriculum is None else np.ascontiguousarray(curriculum[:step]).tobytes()
+        key = (task.name, json.dumps(task.config(), sort_keys=True, default=str), step,
+               None if replayed is None else hashlib.sha256(replayed).hexdigest(), preconditioner, eps, bool(normalise))
+        source = (f"gradients after step {step} of the first fitting run" if step else "gradients at the start") \
+            + f" ({'Adam-preconditioned' if preconditioner == 'adam' else 'plain'}"  \
+            + f"{', normalised training rows' if normalise else ''})"
+        self.fit_info.update(task=task.name, prior_step=step, preconditioner=preconditioner, normalise=bool(normalise))
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key], source, True
+        state = train_states(task, curriculum, [step])[0] if step else None
+        model, params = _state_params(task, state)
+        scores = gradient_products(task, model, params, chunk_size=config.chunk_size,
+                                   preconditioner=None if preconditioner == "none" else "adam", eps=eps,
+                                   normalise_train=bool(normalise), test_chunk_size=config.test_chunk_size,
+                                   memory_bytes=int(config.memory_gb * 2 ** 30)).numpy()
+        _CACHE[key] = scores
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return scores, source, False
+
+    def _fit(self, runs: RunSet) -> None:
+        super()._fit(runs)
+        ridges = self.ridge_
+        finite = ridges[np.isfinite(ridges)]
+        self.fit_info.update(
+            prior_only=int((~np.isfinite(ridges)).sum()),
+            ridge_quantiles=np.quantile(finite, [0, 0.25, 0.5, 0.75, 1]).tolist() if finite.size else None,
+            prior_scale_median=float(np.median(self.prior_scale_)))
+
+    # --- persistence -----------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = super()._arrays()
+        arrays["ridge"] = np.where(np.isfinite(self.ridge_), self.ridge_, -1.0)   # -1: the prior alone
+        arrays.update(prior=self.prior_, prior_scale=self.prior_scale_)
+        return arrays
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        super()._restore(arrays)
+        self.ridge_ = np.where(self.ridge_ < 0, np.inf, self.ridge_)
+        self.prior_ = np.asarray(arrays["prior"], dtype=np.float64)
+        self.prior_scale_ = np.asarray(arrays["prior_scale"], dtype=np.float64)
+        if self.prior_.shape != self.coef_.shape or self.prior_scale_.shape != (self.test_ids.size,):
+            raise ValueError("prior shapes do not match the ids")

@@ -1,0 +1,148 @@
+"""gradient-trajectory: a scaled prior plus a cross-validated residual; nesting, persistence, a real task."""
+
+import numpy as np
+import pytest
+
+from simfluence import RunSet
+from simfluence.evaluate import evaluate, split_runs
+from simfluence.simulators import (
+    AutoSimulator,
+    GradientTrajectorySimulator,
+    MeanTrajectorySimulator,
+    Simulator,
+    TrajectorySimulator,
+)
+from synthetic import trajectory_runs
+
+
+def prior_runs(seed=0, num_train=30, num_test=8, num_runs=24, num_steps=40, batch=4, residual=0.0, noise=1e-3):
+    """Runs whose true effects are ``b^m = -s_m P[:, m] + residual``, with warm-up/decay rates and momentum 0.9.
+
+    Returns ``(runs, scores P, scales s, b)``.
+    """
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0, 1, (num_train, num_test))
+    scales = rng.uniform(0.01, 0.03, num_test)
+    b = -scores * scales + residual * rng.normal(0, 0.02, (num_train, num_test))
+    steps = np.arange(1, num_steps + 1)
+    warmup = 5
+    rates = np.where(steps <= warmup, (steps - 1) / warmup, (num_steps - steps + 1) / (num_steps - warmup)) * 1e-3
+    curricula = rng.integers(0, num_train, (num_runs, num_steps, batch))
+    losses = np.zeros((num_runs, num_steps + 1, num_test))
+    for r in range(num_runs):
+        smoothed, features = np.zeros(num_train), np.zeros(num_train)
+        losses[r, 0] = 3.0
+        for t in range(num_steps):
+            x = np.bincount(curricula[r, t], minlength=num_train) / batch
+            smoothed = 0.9 * smoothed + 0.1 * x
+            features = features + rates[t] / rates.max() * smoothed
+            losses[r, t + 1] = 3.0 - 0.01 * (t + 1) + features @ b + rng.normal(0, noise, num_test)
+    meta = {"task": "synthetic-trajectory", "optimizer": "adamw", "learning_rates": rates.tolist()}
+    ids = [f"train-{i}" for i in range(num_train)], [f"test-{m}" for m in range(num_test)]
+    return RunSet.create(curricula, losses, *ids, meta=meta), scores, scales, b
+
+
+def test_recovers_a_scaled_prior_with_its_schedule():
+    runs, scores, scales, b = prior_runs(seed=1, residual=0.05)
+    fitting, heldout = split_runs(runs, 6, 0)
+    model = GradientTrajectorySimulator(space="loss", decay=1.0).fit(fitting, prior=scores)
+    assert model.momentum_ == 0.9
+    np.testing.assert_allclose(model.prior_scale_, scales, rtol=0.1)
+    assert np.corrcoef(model.coef_.ravel(), b.ravel())[0, 1] > 0.99
+    result = evaluate(model, heldout).metrics
+    baseline = evaluate(MeanTrajectorySimulator().fit(fitting), heldout).metrics
+    free = evaluate(TrajectorySimulator(space="loss", decay=1.0).fit(fitting), heldout).metrics
+    assert result.mse < 0.05 * baseline.mse and result.final_mse < 0.05 * baseline.final_mse
+    assert result.mse < free.mse and result.across_run_spearman > 0.9
+    unscheduled = GradientTrajectorySimulator(space="loss", decay=1.0, schedule=False).fit(fitting, prior=scores)
+    assert result.mse < 0.5 * evaluate(unscheduled, heldout).metrics.mse
+    info = model.fit_info
+    assert info["prior"] == "given" and 0 <= info["prior_only"] <= runs.num_test
+
+
+def test_an_exact_prior_is_chosen_alone_and_a_useless_one_is_corrected():
+    runs, scores, _, _ = prior_runs(seed=2, residual=0.0, noise=1e-4)
+    fitting, heldout = split_runs(runs, 6, 0)
+    exact = GradientTrajectorySimulator(space="loss", decay=1.0, momentum=0.9).fit(fitting, prior=scores)
+    assert exact.fit_info["prior_only"] >= runs.num_test // 2, exact.ridge_
+    # Effects unrelated to the prior: the residual takes over, about as well as linear-trajectory's free fit.
+    other, _, _ = trajectory_runs(seed=3)
+    fitting, heldout = split_runs(other, 6, 0)
+    noise = np.random.default_rng(0).normal(size=(other.num_train, other.num_test))
+    corrected = GradientTrajectorySimulator(space="loss", decay=1.0, rank=0).fit(fitting, prior=noise)
+    free = TrajectorySimulator(space="loss", decay=1.0, rank=0).fit(fitting)
+    assert np.isfinite(corrected.ridge_).mean() > 0.5
+    assert evaluate(corrected, heldout).metrics.mse < 1.5 * evaluate(free, heldout).metrics.mse
+
+
+def test_a_zero_prior_alone_is_exactly_the_mean_trajectory():
+    runs, _, _, _ = prior_runs(seed=4, num_runs=6)
+    fitting, heldout = runs.select(np.arange(3)), runs.select(np.arange(3, 6))
+    zero = np.zeros((runs.num_train, runs.num_test))
+    model = GradientTrajectorySimulator().fit(fitting, prior=zero)   # too few runs to cross-validate: prior alone
+    assert np.isinf(model.ridge_).all() and (model.coef_ == 0).all()
+    np.testing.assert_allclose(model.simulate(heldout.curricula, heldout.initial_losses),
+                               MeanTrajectorySimulator().fit(fitting).simulate(heldout.curricula,
+                                                                                heldout.initial_losses),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    runs, scores, _, _ = prior_runs(seed=5, num_runs=12, residual=0.05)
+    model = GradientTrajectorySimulator(decay=1.0).fit(runs, prior=scores)
+    model.save(tmp_path / "m.npz")
+    loaded = Simulator.load(tmp_path / "m.npz")
+    assert isinstance(loaded, GradientTrajectorySimulator)
+    np.testing.assert_array_equal(loaded.ridge_, model.ridge_)
+    np.testing.assert_array_equal(loaded.prior_scale_, model.prior_scale_)
+    np.testing.assert_array_equal(loaded.prior_, model.prior_)
+    np.testing.assert_array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
+                                  model.simulate(runs.curricula, runs.initial_losses))
+
+
+def test_bad_inputs_are_one_line_errors():
+    runs, scores, _, _ = prior_runs(seed=6, num_runs=6)
+    for params, message in (({"prior_checkpoint": "end"}, "prior_checkpoint"), ({"preconditioner": "kfac"},
+                            "preconditioner"), ({"normalise": "yes"}, "normalise"), ({"memory_gb": 0}, "memory_gb")):
+        with pytest.raises(ValueError, match=f"^{message}:"):
+            GradientTrajectorySimulator(**params)
+    with pytest.raises(ValueError, match="shape"):
+        GradientTrajectorySimulator().fit(runs, prior=scores[:, :3])
+    with pytest.raises(ValueError, match="task"):   # no prior, and the runs' task is not registered
+        GradientTrajectorySimulator().fit(runs)
+
+
+def test_auto_skips_it_for_runs_without_a_task():
+    runs, _, _, _ = prior_runs(seed=7, num_runs=12)
+    auto = AutoSimulator(candidates=("gradient-trajectory", "mean-trajectory")).fit(runs)
+    assert auto.chosen_ == "mean-trajectory"
+    row = auto.fit_info["cv_table"][0]
+    assert row["method"] == "gradient-trajectory" and row["cv_mse"] is None and "task" in row["skipped"]
+
+
+def test_end_to_end_on_digits_mlp():
+    import torch
+
+    from simfluence.collect import UniformSampler, train_runs_vmap
+    from simfluence.func.gradients import gradient_products, trainable_params
+    from simfluence.tasks import get_task
+
+    torch.set_num_threads(1)
+    task = get_task("digits-mlp", num_train=40, num_test=10)
+    sampler = UniformSampler(task.default_pool(), task.batch_size)
+    curricula = np.stack([sampler.sample(20, seed=r) for r in range(10)])
+    runs = RunSet.from_logs(train_runs_vmap(task, curricula), task.train_ids, task.test_ids, task.meta())
+    fitting, heldout = split_runs(runs, 3, 0)
+    start = GradientTrajectorySimulator(task=task, prior_checkpoint="start").fit(fitting)
+    model = task.build_model().eval()
+    np.testing.assert_allclose(start.prior_, -gradient_products(task, model, trainable_params(model)).numpy())
+    info = start.fit_info
+    assert (info["preconditioner"], info["normalise"], info["prior_step"]) == ("none", False, 0)   # SGD runs
+    middle = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting)   # normalised rows
+    assert (middle.fit_info["prior_step"], middle.fit_info["normalise"]) == (10, True)
+    assert not middle.fit_info["prior_cached"]
+    again = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting)
+    assert again.fit_info["prior_cached"] and np.array_equal(again.coef_, middle.coef_)
+    predicted = middle.simulate(heldout.curricula, heldout.initial_losses)
+    assert predicted.shape == heldout.losses.shape and np.isfinite(predicted).all()
+    assert evaluate(middle, heldout).metrics.mse < evaluate(MeanTrajectorySimulator().fit(fitting), heldout).metrics.mse
