@@ -124,7 +124,7 @@ def test_end_to_end_on_digits_mlp():
     import torch
 
     from simfluence.collect import UniformSampler, train_runs_vmap
-    from simfluence.func.gradients import gradient_products, trainable_params
+    from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
     from simfluence.tasks import get_task
 
     torch.set_num_threads(1)
@@ -133,11 +133,18 @@ def test_end_to_end_on_digits_mlp():
     curricula = np.stack([sampler.sample(20, seed=r) for r in range(10)])
     runs = RunSet.from_logs(train_runs_vmap(task, curricula), task.train_ids, task.test_ids, task.meta())
     fitting, heldout = split_runs(runs, 3, 0)
-    start = GradientTrajectorySimulator(task=task, prior_checkpoint="start").fit(fitting)
+    start = GradientTrajectorySimulator(task=task, prior_checkpoint="start", normalise=False).fit(fitting)
     model = task.build_model().eval()
-    np.testing.assert_allclose(start.prior_, -gradient_products(task, model, trainable_params(model)).numpy())
+    raw = gradient_products(task, model, trainable_params(model)).numpy()
+    np.testing.assert_allclose(start.prior_, -raw)
     info = start.fit_info
     assert (info["preconditioner"], info["normalise"], info["prior_step"]) == ("none", False, 0)   # SGD runs
+    # Normalised rows (the default): each training row divided by its gradient's norm, computed here
+    # from the per-example gradients themselves.
+    grads = per_example_gradients(task, model, trainable_params(model), task.data.train_inputs,
+                                  task.data.train_targets).to(torch.float64)
+    normalised = GradientTrajectorySimulator(task=task, prior_checkpoint="start").fit(fitting)
+    np.testing.assert_allclose(normalised.prior_, -raw / grads.norm(dim=1).numpy()[:, None], rtol=1e-5)
     middle = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting)   # normalised rows
     assert (middle.fit_info["prior_step"], middle.fit_info["normalise"]) == (10, True)
     assert not middle.fit_info["prior_cached"]
