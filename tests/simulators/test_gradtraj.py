@@ -24,22 +24,9 @@ def prior_runs(seed=0, num_train=30, num_test=8, num_runs=24, num_steps=40, batc
     scores = rng.normal(0, 1, (num_train, num_test))
     scales = rng.uniform(0.01, 0.03, num_test)
     b = -scores * scales + residual * rng.normal(0, 0.02, (num_train, num_test))
-    steps = np.arange(1, num_steps + 1)
-    warmup = 5
-    rates = np.where(steps <= warmup, (steps - 1) / warmup, (num_steps - steps + 1) / (num_steps - warmup)) * 1e-3
-    curricula = rng.integers(0, num_train, (num_runs, num_steps, batch))
-    losses = np.zeros((num_runs, num_steps + 1, num_test))
-    for r in range(num_runs):
-        smoothed, features = np.zeros(num_train), np.zeros(num_train)
-        losses[r, 0] = 3.0
-        for t in range(num_steps):
-            x = np.bincount(curricula[r, t], minlength=num_train) / batch
-            smoothed = 0.9 * smoothed + 0.1 * x
-            features = features + rates[t] / rates.max() * smoothed
-            losses[r, t + 1] = 3.0 - 0.01 * (t + 1) + features @ b + rng.normal(0, noise, num_test)
-    meta = {"task": "synthetic-trajectory", "optimizer": "adamw", "learning_rates": rates.tolist()}
-    ids = [f"train-{i}" for i in range(num_train)], [f"test-{m}" for m in range(num_test)]
-    return RunSet.create(curricula, losses, *ids, meta=meta), scores, scales, b
+    runs, _, _ = trajectory_runs(num_runs=num_runs, num_steps=num_steps, batch=batch, seed=seed + 1000, noise=noise,
+                                 momentum=0.9, decay=1.0, effects=b)
+    return runs, scores, scales, b
 
 
 def test_recovers_a_scaled_prior_with_its_schedule():

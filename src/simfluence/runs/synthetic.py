@@ -199,15 +199,20 @@ def large_linear_runs(num_train: int, num_test: int, num_runs: int, num_steps: i
 # --- linear-trajectory ----------------------------------------------------------------
 def trajectory_runs(num_train: int = 30, num_test: int = 8, num_runs: int = 24, num_steps: int = 40, batch: int = 4,
                     seed: int = 0, noise: float = 1e-3, momentum: float = 0.9, decay: float = 1.0, rank: int = 2,
-                    warmup: int = 5) -> tuple[RunSet, np.ndarray, np.ndarray]:
+                    warmup: int = 5, effects: np.ndarray | None = None) -> tuple[RunSet, np.ndarray, np.ndarray]:
     """Runs drawn from a known ``linear-trajectory`` model with an AdamW-like schedule and momentum.
 
     ``L_t = L_0 + G_t + F_t b`` with ``F`` built independently of the library (a loop over
-    steps), ``b`` ``[N, M]`` of rank ``rank``, a warm-up then linear-decay schedule recorded in
-    the meta as ``learning_rates``. Returns ``(runs, b, rates)``, ``rates`` float64 ``[T]``.
+    steps), ``b`` ``[N, M]`` of rank ``rank`` (or ``effects``, given), a warm-up then linear-decay
+    schedule recorded in the meta as ``learning_rates``. Returns ``(runs, b, rates)``, ``rates``
+    float64 ``[T]``.
     """
     rng = np.random.default_rng(seed)
-    b = rng.normal(0, 1, (num_train, rank)) @ rng.normal(0, 0.02, (rank, num_test)) - 0.01
+    if effects is None:
+        b = rng.normal(0, 1, (num_train, rank)) @ rng.normal(0, 0.02, (rank, num_test)) - 0.01
+    else:
+        b = np.asarray(effects, dtype=np.float64)
+        num_train, num_test = b.shape
     steps = np.arange(1, num_steps + 1)
     rates = np.where(steps <= warmup, (steps - 1) / warmup, (num_steps - steps + 1) / (num_steps - warmup)) * 1e-3
     curricula = rng.integers(0, num_train, (num_runs, num_steps, batch))
