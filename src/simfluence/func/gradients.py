@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from simfluence.errors import UsageError
 from simfluence.tasks.base import Inputs, Task, num_examples, take
 
 
@@ -115,7 +116,7 @@ def gradient_products(task: Task, model: nn.Module, params: Mapping[str, torch.T
     ``chunk_size`` examples and, with the preconditioner, two ``[P]`` vectors.
     """
     if preconditioner not in (None, "adam"):
-        raise ValueError(f"preconditioner: expected None or 'adam', got {preconditioner!r}")
+        raise UsageError(f"preconditioner: expected None or 'adam', got {preconditioner!r}")
     data = task.data
     size = sum(value.numel() for value in params.values())
     fits = max(1, memory_bytes // max(4 * size, 1))
