@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from simfluence.errors import UsageError
-from simfluence.runs.log import RunDataError, RunSet
+from simfluence.errors import SimfluenceError, UsageError
+from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
 from simfluence.simulators.config import SimulatorConfig, integer, setting
 
@@ -165,7 +165,7 @@ def _missing_task(kind: str, runs: RunSet) -> str | None:
         return None
     try:
         task = task_for_runs(None, None, runs.meta, "")
-    except (RunDataError, UsageError, ImportError, OSError, TypeError, ValueError) as error:
+    except SimfluenceError as error:   # no task in the meta, an unknown task, a missing extra
         return f"needs the task: {error}"
     if task.runner != "torch" and not declared.trainer_tasks:
         return f"cannot replay task '{task.name}' (trains with the Hugging Face Trainer)"
