@@ -60,7 +60,7 @@ from torch import nn
 
 from simfluence.errors import UsageError
 from simfluence.peers.base import Checkpoints, Peer, model_at, split_rows
-from simfluence.tasks.base import Inputs, Task, num_examples, take
+from simfluence.tasks.base import Inputs, Task, logits_of, num_examples, take
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHERS = ("auto", "true", "empirical")
@@ -124,12 +124,6 @@ def classifies(task: Task, model: nn.Module) -> bool:
         outputs = logits_of(task.forward(model, take(inputs, torch.arange(1))))
     return (isinstance(outputs, torch.Tensor) and outputs.ndim == 2 and targets.ndim == 1
             and not targets.dtype.is_floating_point)
-
-
-def logits_of(outputs):
-    """The logits of a model's outputs: ``outputs.logits`` (Hugging Face model outputs) or ``outputs`` itself."""
-    logits = getattr(outputs, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else outputs
 
 
 def tracked_modules(model: nn.Module) -> list[str]:

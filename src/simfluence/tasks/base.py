@@ -251,6 +251,12 @@ def check_split(split: str) -> str:
     return split
 
 
+def logits_of(outputs: Any) -> Any:
+    """The logits of a model's outputs: ``outputs.logits`` (Hugging Face model outputs) or ``outputs`` itself."""
+    logits = getattr(outputs, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else outputs
+
+
 def output_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``softmax(logits) - one_hot(targets)`` ``[n, C]``: the cross-entropy gradient w.r.t. the logits."""
     return torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(targets, logits.shape[-1]).to(logits.dtype)

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from simfluence.errors import UsageError, require_extra
 from simfluence.func.devices import check_device
-from simfluence.tasks.base import Inputs, Task, TaskData, check_split
+from simfluence.tasks.base import Inputs, Task, TaskData, check_split, logits_of
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
     cached_tensors,
@@ -166,8 +166,7 @@ class MiniLMFinetune(Task):
 
     def example_loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """Per-example cross-entropy ``[n]`` of the logits (``outputs.logits`` or ``outputs``)."""
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs
-        return F.cross_entropy(logits.float(), targets, reduction="none")
+        return F.cross_entropy(logits_of(outputs).float(), targets, reduction="none")
 
     def learning_rates(self, num_steps: int) -> np.ndarray:
         """float64 ``[T]``: the rate the Trainer's scheduler gives each step.

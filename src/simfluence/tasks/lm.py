@@ -63,7 +63,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfluence.errors import UsageError
-from simfluence.tasks.base import Task, TaskData, check_split
+from simfluence.tasks.base import Task, TaskData, check_split, logits_of
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
     cached_tensors,
@@ -152,8 +152,7 @@ class TinyLM(Task):
 
     def example_loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
         """Per-example mean next-token cross-entropy ``[n]`` (see :func:`mean_token_loss`)."""
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs
-        return mean_token_loss(logits, targets)
+        return mean_token_loss(logits_of(outputs), targets)
 
     def example_features(self, split: str) -> np.ndarray:
         """float32 ``[n, n_embd]``: the pretrained model's last hidden state, averaged over the tokens."""
