@@ -51,6 +51,7 @@ from simfluence.collect.executors import Executor, get_executor, run_id_of, spli
 from simfluence.errors import UsageError, require_extra
 from simfluence.runs.log import PAD, validate_curriculum
 from simfluence.runs.store import RunStore
+from simfluence.tasks.base import state_copy
 from simfluence.threads import torch_threads
 
 MakeTrainer = Callable[[int, np.ndarray], Any]
@@ -171,10 +172,6 @@ Checkpoint = Callable[[int, dict[str, torch.Tensor]], object]
 """``on_checkpoint(step, state_dict)``: the model's weights after ``step`` (0: before training)."""
 
 
-def _state_of(model: Any) -> dict[str, torch.Tensor]:
-    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
-
-
 class _StateCallbackImpl:
     """Hands the model's state dict to ``on_checkpoint`` after each of ``steps`` (0: at ``on_train_begin``).
 
@@ -191,7 +188,7 @@ class _StateCallbackImpl:
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if 0 in self.steps:
-            self.on_checkpoint(0, _state_of(model))
+            self.on_checkpoint(0, state_copy(model))
         if self.stop and self.last == 0:
             control.should_training_stop = True
 
@@ -201,7 +198,7 @@ class _StateCallbackImpl:
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
-            self.on_checkpoint(int(state.global_step), _state_of(model))
+            self.on_checkpoint(int(state.global_step), state_copy(model))
         if self.stop and state.global_step >= self.last:
             control.should_training_stop = True
 

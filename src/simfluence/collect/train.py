@@ -30,7 +30,7 @@ from torch.func import vmap
 
 from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunLog, validate_curriculum, validate_eval_steps
-from simfluence.tasks.base import Task, take
+from simfluence.tasks.base import Task, state_copy, take
 
 EVAL_CHUNK = 4096
 """Test examples evaluated per forward pass (bounds memory for big test sets)."""
@@ -58,10 +58,6 @@ def _test_losses(task: Task, model, params=None) -> torch.Tensor:
 
 Checkpoint = Callable[[int, dict[str, torch.Tensor]], object]
 """``on_checkpoint(step, state_dict)``: called with the model's weights after ``step`` (0: the start)."""
-
-
-def _state(model) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
 def _sgd_steps(task: Task, model, optimizer, curriculum: np.ndarray):
@@ -111,12 +107,12 @@ def train_run(task: Task, curriculum, eval_steps=None, *, run_id: str = "run-000
     record[eval_steps] = True
     losses = [_test_losses(task, model)]
     if 0 in checkpoints and on_checkpoint is not None:   # (checkpoints come with a callback)
-        on_checkpoint(0, _state(model))
+        on_checkpoint(0, state_copy(model))
     for step in _sgd_steps(task, model, optimizer, curriculum):
         if record[step]:
             losses.append(_test_losses(task, model))
         if step in checkpoints and on_checkpoint is not None:
-            on_checkpoint(step, _state(model))
+            on_checkpoint(step, state_copy(model))
     return RunLog(run_id, curriculum, torch.stack(losses).numpy(), eval_steps, seed, dict(meta or {}))
 
 
@@ -187,7 +183,7 @@ def train_runs_vmap(task: Task, curricula, eval_steps=None, *, run_ids: Sequence
     # State-dict keys to the trained parameter behind each (tied weights share one), if any.
     parameter_names = {id(value): name for name, value in model.named_parameters()}
     state_sources = {key: parameter_names.get(id(value)) for key, value in model.state_dict(keep_vars=True).items()}
-    start_state = _state(model)
+    start_state = state_copy(model)
 
     def save_checkpoints(step: int) -> None:
         assert on_checkpoint is not None  # _check_checkpoint_steps: no checkpoint steps without it
@@ -257,10 +253,10 @@ def train_states(task: Task, curriculum, steps: Sequence[int]) -> list[dict[str,
         raise UsageError(f"task '{task.name}': unknown runner '{task.runner}'; expected 'torch' or 'trainer'")
     model = task.build_model().eval()
     optimizer = task.make_optimizer(model.parameters())
-    states = {0: _state(model)} if 0 in wanted else {}
+    states = {0: state_copy(model)} if 0 in wanted else {}
     for step in _sgd_steps(task, model, optimizer, curriculum):
         if step in wanted:
-            states[step] = _state(model)
+            states[step] = state_copy(model)
         if step == wanted[-1]:
             break
     return [states[step] for step in wanted]

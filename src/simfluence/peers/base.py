@@ -41,7 +41,7 @@ from simfluence.collect.train import train_states
 from simfluence.errors import UsageError, require_extra
 from simfluence.func.checkpoints import checkpoint_weights, final_states
 from simfluence.runs.log import check_indices
-from simfluence.tasks.base import Inputs, Task, take
+from simfluence.tasks.base import Inputs, Task, state_copy, take
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -283,6 +283,4 @@ def trajectory_checkpoints(task: Task, curriculum, steps: Sequence[int] | int) -
 
 def start_checkpoint(task: Task) -> Checkpoints:
     """The task's starting model (no training: ``trainings = 0``)."""
-    model = task.build_model()
-    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    return Checkpoints((state,), trainings=0.0, steps=np.zeros(1, dtype=np.int64))
+    return Checkpoints((state_copy(task.build_model()),), trainings=0.0, steps=np.zeros(1, dtype=np.int64))

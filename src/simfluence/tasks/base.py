@@ -251,6 +251,11 @@ def check_split(split: str) -> str:
     return split
 
 
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies, on the CPU, of ``module``'s state dict (a checkpoint later training leaves alone)."""
+    return {name: value.detach().to("cpu", copy=True) for name, value in module.state_dict().items()}
+
+
 def logits_of(outputs: Any) -> Any:
     """The logits of a model's outputs: ``outputs.logits`` (Hugging Face model outputs) or ``outputs`` itself."""
     logits = getattr(outputs, "logits", None)
