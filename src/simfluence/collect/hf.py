@@ -48,6 +48,7 @@ import torch
 
 from simfluence.collect.curricula import Sampler, derive_seed
 from simfluence.collect.executors import Executor, get_executor, run_id_of, split_chunks
+from simfluence.collect.train import Checkpoint
 from simfluence.errors import UsageError, require_extra
 from simfluence.runs.log import PAD, validate_curriculum
 from simfluence.runs.store import RunStore
@@ -166,10 +167,6 @@ class TrainerChunk:
     sampler: Sampler | None
     num_threads: int | None = None
     curricula: np.ndarray | None = None
-
-
-Checkpoint = Callable[[int, dict[str, torch.Tensor]], object]
-"""``on_checkpoint(step, state_dict)``: the model's weights after ``step`` (0: before training)."""
 
 
 class _StateCallbackImpl:
