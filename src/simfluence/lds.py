@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from simfluence.collect.curricula import EpochSampler, Sampler, UniformSampler, derive_seed
+from simfluence.collect.curricula import derive_seed, pool_sampler
 from simfluence.errors import UsageError
 from simfluence.evaluate import spearman
 from simfluence.runs.log import PAD
@@ -108,16 +108,6 @@ def draw_subsets(pool, num_train: int, num_subsets: int, fraction: float, seed: 
     if int(num_subsets) != num_subsets or num_subsets < 3:
         raise UsageError(f"num_subsets: must be an integer >= 3 (a rank correlation needs 3), got {num_subsets!r}")
     return draw_removals(pool, num_train, num_subsets, max(1, round(fraction * pool.size)), seed)
-
-
-def pool_sampler(kind: str, pool: np.ndarray, batch_size: int) -> Sampler:
-    """A sampler of the fitting runs' ``kind`` (``"uniform"`` or ``"epoch"``) drawing from ``pool``."""
-    if kind == "epoch":
-        return EpochSampler(pool, batch_size)
-    if kind in ("uniform", None):
-        return UniformSampler(pool, batch_size)
-    raise UsageError(f"sampler kind '{kind}': the subset protocol redraws curricula with 'uniform' or 'epoch' "
-                     "samplers only; collect the fitting runs with one of those")
 
 
 def subset_curricula(masks: np.ndarray, num_steps: int, batch_size: int, draws: int, seed: int,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from simfluence.collect.curricula import derive_seed
+from simfluence.collect.curricula import derive_seed, pool_sampler
 from simfluence.errors import UsageError
 from simfluence.lds import (
     SUBSETS,
@@ -33,7 +33,6 @@ from simfluence.lds import (
     ScoreMethod,
     SimulatorMethod,
     bootstrap_mean,
-    pool_sampler,
     removal_counterfactuals,
     score_method,
     subset_counterfactuals,

@@ -34,7 +34,7 @@ def test_recovers_a_scaled_prior_with_its_schedule():
     fitting, heldout = split_runs(runs, 6, 0)
     model = GradientTrajectorySimulator(space="loss", decay=1.0).fit(fitting, prior=scores)
     assert model.momentum_ == 0.9
-    np.testing.assert_allclose(model.prior_scale_, scales, rtol=0.1)
+    np.testing.assert_allclose(model.prior_scale_[0], scales, rtol=0.1)
     assert np.corrcoef(model.coef_.ravel(), b.ravel())[0, 1] > 0.99
     result = evaluate(model, heldout).metrics
     baseline = evaluate(MeanTrajectorySimulator().fit(fitting), heldout).metrics
@@ -62,6 +62,25 @@ def test_an_exact_prior_is_chosen_alone_and_a_useless_one_is_corrected():
     assert evaluate(corrected, heldout).metrics.mse < 1.5 * evaluate(free, heldout).metrics.mse
 
 
+def test_two_priors_get_their_own_scales():
+    """``b^m = -s1_m P1[:, m] - s2_m P2[:, m]``: two priors given as ``[2, N, M]`` recover both scales."""
+    rng = np.random.default_rng(11)
+    num_train, num_test = 30, 8
+    first, second = rng.normal(0, 1, (2, num_train, num_test))
+    s1, s2 = rng.uniform(0.01, 0.03, num_test), rng.uniform(-0.03, 0.03, num_test)
+    b = -first * s1 - second * s2
+    runs, _, _ = trajectory_runs(num_runs=24, num_steps=40, batch=4, seed=1011, noise=1e-4, momentum=0.9,
+                                 decay=1.0, effects=b)
+    fitting, heldout = split_runs(runs, 6, 0)
+    both = GradientTrajectorySimulator(space="loss", decay=1.0).fit(fitting, prior=np.stack([first, second]))
+    assert both.prior_.shape == (2, num_train, num_test) and both.prior_scale_.shape == (2, num_test)
+    np.testing.assert_allclose(both.prior_scale_, np.stack([s1, s2]), atol=0.003)
+    np.testing.assert_allclose(both.prior_, -np.stack([first, second]))
+    one = GradientTrajectorySimulator(space="loss", decay=1.0).fit(fitting, prior=first)
+    assert evaluate(both, heldout).metrics.mse < evaluate(one, heldout).metrics.mse
+    assert both.fit_info["prior_only"] > one.fit_info["prior_only"], (both.ridge_, one.ridge_)   # one needs residuals
+
+
 def test_a_zero_prior_alone_is_exactly_the_mean_trajectory():
     runs, _, _, _ = prior_runs(seed=4, num_runs=6)
     fitting, heldout = runs.select(np.arange(3)), runs.select(np.arange(3, 6))
@@ -74,9 +93,11 @@ def test_a_zero_prior_alone_is_exactly_the_mean_trajectory():
                                rtol=1e-6, atol=1e-6)
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("num_priors", [1, 2])
+def test_save_load_round_trip(tmp_path, num_priors):
     runs, scores, _, _ = prior_runs(seed=5, num_runs=12, residual=0.05)
-    model = GradientTrajectorySimulator(decay=1.0).fit(runs, prior=scores)
+    priors = np.stack([scores, np.random.default_rng(5).normal(size=scores.shape)])[:num_priors]
+    model = GradientTrajectorySimulator(decay=1.0).fit(runs, prior=priors)
     model.save(tmp_path / "m.npz")
     loaded = Simulator.load(tmp_path / "m.npz")
     assert isinstance(loaded, GradientTrajectorySimulator)
@@ -123,7 +144,7 @@ def test_end_to_end_on_digits_mlp():
     start = GradientTrajectorySimulator(task=task, prior_checkpoint="start", normalise=False).fit(fitting)
     model = task.build_model().eval()
     raw = gradient_products(task, model, trainable_params(model)).numpy()
-    np.testing.assert_allclose(start.prior_, -raw)
+    np.testing.assert_allclose(start.prior_[0], -raw)
     info = start.fit_info
     assert (info["preconditioner"], info["normalise"], info["prior_step"]) == ("none", False, 0)   # SGD runs
     # Normalised rows (the default): each training row divided by its gradient's norm, computed here
@@ -131,12 +152,19 @@ def test_end_to_end_on_digits_mlp():
     grads = per_example_gradients(task, model, trainable_params(model), task.data.train_inputs,
                                   task.data.train_targets).to(torch.float64)
     normalised = GradientTrajectorySimulator(task=task, prior_checkpoint="start").fit(fitting)
-    np.testing.assert_allclose(normalised.prior_, -raw / grads.norm(dim=1).numpy()[:, None], rtol=1e-5)
+    np.testing.assert_allclose(normalised.prior_[0], -raw / grads.norm(dim=1).numpy()[:, None], rtol=1e-5)
     middle = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting)   # normalised rows
     assert (middle.fit_info["prior_step"], middle.fit_info["normalise"]) == (10, True)
     assert not middle.fit_info["prior_cached"]
     again = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting)
     assert again.fit_info["prior_cached"] and np.array_equal(again.coef_, middle.coef_)
+    # The replayed curriculum does not depend on which fitting runs are given (auto's folds share it).
+    other = GradientTrajectorySimulator(task=task, prior_checkpoint="middle").fit(fitting.select([2, 0, 1]))
+    assert other.fit_info["prior_cached"] and np.array_equal(other.prior_, middle.prior_)
+    both = GradientTrajectorySimulator(task=task, prior_checkpoint="both").fit(fitting)   # both priors cached
+    assert both.fit_info["prior_cached"] and both.fit_info["prior_step"] == [0, 10]
+    np.testing.assert_array_equal(both.prior_, np.concatenate([normalised.prior_, middle.prior_]))
+    assert both.prior_scale_.shape == (2, runs.num_test)
     predicted = middle.simulate(heldout.curricula, heldout.initial_losses)
     assert predicted.shape == heldout.losses.shape and np.isfinite(predicted).all()
     assert evaluate(middle, heldout).metrics.mse < evaluate(MeanTrajectorySimulator().fit(fitting), heldout).metrics.mse

@@ -193,3 +193,16 @@ class FixedCurriculum(Sampler):
 
     def __repr__(self) -> str:
         return f"FixedCurriculum(steps={self.curriculum.shape[0]}, batch_size={self.batch_size})"
+
+
+def pool_sampler(kind: str, pool: np.ndarray, batch_size: int) -> Sampler:
+    """A sampler of ``kind`` drawing from ``pool``.
+
+    ``kind`` is ``"uniform"`` or ``"epoch"``, as a run store's ``sampler`` meta names it.
+    """
+    if kind == "epoch":
+        return EpochSampler(pool, batch_size)
+    if kind in ("uniform", None):
+        return UniformSampler(pool, batch_size)
+    raise UsageError(f"sampler kind '{kind}': the subset protocol redraws curricula with 'uniform' or 'epoch' "
+                     "samplers only; collect the fitting runs with one of those")

@@ -188,12 +188,12 @@ class TrajectorySimulator(Simulator):
 
     # --- fitting ---------------------------------------------------------------------
     def _effect_prior(self, runs: RunSet) -> np.ndarray | None:
-        """float64 ``[N, M]``: the direction :math:`p^m` each effect vector is shrunk towards (``None``: 0)."""
+        """float64 ``[K, N, M]``: the directions :math:`p^m_k` each effect vector is shrunk towards (``None``: 0)."""
         return None
 
     def _fit(self, runs: RunSet) -> None:
         config = self.config
-        prior = self._effect_prior(runs)
+        prior = as_priors(self._effect_prior(runs), (runs.num_train, runs.num_test))
         losses = runs.losses.astype(np.float64)
         rates = step_weights(runs) if config.schedule else np.ones(runs.num_steps)
         positive = bool((losses > 0).all())
@@ -321,16 +321,35 @@ def _centred(features: np.ndarray, target: np.ndarray):
 
 
 def _prior_fit(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(s [M], y - s * (x @ prior))``: each test example's least-squares scale of its prior column.
+    """``(s [K, M], y - sum_k s_k * (x @ prior_k))``: each test example's least-squares scales of its priors.
 
-    Without a prior (or for a zero column) the scale is 0 and ``y`` is unchanged.
+    ``prior`` is float ``[K, N, M]`` (``K`` prior columns per test example, fitted jointly; the
+    minimum-norm solution where they are collinear or zero). Without a prior the scales are
+    ``[0, M]`` and ``y`` is unchanged.
     """
     if prior is None:
-        return np.zeros(y.shape[-1]), y
-    fitted = x @ prior
-    denominator = (fitted * fitted).sum(axis=0)
-    scale = np.where(denominator > 0, (fitted * y).sum(axis=0) / np.where(denominator > 0, denominator, 1.0), 0.0)
-    return scale, y - fitted * scale
+        return np.zeros((0, y.shape[-1])), y
+    fitted = np.stack([x @ column for column in prior])                  # [K, S, M]
+    gram = np.einsum("ksm,lsm->mkl", fitted, fitted)                      # [M, K, K]
+    rhs = np.einsum("ksm,sm->mk", fitted, y)                              # [M, K]
+    scale = (np.linalg.pinv(gram, hermitian=True) @ rhs[..., None])[..., 0].T   # [K, M]
+    return scale, y - np.einsum("ksm,km->sm", fitted, scale)
+
+
+def _prior_effects(prior: np.ndarray | None, scale: np.ndarray) -> np.ndarray | None:
+    """The scaled priors ``sum_k s_k prior_k`` as one float ``[N, M]`` effect matrix (``None``: no prior)."""
+    return None if prior is None else np.einsum("knm,km->nm", prior, scale)
+
+
+def as_priors(prior: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """``prior`` (``[N, M]`` or ``[K, N, M]``) as float64 ``[K, N, M]``; checked against ``shape = (N, M)``."""
+    if prior is None:
+        return None
+    prior = np.asarray(prior, dtype=np.float64)
+    prior = prior[None] if prior.ndim == 2 else prior
+    if prior.ndim != 3 or prior.shape[1:] != tuple(shape) or prior.shape[0] < 1:
+        raise ValueError(f"prior has shape {prior.shape}, expected [N, M] or [K, N, M] with (N, M) = {tuple(shape)}")
+    return prior
 
 
 def _shrunk(values: np.ndarray, projected: np.ndarray, ridges) -> np.ndarray:
@@ -344,7 +363,7 @@ def _shrunk(values: np.ndarray, projected: np.ndarray, ridges) -> np.ndarray:
 
 def _solve(features: np.ndarray, target: np.ndarray, ridges: np.ndarray, rank: int = 0,
            prior: np.ndarray | None = None):
-    """Ridge coefficients ``[N, M]``, the per-step offsets ``[K, M]`` and the prior's scales ``[M]``.
+    """Ridge coefficients ``[N, M]``, the per-step offsets ``[E, M]`` and the priors' scales ``[K, M]``.
 
     One ridge strength per test example (``inf``: the scaled prior alone); the coefficients
     (the residual around the scaled prior, when there is one) are reduced to ``rank`` unless 0.
@@ -357,7 +376,7 @@ def _solve(features: np.ndarray, target: np.ndarray, ridges: np.ndarray, rank: i
     if rank:
         coef = _reduce(coef, x, [rank])[0]
     if prior is not None:
-        coef = coef + prior * scale
+        coef = coef + _prior_effects(prior, scale)
     offset = np.vstack([np.zeros((1, target.shape[-1])), d_mean - f_mean @ coef])
     return coef, offset, scale
 
@@ -392,7 +411,7 @@ def _rank_errors(features, target, losses, space, folds, ridges, ranks, prior=No
         base = target[fold][:, :1] + d_mean
         centred = features[fold][:, 1:] - f_mean
         if prior is not None:
-            base = base + (centred @ prior) * scale
+            base = base + centred @ _prior_effects(prior, scale)
         for j, reduced in enumerate(_reduce(coef, x, ranks)):
             predicted = _to_losses(base + centred @ reduced, space, *_bounds(losses))
             errors[j] += ((predicted - losses[fold][:, 1:]) ** 2).sum()
@@ -403,8 +422,8 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
                     ridge: float | None, prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Each test example's ridge ``[M]`` and the resulting all-steps MSE in loss units.
 
-    The ridge is the grid value with the least held-out-fold error. With a ``prior`` ``[N, M]``
-    the effects are its column scaled by least squares (in each fold) plus a ridge residual, and
+    The ridge is the grid value with the least held-out-fold error. With a ``prior`` ``[K, N, M]``
+    (``K`` priors) the effects are its columns scaled by least squares (in each fold) plus a ridge residual, and
     ``inf`` (the scaled prior alone, no residual) joins the grid.
 
     The grid is one value per :data:`GRID_STEP` decades over :data:`GRID_DECADES` times the largest eigenvalue of
@@ -423,7 +442,7 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
         centred = features[fold][:, 1:] - f_mean
         base = target[fold][:, :1] + d_mean
         if prior is not None:
-            base = base + (centred @ prior) * scale
+            base = base + centred @ _prior_effects(prior, scale)
         parts.append((np.maximum(values, 0), vectors.T @ (x.T @ y), centred @ vectors, base, losses[fold][:, 1:]))
     top = max(float(parts[0][0].max()), 1e-12)
     cache: dict[float, np.ndarray] = {}
