@@ -407,7 +407,7 @@ def test_nest_mean_off_is_the_plain_cross_validated_recurrence(kind):
 
     runs = noise_runs(seed=6, noise=0.05)
     grid = (1e-2, 1e-1, 1.0)
-    simulator = make_simulator(kind, ridge_grid=grid, nest_mean=False, dtype="float64", tol=1e-10).fit(runs)
+    simulator = make_simulator(kind, ridge_grid=grid, nest_mean=False, cv_folds=3, dtype="float64", tol=1e-10).fit(runs)
     assert np.array_equal(simulator.blend_, np.ones(runs.num_test)) and simulator.fit_info["blend_below_1"] == 0
     scale = runs.num_runs * runs.num_steps * runs.batch_size / runs.num_train
     folds = np.array_split(np.random.default_rng(0).permutation(runs.num_runs), 3)
