@@ -204,13 +204,17 @@ def test_chunked_fit_equals_unchunked_fit(monkeypatch):
 
 
 def test_nests_linear_identity():
-    """Round 0 is linear-identity's fit; pair terms held at zero by their penalty leave linear-identity."""
+    """Round 0 is linear-identity's fit; pair terms held at zero by their penalty leave linear-identity.
+
+    Linear-identity's plain recurrence: linear-pairwise never blends with the mean trajectory (nest_mean).
+    """
     runs, _, _, _ = supermodular_runs(num_runs=24, num_steps=20, strength=0.0)
-    linear = LinearIdentitySimulator().fit(runs)
+    linear = LinearIdentitySimulator(nest_mean=False).fit(runs)
     predicted = linear.simulate(runs.curricula, runs.initial_losses)
     chosen = PairwiseSimulator(rank=2).fit(runs)   # no interaction to find: the validation keeps round 0
     assert chosen.fit_info["rounds_used"] == 0 and chosen.config.dtype == linear.config.dtype
     assert torch.equal(chosen.table, linear.table) and not bool(chosen.interactions.any())
+    assert np.array_equal(chosen.blend_, np.ones(runs.num_test))
     assert np.array_equal(chosen.simulate(runs.curricula, runs.initial_losses), predicted)
     held = PairwiseSimulator(rank=2, rounds=2, validate=False, pair_ridge=1e9).fit(runs)
     assert float(held.interactions.abs().max()) < 1e-6
@@ -345,3 +349,11 @@ def test_cli_fits_pairwise(tmp_path):
     assert result.exit_code == 0, result.output
     loaded = Simulator.load(tmp_path / "pairwise.npz")
     assert loaded.kind == "linear-pairwise" and loaded.config.dtype == "float32"
+
+
+def test_pair_rollouts_are_never_blended_with_the_mean_trajectory():
+    from simfluence.errors import UsageError
+
+    assert PairwiseSimulator().config.nest_mean is False
+    with pytest.raises(UsageError, match="nest_mean.*only False"):
+        PairwiseSimulator(nest_mean=True)

@@ -75,8 +75,12 @@ def test_linear_recovers_known_model_and_beats_baselines():
 def test_cross_validation_chooses_from_grid_on_fitting_runs_only():
     runs, _, _ = linear_runs(seed=3)
     simulator = LinearIdentitySimulator(ridge_grid=(0.01, 1.0, 100.0)).fit(runs)
-    scores = simulator.fit_info["cv_scores"]
-    assert len(scores) == 3
+    scores, grid = simulator.fit_info["cv_scores"], simulator.fit_info["cv_grid"]
+    # The grid given (times the mean occurrence count), extended below: the near noise-free truth
+    # wants ever weaker ridges, so the lower edge is extended as far as allowed (3 values, x10 each).
+    scale = 12 * 30 * 4 / 40
+    assert np.allclose(grid, scale * np.array([1e-5, 1e-4, 1e-3, 1e-2, 1.0, 100.0]))
+    assert np.allclose(sorted(float(key) for key in scores), grid, rtol=1e-5)
     best = min(scores, key=scores.get)
     assert np.isclose(float(best), simulator.chosen_ridge, rtol=1e-5)
     with pytest.raises(RunDataError, match="at least 2"):
@@ -201,3 +205,229 @@ def test_batch_mean_changes_nothing_on_full_batches_and_fits_ragged_runs_as_a_ba
     np.testing.assert_allclose(design.matmul(torch.as_tensor(table)).numpy(),
                                (weights * dense_design(batches, 8)) @ table)
     np.testing.assert_allclose(design.occurrences.numpy(), (weights * dense_design(batches, 8)).sum(axis=0))
+
+
+# --- the mean-trajectory blend (nest_mean) and the extended ridge grid ------------------------
+def noise_runs(num_runs=30, num_steps=30, num_train=40, num_test=8, batch=4, noise=0.03, seed=0):
+    """Losses that follow one decay curve per test example plus i.i.d. noise: no curriculum effect.
+
+    ``L^r_t = L_0 - d_m (1 - exp(-t / 10)) + eps``, ``eps ~ N(0, noise^2)`` per (run, step, test
+    example), whatever the batches hold; the mean trajectory is the best any simulator can do.
+    """
+    from simfluence.runs.log import RunSet
+
+    rng = np.random.default_rng(seed)
+    curricula = rng.integers(0, num_train, (num_runs, num_steps, batch))
+    initial = 2.0 + rng.random(num_test)
+    drop = 0.5 + rng.random(num_test)
+    curve = initial - drop * (1 - np.exp(-np.arange(num_steps + 1) / 10))[:, None]
+    losses = curve[None] + rng.normal(0, noise, (num_runs, num_steps + 1, num_test))
+    losses[:, 0] = initial
+    return RunSet.create(curricula, losses, [f"train-{i}" for i in range(num_train)],
+                         [f"test-{m}" for m in range(num_test)])
+
+
+def reference_mean(fitting, initial, num_steps):
+    """``L_0 + mean_r (L^r_t - L^r_0)`` ``[R, T + 1, M]`` by a loop (every step recorded)."""
+    change = np.mean([run[:num_steps + 1] - run[0] for run in fitting.losses.astype(np.float64)], axis=0)
+    return np.stack([start + change for start in initial.astype(np.float64)])
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-identity"])
+def test_blend_stays_at_one_on_runs_of_an_exact_linear_model(kind):
+    offset = {"linear": 0.0, "linear-identity": 1.0}[kind]
+    runs, _, _ = linear_runs(num_runs=24, noise=1e-5, seed=11, alpha_offset=offset)
+    fitting, heldout = runs.select(np.arange(18)), runs.select(np.arange(18, 24))
+    nested = make_simulator(kind, dtype="float64").fit(fitting)
+    plain = make_simulator(kind, dtype="float64", nest_mean=False).fit(fitting)
+    assert nested.blend_.shape == (runs.num_test,) and nested.blend_.min() >= 0.99
+    assert nested.fit_info["blend_median"] >= 0.99 and np.array_equal(plain.blend_, np.ones(runs.num_test))
+    assert nested.chosen_ridge == plain.chosen_ridge
+    got = nested.simulate(heldout.curricula, heldout.initial_losses)
+    want = plain.simulate(heldout.curricula, heldout.initial_losses)
+    kept = nested.blend_ == 1
+    assert kept.any() and np.array_equal(got[:, :, kept], want[:, :, kept])   # weight 1: the plain rollout itself
+    mse = {name: float(np.mean((x[:, 1:] - heldout.losses[:, 1:]) ** 2)) for name, x in (("got", got), ("want", want))}
+    assert mse["got"] <= 1.05 * mse["want"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-identity", "additive"])
+def test_blend_falls_back_to_the_mean_trajectory_when_curricula_do_not_matter(kind):
+    from simfluence.evaluate import score
+
+    runs = noise_runs(seed=1)
+    fitting, heldout = runs.select(np.arange(22)), runs.select(np.arange(22, 30))
+    nested = make_simulator(kind).fit(fitting)
+    plain = make_simulator(kind, nest_mean=False).fit(fitting)
+    assert (nested.blend_ < 1).mean() >= 0.75 and nested.fit_info["blend_below_1"] == int((nested.blend_ < 1).sum())
+    mean = reference_mean(fitting, heldout.initial_losses, heldout.num_steps)
+    baseline = score(mean, heldout).mse
+    nested_mse = score(nested.simulate(heldout.curricula, heldout.initial_losses), heldout).mse
+    plain_mse = score(plain.simulate(heldout.curricula, heldout.initial_losses), heldout).mse
+    assert nested_mse <= 1.01 * baseline and nested_mse < plain_mse
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-identity", "additive"])
+def test_blended_simulate_is_mean_plus_weighted_rollout_deviation(kind):
+    runs = noise_runs(seed=2, noise=0.05)
+    fitting, heldout = runs.select(np.arange(22)), runs.select(np.arange(22, 30))
+    simulator = make_simulator(kind, dtype="float64").fit(fitting)
+    weights = simulator.blend_
+    assert (weights < 1).any() and ((weights >= 0) & (weights <= 1)).all()
+    curricula = heldout.curricula.copy()
+    curricula[0, 3, 1:] = -1   # a ragged step: batch-mean weights
+    a, b = simulator.coefficients
+    rolled = python_rollout(a, b, curricula, heldout.initial_losses, simulator.alpha_offset, runs.batch_size)
+    mean = reference_mean(fitting, heldout.initial_losses, heldout.num_steps)
+    expected = mean + weights * (rolled - mean)
+    got = simulator._simulate(curricula, heldout.initial_losses.astype(np.float64))
+    assert np.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # Past the fitting runs' last step the mean trajectory holds its last change.
+    longer = np.concatenate([curricula, curricula[:, :5]], axis=1)
+    extra = simulator._simulate(longer, heldout.initial_losses.astype(np.float64))
+    rolled = python_rollout(a, b, longer, heldout.initial_losses, simulator.alpha_offset, runs.batch_size)
+    mean = np.concatenate([mean, np.repeat(mean[:, -1:], 5, axis=1)], axis=1)
+    assert np.allclose(extra, mean + weights * (rolled - mean), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-identity", "additive"])
+def test_column_rollout_equals_slicing_the_blended_simulation(kind):
+    runs = noise_runs(seed=3, noise=0.05)
+    simulator = make_simulator(kind).fit(runs)
+    weights = simulator.blend_
+    assert (weights < 1).any()
+    columns = np.array([5, 0, 3])
+    run = simulator.column_rollout(columns)
+    curricula = runs.curricula[:4].copy()
+    curricula[1, 2, :2] = -1
+    initial = runs.initial_losses[:4].astype(np.float64)
+    np.testing.assert_allclose(run(curricula, initial), simulator._simulate(curricula, initial)[:, :, columns],
+                               rtol=1e-6, atol=1e-6)
+
+
+def _without(path, out, name):
+    """A copy of the saved simulator ``path`` without the array ``name``, checksums still valid."""
+    from simfluence.simulators.base import arrays_checksum, config_checksum
+
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {key: value for key, value in saved.items() if key != name}
+    config = json.loads(str(arrays["config"]))
+    config["checksum"] = arrays_checksum({k: v for k, v in arrays.items() if k != "config"})
+    config["config_checksum"] = config_checksum(config)
+    np.savez(out, **{**arrays, "config": np.array(json.dumps(config))})
+    return out
+
+
+def test_save_load_keeps_the_blend(tmp_path):
+    runs = noise_runs(seed=4, noise=0.05)
+    simulator = make_simulator("linear-identity").fit(runs)
+    assert (simulator.blend_ < 1).any()
+    path = simulator.save(tmp_path / "model.npz")
+    loaded = Simulator.load(path)
+    assert np.array_equal(loaded.blend_, simulator.blend_)
+    assert np.array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
+                          simulator.simulate(runs.curricula, runs.initial_losses))
+    # A file saved before the blend: the plain recurrence.
+    old = Simulator.load(_without(path, tmp_path / "old.npz", "state.blend"))
+    assert np.array_equal(old.blend_, np.ones(runs.num_test))
+    plain = old.table.cpu().numpy()
+    a, b = plain[:, :runs.num_test], plain[:, runs.num_test:]
+    expected = python_rollout(a, b, runs.curricula, runs.initial_losses, 1.0, runs.batch_size)
+    assert np.allclose(old._simulate(runs.curricula, runs.initial_losses.astype(np.float64)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("blend", [np.full(3, 0.5), np.full(8, 1.5)])
+def test_load_rejects_a_broken_blend(tmp_path, blend):
+    from simfluence.simulators.base import arrays_checksum, config_checksum
+
+    runs = noise_runs(seed=4, noise=0.05)
+    path = make_simulator("linear-identity", ridge=1.0).fit(runs).save(tmp_path / "model.npz")
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = dict(saved)
+    arrays["state.blend"] = blend
+    config = json.loads(str(arrays["config"]))
+    config["checksum"] = arrays_checksum({k: v for k, v in arrays.items() if k != "config"})
+    config["config_checksum"] = config_checksum(config)
+    np.savez(tmp_path / "bad.npz", **{**arrays, "config": np.array(json.dumps(config))})
+    with pytest.raises(RunDataError, match="state.*blend"):
+        Simulator.load(tmp_path / "bad.npz")
+
+
+def test_ridge_grid_is_extended_past_the_edge_the_best_value_lies_on():
+    runs = noise_runs(seed=5)
+    scale = float(runs.num_runs * runs.num_steps * runs.batch_size / runs.num_train)
+    simulator = make_simulator("linear-identity", ridge_grid=(1e-5,), nest_mean=False).fit(runs)
+    grid = simulator.fit_info["cv_grid"]
+    # No curriculum effect: a far stronger ridge than the single given value wins, reached by steps of x10.
+    assert simulator.chosen_ridge >= 99e-5 * scale and np.isclose(grid[0], 1e-5 * scale)
+    assert np.allclose(np.diff(np.log10(grid)), 1.0) and len(grid) <= 4
+    scores = simulator.fit_info["cv_scores"]
+    assert min(scores, key=scores.get) == f"{simulator.chosen_ridge:.6g}"
+
+
+def test_cross_validate_extends_to_an_interior_minimum_and_stops_after_three_steps():
+    """Tables of known error: B = (log10(value) - log10(target)) / T everywhere, on runs whose losses stay."""
+    from simfluence.runs.log import RunSet
+    from simfluence.simulators.linear import cross_validate
+
+    rng = np.random.default_rng(0)
+    num_train, num_test, steps = 5, 2, 4
+    curricula = rng.integers(0, num_train, (6, steps, 1))
+    runs = RunSet.create(curricula, np.ones((6, steps + 1, num_test)), [f"t{i}" for i in range(num_train)],
+                         [f"e{m}" for m in range(num_test)])
+    calls = []
+
+    def tables_for(target):
+        def tables(fitting, values):
+            calls.append(list(values))
+            for value in values:
+                yield torch.full((num_train, num_test), float(np.log10(value / target)), dtype=torch.float64)
+        return tables
+
+    # Squared error of a rollout L_t = 1 + t b: mean over t of (t b)^2, least at b = 0 (value = target).
+    chosen = cross_validate(runs, [1.0, 10.0], tables_for(1e3), 3, 0, fit_alpha=False)
+    assert chosen.best == pytest.approx(1e3) and chosen.extended == (0, 3)
+    assert np.allclose(chosen.grid, [1.0, 10.0, 100.0, 1e3, 1e4])
+    assert calls[0] == [10.0, 1.0] and all(len(values) == 1 for values in calls[3:]) and len(calls) == 3 + 3 * 3
+    expected = {f"{v:.6g}": np.mean([(t * np.log10(v / 1e3)) ** 2 for t in range(1, steps + 1)]) for v in chosen.grid}
+    assert chosen.scores.keys() == expected.keys()
+    assert all(chosen.scores[key] == pytest.approx(value) for key, value in expected.items())
+    beyond = cross_validate(runs, [1.0, 10.0], tables_for(1e9), 3, 0, fit_alpha=False)
+    assert beyond.best == pytest.approx(1e4) and beyond.extended == (0, 3)   # bounded: 3 values per side
+    below = cross_validate(runs, [1.0], tables_for(1e-2), 3, 0, fit_alpha=False)
+    assert below.best == pytest.approx(1e-2) and below.extended == (3, 1)
+    fixed = cross_validate(runs, [1.0, 10.0], tables_for(1e3), 3, 0, fit_alpha=False, max_extensions=0)
+    assert fixed.best == 10.0 and fixed.grid == [1.0, 10.0]
+
+
+@pytest.mark.parametrize("kind", ["linear-identity", "additive"])
+def test_nest_mean_off_is_the_plain_cross_validated_recurrence(kind):
+    """Scores against explicit-ridge fits scored by hand; the prediction is the plain rollout."""
+    from simfluence.simulators.linear import example_scales
+
+    runs = noise_runs(seed=6, noise=0.05)
+    grid = (1e-2, 1e-1, 1.0)
+    simulator = make_simulator(kind, ridge_grid=grid, nest_mean=False, cv_folds=3, dtype="float64", tol=1e-10).fit(runs)
+    assert np.array_equal(simulator.blend_, np.ones(runs.num_test)) and simulator.fit_info["blend_below_1"] == 0
+    scale = runs.num_runs * runs.num_steps * runs.batch_size / runs.num_train
+    folds = np.array_split(np.random.default_rng(0).permutation(runs.num_runs), 3)
+    scales = example_scales(runs)
+    for key, score in simulator.fit_info["cv_scores"].items():
+        errors = []
+        for fold in folds:
+            fitting, held = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
+            fit = make_simulator(kind, ridge=float(key), dtype="float64", tol=1e-10).fit(fitting)
+            predicted = fit._simulate(held.curricula, held.initial_losses.astype(np.float64))
+            errors.append(np.mean(((predicted[:, 1:] - held.losses[:, 1:]) ** 2).mean(axis=(0, 1)) / scales))
+        assert score == pytest.approx(np.mean(errors), rel=1e-4)
+    assert any(np.isclose(float(key), scale * np.array(grid)).any() for key in simulator.fit_info["cv_scores"])
+    a, b = simulator.coefficients
+    expected = python_rollout(a, b, runs.curricula, runs.initial_losses, simulator.alpha_offset, runs.batch_size)
+    assert np.allclose(simulator._simulate(runs.curricula, runs.initial_losses.astype(np.float64)), expected,
+                       atol=1e-5)
+
+
+def test_a_given_ridge_keeps_the_plain_recurrence():
+    runs = noise_runs(seed=7, noise=0.05)
+    simulator = make_simulator("linear-identity", ridge=0.5).fit(runs)
+    assert np.array_equal(simulator.blend_, np.ones(runs.num_test)) and simulator.fit_info["cv_grid"] is None

@@ -31,10 +31,21 @@ def test_90_percent_interval_covers_fresh_runs_of_the_true_model(known_model):
     assert 0.4 <= narrow["coverage"] <= 0.6 and narrow["width"] < coverage["width"]
 
 
+def blended(plain, fitting, initial, weights):
+    """``mu + w (plain - mu)``, ``mu`` the mean trajectory of ``fitting`` from ``initial`` (a loop)."""
+    change = np.mean([run - run[0] for run in fitting.losses.astype(np.float64)], axis=0)
+    mean = np.stack([start + change for start in initial.astype(np.float64)])
+    return mean + weights * (plain - mean)
+
+
 def test_prediction_is_the_full_data_linear_identity_fit(known_model):
+    """The same fit and blend with the mean trajectory (nest_mean) as linear-identity's."""
     simulator, fitting, heldout = known_model
+    linear = LinearIdentitySimulator().fit(fitting)
+    assert linear.chosen_ridge == simulator.chosen_ridge and np.array_equal(linear.blend_, simulator.blend_)
     reference = LinearIdentitySimulator(ridge=simulator.chosen_ridge).fit(fitting)
-    expected = reference.simulate(heldout.curricula, heldout.initial_losses)
+    plain = reference.simulate(heldout.curricula, heldout.initial_losses)
+    expected = blended(plain, fitting, heldout.initial_losses, simulator.blend_)
     assert np.allclose(simulator.simulate(heldout.curricula, heldout.initial_losses), expected, atol=1e-5)
 
 
@@ -44,7 +55,9 @@ def test_replicas_are_ridge_fits_on_resampled_runs(known_model):
     refit = LinearIdentitySimulator(ridge=simulator.chosen_ridge, tol=1e-7).fit(fitting.select(draws[3]))
     replicas = simulator.simulate_replicas(heldout.curricula[:5], heldout.initial_losses[:5])
     assert replicas.shape == (simulator.config.replicas, 5, heldout.num_steps + 1, heldout.num_test)
-    expected = refit.simulate(heldout.curricula[:5], heldout.initial_losses[:5])
+    plain = refit.simulate(heldout.curricula[:5], heldout.initial_losses[:5])
+    # Blended as the point prediction is: the full fit's weights and mean trajectory, not the resample's.
+    expected = blended(plain, fitting, heldout.initial_losses[:5], simulator.blend_)
     assert np.allclose(replicas[3], expected, atol=1e-4)
     assert replicas.std(axis=0)[:, 1:].min() > 0  # replicas differ: the epistemic part is not zero
 

@@ -220,7 +220,9 @@ class FeaturizedConfig(TaskConfig):
                        "only).")
     weight_decay: float | None = setting(1e-4, "lambda on the feature coefficients (absolute); None: chosen from "
                                          "weight_decay_grid by cross-validation.")
-    weight_decay_grid: tuple[float, ...] = setting(DEFAULT_WEIGHT_DECAY_GRID, "Candidates for weight_decay.")
+    weight_decay_grid: tuple[float, ...] = setting(DEFAULT_WEIGHT_DECAY_GRID, "Candidates for weight_decay; "
+                                                     "extended past an edge (up to 3 values per side) while the "
+                                                     "best value lies on it.")
     residual_ridge_factor: float | None = setting(None, "Ridge of the per-pair residuals as a multiple of the mean "
                                                   "number of times a training example was trained on; None: "
                                                   "chosen from residual_ridge_grid by cross-validation.")
@@ -438,25 +440,33 @@ class FeaturizedSimulator(Simulator):
 
     def _cross_validate(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor,
                         kernels: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """Choose ``weight_decay`` by rolled-out all-steps MSE on K folds of the fitting runs."""
-        grid = sorted(self.config.weight_decay_grid, reverse=True)  # warm starts go strong -> weak
+        """Choose ``weight_decay`` by rolled-out all-steps MSE on K folds of the fitting runs.
 
-        def tables(fitting: RunSet):
+        The grid is ``weight_decay_grid``, extended past an edge while the best value lies on it
+        (:func:`~simfluence.simulators.linear.cross_validate`). Returns it and the error of every
+        evaluated value.
+        """
+        def tables(fitting: RunSet, values: Sequence[float]):
             problem, params = _problem(Transitions.of(fitting), self._batch_size(runs)), None
-            for weight_decay in grid:
+            for weight_decay in values:  # strong -> weak: each warm-starts the next
                 params, _ = fit_coefficients(*problem, phi, psi, kernels, weight_decay, self.config.lbfgs_iterations,
                                              params)
                 yield coefficient_table(phi, psi, kernels, params)
 
-        return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, fix=_CV_FIX,
-                              batch_size=self._batch_size(runs))
+        chosen = cross_validate(runs, self.config.weight_decay_grid, tables, self.config.cv_folds, self.config.seed,
+                                fix=_CV_FIX, batch_size=self._batch_size(runs))
+        return chosen.best, chosen.scores
 
     def _choose_residual_ridge(self, runs: RunSet, phi: torch.Tensor, psi: torch.Tensor, kernels: torch.Tensor,
                                weight_decay: float, scale: float) -> tuple[float, dict[str, float]]:
-        """Residual ridge (absolute) by rolled-out all-steps MSE on K folds of the fitting runs."""
-        grid = sorted((scale * factor for factor in self.config.residual_ridge_grid), reverse=True)  # warm starts
+        """Residual ridge (absolute) by rolled-out all-steps MSE on K folds of the fitting runs.
 
-        def tables(fitting: RunSet):
+        The grid is ``residual_ridge_grid`` times ``scale``, extended past an edge while the best
+        value lies on it (:func:`~simfluence.simulators.linear.cross_validate`).
+        """
+        grid = [scale * factor for factor in self.config.residual_ridge_grid]
+
+        def tables(fitting: RunSet, values: Sequence[float]):
             design, previous, delta = _problem(Transitions.of(fitting), self._batch_size(runs))
             params, _ = fit_coefficients(design, previous, delta, phi, psi, kernels, weight_decay,
                                          self.config.lbfgs_iterations)
@@ -464,12 +474,13 @@ class FeaturizedSimulator(Simulator):
             if self.config.fit_offsets:
                 table = table + _test_offsets(design, previous, delta, table)
             residuals = None
-            for ridge in grid:
+            for ridge in values:  # strong -> weak: each warm-starts the next
                 residuals, _ = _residuals(design, previous, delta, table, ridge, residuals)
                 yield table + residuals
 
-        return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, fix=_CV_FIX,
-                              batch_size=self._batch_size(runs))
+        chosen = cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, fix=_CV_FIX,
+                                batch_size=self._batch_size(runs))
+        return chosen.best, chosen.scores
 
     # --- coefficients -----------------------------------------------------------------
     def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,6 +16,9 @@ example from one run; the logged runs correct it where they disagree. With few r
 runs and a weak one it is ``linear-identity``. ``lambda`` is chosen by cross-validation over the
 fitting runs, as for ``linear-identity``, so the data decides between the two.
 
+As for ``linear-identity``, the rollout is blended with the mean trajectory by per-test-example
+weights chosen in that cross-validation (``nest_mean``, :mod:`simfluence.simulators.linear`).
+
 Solved as ``linear-identity`` on the residual targets ``L_t - L_{t-1} - X_t s G``, then
 ``B = s G + B_residual``; the saved table holds ``B`` itself, so loading needs no task.
 """

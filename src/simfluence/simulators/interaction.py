@@ -331,6 +331,9 @@ class PairwiseConfig(LinearConfig):
     inner_tol: float = setting(1e-3, "Relative residual at which the inner (a, b, V) solves stop.")
     batch_mean: bool = setting(False, "Not for linear-pairwise: its pair terms are sums over the batch, so its "
                                "linear part is too.")
+    nest_mean: bool = setting(False, "Not for linear-pairwise: the mean-trajectory blend of linear's "
+                              "cross-validation is chosen for the plain recurrence, not for its rollout with pair "
+                              "terms, so its rollout is never blended.")
 
     renamed: ClassVar[Mapping[str, str]] = {**LinearConfig.renamed, "steps": "lbfgs_iterations",
                                             "validate": "validate_rounds"}
@@ -350,6 +353,9 @@ class PairwiseConfig(LinearConfig):
         self._set("validate_rounds", bool(self.validate_rounds))
         if self.batch_mean:
             raise UsageError("batch_mean: linear-pairwise sums its effects over the batch; only False is accepted")
+        if self.nest_mean:
+            raise UsageError("nest_mean: linear-pairwise's rollout (pair terms) is not blended with the mean "
+                             "trajectory; only False is accepted")
 
 
 @register

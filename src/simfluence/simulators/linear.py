@@ -17,7 +17,37 @@ Coefficients are fitted by ridge regression on teacher-forced transitions ``(L_{
 of the fitting runs (all test examples at once, :mod:`simfluence.simulators.ridge`), and
 trajectories are predicted by rolling the recurrence out from the observed ``L_0``.
 When ``ridge`` is not given it is chosen by K-fold cross-validation over the fitting runs,
-scoring the rolled-out all-steps MSE on each held-out fold.
+scoring the rolled-out all-steps MSE on each held-out fold (:func:`cross_validate`). The grid
+is ``ridge_grid`` times the mean number of times a training example was trained on; when the
+best value lies on an edge of the grid, the grid is extended past that edge (at most
+``max_extensions`` values per side), so the data, not the grid, bounds the choice.
+
+**Nesting the mean trajectory** (``nest_mean``, on by default, only with a cross-validated
+ridge). The prediction is the recurrence's rollout ``\hat L_t`` shrunk towards the
+mean-trajectory baseline ``\mu_t = L_0 + \bar\Delta_t`` (``\bar\Delta``: the fitting runs' mean
+loss change, ``mean_change``) by a weight ``w_m \in [0, 1]`` per test example:
+
+.. math::
+
+    \tilde L^m_t = \mu^m_t + w_m\,(\hat L^m_t - \mu^m_t)
+
+``w_m = 1`` is the plain recurrence, ``w_m = 0`` the mean trajectory, so the model nests that
+baseline. ``w`` is chosen in the ridge's cross-validation at no extra fit: on fold ``f`` (fitting
+runs ``F_f``, held-out runs ``H_f``) with ``\mu_f`` the mean trajectory of ``F_f`` from the held-out
+``L_0`` and ``p`` the rolled-out prediction of the table fitted on ``F_f``, per grid value and
+test example
+
+.. math::
+
+    S_{bb} = \sum_f \frac{1}{K n_f} \sum_{r \in H_f, t \ge 1} (p - \mu_f)^2, \qquad
+    S_{ab} = \sum_f \frac{1}{K n_f} \sum_{r \in H_f, t \ge 1} (p - \mu_f)(\mu_f - L)
+
+(``n_f``: the fold's held-out (run, recorded step) pairs, so a fold weighs as in the plain
+criterion), and ``w_m = \mathrm{clip}(-S_{ab} / S_{bb}, 0, 1)`` (1 where ``S_{bb} = 0``) minimises
+the fold-averaged blended squared error ``S_{aa} + 2 w S_{ab} + w^2 S_{bb}``. The ridge chosen
+is the grid value whose blended error (test examples scaled by :func:`example_scales`) is least;
+the final table is refitted on all fitting runs and keeps that value's ``w``
+(``blend_``, with ``\mu`` from all fitting runs at prediction time).
 """
 
 from __future__ import annotations
@@ -31,12 +61,14 @@ import torch
 from torch.nn.functional import embedding_bag
 
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import Capabilities, Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, mean_change, register
 from simfluence.simulators.config import SimulatorConfig, integer, one_of, positive, positive_grid, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.ridge import solve_transition_ridge
 
 DEFAULT_RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+MAX_EXTENSIONS = 3
+"""Values :func:`cross_validate` may add past each edge of a grid whose best value lies on it."""
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _WORKING_BYTES = 2 << 30  # solver working set per column chunk
 
@@ -144,34 +176,163 @@ def example_scales(runs: RunSet, cap: float = 3.0) -> np.ndarray:
     return np.maximum(spread / reference, 1.0)
 
 
-def cross_validate(runs: RunSet, grid: Sequence[float], tables: Callable[[RunSet], Iterable[torch.Tensor]],
-                   cv_folds: int, seed: int, alpha_offset: float = 1.0, fit_alpha: bool = True,
-                   fix: str = "pass the setting explicitly", batch_size: int | None = None,
-                   ) -> tuple[float, dict[str, float]]:
-    """Choose a setting from ``grid`` by rolled-out all-steps error on K folds of the fitting runs.
+def mean_prediction(change: np.ndarray, initial: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """float64 ``[R, len(steps), M]``: the mean trajectory ``L_0 + change[t]`` at ``steps``.
 
-    ``tables(fitting_runs)`` yields one coefficient table (as :func:`rollout` takes it) per
-    grid value, in grid order, so a caller can warm-start each fit from the previous one.
-    The error is the all-steps MSE with outlying test examples scaled down (:func:`example_scales`):
-    one test example with huge losses cannot choose the setting for all the others.
-    ``batch_size``: as :func:`rollout`'s. Returns the best value and the mean error of each (keyed
-    by the value).
+    ``change`` is a ``mean_change`` ``[T_fit + 1, M]``, ``initial`` ``[R, M]``; past the last step
+    of ``change`` its last value is held (as :func:`~simfluence.simulators.baselines.mean_trajectory`).
+    """
+    held = np.minimum(np.asarray(steps), change.shape[0] - 1)
+    return initial.astype(np.float64)[:, None, :] + change[held][None].astype(np.float64)
+
+
+def blend_weights(cross: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """``w = clip(-S_ab / S_bb, 0, 1)`` per test example (1 where ``S_bb = 0``); module docstring."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weights = np.clip(-cross / np.where(spread > 0, spread, 1.0), 0.0, 1.0)
+    return np.where(spread > 0, weights, 1.0)
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """What :func:`cross_validate` chose and measured.
+
+    Attributes:
+        best: the chosen value.
+        scores: criterion (mean error, blended with the mean trajectory when nesting it) of every
+            evaluated value, keyed ``f"{value:.6g}"``, in decreasing value order; its keys are the
+            evaluated grid, extensions included.
+        grid: the evaluated values, increasing.
+        extended: values added past the lower and the upper edge of the given grid.
+        blend: float64 ``[M]``: the mean-trajectory blend weights of ``best`` (module docstring);
+            ``None`` without ``nest_mean``.
+        plain_scores: the unblended criterion of every evaluated value (as ``scores``).
+    """
+
+    best: float
+    scores: dict[str, float]
+    grid: list[float]
+    extended: tuple[int, int]
+    blend: np.ndarray | None
+    plain_scores: dict[str, float]
+
+
+def _step_past(values: list[float], upper: bool) -> float:
+    """The next value past an edge of increasing ``values``: the outer spacing, between x2 and x10 (x10 alone)."""
+    ratio = 10.0 if len(values) < 2 else float(np.clip((values[-1] / values[-2]) if upper else (values[1] / values[0]),
+                                                       2.0, 10.0))
+    return values[-1] * ratio if upper else values[0] / ratio
+
+
+TableFits = Callable[[RunSet, Sequence[float]], Iterable[torch.Tensor]]
+"""``tables(fitting_runs, values)``: one coefficient table per value, in order (:func:`cross_validate`)."""
+
+
+def cross_validate(runs: RunSet, grid: Sequence[float], tables: TableFits, cv_folds: int, seed: int,
+                   alpha_offset: float = 1.0, fit_alpha: bool = True, fix: str = "pass the setting explicitly",
+                   batch_size: int | None = None, nest_mean: bool = False,
+                   max_extensions: int = MAX_EXTENSIONS) -> CrossValidation:
+    r"""Choose a setting by rolled-out all-steps error on K folds of the fitting runs.
+
+    ``tables(fitting_runs, values)`` yields one coefficient table (as :func:`rollout` takes it)
+    per value of ``values``, in that order; values come in decreasing order (strong to weak), so
+    a caller can warm-start each fit from the previous one. It is called once per fold with the
+    grid, then once per fold and extension with the new value; a fold's ``fitting_runs`` is the
+    same object in every call, so a caller may keep warm starts per fold. The error is the
+    all-steps MSE with outlying test examples scaled down (:func:`example_scales`): one test
+    example with huge losses cannot choose the setting for all the others. Each fold's error
+    weighs ``1 / K``.
+
+    When the best value is the largest or the smallest evaluated, one more value past that edge
+    is evaluated (spaced as the two outermost values, between x2 and x10; x10 from a single
+    value), up to ``max_extensions`` per side, until the best lies inside. Ties go to the larger
+    value.
+
+    With ``nest_mean`` each test example's prediction is blended with the fold's mean trajectory,
+    ``mu + w (p - mu)``, ``w`` in [0, 1] chosen per grid value and test example from the pooled
+    held-out folds (module docstring), and the value whose blended error is least is chosen.
+
+    Args:
+        runs: the fitting runs (at least 2).
+        grid: the candidate values (positive; any order).
+        tables: as above.
+        cv_folds: ``K`` (at most the number of runs).
+        seed: seed of the fold assignment.
+        alpha_offset: as :func:`rollout`'s.
+        fit_alpha: as :func:`rollout`'s.
+        batch_size: as :func:`rollout`'s.
+        fix: the hint of the error raised with fewer than 2 runs.
+        nest_mean: choose mean-trajectory blend weights too.
+        max_extensions: values that may be added past each edge (0: the grid as given).
     """
     if runs.num_runs < 2:
         raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs", fix)
     folds = np.array_split(np.random.default_rng(seed).permutation(runs.num_runs), min(cv_folds, runs.num_runs))
     scales = example_scales(runs)
-    errors = np.zeros(len(grid))
+    parts = []
     for fold in folds:
         fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
-        for g, table in enumerate(tables(fitting)):
-            predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
-                                alpha_offset, fit_alpha, batch_size=batch_size)
-            squared = (predicted[:, held_out.eval_steps[1:]].astype(np.float64) - held_out.losses[:, 1:]) ** 2
-            with np.errstate(over="ignore", invalid="ignore"):
-                normalised = float(np.mean(squared.mean(axis=(0, 1)) / scales))
-            errors[g] += (normalised if np.isfinite(normalised) else np.inf) / len(folds)
-    return float(grid[int(np.argmin(errors))]), {f"{value:.6g}": float(error) for value, error in zip(grid, errors)}
+        steps = held_out.eval_steps[1:]
+        weight = 1.0 / (len(folds) * held_out.num_runs * steps.size)   # so that sums are fold-averaged means
+        mean = mean_prediction(mean_change(fitting), held_out.initial_losses, steps) if nest_mean else None
+        parts.append((fitting, held_out, steps, weight, mean))
+    # The plain mean's error S_aa [M], the same for every value.
+    base = (sum(w * ((mu - h.losses[:, 1:]) ** 2).sum(axis=(0, 1)) for _, h, _, w, mu in parts)
+            if nest_mean else None)
+    plain: dict[float, float] = {}
+    sums: dict[float, tuple[np.ndarray, np.ndarray]] = {}   # value -> (S_ab, S_bb), each [M]
+
+    def evaluate(values: list[float]) -> None:
+        for value in values:
+            plain[value] = 0.0
+            sums[value] = (np.zeros(runs.num_test), np.zeros(runs.num_test))
+        for fitting, held_out, steps, weight, mu in parts:
+            for value, table in zip(values, tables(fitting, values)):
+                predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
+                                    alpha_offset, fit_alpha, batch_size=batch_size)[:, steps].astype(np.float64)
+                truth = held_out.losses[:, 1:]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    squared = (predicted - truth) ** 2
+                    normalised = float(np.mean(squared.mean(axis=(0, 1)) / scales))
+                    plain[value] += (normalised if np.isfinite(normalised) else np.inf) / len(folds)
+                    if mu is not None:
+                        deviation = predicted - mu
+                        cross, spread = sums[value]
+                        cross += weight * (deviation * (mu - truth)).sum(axis=(0, 1))
+                        spread += weight * (deviation ** 2).sum(axis=(0, 1))
+
+    def criterion(value: float) -> float:
+        if base is None or not np.isfinite(plain[value]):
+            return plain[value]
+        cross, spread = sums[value]
+        if not (np.isfinite(cross).all() and np.isfinite(spread).all()):
+            return np.inf
+        w = blend_weights(cross, spread)
+        return float(np.mean((base + 2 * w * cross + w * w * spread) / scales))
+
+    evaluate(sorted({float(value) for value in grid}, reverse=True))
+    extended = [0, 0]   # below, above
+    while True:
+        values = sorted(plain, reverse=True)    # ties: np.argmin keeps the first, the larger value
+        errors = [criterion(value) for value in values]
+        best = values[int(np.argmin(errors))]
+        if not np.isfinite(min(errors)):
+            break
+        increasing = values[::-1]
+        if best == increasing[-1] and extended[1] < max_extensions:
+            extended[1] += 1
+            evaluate([_step_past(increasing, upper=True)])
+        elif best == increasing[0] and extended[0] < max_extensions:
+            extended[0] += 1
+            evaluate([_step_past(increasing, upper=False)])
+        else:
+            break
+    key = "{:.6g}".format
+    blend = None
+    if base is not None:
+        blend = blend_weights(*sums[best]) if np.isfinite(plain[best]) else np.ones(runs.num_test)
+    return CrossValidation(best, {key(value): float(error) for value, error in zip(values, errors)}, values[::-1],
+                           (extended[0], extended[1]), blend, {key(value): plain[value] for value in values})
 
 
 @dataclass(frozen=True)
@@ -198,17 +359,24 @@ class LinearConfig(TableConfig):
     ridge: float | None = setting(None, "Ridge strength lambda on the summed squared one-step errors (absolute); "
                                   "None: chosen by cross-validation over the fitting runs from ridge_grid.")
     ridge_grid: tuple[float, ...] = setting(DEFAULT_RIDGE_GRID, "Candidate strengths, as multiples of the mean "
-                                            "number of times a training example was trained on (diag of X^T X).")
-    cv_folds: int = setting(3, "Folds of fitting runs for the choice of ridge.")
+                                            "number of times a training example was trained on (diag of X^T X); "
+                                            "extended past an edge (up to 3 values per side) while the best "
+                                            "strength lies on it.")
+    cv_folds: int = setting(5, "Folds of fitting runs for the choice of ridge and blend (5: each fold model sees 80 % "
+                            "of the runs, so the blend weights it chooses are less biased low than with 3).")
     tol: float = setting(1e-5, "Conjugate-gradient stopping tolerance (relative residual of every system).")
     cg_max_iter: int = setting(1000, "Conjugate-gradient iteration cap.")
     seed: int = setting(0, "Seed of the cross-validation fold assignment.")
+    nest_mean: bool = setting(True, "Blend each test example's rollout with the mean trajectory by a weight in "
+                              "[0, 1] chosen in the ridge's cross-validation (mu + w (rollout - mu)); 1 keeps "
+                              "the plain recurrence. Only when ridge is cross-validated (ridge None).")
 
     renamed: ClassVar[Mapping[str, str]] = {"max_iter": "cg_max_iter"}
 
     def validate(self) -> None:
         """Check ridge, grid, folds, tolerance, iteration cap and dtype."""
         super().validate()
+        self._set("nest_mean", bool(self.nest_mean))
         self._set("ridge", positive("ridge", self.ridge, allow_none=True))
         self._set("ridge_grid", positive_grid("ridge_grid", self.ridge_grid))
         self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))
@@ -298,8 +466,20 @@ class LinearSimulator(TableSimulator):
         device: torch device for fitting and rollouts (``"cpu"``, ``"cuda"``, ...).
         dtype: ``"float32"`` (fast) or ``"float64"``.
         seed: seed of the cross-validation fold assignment.
+        nest_mean: blend each test example's rollout with the mean trajectory,
+            ``mu + w_m (rollout - mu)``, ``w_m`` in ``[0, 1]`` chosen in the ridge's
+            cross-validation (module docstring); only when ``ridge`` is ``None``.
 
     The settings are a frozen :class:`LinearConfig` (``config``), given as one or as keywords.
+
+    Fitted state: ``table`` (``[N, 2M]`` ``[A | B]``, ``[N, M]`` additive) and ``blend_``
+    (float64 ``[M]``, the mean-trajectory blend weights; all 1 with a given ``ridge`` or without
+    ``nest_mean``). :attr:`coefficients` are the table's, unblended: :meth:`simulate` is
+    ``mu + blend_ (rollout - mu)`` with ``mu`` the mean trajectory of the fitting runs from the
+    given ``L_0``, and :meth:`column_rollout` the same for a column subset. ``fit_info`` adds
+    ``ridge``, ``cv_scores`` (criterion per evaluated strength, extensions included), ``cv_grid``
+    (the evaluated strengths), ``blend_median`` and ``blend_below_1`` (test examples with
+    ``w_m < 1``).
     """
 
     kind = "linear"
@@ -316,14 +496,24 @@ class LinearSimulator(TableSimulator):
         self.chosen_ridge: float | None = None
         self.prior_b: torch.Tensor | None = None
         """float ``[N, M]``: the ``B`` the ridge shrinks towards (``None``: zero); set by subclasses' fits."""
+        self.blend_: np.ndarray = None  # type: ignore[assignment]  # [M]; fitted state, behind _check_fitted
 
     # --- fitting ------------------------------------------------------------------
     def _fit(self, runs: RunSet) -> None:
         transitions = Transitions.of(runs)
-        ridge, scores = (self.config.ridge, None) if self.config.ridge is not None else self._cross_validate(runs)
+        blend, scores, grid = np.ones(runs.num_test), None, None
+        if self.config.ridge is not None:
+            ridge = self.config.ridge
+        else:
+            chosen = self._cross_validate(runs)
+            ridge, scores, grid = chosen.best, chosen.scores, chosen.grid
+            if chosen.blend is not None:
+                blend = chosen.blend
         self.table, info = self._solve(transitions, ridge)
         self.chosen_ridge = float(ridge)
-        self.fit_info.update(ridge=float(ridge), cv_scores=scores, **info)
+        self.blend_ = blend.astype(np.float64)
+        self.fit_info.update(ridge=float(ridge), cv_scores=scores, cv_grid=grid,
+                             blend_median=float(np.median(blend)), blend_below_1=int((blend < 1).sum()), **info)
 
     def _solve(self, transitions: Transitions, ridge: float,
                initial: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -359,21 +549,75 @@ class LinearSimulator(TableSimulator):
             residual = max(residual, solution.max_relative_residual)
         return table, {"cg_iterations": iterations, "cg_relative_residual": residual, "column_chunk": chunk}
 
-    def _cross_validate(self, runs: RunSet) -> tuple[float, dict[str, float]]:
-        """Choose ``ridge`` by rolled-out all-steps MSE on K folds of the fitting runs."""
+    def _cross_validate(self, runs: RunSet) -> CrossValidation:
+        """Choose ``ridge`` (and the blend weights) by rolled-out all-steps MSE on K folds of the fitting runs."""
         scale = float(BatchDesign(Transitions.of(runs).batches, runs.num_train,
                                   batch_size=self._batch_size(runs)).occurrences.mean())
-        # warm starts go strong -> weak
-        grid = sorted((scale * factor for factor in self.config.ridge_grid), reverse=True)
+        grid = [scale * factor for factor in self.config.ridge_grid]
+        weakest: dict[int, tuple[float, torch.Tensor]] = {}   # per fold: its weakest fit so far
 
-        def tables(fitting: RunSet):
+        def tables(fitting: RunSet, values: Sequence[float]):
             transitions, table = Transitions.of(fitting), None
-            for ridge in grid:
+            known = weakest.get(id(fitting))   # a fold's runs are the same object in every call
+            if known is not None and known[0] > values[0]:   # extending the grid downwards: warm start
+                table = known[1]
+            for ridge in values:  # strong -> weak: each warm-starts the next
                 table, _ = self._solve(transitions, ridge, initial=table)
+                if known is None or ridge < known[0]:
+                    weakest[id(fitting)] = (ridge, table)
                 yield table
 
         return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, self.alpha_offset,
-                              self.fit_alpha, "pass an explicit ridge", self._batch_size(runs))
+                              self.fit_alpha, "pass an explicit ridge", self._batch_size(runs),
+                              nest_mean=self.config.nest_mean)
+
+    # --- prediction ---------------------------------------------------------------
+    def _blended(self, trajectories: np.ndarray, initial: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """``mu + w (rollout - mu)`` for rolled-out ``trajectories`` float32 ``[R, T + 1, M']`` (in place).
+
+        ``initial`` ``[R, M']`` are their losses before training, ``columns`` ``[M']`` the test examples
+        they are (``None``: all). Columns whose weight is 1 are left as they are, bit for bit.
+        """
+        weights = self.blend_ if columns is None else self.blend_[columns]
+        shrunk = np.flatnonzero(weights < 1)
+        if shrunk.size == 0:
+            return trajectories
+        change = self.mean_change if columns is None else self.mean_change[:, columns]
+        mu = mean_prediction(change[:, shrunk], initial[:, shrunk], np.arange(trajectories.shape[1]))
+        rolled = trajectories[:, :, shrunk].astype(np.float64)
+        trajectories[:, :, shrunk] = mu + weights[shrunk] * (rolled - mu)
+        return trajectories
+
+    def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        return self._blended(super()._simulate(curricula, initial), initial)
+
+    def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """The table's :meth:`TableSimulator.column_rollout` for ``test_index``, blended as :meth:`simulate`."""
+        plain = super().column_rollout(test_index)
+        if plain is None:
+            return None
+        test_index = np.asarray(test_index)
+
+        def run(curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+            return self._blended(plain(curricula, initial), initial[:, test_index], test_index)
+
+        return run
+
+    # --- persistence --------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {**super()._arrays(), "blend": np.asarray(self.blend_, dtype=np.float64)}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        super()._restore(arrays)
+        blend = arrays.get("blend")   # absent in files saved before the blend: the plain recurrence
+        if blend is None:
+            self.blend_ = np.ones(self.test_ids.size)
+            return
+        if blend.shape != (self.test_ids.size,):
+            raise ValueError(f"blend has shape {blend.shape}, expected ({self.test_ids.size},)")
+        if blend.dtype.kind != "f" or not np.all((blend >= 0) & (blend <= 1)):
+            raise ValueError("blend must hold weights in [0, 1]")
+        self.blend_ = blend.astype(np.float64)
 
 
 @register

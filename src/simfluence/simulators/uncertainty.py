@@ -4,6 +4,8 @@ r"""Prediction intervals for simulated trajectories: bootstrap replicas plus a c
 point prediction is the same full-data fit) plus ``K`` *replicas*, each the same ridge
 solve on a bootstrap resample of the fitting runs (runs are the independent unit; the
 ridge strength chosen on the full data is reused, so fitting costs ``K`` extra solves).
+The replicas' rollouts are blended with the mean trajectory by the point fit's weights
+(``blend_``, ``nest_mean``) as its prediction is, so ``\hat L^{(k)}`` below are blended too.
 
 For curricula ``c`` and initial losses, with ``\hat L`` the full-data rollout and
 ``\hat L^{(k)}`` the rollout of replica ``k``, the interval at step ``t`` for test example
@@ -175,7 +177,10 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
         wide = halves.reshape(num_train, 2 * replicas * num_test)
         out = rollout(wide, curricula, np.tile(initial, (1, replicas)), self.alpha_offset, self.fit_alpha,
                       batch_size=self._batch_size())
-        return out.reshape(*out.shape[:2], replicas, num_test).transpose(2, 0, 1, 3)
+        out = out.reshape(*out.shape[:2], replicas, num_test).transpose(2, 0, 1, 3)  # [K, R, T + 1, M]
+        # Blended with the mean trajectory as the point prediction is (blend_, linear's nest_mean).
+        stacked = self._blended(out.reshape(-1, *out.shape[2:]), np.tile(initial, (replicas, 1)))
+        return stacked.reshape(out.shape)
 
     def simulate_replicas(self, curricula: Any, initial_losses: Any, source: str = "<input>") -> np.ndarray:
         """float32 ``[K, R, T + 1, M]``: the bootstrap replicas' trajectories (inputs as in ``simulate``)."""
