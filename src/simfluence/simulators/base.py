@@ -185,6 +185,17 @@ def mean_change(runs: RunSet) -> np.ndarray:
     return np.stack([np.interp(steps, runs.eval_steps, change[:, m]) for m in range(runs.num_test)], axis=1)
 
 
+def mean_prediction(change: np.ndarray, initial: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """float64 ``[R, len(steps), M]``: the mean trajectory ``L_0 + change[t]`` at ``steps``.
+
+    ``change`` is a ``mean_change`` ``[T_fit + 1, M]``, ``initial`` ``[R, M]``; past the last step
+    of ``change`` its last value is held. The mean-trajectory baseline
+    (:func:`~simfluence.simulators.baselines.mean_trajectory`) is this at every step.
+    """
+    held = np.minimum(np.asarray(steps), change.shape[0] - 1)
+    return initial.astype(np.float64)[:, None, :] + change[held][None].astype(np.float64)
+
+
 def run_digests(runs: RunSet) -> np.ndarray:
     """Str ``[R]``: SHA-256 (hex) of each run's curriculum and losses before training.
 

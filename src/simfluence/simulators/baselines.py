@@ -11,13 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from simfluence.runs.log import RunSet
-from simfluence.simulators.base import Capabilities, Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, mean_prediction, register
 
 
 def mean_trajectory(mean_change: np.ndarray, initial: np.ndarray, num_steps: int) -> np.ndarray:
     """float32 ``[R, T + 1, M]`` from ``mean_change [T_fit + 1, M]`` and ``initial [R, M]``."""
-    steps = np.minimum(np.arange(num_steps + 1), mean_change.shape[0] - 1)
-    return (initial[:, None, :] + mean_change[steps][None]).astype(np.float32)
+    return mean_prediction(mean_change, initial, np.arange(num_steps + 1)).astype(np.float32)
 
 
 @register

@@ -61,7 +61,7 @@ import torch
 from torch.nn.functional import embedding_bag
 
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import Capabilities, Simulator, mean_change, register
+from simfluence.simulators.base import Capabilities, Simulator, mean_change, mean_prediction, register
 from simfluence.simulators.config import SimulatorConfig, integer, one_of, positive, positive_grid, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.ridge import solve_transition_ridge
@@ -174,16 +174,6 @@ def example_scales(runs: RunSet, cap: float = 3.0) -> np.ndarray:
     if not reference > 0:
         return np.ones(runs.num_test)
     return np.maximum(spread / reference, 1.0)
-
-
-def mean_prediction(change: np.ndarray, initial: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """float64 ``[R, len(steps), M]``: the mean trajectory ``L_0 + change[t]`` at ``steps``.
-
-    ``change`` is a ``mean_change`` ``[T_fit + 1, M]``, ``initial`` ``[R, M]``; past the last step
-    of ``change`` its last value is held (as :func:`~simfluence.simulators.baselines.mean_trajectory`).
-    """
-    held = np.minimum(np.asarray(steps), change.shape[0] - 1)
-    return initial.astype(np.float64)[:, None, :] + change[held][None].astype(np.float64)
 
 
 def blend_weights(cross: np.ndarray, spread: np.ndarray) -> np.ndarray:
