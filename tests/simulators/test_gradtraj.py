@@ -128,18 +128,52 @@ def test_auto_skips_it_for_runs_without_a_task():
     assert row["method"] == "gradient-trajectory" and row["cv_mse"] is None and "task" in row["skipped"]
 
 
-def test_end_to_end_on_digits_mlp():
+def _digits_runs(num_runs=10, num_steps=20):
     import torch
 
     from simfluence.collect import UniformSampler, train_runs_vmap
-    from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
     from simfluence.tasks import get_task
 
     torch.set_num_threads(1)
     task = get_task("digits-mlp", num_train=40, num_test=10)
     sampler = UniformSampler(task.default_pool(), task.batch_size)
-    curricula = np.stack([sampler.sample(20, seed=r) for r in range(10)])
-    runs = RunSet.from_logs(train_runs_vmap(task, curricula), task.train_ids, task.test_ids, task.meta())
+    curricula = np.stack([sampler.sample(num_steps, seed=r) for r in range(num_runs)])
+    return task, RunSet.from_logs(train_runs_vmap(task, curricula), task.train_ids, task.test_ids, task.meta())
+
+
+def test_priors_are_kept_on_disk_for_new_processes(tmp_path, monkeypatch):
+    from simfluence.simulators import gradtraj
+
+    monkeypatch.setenv("SIMFLUENCE_CACHE", str(tmp_path / "cache"))
+    task, runs = _digits_runs()
+    monkeypatch.setattr(gradtraj, "_CACHE", type(gradtraj._CACHE)())        # a fresh process's memory
+    first = GradientTrajectorySimulator(task=task).fit(runs)
+    assert first.fit_info["prior_cached"] is False
+    assert len(list((tmp_path / "cache").glob("gradient-prior-*.pt"))) == 1
+    again = GradientTrajectorySimulator(task=task).fit(runs)
+    assert again.fit_info["prior_cached"] == "memory"
+    monkeypatch.setattr(gradtraj, "_CACHE", type(gradtraj._CACHE)())
+    loaded = GradientTrajectorySimulator(task=task).fit(runs)
+    assert loaded.fit_info["prior_cached"] == "disk"
+    np.testing.assert_array_equal(loaded.prior_, first.prior_)
+    np.testing.assert_array_equal(loaded.coef_, first.coef_)
+    # Without the disk cache the prior is computed again, to the same numbers, and nothing is written.
+    monkeypatch.setattr(gradtraj, "_CACHE", type(gradtraj._CACHE)())
+    monkeypatch.setenv("SIMFLUENCE_CACHE", str(tmp_path / "other"))
+    fresh = GradientTrajectorySimulator(task=task, disk_cache=False).fit(runs)
+    assert fresh.fit_info["prior_cached"] is False and not (tmp_path / "other").exists()
+    np.testing.assert_allclose(fresh.prior_, first.prior_, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="^disk_cache:"):
+        GradientTrajectorySimulator(disk_cache="yes")
+
+
+def test_end_to_end_on_digits_mlp(tmp_path, monkeypatch):
+    import torch
+
+    from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
+
+    monkeypatch.setenv("SIMFLUENCE_CACHE", str(tmp_path))   # a private disk cache: the first fits compute
+    task, runs = _digits_runs()
     fitting, heldout = split_runs(runs, 3, 0)
     start = GradientTrajectorySimulator(task=task, prior_checkpoint="start", normalise=False).fit(fitting)
     model = task.build_model().eval()

@@ -14,13 +14,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from simfluence.cache import cached_tensors
 from simfluence.collect.curricula import UniformSampler
 from simfluence.collect.train import train_run, train_runs_vmap
 from simfluence.tasks import get_task, list_tasks
 from simfluence.tasks import glosses as glosses_module
 from simfluence.tasks import lm as lm_module
 from simfluence.tasks import text as text_module
-from simfluence.tasks.glosses import DATA_DIR, cached_tensors, load_glosses
+from simfluence.tasks.glosses import DATA_DIR, load_glosses
 
 SMALL_TEXT = dict(classes=("noun.animal", "noun.food", "verb.motion"), train_per_class=4, test_per_class=2,
                   pretrain_per_class=(3, 1, 0), pretrain_steps=20)

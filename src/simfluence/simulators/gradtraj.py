@@ -49,7 +49,10 @@ text-minilm 0.475 vs 0.478, tiny-lm 0.328 vs 0.381, minilm-finetune 0.68 vs 0.72
 better than the middle alone; ``docs/benchmarks.md``). Products are computed in bounded memory
 (:func:`~simfluence.func.gradients.gradient_products`) and kept in a small in-process cache keyed
 by the task, the checkpoint and the settings, so refitting on other runs of the same task
-(``auto``'s folds) does not recompute them.
+(``auto``'s folds) does not recompute them, and (``disk_cache``, on by default) in the on-disk
+cache of :mod:`simfluence.cache` under the same key plus the simfluence and torch versions, so a
+refit in a new process (``simfluence fit`` again) does not either; ``fit_info["prior_cached"]``
+says ``"memory"``, ``"disk"`` or ``False`` (computed).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from simfluence.errors import UsageError
 from simfluence.runs.log import RunDataError, RunSet
@@ -96,6 +100,9 @@ class GradientTrajectoryConfig(TaskConfig, TrajectoryConfig):
                               "would exceed memory_gb).")
     test_chunk_size: int | None = setting(None, "Test gradients held at once (one pass over the training "
                                           "gradients per chunk); None: as many as fit in memory_gb.")
+    disk_cache: bool = setting(True, "Keep computed priors in the on-disk cache ($SIMFLUENCE_CACHE, default "
+                               "~/.cache/simfluence), keyed by the task, checkpoint, settings and versions, so a "
+                               "refit in a new process skips the gradients.")
     memory_gb: float = setting(1.0, "Bound, in GiB, on the gradients held at once on each side (test, training); "
                                "peak memory is about three times this plus one forward/backward pass.")
 
@@ -106,6 +113,8 @@ class GradientTrajectoryConfig(TaskConfig, TrajectoryConfig):
         one_of("preconditioner", self.preconditioner, PRECONDITIONERS)
         if not isinstance(self.normalise, bool):
             raise UsageError(f"normalise: expected true or false, got {self.normalise!r}")
+        if not isinstance(self.disk_cache, bool):
+            raise UsageError(f"disk_cache: expected true or false, got {self.disk_cache!r}")
         self._set("chunk_size", integer("chunk_size", self.chunk_size, 1))
         if self.test_chunk_size is not None:
             self._set("test_chunk_size", integer("test_chunk_size", self.test_chunk_size, 1, " or None"))
@@ -163,15 +172,17 @@ class GradientTrajectorySimulator(TrajectorySimulator):
 
     def _effect_prior(self, runs: RunSet) -> np.ndarray:
         start = time.perf_counter()
+        cached: str | bool = False
         if self._given_prior is not None:
-            scores, source, cached = self._given_prior, "given", False
+            scores, source = self._given_prior, "given"
         else:
             scores, source, cached = self._gradient_scores(runs)
         self.prior_ = -scores
         self.fit_info.update(prior=source, prior_seconds=time.perf_counter() - start, prior_cached=cached)
         return self.prior_
 
-    def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, bool]:
+    def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, str | bool]:
+        from simfluence.cache import cache_dir, cached_tensors
         from simfluence.collect.curricula import pool_sampler
         from simfluence.collect.train import train_states
         from simfluence.func.gradients import gradient_products
@@ -199,7 +210,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
         kind = (runs.meta.get("sampler") or {}).get("kind", "uniform")
         sampler = pool_sampler(kind if kind in ("uniform", "epoch") else "uniform", task.default_pool(),
                                runs.batch_size)
-        priors, cached = [], True
+        priors, cached, disk = [], True, False
         for step in steps:
             curriculum = sampler.sample(step, PRIOR_SEED) if step else None
             replayed = None if curriculum is None else np.ascontiguousarray(curriculum).tobytes()
@@ -210,13 +221,30 @@ class GradientTrajectorySimulator(TrajectorySimulator):
                 _CACHE.move_to_end(key)
                 priors.append(_CACHE[key])
                 continue
-            cached = False
-            state = train_states(task, curriculum, [step])[0] if step else None
-            model, params = _state_params(task, state)
-            scores = gradient_products(task, model, params, chunk_size=config.chunk_size,
-                                       preconditioner=None if preconditioner == "none" else "adam", eps=eps,
-                                       normalise_train=bool(normalise), test_chunk_size=config.test_chunk_size,
-                                       memory_bytes=int(config.memory_gb * 2 ** 30)).numpy()
+            computed: list[int] = []
+
+            def compute(step: int = step, curriculum: np.ndarray | None = curriculum,
+                        computed: list[int] = computed) -> dict[str, torch.Tensor]:
+                computed.append(step)
+                state = train_states(task, curriculum, [step])[0] if step else None
+                model, params = _state_params(task, state)
+                return {"scores": gradient_products(
+                    task, model, params, chunk_size=config.chunk_size,
+                    preconditioner=None if preconditioner == "none" else "adam", eps=eps,
+                    normalise_train=bool(normalise), test_chunk_size=config.test_chunk_size,
+                    memory_bytes=int(config.memory_gb * 2 ** 30))}
+
+            if config.disk_cache:
+                entry = {"key": list(key), "simfluence": _version(), "torch": torch.__version__}
+                scores = cached_tensors("gradient-prior", entry, compute)["scores"].numpy().astype(np.float64)
+                if scores.shape != (runs.num_train, runs.num_test) or not np.isfinite(scores).all():
+                    raise RuntimeError(f"{cache_dir()}: a cached gradient prior of task '{task.name}' has shape "
+                                       f"{scores.shape} or non-finite values; delete the gradient-prior-* files "
+                                       "there and refit")
+            else:
+                scores = compute()["scores"].numpy()
+            cached = cached and not computed
+            disk = disk or not computed
             _CACHE[key] = scores
             while len(_CACHE) > CACHE_SIZE:
                 _CACHE.popitem(last=False)
@@ -225,7 +253,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
                               for step in steps)
         source = f"gradients {source} ({'Adam-preconditioned' if preconditioner == 'adam' else 'plain'}" \
             + f"{', normalised training rows' if normalise else ''})"
-        return np.stack(priors), source, cached
+        return np.stack(priors), source, ("disk" if disk else "memory") if cached else False
 
     def _fit(self, runs: RunSet) -> None:
         super()._fit(runs)
@@ -253,3 +281,12 @@ class GradientTrajectorySimulator(TrajectorySimulator):
         num_priors = self.prior_.shape[0]
         if self.prior_.shape[1:] != self.coef_.shape or self.prior_scale_.shape != (num_priors, self.test_ids.size):
             raise ValueError("prior shapes do not match the ids")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("simfluence")
+    except PackageNotFoundError:   # run from a source tree
+        return "source"

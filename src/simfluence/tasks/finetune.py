@@ -39,12 +39,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simfluence.cache import cached_tensors
 from simfluence.errors import UsageError, require_extra
 from simfluence.func.devices import check_device
 from simfluence.tasks.base import Inputs, Task, TaskData, check_split, logits_of
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
-    cached_tensors,
     checked_classes,
     hub_offline,
     load_glosses,

@@ -37,7 +37,7 @@ RNGs): about 20 s on an idle core, to a loss of about 5.1 nats per token. It is 
 once per machine and cached on disk under ``$SIMFLUENCE_CACHE`` (default
 ``~/.cache/simfluence``) keyed by a hash of every setting it depends on and of the
 transformers and torch versions (see
-:func:`simfluence.tasks.glosses.cached_tensors`: written to a temporary file and
+:func:`simfluence.cache.cached_tensors`: written to a temporary file and
 renamed, under a file lock), so every process of a collection starts from the same bits.
 
 What is trained: **all weights** of the GPT-2 model, by plain SGD (``learning_rate``)
@@ -62,11 +62,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simfluence.cache import cached_tensors
 from simfluence.errors import UsageError
 from simfluence.tasks.base import Task, TaskData, check_split, logits_of
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
-    cached_tensors,
     hub_offline,
     load_glosses,
     minilm_dir,

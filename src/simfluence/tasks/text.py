@@ -46,11 +46,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simfluence.cache import cached_tensors
 from simfluence.errors import UsageError
 from simfluence.tasks.base import Task, TaskData, check_split, output_error
 from simfluence.tasks.glosses import (
     GLOSSES_SOURCE,
-    cached_tensors,
     checked_classes,
     hub_offline,
     load_glosses,
