@@ -27,7 +27,9 @@ How to read the three tables above (each: one simulator on the 8 held-out runs):
     hard each one is); across-run Spearman asks, per test example, whether the simulator knows
     which curriculum helps it: the number that matters for attribution.
   - additive has no multiplicative term, so its predicted changes do not shrink as a loss falls
-    and it drifts over 100 steps; linear's ridge pulls its multiplier towards 0 (forgetting),
-    linear-identity's towards 1 (no effect), which is why linear-identity ranks curricula better.
+    and it drifts over 100 steps (each simulator here is blended, per test example, with the mean
+    trajectory by a weight chosen in cross-validation; that keeps additive ahead of the baseline);
+    linear's ridge pulls its multiplier towards 0 (forgetting), linear-identity's towards 1 (no
+    effect), which is why linear-identity ranks curricula better.
 NOTES
 echo "open $OUT/report.html in a browser: metrics, trajectories, influence heat map, top examples"
