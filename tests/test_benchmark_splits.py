@@ -1,11 +1,10 @@
 """benchmarks/splits.py: method specs and the ratios it prints, on a small synthetic store."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 from synthetic import trajectory_runs
 
 from simfluence import save_runs
@@ -13,22 +12,9 @@ from simfluence.evaluate import score, split_runs
 from simfluence.simulators import make_simulator
 from simfluence.simulators.baselines import mean_trajectory
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "splits.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("splits_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))   # the script imports its folder's _common, as when it runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
-
 
 def test_method_specs_parse_as_json():
-    bench = _module()
+    bench = load_benchmark("splits")
     assert bench.parse_method("linear") == ("linear", {})
     assert bench.parse_method('gradient-trajectory:prior_checkpoint="start";cv_folds=4') == (
         "gradient-trajectory", {"prior_checkpoint": "start", "cv_folds": 4})
@@ -40,7 +26,7 @@ def test_method_specs_parse_as_json():
 def test_prints_the_ratios_computed_another_way(tmp_path, monkeypatch, capsys):
     runs, _, _ = trajectory_runs(num_runs=12, num_steps=20, seed=3)
     save_runs(runs, tmp_path / "runs.npz")
-    bench = _module()
+    bench = load_benchmark("splits")
     monkeypatch.setattr(sys, "argv", ["splits.py", str(tmp_path / "runs.npz"), "--heldout", "4", "--seeds", "0,1",
                                       "--methods", "mean-trajectory,linear-identity:ridge=1.0",
                                       "--json", str(tmp_path / "out.json")])

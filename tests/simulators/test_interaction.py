@@ -6,15 +6,12 @@ recovery of a known supermodular interaction that Linear cannot express, the rea
 case, persistence, errors.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
+from benchmark_scripts import load_benchmark
 from dense import dense_design
+
 from simfluence import RunDataError, RunSet
 from simfluence.simulators import LinearIdentitySimulator, Simulator, interaction, make_simulator
 from simfluence.simulators.design import BatchDesign
@@ -307,23 +304,10 @@ def test_short_window_misses_pairs_far_apart():
         assert float(got) == pytest.approx(expected)
 
 
-def _benchmark_module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "interactions.py"
-    spec = importlib.util.spec_from_file_location("interactions_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    sys.path.insert(0, str(path.parent))  # the script imports its folder's _common, as when it runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
-
-
 def test_two_key_real_training_interaction_is_captured():
     """Real SGD on the two-key MLP: only the pairwise simulator sees that A and B help together."""
     torch.set_num_threads(1)
-    bench = _benchmark_module()
+    bench = load_benchmark("interactions")
     result = bench.two_key_experiment(num_runs=48, num_steps=30, num_heldout=12, num_probes=8,
                                       pairwise={"rank": 4, "rounds": 4})
     measured = result["measured_interaction"]["mean_needs_both"]
