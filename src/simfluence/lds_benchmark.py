@@ -352,7 +352,10 @@ def plot_lds(result: dict, path: Path) -> Path:
     methods = [cost["method"] for cost in result["costs"]]
     by = {(r["method"], r["protocol"]): r for r in result["scores"]}
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(protocols) + 0.3 * len(methods)), 3.8))
+    columns = min(4, max(1, len(methods)))   # legend below the axes, so many methods never squeeze them
+    legend_rows = math.ceil((len(methods) + 1) / columns)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(protocols) * max(2.0, 0.35 * len(methods))),
+                                    3.4 + 0.22 * legend_rows))
     for k, method in enumerate(methods):
         means, low, high = (np.array([by[(method, p)][key] for p in protocols], dtype=float)  # None -> NaN
                             for key in ("mean", "low", "high"))
@@ -367,7 +370,7 @@ def plot_lds(result: dict, path: Path) -> Path:
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_ylabel("LDS (mean Spearman)")
     ax.set_title(f"{result['task']}: linear datamodeling score vs real retraining", fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize=7, ncol=columns, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
