@@ -139,6 +139,13 @@ def integer(name: str, value: Any, least: int, note: str = "") -> int:
     return int(value)
 
 
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False`` (no truthiness: ``"yes"`` or ``1`` are refused)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{name}: expected true or false, got {value!r}")
+    return value
+
+
 def positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> float | None:
     """``value`` as a finite float ``> 0`` (or ``>= 0``; or ``None`` when allowed)."""
     if value is None and allow_none:

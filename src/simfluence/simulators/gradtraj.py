@@ -67,10 +67,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from simfluence.errors import UsageError
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
-from simfluence.simulators.config import TaskConfig, integer, one_of, positive, setting
+from simfluence.simulators.config import TaskConfig, boolean, integer, one_of, positive, setting
 from simfluence.simulators.trajectory import TrajectoryConfig, TrajectorySimulator, adam_momentum
 
 CHECKPOINTS = ("start", "middle", "both")
@@ -111,10 +110,8 @@ class GradientTrajectoryConfig(TaskConfig, TrajectoryConfig):
         super().validate()
         one_of("prior_checkpoint", self.prior_checkpoint, CHECKPOINTS)
         one_of("preconditioner", self.preconditioner, PRECONDITIONERS)
-        if not isinstance(self.normalise, bool):
-            raise UsageError(f"normalise: expected true or false, got {self.normalise!r}")
-        if not isinstance(self.disk_cache, bool):
-            raise UsageError(f"disk_cache: expected true or false, got {self.disk_cache!r}")
+        boolean("normalise", self.normalise)
+        boolean("disk_cache", self.disk_cache)
         self._set("chunk_size", integer("chunk_size", self.chunk_size, 1))
         if self.test_chunk_size is not None:
             self._set("test_chunk_size", integer("test_chunk_size", self.test_chunk_size, 1, " or None"))
