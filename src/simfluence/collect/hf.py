@@ -286,6 +286,36 @@ def trainer_states(make_trainer: MakeTrainer, curriculum, steps: Sequence[int],
     return [states[step] for step in wanted]
 
 
+def trainer_update_rule(make_trainer: MakeTrainer, curriculum, run_index: int = 0):
+    """The :class:`~simfluence.func.optimizers.UpdateRule` the Trainer of ``make_trainer`` trains ``curriculum`` with.
+
+    Read from the real thing: the optimizer and learning-rate scheduler the Trainer creates for a
+    run of ``T = len(curriculum)`` steps (its parameter groups, betas, epsilon and weight decay;
+    the rate of each step, as the scheduler sets it before that step) and
+    ``args.max_grad_norm``. Nothing is trained.
+
+    Raises:
+        ValueError: for an optimizer the replay cannot follow (see
+            :func:`~simfluence.func.optimizers.rule_from_optimizer`) or gradient accumulation.
+    """
+    from simfluence.func.optimizers import rule_from_optimizer
+
+    num_steps = int(np.asarray(curriculum).shape[0])
+    trainer = make_trainer(run_index, np.asarray(curriculum))
+    if int(trainer.args.gradient_accumulation_steps) != 1:
+        raise UsageError("gradient_accumulation_steps: the replay follows one batch per step, got "
+                         f"{trainer.args.gradient_accumulation_steps}")
+    trainer.create_optimizer_and_scheduler(num_training_steps=num_steps)
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    optimizer = getattr(optimizer, "optimizer", optimizer)     # accelerate may wrap it
+    rates = np.zeros((len(optimizer.param_groups), num_steps))
+    for step in range(num_steps):
+        rates[:, step] = [group["lr"] for group in optimizer.param_groups]
+        scheduler.step()
+    names = {id(param): name for name, param in trainer.model.named_parameters()}
+    return rule_from_optimizer(optimizer, names, rates, trainer.args.max_grad_norm)
+
+
 def train_recorded(spec: TrainerSpec, store: str | os.PathLike | RunStore, run_index: int, curriculum: np.ndarray,
                    seed: int) -> Any:
     """Train one run of ``spec`` along ``curriculum`` with the real Trainer, recorded into ``store``.

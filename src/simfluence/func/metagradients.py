@@ -46,8 +46,14 @@ to weights exactly (a step that loses ``k`` of its ``n_t`` examples trains on th
 the rest: its kept weights become :math:`n_t / (n_t - k)`; a step that loses all makes no
 update) and predicts the final losses to first order in that weight change.
 
-Only plain-SGD tasks (``task.optimizer == "sgd"``, trained by our own loop) are supported;
-others raise a ValueError.
+Other optimizers. The same weights and the same definition of :math:`G` hold for any update
+rule of :mod:`simfluence.func.optimizers`: AdamW with a warm-up and decay schedule and gradient
+clipping, as the Hugging Face ``Trainer`` of ``minilm-finetune`` trains, read from that Trainer
+(:func:`update_rule`). The state carried through the run is then the weights and Adam's two
+moments :math:`(\theta_t, m_t, v_t)`, the adjoint has three parts, and each backward step is
+the VJP of the whole Adam update (gradient, clipping, moments, bias correction) with respect
+to the state and the step's weights. Adjoints then take ``3 x M' x P`` numbers, so test
+examples go backwards in groups (``test_group``), each recomputing the forward segments.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from simfluence.errors import UsageError
+from simfluence.func.optimizers import State, UpdateRule, apply_update, rule_from_optimizer, sgd_rule
 from simfluence.progress import progress_bar
 from simfluence.runs.log import PAD, check_indices
 from simfluence.tasks.base import Inputs, Task, take
@@ -154,34 +161,41 @@ class MetagradientResult:
 
 
 def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: int | None = None,
-                  test_chunk: int = 256, hvp: str = "reverse", dtype: torch.dtype | None = None,
-                  progress: bool = False) -> MetagradientResult:
+                  test_chunk: int = 256, test_group: int | None = None, hvp: str = "reverse",
+                  dtype: torch.dtype | None = None, progress: bool = False) -> MetagradientResult:
     r"""Exact metagradients of a run's final test losses w.r.t. the weight of every example occurrence.
 
-    Replays ``curriculum`` with plain SGD exactly as :func:`~simfluence.collect.train.train_run`
-    (the task's starting checkpoint, learning-rate schedule, batch-mean loss, eval mode; frozen
-    parameters and buffers stay fixed) and differentiates the final test losses backwards
+    Replays ``curriculum`` with the optimizer that trains it, exactly as the run does (the
+    task's starting checkpoint, learning-rate schedule, batch-mean loss, eval mode; frozen
+    parameters and buffers stay fixed), and differentiates the final test losses backwards
     through every step (module docstring for the math and the memory).
 
     Args:
-        task: a plain-SGD task (``task.optimizer == "sgd"``), e.g. ``digits-mlp``, ``text-minilm``,
-            ``tiny-lm``.
+        task: a task trained by our loop with plain SGD (``digits-mlp``, ``text-minilm``,
+            ``tiny-lm``) or another optimizer of :mod:`simfluence.func.optimizers` (its
+            :meth:`~simfluence.tasks.base.Task.make_optimizer`), or by the Hugging Face
+            ``Trainer`` (``minilm-finetune``: AdamW, warm-up and decay, gradient clipping, read
+            from the Trainer by :func:`simfluence.collect.hf.trainer_update_rule`).
         curriculum: int ``[T, B]`` training-example indices, ``-1`` pads. A step of padding only
-            makes no update (as :func:`simfluence.retrain.retrain` trains it) and keeps its
-            place in the learning-rate schedule.
+            makes no update under plain SGD (as :func:`simfluence.retrain.retrain` trains it)
+            and keeps its place in the learning-rate schedule; other optimizers need an example
+            in every step.
         test_index: int ``[M']`` test examples to differentiate (default: all ``M``).
-        checkpoint_every: store the parameters every this many steps and recompute the steps in
-            between in the backward pass; default ``ceil(sqrt(T))``. ``1`` keeps every step's
-            parameters (no recomputation, ``T + 1`` copies).
+        checkpoint_every: store the training state every this many steps and recompute the
+            steps in between in the backward pass; default ``ceil(sqrt(T))``. ``1`` keeps every
+            step's state (no recomputation, ``T + 1`` copies).
         test_chunk: test examples whose adjoints go through one vectorised backward step at
             once (bounds the memory of the batched Hessian-vector products).
-        hvp: how a backward step differentiates through the SGD update (both exact):
+        test_group: test examples carried backwards through the run together; each further
+            group recomputes the forward segments again. Default: as many as keep the adjoints
+            within 2 GiB (all of them for small models; Adam's adjoints are 3x the weights).
+        hvp: how a backward step differentiates through the update (both exact):
             ``"reverse"`` (default): one ``torch.func.vjp`` of the update
             :math:`(\theta_{t-1}, w_t) \mapsto \theta_t`, reverse-over-reverse, vmapped over the
-            adjoints; ``"forward"``: forward-over-reverse Hessian-vector products
-            (``jvp`` of ``grad``) plus the step's per-example gradients. Measured on one CPU
-            thread: reverse is about 2x faster on digits-mlp (2 vs 4-7 ms per step for 100
-            test examples), forward about 1.5x faster on tiny-lm (0.67 vs 1.0 s per step for
+            adjoints; ``"forward"`` (plain SGD only): forward-over-reverse Hessian-vector
+            products (``jvp`` of ``grad``) plus the step's per-example gradients. Measured on
+            one CPU thread: reverse is about 2x faster on digits-mlp (2 vs 4-7 ms per step for
+            100 test examples), forward about 1.5x faster on tiny-lm (0.67 vs 1.0 s per step for
             64 test examples); forward needs forward-mode support of every op of the model.
         dtype: compute in this floating dtype (e.g. ``torch.float64``; model and floating
             inputs are cast); default the model's own.
@@ -191,101 +205,188 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
         A :class:`MetagradientResult` (``occurrence`` float64 ``[T, B, M']``).
 
     Raises:
-        ValueError: for a task trained with another optimizer, or a malformed curriculum,
-            ``test_index`` or ``checkpoint_every``.
+        ValueError: for an optimizer the replay cannot follow, or a malformed curriculum,
+            ``test_index``, ``checkpoint_every`` or ``test_group``.
     """
+    with _twice_differentiable():
+        return _metagradients(task, curriculum, test_index, checkpoint_every, test_chunk, test_group, hvp, dtype,
+                              progress)
+
+
+def _metagradients(task: Task, curriculum, test_index, checkpoint_every: int | None, test_chunk: int,
+                   test_group: int | None, hvp: str, dtype: torch.dtype | None, progress: bool) -> MetagradientResult:
     start_time = time.perf_counter()
-    if task.optimizer != "sgd" or getattr(task, "runner", "torch") != "torch":
-        raise UsageError(f"task '{task.name}': metagradients replay plain SGD, but this task trains with "
-                         f"'{task.optimizer}' (runner '{getattr(task, 'runner', 'torch')}'); only SGD tasks "
-                         "such as digits-mlp, text-minilm and tiny-lm are supported")
     curriculum = _check_curriculum(curriculum, task.num_train)
     test_index = check_indices(test_index, task.num_test, "test_index")
     num_steps, batch_size = curriculum.shape
     every = _check_checkpoint_every(checkpoint_every, num_steps)
     if hvp not in ("reverse", "forward"):
         raise UsageError(f"hvp: expected 'reverse' or 'forward', got {hvp!r}")
-    if int(test_chunk) != test_chunk or test_chunk < 1:
-        raise UsageError(f"test_chunk: must be a positive integer, got {test_chunk!r}")
-    test_chunk = int(test_chunk)
+    test_chunk = _positive(test_chunk, "test_chunk")
 
     model = task.build_model().eval()
     if dtype is not None:
         if not dtype.is_floating_point:
             raise UsageError(f"dtype: expected a floating dtype such as torch.float64, got {dtype}")
         model = model.to(dtype)
-    params = {name: value.detach() for name, value in model.named_parameters() if value.requires_grad}
-    if not params:
+    trainable = {name: value.detach() for name, value in model.named_parameters() if value.requires_grad}
+    if not trainable:
         raise UsageError(f"task '{task.name}': the model has no trainable parameters")
+    rule = update_rule(task, curriculum, model)
+    if hvp == "forward" and not rule.plain_sgd:
+        raise UsageError(f"hvp: 'forward' follows plain SGD only; task '{task.name}' trains with {rule.kind}"
+                         f"{' and gradient clipping' if rule.max_grad_norm else ''}, use hvp='reverse'")
+    trained = set(rule.names)
     fixed = {name: value.detach() for name, value in model.named_buffers()}
-    fixed.update({name: value.detach() for name, value in model.named_parameters() if not value.requires_grad})
-    rates = task.learning_rates(num_steps).astype(np.float64)
+    fixed.update({name: value.detach() for name, value in model.named_parameters() if name not in trained})
 
     data = task.data
     train_inputs, train_targets = _cast(data.train_inputs, dtype), _cast(data.train_targets, dtype)
     rows = torch.from_numpy(curriculum.astype(np.int64))
     slots = [torch.nonzero(row != PAD).flatten() for row in rows]                # real slots of each step
-    batches = [(take(train_inputs, rows[t][slots[t]]), train_targets[rows[t][slots[t]]]) for t in range(num_steps)]
+    if rule.kind != "sgd" and any(slot.numel() == 0 for slot in slots):
+        empty = next(t for t, slot in enumerate(slots) if slot.numel() == 0)
+        raise UsageError(f"curriculum: step {empty + 1} has no example; {rule.kind} cannot skip a step and keep "
+                         "its schedule, so keep at least one example per step")
+    batches = [(_trim_padding(take(train_inputs, rows[t][slots[t]])), train_targets[rows[t][slots[t]]])
+               for t in range(num_steps)]
 
-    def update(theta: Params, weights: torch.Tensor, t: int) -> Params:
-        """SGD step ``t + 1``: ``theta - lr * grad(sum_b w_b loss_b / n)`` (``t`` 0-based)."""
+    def update(state: State, weights: torch.Tensor, t: int) -> State:
+        """Step ``t + 1`` on the weighted batch loss ``sum_b w_b loss_b / n`` (``t`` 0-based)."""
         inputs, targets = batches[t]
         count = weights.shape[0]
 
         def batch_loss(p: Params) -> torch.Tensor:
             return (task.example_losses(model, inputs, targets, {**p, **fixed}) * weights).sum() / count
 
-        step_grad = grad(batch_loss)(theta)
-        rate = float(rates[t])
-        return {name: theta[name] - rate * step_grad[name] for name in theta}
+        return apply_update(rule, state, grad(batch_loss)(state["theta"]), t)
 
-    def advance(theta: Params, t: int) -> Params:
+    def advance(state: State, t: int) -> State:
         if slots[t].numel() == 0:
-            return theta
+            return state
         with torch.no_grad():
-            return update(theta, _ones(slots[t].numel(), theta), t)
+            return update(state, _ones(slots[t].numel(), state["theta"]), t)
 
-    # Forward: the run, keeping the parameters before every `every`-th step.
-    checkpoints: dict[int, Params] = {}
-    theta = params
+    # Forward: the run, keeping the state before every `every`-th step.
+    checkpoints: dict[int, State] = {}
+    state = rule.initial_state(trainable)
     for t in range(num_steps):
         if t % every == 0:
-            checkpoints[t] = theta
-        theta = advance(theta, t)
+            checkpoints[t] = state
+        state = advance(state, t)
+    theta = state["theta"]
+    del state
 
     test_inputs, test_targets = _cast(data.test_inputs, dtype), _cast(data.test_targets, dtype)
     index = torch.from_numpy(test_index)
-    test_x, test_y = take(test_inputs, index), test_targets[index]
+    test_x, test_y = _trim_padding(take(test_inputs, index)), test_targets[index]
     with torch.no_grad():
         final = task.example_losses(model, test_x, test_y, {**theta, **fixed})
-    # Adjoints lambda_T: one gradient of each target test loss, [M', *shape] per parameter.
-    adjoint = _example_gradients(task, model, theta, fixed, test_x, test_y, test_chunk)
-    del theta
+    slots_per_example = sum(value.numel() for value in theta.values()) * (1 if rule.kind == "sgd" else 3)
+    if test_group is None:
+        bytes_per = slots_per_example * next(iter(theta.values())).element_size()
+        test_group = max(1, min(test_index.size, (2 << 30) // bytes_per))
+    test_group = _positive(test_group, "test_group")
 
     occurrence = np.zeros((num_steps, batch_size, test_index.size))
-    bar = progress_bar(total=num_steps, enabled=progress, desc=f"metagradients {task.name}", unit="step")
-    for segment_start in reversed(range(0, num_steps, every)):
-        segment_end = min(segment_start + every, num_steps)
-        states = [checkpoints.pop(segment_start)]                               # theta before each step
-        for t in range(segment_start, segment_end - 1):
-            states.append(advance(states[-1], t))
-        for t in reversed(range(segment_start, segment_end)):
-            theta_before = states.pop()
-            bar.update(1)
-            if slots[t].numel() == 0:
-                continue                                                        # no update: lambda unchanged
-            if hvp == "reverse":
-                step_vjp = vjp(lambda p, w, t=t: update(p, w, t), theta_before,
-                               _ones(slots[t].numel(), theta_before))[1]
-                adjoint, weight_grads = _batched_vjp(step_vjp, adjoint, test_chunk)
-                del step_vjp
-            else:
-                adjoint, weight_grads = _forward_over_reverse(task, model, fixed, theta_before, batches[t],
-                                                              float(rates[t]), adjoint, test_chunk)
-            occurrence[t, slots[t].numpy()] = weight_grads.T.double().numpy()
+    groups = list(range(0, test_index.size, test_group))
+    bar = progress_bar(total=num_steps * len(groups), enabled=progress, desc=f"metagradients {task.name}",
+                       unit="step")
+    for group_start in groups:
+        members = slice(group_start, min(group_start + test_group, test_index.size))
+        # Adjoints at the end: each target test loss's gradient (Adam's moments: 0), [M'', *shape] each.
+        adjoint = {("theta", name): value for name, value in _example_gradients(
+            task, model, theta, fixed, take(test_x, torch.arange(members.start, members.stop)), test_y[members],
+            test_chunk).items()}
+        if rule.kind != "sgd":
+            zeros = {name: torch.zeros_like(value) for (_, name), value in adjoint.items()}
+            adjoint.update({(slot, name): value for slot in ("m", "v") for name, value in zeros.items()})
+        for segment_start in reversed(range(0, num_steps, every)):
+            segment_end = min(segment_start + every, num_steps)
+            last_group = members.stop == test_index.size
+            states = [checkpoints.pop(segment_start) if last_group else checkpoints[segment_start]]
+            for t in range(segment_start, segment_end - 1):
+                states.append(advance(states[-1], t))
+            for t in reversed(range(segment_start, segment_end)):
+                before = states.pop()
+                bar.update(1)
+                if slots[t].numel() == 0:
+                    continue                                                    # no update: lambda unchanged
+                if hvp == "reverse":
+                    step_vjp = vjp(lambda flat, w, t=t: _flatten(update(_nest(flat), w, t)), _flatten(before),
+                                   _ones(slots[t].numel(), before["theta"]))[1]
+                    adjoint, weight_grads = _batched_vjp(step_vjp, adjoint, test_chunk)
+                    del step_vjp
+                else:
+                    part, weight_grads = _forward_over_reverse(
+                        task, model, fixed, before["theta"], batches[t], float(rule.learning_rates[t]),
+                        {name: value for (_, name), value in adjoint.items()}, test_chunk)
+                    adjoint = {("theta", name): value for name, value in part.items()}
+                occurrence[t, slots[t].numpy(), members] = weight_grads.T.double().numpy()
     bar.close()
-    return MetagradientResult(occurrence, final.double().numpy(), curriculum, test_index, rates, every,
-                              time.perf_counter() - start_time)
+    return MetagradientResult(occurrence, final.double().numpy(), curriculum, test_index, rule.learning_rates,
+                              every, time.perf_counter() - start_time)
+
+
+def update_rule(task: Task, curriculum: np.ndarray, model: torch.nn.Module | None = None) -> UpdateRule:
+    """How ``task`` trains ``curriculum``: from its Trainer, or from :meth:`Task.make_optimizer` and its schedule.
+
+    Plain-SGD tasks of our loop train every weight that requires a gradient at
+    :meth:`Task.learning_rates`; another optimizer of our loop is read from
+    :meth:`Task.make_optimizer` (every group at the schedule's rate, as the loop sets it).
+    """
+    if getattr(task, "runner", "torch") == "trainer":
+        from simfluence.collect.hf import trainer_update_rule
+
+        make_trainer = getattr(task, "make_trainer", None)
+        if make_trainer is None:
+            raise UsageError(f"task '{task.name}': a Trainer task needs make_trainer(run_index, curriculum)")
+        return trainer_update_rule(make_trainer, curriculum)
+    model = task.build_model() if model is None else model
+    rates = task.learning_rates(len(curriculum)).astype(np.float64)
+    if task.optimizer == "sgd":
+        return sgd_rule([name for name, value in model.named_parameters() if value.requires_grad], rates)
+    names = {id(value): name for name, value in model.named_parameters()}
+    return rule_from_optimizer(task.make_optimizer(model.parameters()), names, rates)
+
+
+def _flatten(state: State) -> dict[tuple[str, str], torch.Tensor]:
+    return {(slot, name): value for slot, part in state.items() for name, value in part.items()}
+
+
+def _nest(flat: Mapping[tuple[str, str], torch.Tensor]) -> State:
+    state: State = {}
+    for (slot, name), value in flat.items():
+        state.setdefault(slot, {})[name] = value
+    return state
+
+
+def _twice_differentiable():
+    """Scaled dot-product attention by its composite "math" kernel: the fused CPU kernels have no double backward.
+
+    (The same attention, so a Hugging Face model keeps its masks' meaning; only rounding differs.)
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _trim_padding(inputs: Inputs) -> Inputs:
+    """Drop the columns no example uses (``attention_mask`` all 0), as a collator padding per batch does."""
+    if not isinstance(inputs, Mapping) or "attention_mask" not in inputs or inputs["attention_mask"].ndim != 2:
+        return inputs
+    mask = inputs["attention_mask"]
+    width = max(int(mask.sum(dim=1).max()), 1)
+    if width == mask.shape[1] or bool(mask[:, width:].any()):
+        return inputs
+    return {key: value[:, :width] if value.ndim == 2 and value.shape[1] == mask.shape[1] else value
+            for key, value in inputs.items()}
+
+
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise UsageError(f"{name}: must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _forward_over_reverse(task: Task, model, fixed: Params, theta: Params, batch, rate: float, adjoint: Params,
@@ -324,7 +425,7 @@ def _forward_over_reverse(task: Task, model, fixed: Params, theta: Params, batch
     return ({name: torch.cat([part[name] for part in new_parts]) for name in adjoint}, torch.cat(weight_parts))
 
 
-def _batched_vjp(step_vjp, adjoint: Params, chunk: int) -> tuple[Params, torch.Tensor]:
+def _batched_vjp(step_vjp, adjoint: Mapping, chunk: int) -> tuple[dict, torch.Tensor]:
     """Apply one step's VJP to every adjoint row: new adjoints ``[M', ...]`` and weight gradients ``[M', n]``."""
     count = next(iter(adjoint.values())).shape[0]
     new_parts, weight_parts = [], []
