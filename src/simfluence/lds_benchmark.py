@@ -210,19 +210,17 @@ def _trajectory_errors(methods: list[Method], subsets: Counterfactuals, runs: Ru
 def _check_trainer_methods(task: str, methods: tuple[str, ...]) -> None:
     """Refuse, in one line, methods that cannot run on a Trainer task's runs.
 
-    The peers replay its checkpoints through the Trainer itself; simulator kinds that read the
-    task replay plain SGD, and metagradients differentiate through plain-SGD steps (not AdamW).
+    The peers replay its checkpoints through the Trainer itself and metagradients differentiate
+    the Trainer's own AdamW steps; simulator kinds that read the task replay plain SGD.
     """
     from simfluence.benchmark import sgd_replaying
 
-    simulators = set(sgd_replaying(methods))
-    refused = [name for name in methods if name == METAGRADIENT or name in simulators]
+    refused = sgd_replaying(methods)
     if refused:
         excluded = set(sgd_replaying(SIMULATORS))
-        allowed = [name for name in SIMULATORS if name not in excluded] + list(PEERS)
+        allowed = [name for name in SIMULATORS if name not in excluded] + [*PEERS, METAGRADIENT]
         raise UsageError(f"methods: task '{task}' trains with AdamW through the Hugging Face Trainer, which "
-                         f"{refused} cannot follow (they replay or differentiate plain SGD steps); choose from "
-                         f"{allowed}")
+                         f"{refused} cannot follow (they replay plain SGD steps); choose from {allowed}")
 
 
 def run_lds(config: LDSConfig, progress: bool = True) -> dict:

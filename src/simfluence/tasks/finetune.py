@@ -165,8 +165,9 @@ class MiniLMFinetune(Task):
         return super().forward(model, inputs, params)
 
     def example_loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        """Per-example cross-entropy ``[n]`` of the logits (``outputs.logits`` or ``outputs``)."""
-        return F.cross_entropy(logits_of(outputs).float(), targets, reduction="none")
+        """Per-example cross-entropy ``[n]`` of the logits (``outputs.logits`` or ``outputs``), at least float32."""
+        logits = logits_of(outputs)
+        return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), targets, reduction="none")
 
     def learning_rates(self, num_steps: int) -> np.ndarray:
         """float64 ``[T]``: the rate the Trainer's scheduler gives each step.
