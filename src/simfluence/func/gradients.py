@@ -32,6 +32,14 @@ def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
+def model_at(task: Task, state: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The task's model in eval mode with ``state`` loaded (``None``: the start) and its trained weights."""
+    model = task.build_model().eval()
+    if state is not None:
+        model.load_state_dict(state)
+    return model, trainable_params(model)
+
+
 def _one(inputs: Inputs) -> Inputs:
     if isinstance(inputs, Mapping):
         return {key: value.unsqueeze(0) for key, value in inputs.items()}

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from simfluence.errors import UsageError
-from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
+from simfluence.func.gradients import gradient_products, model_at, per_example_gradients
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.config import TaskConfig, integer, positive, setting
@@ -197,13 +197,6 @@ class GradientSimulator(TableSimulator):
         self.scale = float(arrays["scale"])
 
 
-def _state_params(task, state: Mapping[str, torch.Tensor] | None):
-    model = task.build_model().eval()
-    if state is not None:
-        model.load_state_dict(state)
-    return model, trainable_params(model)
-
-
 @register
 class GradDotSimulator(GradientSimulator):
     """``B_i = -(eta / |c|) g_test . g_i`` at the starting checkpoint."""
@@ -213,7 +206,7 @@ class GradDotSimulator(GradientSimulator):
         "gradient", task="required", device=True, precision=True, column_rollout=True, replay_runs=0)
 
     def _scores(self, task, runs, rates):
-        model, params = _state_params(task, None)
+        model, params = model_at(task, None)
         products = gradient_products(task, model, params, chunk_size=self.config.chunk_size)
         return (-rates.mean() / runs.batch_size * products).numpy()
 
@@ -295,7 +288,7 @@ class TracInCPSimulator(GradientSimulator):
             weights = [rates[start:stop].sum() / runs.num_steps for start, stop in itertools.pairwise(bounds)]
         total = np.zeros((task.num_train, task.num_test))
         for weight, state in zip(weights, states):
-            model, params = _state_params(task, state)
+            model, params = model_at(task, state)
             total += weight * gradient_products(task, model, params, chunk_size=self.config.chunk_size).numpy()
         return -total / runs.batch_size
 
@@ -320,7 +313,7 @@ class InfluenceSimulator(GradientSimulator):
     config: InfluenceConfig
 
     def _scores(self, task, runs, rates):
-        model, params = _state_params(task, None)
+        model, params = model_at(task, None)
         data = task.data
         names = list(params)
         shapes = [params[name].shape for name in names]

@@ -182,8 +182,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
         from simfluence.cache import cache_dir, cached_tensors
         from simfluence.collect.curricula import pool_sampler
         from simfluence.collect.train import train_states
-        from simfluence.func.gradients import gradient_products
-        from simfluence.simulators.gradient import _state_params
+        from simfluence.func.gradients import gradient_products, model_at
         from simfluence.tasks.registry import task_for_runs
 
         config = self.config
@@ -224,7 +223,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
                         computed: list[int] = computed) -> dict[str, torch.Tensor]:
                 computed.append(step)
                 state = train_states(task, curriculum, [step])[0] if step else None
-                model, params = _state_params(task, state)
+                model, params = model_at(task, state)
                 return {"scores": gradient_products(
                     task, model, params, chunk_size=config.chunk_size,
                     preconditioner=None if preconditioner == "none" else "adam", eps=eps,
