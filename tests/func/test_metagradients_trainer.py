@@ -48,10 +48,17 @@ def trainer_loop(task, curriculum, weights):
         return task.example_losses(model, take(data.test_inputs, index), data.test_targets[index]).numpy()
 
 
-def test_the_replay_is_the_trainer_run(case):
-    task, curriculum = case
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1, "lr_schedule": "cosine", "batch_size": 3,
+                                          "learning_rate": 1e-4}], ids=["default", "decay-cosine-batch3"])
+def test_the_replay_is_the_trainer_run(options):
+    from simfluence.tasks.finetune import MiniLMFinetune
+
+    task = MiniLMFinetune(warmup_steps=1, train_per_class=3, test_per_class=2, **options)
+    curriculum = UniformSampler(task.default_pool(), task.batch_size).sample(4, seed=3)
     rule = update_rule(task, curriculum)
     assert rule.kind == "adamw" and rule.max_grad_norm == 1.0
+    # The Trainer decays every weight but biases and LayerNorm weights: two groups.
+    assert [group.weight_decay for group in rule.groups] == [options.get("weight_decay", 0.0), 0.0]
     for group in rule.groups:
         np.testing.assert_allclose(group.rates, task.learning_rates(len(curriculum)))
     with torch_threads(2):
