@@ -38,6 +38,7 @@ import functools
 import math
 import os
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,9 +310,11 @@ def trainer_update_rule(make_trainer: MakeTrainer, curriculum, run_index: int = 
     optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
     optimizer = getattr(optimizer, "optimizer", optimizer)     # accelerate may wrap it
     rates = np.zeros((len(optimizer.param_groups), num_steps))
-    for step in range(num_steps):
-        rates[:, step] = [group["lr"] for group in optimizer.param_groups]
-        scheduler.step()
+    with warnings.catch_warnings():   # "lr_scheduler.step() before optimizer.step()": on purpose, nothing trains
+        warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)", category=UserWarning)
+        for step in range(num_steps):
+            rates[:, step] = [group["lr"] for group in optimizer.param_groups]
+            scheduler.step()
     names = {id(param): name for name, param in trainer.model.named_parameters()}
     return rule_from_optimizer(optimizer, names, rates, trainer.args.max_grad_norm)
 
