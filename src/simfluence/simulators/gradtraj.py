@@ -232,13 +232,14 @@ class GradientTrajectorySimulator(TrajectorySimulator):
 
             if config.disk_cache:
                 entry = {"key": list(key), "simfluence": _version(), "torch": torch.__version__}
-                scores = cached_tensors("gradient-prior", entry, compute)["scores"].numpy().astype(np.float64)
+                scores = cached_tensors("gradient-prior", entry, compute)["scores"].numpy()
                 if scores.shape != (runs.num_train, runs.num_test) or not np.isfinite(scores).all():
                     raise RuntimeError(f"{cache_dir()}: a cached gradient prior of task '{task.name}' has shape "
                                        f"{scores.shape} or non-finite values; delete the gradient-prior-* files "
                                        "there and refit")
             else:
                 scores = compute()["scores"].numpy()
+            scores = scores.astype(np.float64)         # the same dtype whether computed or read from disk
             cached = cached and not computed
             disk = disk or not computed
             _CACHE[key] = scores
