@@ -141,11 +141,12 @@ def test_removal_protocol_drops_every_occurrence_and_retrains(tiny_task):
     np.testing.assert_allclose(removal.actual[0], train_run(tiny_task, kept_steps).losses[-1], atol=1e-5)
 
 
-def test_cli_lds_quick_writes_table_json_and_plot(tmp_path):
+def test_cli_lds_quick_writes_table_json_and_plot(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIMFLUENCE_CACHE", str(cache))
     out = tmp_path / "lds"
-    result = CliRunner().invoke(main, ["lds", "digits-mlp", "--quick", "--runs", "6", "--steps", "12",
-                                       "--subsets", "6", "--removals", "4", "--methods", "additive,linear",
-                                       "--out", str(out)])
+    args = ["lds", "digits-mlp", "--quick", "--runs", "6", "--steps", "12", "--subsets", "6", "--removals", "4"]
+    result = CliRunner().invoke(main, [*args, "--methods", "additive,linear", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "lds.json").read_text())
     protocols = {r["protocol"] for r in record["scores"]}
@@ -154,6 +155,26 @@ def test_cli_lds_quick_writes_table_json_and_plot(tmp_path):
     assert {c["method"] for c in record["costs"]} == {"additive", "linear"}
     assert "noise_ceiling" in record and (out / "lds.png").stat().st_size > 1000
     assert "| additive |" in result.output
+    # One cached retraining per protocol (subsets, remove 1, 1 %, 5 %, 10 %). The same command with other
+    # methods reads them back: the same ceiling, and the first command's training seconds, to the bit.
+    entries = sorted(path.name for path in cache.glob("retrained-*.pt"))
+    assert len(entries) == 5
+    again = tmp_path / "again"
+    result = CliRunner().invoke(main, [*args, "--methods", "additive", "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    second = json.loads((again / "lds.json").read_text())
+    assert sorted(path.name for path in cache.glob("retrained-*.pt")) == entries
+    assert second["seconds_per_training_run"] == record["seconds_per_training_run"]
+    assert second["noise_ceiling"] == record["noise_ceiling"]
+    def additive(result):
+        return [{**r, "predict_seconds": None} for r in result["scores"] if r["method"] == "additive"]
+
+    assert additive(second) == additive(record)
+    # Other counterfactuals (another seed) are retrained; --no-cache keeps nothing.
+    result = CliRunner().invoke(main, [*args, "--methods", "additive", "--seed", "1", "--no-cache", "--out",
+                                       str(tmp_path / "uncached")])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in cache.glob("retrained-*.pt")) == entries
 
 
 @pytest.mark.parametrize("args, message", [

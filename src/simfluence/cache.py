@@ -1,4 +1,4 @@
-"""An on-disk cache for things computed once per machine (embeddings, checkpoints, gradient priors).
+"""An on-disk cache for things computed once per machine (embeddings, checkpoints, gradient priors, retrainings).
 
 Folder: ``$SIMFLUENCE_CACHE`` (default ``~/.cache/simfluence``). An entry is a dict of
 tensors, saved under a hash of everything it was computed from. The first process to
@@ -32,6 +32,16 @@ def cache_key(kind: str, config: dict) -> str:
     """File stem ``<kind>-<hash of config>``."""
     text = json.dumps({"format": CACHE_FORMAT, "kind": kind, **config}, sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+def package_version() -> str:
+    """The installed simfluence version (``"source"`` when run from a source tree), for cache keys."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("simfluence")
+    except PackageNotFoundError:
+        return "source"
 
 
 def cached_tensors(kind: str, config: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

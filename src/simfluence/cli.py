@@ -458,11 +458,14 @@ _FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
                    "the kinds that need no SGD replay (e.g. auto, linear-trajectory, linear-identity).")
 @click.option("--trak-models", type=POSITIVE, default=None,
               help="TRAK's ensemble: the final weights of this many fitting runs. [all --runs]")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Keep the retrained counterfactuals in the on-disk cache ($SIMFLUENCE_CACHE) and reuse them "
+                   "when the same ones come again (e.g. the same command with other --methods).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record (lds.json) instead of the table.")
 @_user_errors
 def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps: int | None,
         num_subsets: int | None, fraction: float | None, num_removals: int | None, removal_fractions: str | None,
-        seed: int, workers: int, methods: str | None, trak_models: int | None, as_json: bool) -> None:
+        seed: int, workers: int, methods: str | None, trak_models: int | None, cache: bool, as_json: bool) -> None:
     """Linear datamodeling score of simulators, peers and metagradients on TASK against real retraining.
 
     Two protocols: random subsets of the training pool retrained from scratch, and removals
@@ -482,7 +485,7 @@ def lds(task: str, out: str | None, quick: bool, num_runs: int | None, num_steps
         except ValueError:
             raise UsageError(f"--removal-fractions: expected comma-separated numbers, got '{removal_fractions}'") \
                 from None
-    overrides.update(task=task, out_dir=out or f"out/lds-{task}", seed=seed, workers=workers)
+    overrides.update(task=task, out_dir=out or f"out/lds-{task}", seed=seed, workers=workers, cache=cache)
     config = LDSConfig.quick(**overrides) if quick else LDSConfig(**overrides)
     config.validate()
     result = run_lds(config, progress=sys.stderr.isatty() and not as_json)

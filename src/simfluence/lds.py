@@ -189,25 +189,65 @@ class Counterfactuals:
         return None if self.repeat is None else lds_per_example(self.repeat, self.actual)
 
 
-def _retrain(task: Task, curricula: np.ndarray, progress: bool, workers: int = 1) -> np.ndarray:
+RETRAIN_CACHE_FORMAT = 1
+"""Part of the key of cached retrainings; raise it when retraining a curriculum would give other losses."""
+
+
+def _retrain(task: Task, curricula: np.ndarray, progress: bool, workers: int = 1,
+             cache: bool = False) -> tuple[np.ndarray, float]:
+    """Real losses float64 ``[n, T + 1, M]`` along ``curricula`` ``[n, T, B]`` and the seconds the training took.
+
+    With ``cache``, kept in the on-disk cache (:mod:`simfluence.cache`) under the task, its
+    settings, the curricula themselves and the simfluence and torch versions: a retraining is a
+    deterministic function of them, so a second ``simfluence lds`` with other methods reads the
+    same counterfactuals back (and their original training seconds) instead of training again.
+    """
+    import hashlib
+
+    import torch
+
+    from simfluence.cache import cached_tensors, package_version
     from simfluence.retrain import retrain
 
-    return retrain(task, curricula, progress=progress, workers=workers).astype(np.float64)
+    curricula = np.ascontiguousarray(curricula, dtype=np.int32)
+
+    def compute() -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        losses = retrain(task, curricula, progress=progress, workers=workers).astype(np.float64)
+        return {"losses": torch.from_numpy(losses),
+                "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
+
+    if cache:
+        config = {"format": RETRAIN_CACHE_FORMAT, "task": task.name, "task_config": task.config(),
+                  "curricula": hashlib.sha256(curricula.tobytes()).hexdigest(), "shape": list(curricula.shape),
+                  "simfluence": package_version(), "torch": torch.__version__}
+        entry = cached_tensors("retrained", config, compute)
+    else:
+        entry = compute()
+    losses = entry["losses"].numpy().astype(np.float64)
+    expected = (len(curricula), curricula.shape[1] + 1, task.num_test)
+    if losses.shape != expected or not np.isfinite(losses).all():
+        raise RuntimeError(f"retrained losses of shape {losses.shape} (expected {expected}) or not finite; with a "
+                           "cached entry, delete the retrained-* files in the simfluence cache and retry")
+    return losses, float(entry["seconds"])
 
 
 def subset_counterfactuals(task: Task, num_steps: int, *, num_subsets: int = 50, fraction: float = 0.5,
                            draws: int = 16, repeat: bool = True, kind: str = "uniform", batch_size: int | None = None,
-                           pool=None, seed: int = 0, progress: bool = False, workers: int = 1) -> Counterfactuals:
-    """The subset-training protocol: draw, retrain (twice with ``repeat``), and keep ``draws`` curricula to simulate."""
+                           pool=None, seed: int = 0, progress: bool = False, workers: int = 1,
+                           cache: bool = False) -> Counterfactuals:
+    """The subset-training protocol: draw, retrain (twice with ``repeat``), and keep ``draws`` curricula to simulate.
+
+    ``cache``: keep the retrained losses in the on-disk cache and reuse them (see :func:`_retrain`).
+    """
     batch_size = task.batch_size if batch_size is None else int(batch_size)
     pool = task.default_pool() if pool is None else pool
     masks = draw_subsets(pool, task.num_train, num_subsets, fraction, seed)
     # One stream per subset: draw 0 (and 1 with repeat) are retrained, the rest simulated.
     extra = 2 if repeat else 1
     curricula = subset_curricula(masks, num_steps, batch_size, draws + extra, derive_seed(seed, 1), kind)
-    start = time.perf_counter()
-    losses = _retrain(task, curricula[:, :extra].reshape(-1, num_steps, batch_size), progress, workers)
-    seconds = time.perf_counter() - start
+    losses, seconds = _retrain(task, curricula[:, :extra].reshape(-1, num_steps, batch_size), progress, workers,
+                               cache)
     final = losses[:, -1].reshape(len(masks), extra, -1)
     trajectories = losses.reshape(len(masks), extra, *losses.shape[1:])[:, 0].astype(np.float32)
     return Counterfactuals(SUBSETS, masks, curricula[:, 0], curricula[:, extra:], None, losses[0, 0],
@@ -215,16 +255,17 @@ def subset_counterfactuals(task: Task, num_steps: int, *, num_subsets: int = 50,
 
 
 def removal_counterfactuals(task: Task, reference, size: int, *, num_sets: int = 50, pool=None, seed: int = 0,
-                            progress: bool = False, workers: int = 1) -> Counterfactuals:
-    """The removal protocol: ``num_sets`` random sets of ``size`` examples dropped from ``reference``, retrained."""
+                            progress: bool = False, workers: int = 1, cache: bool = False) -> Counterfactuals:
+    """The removal protocol: ``num_sets`` random sets of ``size`` examples dropped from ``reference``, retrained.
+
+    ``cache``: keep the retrained losses in the on-disk cache and reuse them (see :func:`_retrain`).
+    """
     reference = np.asarray(reference, dtype=np.int32)
     if pool is None:  # examples the reference trains on: removing any other changes nothing
         pool = np.unique(reference[reference != PAD])
     masks = draw_removals(pool, task.num_train, num_sets, size, seed)
     trained = remove_occurrences(reference, masks)
-    start = time.perf_counter()
-    losses = _retrain(task, trained, progress, workers)
-    seconds = time.perf_counter() - start
+    losses, seconds = _retrain(task, trained, progress, workers, cache)
     return Counterfactuals(f"removal-{size}", masks, trained, trained[:, None], reference, losses[0, 0],
                            losses[:, -1], None, seconds)
 

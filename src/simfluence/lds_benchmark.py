@@ -68,6 +68,9 @@ class LDSConfig:
         trak_models: TRAK's ensemble: the final weights of the first this many fitting runs
             (``None``: all ``num_runs``, equal budgets; fewer for big models, where each costs
             about a minute of projection on the CPU).
+        cache: keep the retrained counterfactuals in the on-disk cache (``$SIMFLUENCE_CACHE``)
+            and reuse them when the same counterfactuals of the same task come again (e.g. the
+            same command with other methods); their training seconds are the original ones.
     """
 
     task: str = "digits-mlp"
@@ -86,6 +89,7 @@ class LDSConfig:
     workers: int = 1
     task_options: dict[str, Any] = field(default_factory=dict)
     trak_models: int | None = None
+    cache: bool = True
 
     @classmethod
     def quick(cls, **overrides) -> LDSConfig:
@@ -250,14 +254,14 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     protocols = [subset_counterfactuals(task, config.num_steps, num_subsets=config.num_subsets,
                                         fraction=config.fraction, draws=config.draws, kind=kind,
                                         batch_size=runs.batch_size, pool=pool, seed=config.seed, progress=progress,
-                                        workers=config.workers)]
+                                        workers=config.workers, cache=config.cache)]
     # Removal sets are fractions of the whole pool (as MAGIC removes from the training set); an
     # example the reference never trains on is among them with its real effect, none.
     sizes = ([1] if config.single else []) + [max(1, round(f * pool.size)) for f in config.removal_fractions]
     for size in dict.fromkeys(sizes):
         protocols.append(removal_counterfactuals(task, reference, size, num_sets=config.num_removals, pool=pool,
                                                  seed=derive_seed(config.seed, size), progress=progress,
-                                                 workers=config.workers))
+                                                 workers=config.workers, cache=config.cache))
 
     methods = _fit_simulators(config, task, runs, progress)
     methods += _peer_methods(config, task, store, runs, reference, progress)

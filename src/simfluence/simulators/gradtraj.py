@@ -179,7 +179,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
         return self.prior_
 
     def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, str | bool]:
-        from simfluence.cache import cache_dir, cached_tensors
+        from simfluence.cache import cache_dir, cached_tensors, package_version
         from simfluence.collect.curricula import pool_sampler
         from simfluence.collect.train import train_states
         from simfluence.func.gradients import gradient_products, model_at
@@ -231,7 +231,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
                     memory_bytes=int(config.memory_gb * 2 ** 30))}
 
             if config.disk_cache:
-                entry = {"key": list(key), "simfluence": _version(), "torch": torch.__version__}
+                entry = {"key": list(key), "simfluence": package_version(), "torch": torch.__version__}
                 scores = cached_tensors("gradient-prior", entry, compute)["scores"].numpy()
                 if scores.shape != (runs.num_train, runs.num_test) or not np.isfinite(scores).all():
                     raise RuntimeError(f"{cache_dir()}: a cached gradient prior of task '{task.name}' has shape "
@@ -278,12 +278,3 @@ class GradientTrajectorySimulator(TrajectorySimulator):
         num_priors = self.prior_.shape[0]
         if self.prior_.shape[1:] != self.coef_.shape or self.prior_scale_.shape != (num_priors, self.test_ids.size):
             raise ValueError("prior shapes do not match the ids")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("simfluence")
-    except PackageNotFoundError:   # run from a source tree
-        return "source"
