@@ -8,6 +8,9 @@
    memory (``ru_maxrss``) is its own; "extra" is the peak minus the resident memory after the
    task's data and starting checkpoint are loaded. With ``--tiny-lm`` the same on tiny-lm
    (0.23 M weights, 8 test examples, ``hvp="forward"``), where the parameter copies show.
+   With ``--minilm`` the same through AdamW on minilm-finetune (the Hugging Face Trainer's
+   optimizer, clipping and schedule; 22.7 M weights, 7 test examples: one group of adjoints,
+   ``--minilm-steps`` steps, default 10), where the state is weights and Adam's two moments.
 2. Removal LDS, MAGIC's protocol: one fixed reference curriculum (T=100, B=4, uniform over
    the task's pool); ``--sets`` random removal sets, each dropping ``--fraction`` of the
    training examples (all their occurrences replaced by -1, the rest of the curriculum in
@@ -32,6 +35,7 @@ Usage::
     python benchmarks/metagradients.py --quick      # small smoke version
     python benchmarks/metagradients.py --json out.json
     python benchmarks/metagradients.py --tiny-lm    # also checkpointing on tiny-lm (0.23 M weights)
+    python benchmarks/metagradients.py --minilm     # also AdamW through minilm-finetune (22.7 M weights)
 """
 
 from __future__ import annotations
@@ -142,6 +146,9 @@ def main() -> None:
     parser.add_argument("--references", type=int, default=3)
     parser.add_argument("--tiny-lm", action="store_true",
                         help="also measure checkpointing on tiny-lm (T steps, 8 test examples, hvp=forward)")
+    parser.add_argument("--minilm", action="store_true",
+                        help="also measure AdamW metagradients on minilm-finetune (7 test examples)")
+    parser.add_argument("--minilm-steps", type=int, default=10, help="steps of the minilm-finetune run")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-task", default="digits-mlp", help=argparse.SUPPRESS)
     parser.add_argument("--probe-tests", type=int, help=argparse.SUPPRESS)
@@ -161,7 +168,11 @@ def main() -> None:
     if args.tiny_lm:
         rows = rows + cost("tiny-lm", args.steps, args.seed, num_test=8, hvp="forward")
         print()
-        print_cost(rows[2:])
+        print_cost(rows[-2:])
+    if args.minilm:
+        rows = rows + cost("minilm-finetune", args.minilm_steps, args.seed, num_test=7)
+        print()
+        print_cost(rows[-2:])
     lds = removal_lds(args.steps, args.sets, args.fraction, args.references)
     print(f"\n## removal LDS: {args.sets} sets, each dropping {lds[0]['removed_per_set']} of 200 training examples "
           f"({args.fraction:.0%}), T={args.steps}, B=4, 100 test examples\n")

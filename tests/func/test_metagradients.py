@@ -190,6 +190,15 @@ def test_removal_weights_per_example_scores_and_predictions():
         result.per_example(3)
 
 
+def test_a_language_model_with_padded_token_targets_replays_its_run():
+    # tiny-lm: token inputs with an attention mask and per-position targets, trained by our loop.
+    task = get_task("tiny-lm", train_per_lexname=4, test_per_lexname=2, pretrain_steps=5)
+    curriculum = UniformSampler(task.default_pool(), 4).sample(3, seed=6)
+    result = metagradients(task, curriculum, [0, 1])
+    np.testing.assert_allclose(result.final_losses, train_run(task, curriculum).losses[-1, :2], rtol=1e-5, atol=1e-6)
+    assert np.abs(result.occurrence).max() > 0
+
+
 def test_adamw_of_our_loop_matches_train_run_and_finite_differences():
     task = AdamWDigits(lr_schedule="linear", warmup_steps=2, **SMALL)
     curriculum = UniformSampler(task.default_pool(), 4).sample(12, seed=5)

@@ -248,7 +248,7 @@ def _metagradients(task: Task, curriculum, test_index, checkpoint_every: int | N
         empty = next(t for t, slot in enumerate(slots) if slot.numel() == 0)
         raise UsageError(f"curriculum: step {empty + 1} has no example; {rule.kind} cannot skip a step and keep "
                          "its schedule, so keep at least one example per step")
-    batches = [(_trim_padding(take(train_inputs, rows[t][slots[t]])), train_targets[rows[t][slots[t]]])
+    batches = [_as_collated(task, take(train_inputs, rows[t][slots[t]]), train_targets[rows[t][slots[t]]])
                for t in range(num_steps)]
 
     def update(state: State, weights: torch.Tensor, t: int) -> State:
@@ -279,7 +279,7 @@ def _metagradients(task: Task, curriculum, test_index, checkpoint_every: int | N
 
     test_inputs, test_targets = _cast(data.test_inputs, dtype), _cast(data.test_targets, dtype)
     index = torch.from_numpy(test_index)
-    test_x, test_y = _trim_padding(take(test_inputs, index)), test_targets[index]
+    test_x, test_y = _as_collated(task, take(test_inputs, index), test_targets[index])
     with torch.no_grad():
         final = task.example_losses(model, test_x, test_y, {**theta, **fixed})
     slots_per_example = sum(value.numel() for value in theta.values()) * (1 if rule.kind == "sgd" else 3)
@@ -371,16 +371,24 @@ def _twice_differentiable():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _trim_padding(inputs: Inputs) -> Inputs:
-    """Drop the columns no example uses (``attention_mask`` all 0), as a collator padding per batch does."""
-    if not isinstance(inputs, Mapping) or "attention_mask" not in inputs or inputs["attention_mask"].ndim != 2:
-        return inputs
+def _as_collated(task: Task, inputs: Inputs, targets: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+    """A Trainer task's batch as its collator pads it: to the batch's longest example, not the data's.
+
+    The task's data are padded on the right to the longest example of all; the trailing columns
+    no example of this batch uses (``attention_mask`` all 0) are dropped from the inputs (and
+    from per-position targets). The same numbers up to rounding, at the Trainer's cost. Tasks of
+    our own loop train on the data as they are, so theirs are left alone.
+    """
+    if getattr(task, "runner", "torch") != "trainer" or not isinstance(inputs, Mapping) \
+            or "attention_mask" not in inputs or inputs["attention_mask"].ndim != 2:
+        return inputs, targets
     mask = inputs["attention_mask"]
-    width = max(int(mask.sum(dim=1).max()), 1)
-    if width == mask.shape[1] or bool(mask[:, width:].any()):
-        return inputs
-    return {key: value[:, :width] if value.ndim == 2 and value.shape[1] == mask.shape[1] else value
-            for key, value in inputs.items()}
+    full, width = mask.shape[1], max(int(mask.sum(dim=1).max()), 1)
+    if width == full or bool(mask[:, width:].any()):
+        return inputs, targets
+    trimmed = {key: value[:, :width] if value.ndim == 2 and value.shape[1] == full else value
+               for key, value in inputs.items()}
+    return trimmed, targets[:, :width] if targets.ndim == 2 and targets.shape[1] == full else targets
 
 
 def _positive(value, name: str) -> int:
