@@ -203,3 +203,16 @@ def test_lds_refuses_sgd_replays_of_trainer_tasks_before_collecting(tmp_path):
         run_lds(LDSConfig.quick(task="minilm-finetune", out_dir=str(tmp_path / "x"), methods=("tracin-cp",)),
                 progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_default_methods_on_a_trainer_task_leave_out_the_sgd_replays():
+    from simfluence.benchmark import sgd_replaying
+    from simfluence.lds_benchmark import DEFAULT_METHODS, runnable_methods
+    from simfluence.tasks import get_task
+
+    trainer_task = get_task("minilm-finetune")
+    methods, left_out = runnable_methods(trainer_task, DEFAULT_METHODS)
+    assert left_out and set(left_out) == set(sgd_replaying(DEFAULT_METHODS))
+    assert set(methods) | set(left_out) == set(DEFAULT_METHODS) and "metagradient" in methods
+    assert runnable_methods(trainer_task, methods) == (methods, [])          # what is left runs as chosen
+    assert runnable_methods(get_task("digits-mlp"), DEFAULT_METHODS) == (DEFAULT_METHODS, [])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,23 @@ def _check_trainer_methods(task: str, methods: tuple[str, ...]) -> None:
                          f"{refused} cannot follow (they replay plain SGD steps); choose from {allowed}")
 
 
+def runnable_methods(task, methods: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
+    """``methods`` that ``task`` can run, and those left out.
+
+    A Trainer task cannot run the simulator kinds that replay plain SGD: the default methods
+    leave them out (second value); methods the caller chose are refused in one line instead.
+    """
+    if task.runner != "trainer":
+        return methods, []
+    if methods == DEFAULT_METHODS:
+        from simfluence.benchmark import sgd_replaying
+
+        left_out = sgd_replaying(methods)
+        return tuple(name for name in methods if name not in left_out), left_out
+    _check_trainer_methods(task.name, methods)
+    return methods, []
+
+
 def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     """Run the comparison of the module docstring; returns the JSON record."""
     from simfluence.collect import collect
@@ -236,8 +253,10 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     out = Path(config.out_dir)
     task = get_task(config.task, **config.task_options)
     trainer = task.runner == "trainer"
-    if trainer:  # before collecting anything
-        _check_trainer_methods(task.name, config.methods)
+    chosen, left_out = runnable_methods(task, config.methods)     # before collecting anything
+    config = replace(config, methods=chosen)
+    if progress and left_out:
+        print(f"  {task.name} trains through the Hugging Face Trainer: leaving out {', '.join(left_out)}")
     # TRAK reads the fitting runs' final weights. A Trainer task's model is big (minilm-finetune: 91 MB a
     # state), so its collection keeps them only when TRAK is asked for.
     keep = not trainer or "trak" in config.methods
