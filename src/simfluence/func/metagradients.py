@@ -68,6 +68,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from simfluence.errors import UsageError
+from simfluence.func.gradients import composite_attention
 from simfluence.func.optimizers import State, UpdateRule, apply_update, rule_from_optimizer, sgd_rule
 from simfluence.progress import progress_bar
 from simfluence.runs.log import PAD, check_indices
@@ -208,7 +209,7 @@ def metagradients(task: Task, curriculum, test_index=None, *, checkpoint_every: 
         ValueError: for an optimizer the replay cannot follow, or a malformed curriculum,
             ``test_index``, ``checkpoint_every`` or ``test_group``.
     """
-    with _twice_differentiable():
+    with composite_attention():   # the fused CPU attention kernels have no double backward
         return _metagradients(task, curriculum, test_index, checkpoint_every, test_chunk, test_group, hvp, dtype,
                               progress)
 
@@ -359,16 +360,6 @@ def _nest(flat: Mapping[tuple[str, str], torch.Tensor]) -> State:
     for (slot, name), value in flat.items():
         state.setdefault(slot, {})[name] = value
     return state
-
-
-def _twice_differentiable():
-    """Scaled dot-product attention by its composite "math" kernel: the fused CPU kernels have no double backward.
-
-    (The same attention, so a Hugging Face model keeps its masks' meaning; only rounding differs.)
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _as_collated(task: Task, inputs: Inputs, targets: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
