@@ -43,9 +43,9 @@ def model_at(task: Task, state: Mapping[str, torch.Tensor] | None = None) -> tup
 def composite_attention():
     """Context: scaled dot-product attention by its composite "math" kernel (same results up to rounding).
 
-    PyTorch's fused CPU attention kernel has no double backward (metagradients need one) and no
-    ``vmap`` batching rule for its backward (per-example gradients fall back to a loop over the
-    examples); the composite kernel is plain batched matrix products, which have both.
+    PyTorch's fused CPU attention kernel has no double backward, which metagradients need; the
+    composite kernel is plain batched matrix products. (Per-example gradients keep the fused
+    kernel: on minilm-finetune the composite one was 1.13x faster on one thread and 0.96x on two.)
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -78,16 +78,15 @@ def per_example_gradients(task: Task, model: nn.Module, params: Mapping[str, tor
 
     per_example = vmap(grad(loss), in_dims=(None, 0, 0))
     chunks = []
-    with composite_attention():
-        for start in range(0, count, chunk_size):
-            index = torch.arange(start, min(start + chunk_size, count))
-            x, y = take(inputs, index), targets[index]
-            try:
-                grads = per_example(dict(params), x, y)
-                flat = torch.cat([grads[name].reshape(index.numel(), -1) for name in names], dim=1)
-            except (RuntimeError, NotImplementedError):  # ops without a batching rule
-                flat = _looped_gradients(task, model, params, x, y)
-            chunks.append(flat.detach())
+    for start in range(0, count, chunk_size):
+        index = torch.arange(start, min(start + chunk_size, count))
+        x, y = take(inputs, index), targets[index]
+        try:
+            grads = per_example(dict(params), x, y)
+            flat = torch.cat([grads[name].reshape(index.numel(), -1) for name in names], dim=1)
+        except (RuntimeError, NotImplementedError):  # ops without a batching rule
+            flat = _looped_gradients(task, model, params, x, y)
+        chunks.append(flat.detach())
     return torch.cat(chunks)
 
 
