@@ -70,7 +70,7 @@ import torch
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.config import TaskConfig, boolean, integer, one_of, positive, setting
-from simfluence.simulators.trajectory import TrajectoryConfig, TrajectorySimulator, adam_momentum
+from simfluence.simulators.trajectory import TrajectoryConfig, TrajectorySimulator, adam_momentum, as_priors
 
 CHECKPOINTS = ("start", "middle", "both")
 PRIOR_SEED = 0
@@ -151,13 +151,11 @@ class GradientTrajectorySimulator(TrajectorySimulator):
     def fit(self, runs: RunSet, prior: Any = None) -> GradientTrajectorySimulator:
         """Learn from ``runs``; ``prior`` float ``[N, M]`` scores (positive: helpful) skip the gradients."""
         if prior is not None:
-            scores = np.asarray(prior, dtype=np.float64)
-            scores = scores[None] if scores.ndim == 2 else scores
-            if isinstance(runs, RunSet) and (scores.ndim != 3 or scores.shape[1:] != (runs.num_train, runs.num_test)
-                                             or scores.shape[0] < 1):
-                raise RunDataError("<prior>", "prior", f"shape {np.shape(prior)} does not match (training, test "
-                                   f"examples) = ({runs.num_train}, {runs.num_test}) or (priors, training, test "
-                                   "examples)")
+            try:
+                scores = as_priors(prior, (runs.num_train, runs.num_test) if isinstance(runs, RunSet) else None)
+            except ValueError as error:
+                raise RunDataError("<prior>", "prior", f"{error} (training, test examples)") from None
+            assert scores is not None
             if not np.isfinite(scores).all():
                 raise RunDataError("<prior>", "prior", "holds NaN or inf values")
             self._given_prior = scores

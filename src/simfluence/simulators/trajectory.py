@@ -341,14 +341,15 @@ def _prior_effects(prior: np.ndarray | None, scale: np.ndarray) -> np.ndarray | 
     return None if prior is None else np.einsum("knm,km->nm", prior, scale)
 
 
-def as_priors(prior: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
-    """``prior`` (``[N, M]`` or ``[K, N, M]``) as float64 ``[K, N, M]``; checked against ``shape = (N, M)``."""
+def as_priors(prior: np.ndarray | None, shape: tuple[int, int] | None) -> np.ndarray | None:
+    """``prior`` (``[N, M]`` or ``[K, N, M]``) as float64 ``[K, N, M]``; checked against ``shape = (N, M)`` if given."""
     if prior is None:
         return None
     prior = np.asarray(prior, dtype=np.float64)
     prior = prior[None] if prior.ndim == 2 else prior
-    if prior.ndim != 3 or prior.shape[1:] != tuple(shape) or prior.shape[0] < 1:
-        raise ValueError(f"prior has shape {prior.shape}, expected [N, M] or [K, N, M] with (N, M) = {tuple(shape)}")
+    if prior.ndim != 3 or prior.shape[0] < 1 or (shape is not None and prior.shape[1:] != tuple(shape)):
+        expected = "" if shape is None else f" with (N, M) = {tuple(shape)}"
+        raise ValueError(f"prior has shape {prior.shape}, expected [N, M] or [K, N, M]{expected}")
     return prior
 
 
