@@ -97,3 +97,26 @@ def test_intervals_only_where_declared(fitted):
         else:
             with pytest.raises(TypeError, match="no prediction intervals"):
                 simulator.simulate_interval(runs.curricula[:2], runs.initial_losses[:2])
+
+
+def test_every_true_or_false_setting_refuses_other_values():
+    """A setting given as the string "False" (or 0, or None) is refused, never read by its truthiness."""
+    import dataclasses
+
+    from simfluence.errors import UsageError
+
+    checked = 0
+    for kind, cls in SIMULATORS.items():
+        for item in dataclasses.fields(cls.config_class):
+            if not isinstance(item.default, bool):
+                continue
+            for value in ("False", 0, None):
+                with pytest.raises(UsageError, match=f"{item.name}: expected true or false, got {value!r}"):
+                    make_simulator(kind, **{item.name: value})
+            try:   # the other truth value is accepted, or refused for a reason of the kind's own
+                flipped = make_simulator(kind, **{item.name: not item.default}).config
+                assert getattr(flipped, item.name) is (not item.default)
+            except UsageError as error:
+                assert "expected true or false" not in str(error)
+            checked += 1
+    assert checked >= 8

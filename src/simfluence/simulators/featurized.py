@@ -79,7 +79,7 @@ from simfluence.func.features import (
 from simfluence.func.features import task_features as read_task_features
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
-from simfluence.simulators.config import TaskConfig, integer, one_of, positive, positive_grid, setting
+from simfluence.simulators.config import TaskConfig, boolean, integer, one_of, positive, positive_grid, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import DEFAULT_RIDGE_GRID, Transitions, cross_validate, rollout
 from simfluence.simulators.ridge import solve_transition_ridge
@@ -256,13 +256,13 @@ class FeaturizedConfig(TaskConfig):
         self._set("residual_ridge_factor", positive("residual_ridge_factor", self.residual_ridge_factor,
                                                     allow_none=True))
         self._set("residual_ridge_grid", positive_grid("residual_ridge_grid", self.residual_ridge_grid))
-        self._set("fit_offsets", bool(self.fit_offsets))
-        self._set("fit_residuals", bool(self.fit_residuals))
+        self._set("fit_offsets", boolean("fit_offsets", self.fit_offsets))
+        self._set("fit_residuals", boolean("fit_residuals", self.fit_residuals))
         self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))
         self._set("lbfgs_iterations", integer("lbfgs_iterations", self.lbfgs_iterations, 1))
         self._set("num_checkpoints", integer("num_checkpoints", self.num_checkpoints, 1))
         self._set("seed", integer("seed", self.seed, 0))
-        self._set("batch_mean", bool(self.batch_mean))
+        self._set("batch_mean", boolean("batch_mean", self.batch_mean))
 
 
 @register

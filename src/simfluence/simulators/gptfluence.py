@@ -79,7 +79,7 @@ from simfluence.errors import UsageError
 from simfluence.func.features import check_features, given_features, task_features
 from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
-from simfluence.simulators.config import TaskConfig, integer, positive, setting
+from simfluence.simulators.config import TaskConfig, boolean, integer, positive, setting
 
 _FIX = "pass train_features and test_features, or task="
 
@@ -240,7 +240,7 @@ class GPTfluenceConfig(TaskConfig):
                 or not 0 <= self.validation_fraction < 1:
             raise UsageError(f"validation_fraction: expected a number in [0, 1), got {self.validation_fraction!r}")
         self._set("validation_fraction", float(self.validation_fraction))
-        self._set("refit", bool(self.refit))
+        self._set("refit", boolean("refit", self.refit))
         self._set("seed", integer("seed", self.seed, 0))
 
 

@@ -90,7 +90,7 @@ from simfluence.errors import UsageError
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Capabilities, register
-from simfluence.simulators.config import integer, positive, setting
+from simfluence.simulators.config import boolean, integer, positive, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import (
     _DTYPES,
@@ -350,7 +350,7 @@ class PairwiseConfig(LinearConfig):
         self._set("init_scale", positive("init_scale", self.init_scale))
         self._set("spearman_tolerance", positive("spearman_tolerance", self.spearman_tolerance, allow_zero=True))
         self._set("inner_tol", positive("inner_tol", self.inner_tol))
-        self._set("validate_rounds", bool(self.validate_rounds))
+        self._set("validate_rounds", boolean("validate_rounds", self.validate_rounds))
         if self.batch_mean:
             raise UsageError("batch_mean: linear-pairwise sums its effects over the batch; only False is accepted")
         if self.nest_mean:

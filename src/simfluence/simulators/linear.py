@@ -62,7 +62,7 @@ from torch.nn.functional import embedding_bag
 
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, mean_change, mean_prediction, register
-from simfluence.simulators.config import SimulatorConfig, integer, one_of, positive, positive_grid, setting
+from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, positive_grid, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.ridge import solve_transition_ridge
 
@@ -339,7 +339,7 @@ class TableConfig(SimulatorConfig):
         """Check the dtype."""
         super().validate()
         one_of("dtype", self.dtype, tuple(_DTYPES))
-        self._set("batch_mean", bool(self.batch_mean))
+        self._set("batch_mean", boolean("batch_mean", self.batch_mean))
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,7 @@ class LinearConfig(TableConfig):
     def validate(self) -> None:
         """Check ridge, grid, folds, tolerance, iteration cap and dtype."""
         super().validate()
-        self._set("nest_mean", bool(self.nest_mean))
+        self._set("nest_mean", boolean("nest_mean", self.nest_mean))
         self._set("ridge", positive("ridge", self.ridge, allow_none=True))
         self._set("ridge_grid", positive_grid("ridge_grid", self.ridge_grid))
         self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))

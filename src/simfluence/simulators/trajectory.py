@@ -58,7 +58,7 @@ import numpy as np
 from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register
-from simfluence.simulators.config import SimulatorConfig, integer, one_of, positive, setting
+from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, setting
 
 SPACES = ("loss", "log", "margin")
 DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
@@ -151,7 +151,7 @@ class TrajectoryConfig(SimulatorConfig):
             raise UsageError(f"decay: expected a number in (0, 1] or 'auto', got {self.decay!r}")
         if self.rank != "auto":
             self._set("rank", integer("rank", self.rank, 0, " (0: full rank) or 'auto'"))
-        self._set("schedule", bool(self.schedule))
+        self._set("schedule", boolean("schedule", self.schedule))
         self._set("cv_folds", integer("cv_folds", self.cv_folds, 2))
         self._set("seed", integer("seed", self.seed, 0))
 
