@@ -60,7 +60,10 @@ def loo_ridge(features: np.ndarray, targets: np.ndarray, new: np.ndarray,
     """Ridge with an unpenalised intercept, strength per target column chosen by exact leave-one-out.
 
     Args:
-        features: ``[R, F]`` of the fitting runs; targets: ``[R, M]``; new: ``[R', F]``.
+        features: ``[R, F]`` features of the fitting runs.
+        targets: ``[R, M]`` their final losses.
+        new: ``[R', F]`` features of the runs to predict.
+        grid: candidate strengths, multiples of the mean squared norm of a centred feature row.
 
     Returns:
         predictions ``[R', M]`` at each column's chosen strength, and the leave-one-out MSE ``[M]``
