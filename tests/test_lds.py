@@ -177,6 +177,23 @@ def test_cli_lds_quick_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert sorted(path.name for path in cache.glob("retrained-*.pt")) == entries
 
 
+def test_trak_hybrid_reads_the_final_weights_the_collection_kept(tmp_path, monkeypatch):
+    pytest.importorskip("trak")
+    from simfluence.lds_benchmark import TRAK_HYBRID, LDSConfig, run_lds
+
+    monkeypatch.setenv("SIMFLUENCE_CACHE", str(tmp_path / "cache"))
+    config = LDSConfig.quick(task="digits-mlp", out_dir=str(tmp_path / "lds"), num_runs=6, num_steps=12,
+                             num_subsets=6, num_removals=4, removal_fractions=(0.05,), methods=(TRAK_HYBRID, "trak"))
+    record = run_lds(config, progress=False)
+    costs = {cost["method"]: cost for cost in record["costs"]}
+    assert costs[TRAK_HYBRID]["training_runs"] == 6 and costs[TRAK_HYBRID]["family"] == "simulator"
+    assert TRAK_HYBRID in record["trajectory_errors"]
+    scores = [r for r in record["scores"] if r["method"] == TRAK_HYBRID]
+    assert len(scores) == 3 and all(np.isfinite(r["mean"]) for r in scores)
+    # Its TRAK prior was computed from those 6 runs' final weights and kept in the cache.
+    assert len(list((tmp_path / "cache").glob("trak-prior-*.pt"))) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "bogus"], "methods: unknown ['bogus']"),
     (["--fraction", "1.5"], "--fraction"),
@@ -196,7 +213,7 @@ def test_lds_refuses_sgd_replays_of_trainer_tasks_before_collecting(tmp_path):
 
     # The peers replay their checkpoints through the Trainer, metagradients its AdamW steps; tracin-cp replays SGD.
     with pytest.raises(ValueError, match=r"AdamW through the Hugging Face Trainer, which \['tracin-cp'\] cannot "
-                                         r"follow .*'ekfac', 'tracin', 'metagradient'\]$"):
+                                         r"follow .*'ekfac', 'tracin', 'metagradient', 'gradient-trajectory\+trak'\]$"):
         run_lds(LDSConfig.quick(task="minilm-finetune", out_dir=str(tmp_path / "x"),
                                 methods=("linear-identity", "trak", "tracin-cp", "metagradient")), progress=False)
     with pytest.raises(ValueError, match=r"\['tracin-cp'\] cannot follow"):

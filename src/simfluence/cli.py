@@ -452,8 +452,9 @@ _FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
 @click.option("--workers", type=POSITIVE, default=1, show_default=True,
               help="Processes collecting runs and, for Trainer tasks (minilm-finetune), retraining them.")
 @click.option("--methods", default=None,
-              help="Comma-separated methods: simulator kinds, peers (trak, ekfac, tracin; need the 'peers' extra) "
-                   "and metagradient. [linear-trajectory, linear, additive, featurized, tracin-cp, trak, ekfac, "
+              help="Comma-separated methods: simulator kinds, peers (trak, ekfac, tracin; need the 'peers' extra), "
+                   "metagradient and gradient-trajectory+trak (TRAK's scores of the fitting runs as a second prior; "
+                   "the 'peers' extra). [linear-trajectory, linear, additive, featurized, tracin-cp, trak, ekfac, "
                    "tracin, metagradient]; Trainer tasks: the peers, metagradient (through the Trainer's AdamW) and "
                    "the kinds that need no SGD replay (e.g. auto, linear-trajectory, linear-identity).")
 @click.option("--trak-models", type=POSITIVE, default=None,

@@ -46,7 +46,10 @@ SIMULATORS = tuple(simulator_kinds(attribution=True))
 """The simulators that attribute (every registered kind but the baselines)."""
 PEERS = tuple(PEER_CLASSES)
 METAGRADIENT = "metagradient"
-ALL_METHODS = SIMULATORS + PEERS + (METAGRADIENT,)
+TRAK_HYBRID = "gradient-trajectory+trak"
+"""``gradient-trajectory`` with TRAK's scores of the fitting runs' final weights as a second prior
+(its ``checkpoints`` setting): the simulator and TRAK at the same training budget, in one model."""
+ALL_METHODS = SIMULATORS + PEERS + (METAGRADIENT, TRAK_HYBRID)
 DEFAULT_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", "trak", "ekfac", "tracin",
                    METAGRADIENT)
 CORE_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", METAGRADIENT)
@@ -114,11 +117,14 @@ class LDSConfig:
             raise UsageError("fraction / removal_fractions: must lie strictly between 0 and 1")
 
 
-def _fit_simulators(config: LDSConfig, task, runs: RunSet, progress: bool) -> list[Method]:
+def _fit_simulators(config: LDSConfig, task, runs: RunSet, store_path: Path, progress: bool) -> list[Method]:
     methods: list[Method] = []
-    for name in (name for name in config.methods if name in SIMULATORS):
-        declared = capabilities(name)
-        simulator = make_simulator(name, task=task) if declared.task != "none" else make_simulator(name)
+    for name in (name for name in config.methods if name in SIMULATORS or name == TRAK_HYBRID):
+        kind = "gradient-trajectory" if name == TRAK_HYBRID else name
+        declared = capabilities(kind)
+        # The TRAK hybrid reads the final weights the collection kept (equal budgets, as TRAK).
+        settings = {"checkpoints": str(store_path)} if name == TRAK_HYBRID else {}
+        simulator = make_simulator(kind, task=task, **settings) if declared.task != "none" else make_simulator(kind)
         # Equal budgets: a gradient method reads checkpoints of `replay_runs` training runs, not the logged runs.
         consumed = runs.num_runs if declared.replay_runs is None else declared.replay_runs
         start = time.perf_counter()
@@ -146,27 +152,12 @@ def _peer_checkpoints(name: str, task, store, runs: RunSet, reference: np.ndarra
     return trajectory_checkpoints(task, reference, 4)
 
 
-LARGE_MODEL = 1_000_000
-"""Trained weights above which the peers run with per-example gradient batches sized for memory."""
-LARGE_MODEL_SETTINGS: dict[str, dict[str, Any]] = {"trak": {"chunk_size": 8}, "tracin": {"chunk_size": 1}}
-"""Peer settings for models above ``LARGE_MODEL`` (minilm-finetune, 22.7M): TRAK vmaps 8 examples' gradients
-at a time (8 x 91 MB); captum's per-example path backpropagates each example through its batch's graph, so
-a batch of 1 is cheapest."""
-
-
-def peer_settings(name: str, task) -> dict[str, Any]:
-    """The settings ``run_lds`` gives peer ``name`` on ``task`` (its defaults, or ``LARGE_MODEL_SETTINGS``)."""
-    model = task.build_model()
-    trained = sum(value.numel() for value in model.parameters() if value.requires_grad)
-    return dict(LARGE_MODEL_SETTINGS.get(name, {})) if trained > LARGE_MODEL else {}
-
-
 def _peer_methods(config: LDSConfig, task, store, runs: RunSet, reference: np.ndarray,
                   progress: bool) -> list[Method]:
     names = [name for name in config.methods if name in PEERS]
     if not names:
         return []
-    from simfluence.peers import get_peer
+    from simfluence.peers import get_peer, peer_settings
 
     methods: list[Method] = []
     for name in names:
@@ -222,7 +213,7 @@ def _check_trainer_methods(task: str, methods: tuple[str, ...]) -> None:
     refused = sgd_replaying(methods)
     if refused:
         excluded = set(sgd_replaying(SIMULATORS))
-        allowed = [name for name in SIMULATORS if name not in excluded] + [*PEERS, METAGRADIENT]
+        allowed = [name for name in SIMULATORS if name not in excluded] + [*PEERS, METAGRADIENT, TRAK_HYBRID]
         raise UsageError(f"methods: task '{task}' trains with AdamW through the Hugging Face Trainer, which "
                          f"{refused} cannot follow (they replay plain SGD steps); choose from {allowed}")
 
@@ -257,9 +248,9 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
     config = replace(config, methods=chosen)
     if progress and left_out:
         print(f"  {task.name} trains through the Hugging Face Trainer: leaving out {', '.join(left_out)}")
-    # TRAK reads the fitting runs' final weights. A Trainer task's model is big (minilm-finetune: 91 MB a
-    # state), so its collection keeps them only when TRAK is asked for.
-    keep = not trainer or "trak" in config.methods
+    # TRAK and the TRAK hybrid read the fitting runs' final weights. A Trainer task's model is big (minilm-finetune:
+    # 91 MB a state), so its collection keeps them only when one of them is asked for.
+    keep = not trainer or "trak" in config.methods or TRAK_HYBRID in config.methods
     store = collect(task, out / "runs", config.num_runs, config.num_steps, config.seed, workers=config.workers,
                     checkpoint_steps=(config.num_steps,) if keep else (), progress=progress)
     runs = store.load()
@@ -282,7 +273,7 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
                                                  seed=derive_seed(config.seed, size), progress=progress,
                                                  workers=config.workers, cache=config.cache))
 
-    methods = _fit_simulators(config, task, runs, progress)
+    methods = _fit_simulators(config, task, runs, out / "runs", progress)
     methods += _peer_methods(config, task, store, runs, reference, progress)
     if METAGRADIENT in config.methods:
         methods.append(_metagradient_method(task, reference, progress))

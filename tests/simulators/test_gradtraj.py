@@ -202,3 +202,39 @@ def test_end_to_end_on_digits_mlp(tmp_path, monkeypatch):
     predicted = middle.simulate(heldout.curricula, heldout.initial_losses)
     assert predicted.shape == heldout.losses.shape and np.isfinite(predicted).all()
     assert evaluate(middle, heldout).metrics.mse < evaluate(MeanTrajectorySimulator().fit(fitting), heldout).metrics.mse
+
+
+def test_trak_of_the_fitting_runs_final_weights_is_one_more_prior(tmp_path, monkeypatch):
+    pytest.importorskip("trak")
+    from simfluence.collect import collect
+    from simfluence.peers import get_peer
+    from simfluence.runs.log import RunDataError
+    from simfluence.tasks import get_task
+
+    monkeypatch.setenv("SIMFLUENCE_CACHE", str(tmp_path / "cache"))
+    task = get_task("digits-mlp", num_train=40, num_test=10)
+    store = collect(task, tmp_path / "runs", 6, 10, 0, checkpoint_steps=(10,), progress=False)
+    runs = store.load()
+    fitting = runs.select([0, 2, 3, 5])
+    plain = GradientTrajectorySimulator(task=task, prior_checkpoint="start").fit(fitting)
+    hybrid = GradientTrajectorySimulator(task=task, prior_checkpoint="start", checkpoints=tmp_path / "runs").fit(fitting)
+    assert hybrid.prior_.shape == (2, 40, 10) and hybrid.prior_scale_.shape == (2, 10)
+    np.testing.assert_array_equal(hybrid.prior_[0], plain.prior_[0])
+    # The second prior is TRAK's own output on the final weights of the fitting runs only (not runs 1, 4).
+    states = [store.read_checkpoint(str(run_id), 10) for run_id in fitting.run_ids]
+    np.testing.assert_allclose(hybrid.prior_[1], get_peer("trak").attribute(task, states).scores, rtol=1e-6)
+    assert hybrid.fit_info["trak_cached"] is False and "TRAK of 4 fitting runs" in hybrid.fit_info["prior"]
+    again = GradientTrajectorySimulator(task=task, prior_checkpoint="start", checkpoints=str(tmp_path / "runs"))
+    assert again.fit(fitting).fit_info["trak_cached"] == "disk"
+    np.testing.assert_array_equal(again.prior_, hybrid.prior_)
+    path = tmp_path / "hybrid.npz"
+    hybrid.save(path)
+    loaded = Simulator.load(path)                   # the saved model holds its priors: no store, no task
+    np.testing.assert_array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
+                                  hybrid.simulate(runs.curricula, runs.initial_losses))
+    # A store without the runs' final weights: one line naming the store, the field and the fix.
+    collect(task, tmp_path / "bare", 2, 10, 0, progress=False)
+    with pytest.raises(RunDataError, match="checkpoints.*no final weights.*--checkpoint-steps 10"):
+        GradientTrajectorySimulator(task=task, checkpoints=tmp_path / "bare").fit(fitting)
+    with pytest.raises(ValueError, match="^checkpoints: expected a run store path"):
+        GradientTrajectorySimulator(checkpoints=3)

@@ -26,6 +26,8 @@ helpful). The libraries are imported only when a peer runs; a missing one raises
 
 from __future__ import annotations
 
+from typing import Any
+
 from simfluence.errors import UsageError
 from simfluence.peers.base import (
     Attribution,
@@ -54,5 +56,20 @@ def get_peer(name: str, **settings) -> Peer:
         raise UsageError(f"peer '{name}': bad settings {sorted(settings)} ({error})") from None
 
 
+LARGE_MODEL = 1_000_000
+"""Trained weights above which the peers run with per-example gradient batches sized for memory."""
+LARGE_MODEL_SETTINGS: dict[str, dict[str, Any]] = {"trak": {"chunk_size": 8}, "tracin": {"chunk_size": 1}}
+"""Peer settings for models above ``LARGE_MODEL`` (minilm-finetune, 22.7M): TRAK vmaps 8 examples' gradients
+at a time (8 x 91 MB); captum's per-example path backpropagates each example through its batch's graph, so
+a batch of 1 is cheapest."""
+
+
+def peer_settings(name: str, task) -> dict[str, Any]:
+    """The settings peer ``name`` runs with on ``task``: its defaults, or ``LARGE_MODEL_SETTINGS`` for big models."""
+    model = task.build_model()
+    trained = sum(value.numel() for value in model.parameters() if value.requires_grad)
+    return dict(LARGE_MODEL_SETTINGS.get(name, {})) if trained > LARGE_MODEL else {}
+
+
 __all__ = ["EKFAC", "PEERS", "TRAK", "Attribution", "Checkpoints", "Cost", "Peer", "TracInCP",
-           "ensemble_checkpoints", "get_peer", "start_checkpoint", "trajectory_checkpoints"]
+           "ensemble_checkpoints", "get_peer", "peer_settings", "start_checkpoint", "trajectory_checkpoints"]

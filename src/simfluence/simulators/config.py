@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -143,6 +144,15 @@ def boolean(name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False`` (no truthiness: ``"yes"`` or ``1`` are refused)."""
     if not isinstance(value, bool):
         raise UsageError(f"{name}: expected true or false, got {value!r}")
+    return value
+
+
+def store_path(name: str, value: Any) -> str | None:
+    """``value`` as a run store path (a ``str``; ``os.PathLike`` is converted), or ``None``."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{name}: expected a run store path, got {type(value).__name__}")
     return value
 
 

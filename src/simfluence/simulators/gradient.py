@@ -53,7 +53,7 @@ from simfluence.errors import UsageError
 from simfluence.func.gradients import gradient_products, model_at, per_example_gradients
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
-from simfluence.simulators.config import TaskConfig, integer, positive, setting
+from simfluence.simulators.config import TaskConfig, integer, positive, setting, store_path
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import TableConfig, TableSimulator, Transitions
 from simfluence.tasks.schedules import run_learning_rates
@@ -90,10 +90,7 @@ class TracInConfig(GradientConfig):
             if not steps:
                 raise UsageError(f"checkpoint_steps: expected a non-empty list of steps, got {self.checkpoint_steps!r}")
             self._set("checkpoint_steps", tuple(sorted({integer("checkpoint_steps", step, 0) for step in steps})))
-        if isinstance(self.checkpoints, os.PathLike):
-            self._set("checkpoints", os.fspath(self.checkpoints))
-        if self.checkpoints is not None and not isinstance(self.checkpoints, str):
-            raise UsageError(f"checkpoints: expected a run store path, got {type(self.checkpoints).__name__}")
+        self._set("checkpoints", store_path("checkpoints", self.checkpoints))
 
 
 @dataclass(frozen=True)

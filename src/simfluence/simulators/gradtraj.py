@@ -22,8 +22,8 @@ those ``N`` free numbers are noisy. Here each is anchored to what the model's gr
   preconditioned norm (``normalise``, on by default: raw rows at the start of text-minilm span
   7e-5 to 34, and the few large ones drove a rolled-out loss to 7x its true value; normalised,
   held-out all-steps MSE there is 0.37x the mean trajectory's instead of 0.94x, and about equal
-  on minilm-finetune, 0.716x vs 0.709x). Any other scores (TRAK, ...) can be
-  given instead: ``fit(runs, prior=scores)``.
+  on minilm-finetune, 0.716x vs 0.709x). Any other scores can be given instead:
+  ``fit(runs, prior=scores)``.
 * :math:`\sigma_m`: one scalar per test example, the least-squares fit of the prior's rolled-out
   trajectories to the centred fitting trajectories (the same centring as linear-trajectory's).
 * :math:`r^m`: a ridge residual on what the scaled prior leaves, its strength chosen per test
@@ -53,6 +53,20 @@ by the task, the checkpoint and the settings, so refitting on other runs of the 
 cache of :mod:`simfluence.cache` under the same key plus the simfluence and torch versions, so a
 refit in a new process (``simfluence fit`` again) does not either; ``fit_info["prior_cached"]``
 says ``"memory"``, ``"disk"`` or ``False`` (computed).
+
+**TRAK beside the gradients** (``checkpoints=STORE``: a run store that kept the fitting runs'
+final weights, ``simfluence collect --checkpoint-steps T``). TRAK scores (``traker``, the
+``peers`` extra; :class:`~simfluence.peers.TRAK` with :func:`~simfluence.peers.peer_settings`)
+of the ensemble of those final models become one more prior with its own scale, so
+:math:`b^m = \sum_k \sigma_{mk} p^m_k + r^m` over the gradient prior(s) and TRAK's. The gradient
+prior knows one point of training; TRAK's ensemble averages over the curricula the runs took.
+On minilm-finetune (40 fitting runs, the LDS's counterfactuals) the pair ranks retrained subsets
+at 0.45 against TRAK's 0.43 and the middle prior's 0.41 (``docs/benchmarks.md``). It costs TRAK's
+projection of every fitting run's final model (about 40 s a model there, on 2 CPU cores), kept in
+the on-disk cache like the gradient prior, keyed by the task, the runs' ids and curricula and
+the versions. The fitting runs' own final weights enter the prior, so the ridge and scales
+cross-validated over those runs see a prior that has seen the validation fold (a mild
+optimism of the choice, never of held-out scores).
 """
 
 from __future__ import annotations
@@ -69,7 +83,7 @@ import torch
 
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
-from simfluence.simulators.config import TaskConfig, boolean, integer, one_of, positive, setting
+from simfluence.simulators.config import TaskConfig, boolean, integer, one_of, positive, setting, store_path
 from simfluence.simulators.trajectory import TrajectoryConfig, TrajectorySimulator, adam_momentum, as_priors
 
 CHECKPOINTS = ("start", "middle", "both")
@@ -102,6 +116,10 @@ class GradientTrajectoryConfig(TaskConfig, TrajectoryConfig):
     disk_cache: bool = setting(True, "Keep computed priors in the on-disk cache ($SIMFLUENCE_CACHE, default "
                                "~/.cache/simfluence), keyed by the task, checkpoint, settings and versions, so a "
                                "refit in a new process skips the gradients.")
+    checkpoints: str | None = setting(None, "A run store holding the fitting runs' final weights (collected with "
+                                      "--checkpoint-steps T, usually their own store): TRAK scores of those models "
+                                      "(traker, the 'peers' extra) join the gradient prior as one more prior with "
+                                      "its own scale. None: the gradient prior alone.")
     memory_gb: float = setting(1.0, "Bound, in GiB, on the gradients held at once on each side (test, training); "
                                "peak memory is about three times this plus one forward/backward pass.")
 
@@ -116,6 +134,7 @@ class GradientTrajectoryConfig(TaskConfig, TrajectoryConfig):
         if self.test_chunk_size is not None:
             self._set("test_chunk_size", integer("test_chunk_size", self.test_chunk_size, 1, " or None"))
         self._set("memory_gb", positive("memory_gb", self.memory_gb))
+        self._set("checkpoints", store_path("checkpoints", self.checkpoints))
 
 
 @register
@@ -127,19 +146,24 @@ class GradientTrajectorySimulator(TrajectorySimulator):
         preconditioner: ``"auto"``, ``"adam"`` or ``"none"``.
         normalise: divide each training row by its norm (default ``True``).
         chunk_size, test_chunk_size, memory_gb: the gradient passes' sizes and memory bound.
+        checkpoints: a run store with the fitting runs' final weights: TRAK's scores of them
+            become one more prior (module docstring).
         task / task_options: the task the gradients come from (default: the runs' meta).
         **trajectory: the settings of :class:`~simfluence.simulators.trajectory.TrajectorySimulator`.
 
     ``fit(runs, prior=scores)`` takes the prior scores ``[N, M]`` or ``[K, N, M]`` (``K`` priors;
     positive: helpful) instead of computing gradients. Fitted state adds ``prior_`` ``[K, N, M]``
-    (:math:`p`; ``K = 2`` for ``"both"``, else 1), ``prior_scale_`` ``[K, M]`` (:math:`\sigma`) and
+    (:math:`p`; ``K = 2`` for ``"both"``, else 1; one more with ``checkpoints``, last),
+    ``prior_scale_`` ``[K, M]`` (:math:`\sigma`) and
     ``ridge_`` with ``inf`` where a test example chose the prior alone; ``fit_info`` adds ``prior``
     (its source), ``prior_seconds``, ``prior_only`` (how many test examples chose :math:`\lambda =
-    \infty`), ``ridge_quantiles`` (of the finite ``ridge_``) and ``prior_scale_median``.
+    \infty`), ``ridge_quantiles`` (of the finite ``ridge_``), ``prior_scale_median`` and, with
+    ``checkpoints``, ``trak_cached`` (``"disk"`` or ``False``: computed).
     """
 
     kind = "gradient-trajectory"
-    capabilities = Capabilities("extension", task="optional", ridge=True, cross_validation=True, trainer_tasks=True)
+    capabilities = Capabilities("extension", task="optional", ridge=True, cross_validation=True, trainer_tasks=True,
+                                checkpoints=True)
 
     config_class = GradientTrajectoryConfig
     config: GradientTrajectoryConfig
@@ -172,25 +196,77 @@ class GradientTrajectorySimulator(TrajectorySimulator):
             scores, source = self._given_prior, "given"
         else:
             scores, source, cached = self._gradient_scores(runs)
+        if self.config.checkpoints is not None:
+            trak, models, trak_cached = self._trak_scores(runs)
+            scores = np.concatenate([scores, -trak[None]])        # TRAK: negative helps; the prior: positive
+            source = f"{source}; TRAK of {models} fitting runs' final weights"
+            self.fit_info["trak_cached"] = trak_cached
         self.prior_ = -scores
         self.fit_info.update(prior=source, prior_seconds=time.perf_counter() - start, prior_cached=cached)
         return self.prior_
 
-    def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, str | bool]:
-        from simfluence.cache import cache_dir, cached_tensors, package_version
-        from simfluence.collect.curricula import pool_sampler
-        from simfluence.collect.train import train_states
-        from simfluence.func.gradients import gradient_products, model_at
+    def _task(self, runs: RunSet):
+        """The task the runs were collected from (``task`` or their meta), with the runs' ids checked."""
         from simfluence.tasks.registry import task_for_runs
 
-        config = self.config
-        task = task_for_runs(self.task_spec, config.task_options, runs.meta,
+        task = task_for_runs(self.task_spec, self.config.task_options, runs.meta,
                              "pass task=... (the Task the runs were collected from), or fit(runs, prior=scores)")
         for name, mine, theirs in (("train_ids", task.train_ids, runs.train_ids),
                                    ("test_ids", task.test_ids, runs.test_ids)):
             if not np.array_equal(mine, theirs):
                 raise RunDataError("<runs>", name, f"differ from task '{task.name}'s ids",
                                    "fit on runs collected from that task, or pass prior=scores")
+        return task
+
+    def _trak_scores(self, runs: RunSet) -> tuple[np.ndarray, int, str | bool]:
+        """TRAK's float64 ``[N, M]`` scores (negative: helpful) of the fitting runs' final weights in ``checkpoints``.
+
+        Returns the scores, the number of models and where they came from (``"disk"``, or ``False``: computed).
+        """
+        from simfluence.cache import cache_dir, cached_tensors, package_version
+        from simfluence.peers import Checkpoints, get_peer, peer_settings
+        from simfluence.runs.store import RunStore
+
+        config = self.config
+        assert config.checkpoints is not None
+        task = self._task(runs)
+        store = RunStore(config.checkpoints)
+        chosen = [index for index, run_id in enumerate(runs.run_ids)
+                  if runs.num_steps in store.checkpoint_steps(str(run_id))]
+        if not chosen:
+            raise RunDataError(config.checkpoints, "checkpoints",
+                               f"holds no final weights (step {runs.num_steps}) of the fitting runs",
+                               f"collect the runs with --checkpoint-steps {runs.num_steps} into that store, or leave "
+                               "checkpoints unset")
+        ids = [str(runs.run_ids[index]) for index in chosen]
+        settings = peer_settings("trak", task)
+        computed: list[bool] = []
+
+        def compute() -> dict[str, torch.Tensor]:
+            computed.append(True)
+            states = tuple(store.stored_checkpoint(run_id, runs.num_steps) for run_id in ids)
+            result = get_peer("trak", **settings).attribute(task, Checkpoints(states, trainings=float(len(states))))
+            return {"scores": torch.from_numpy(np.asarray(result.scores, dtype=np.float64))}
+
+        # Final weights are a function of the task and the curriculum (training is deterministic given it).
+        curricula = np.ascontiguousarray(runs.curricula[chosen], dtype=np.int32).tobytes()
+        entry = {"task": task.name, "task_config": json.dumps(task.config(), sort_keys=True, default=str),
+                 "runs": ids, "curricula": hashlib.sha256(curricula).hexdigest(), "steps": runs.num_steps,
+                 "settings": settings, "simfluence": package_version(), "torch": torch.__version__}
+        scores = (cached_tensors("trak-prior", entry, compute) if config.disk_cache else compute())["scores"].numpy()
+        if scores.shape != (runs.num_train, runs.num_test) or not np.isfinite(scores).all():
+            raise RuntimeError(f"{cache_dir()}: TRAK scores of task '{task.name}' have shape {scores.shape} or "
+                               "non-finite values; delete the trak-prior-* files there and refit")
+        return scores.astype(np.float64), len(ids), False if computed else "disk"
+
+    def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, str | bool]:
+        from simfluence.cache import cache_dir, cached_tensors, package_version
+        from simfluence.collect.curricula import pool_sampler
+        from simfluence.collect.train import train_states
+        from simfluence.func.gradients import gradient_products, model_at
+
+        config = self.config
+        task = self._task(runs)
         adam = adam_momentum(runs.meta) is not None
         preconditioner = config.preconditioner if config.preconditioner != "auto" else ("adam" if adam else "none")
         normalise = config.normalise
