@@ -236,5 +236,9 @@ def test_trak_of_the_fitting_runs_final_weights_is_one_more_prior(tmp_path, monk
     collect(task, tmp_path / "bare", 2, 10, 0, progress=False)
     with pytest.raises(RunDataError, match="checkpoints.*no final weights.*--checkpoint-steps 10"):
         GradientTrajectorySimulator(task=task, checkpoints=tmp_path / "bare").fit(fitting)
+    # Another collection's runs under the same ids (another seed): refused, not read as these runs' weights.
+    collect(task, tmp_path / "other", 6, 10, 1, checkpoint_steps=(10,), progress=False)
+    with pytest.raises(RunDataError, match="run 'run-000000' there trained along another curriculum"):
+        GradientTrajectorySimulator(task=task, checkpoints=tmp_path / "other").fit(fitting)
     with pytest.raises(ValueError, match="^checkpoints: expected a run store path"):
         GradientTrajectorySimulator(checkpoints=3)

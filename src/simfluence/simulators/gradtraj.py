@@ -239,6 +239,11 @@ class GradientTrajectorySimulator(TrajectorySimulator):
                                f"collect the runs with --checkpoint-steps {runs.num_steps} into that store, or leave "
                                "checkpoints unset")
         ids = [str(runs.run_ids[index]) for index in chosen]
+        for index, run_id in zip(chosen, ids):   # the same runs, not others under the same ids
+            if not np.array_equal(store.read(run_id).curriculum, runs.curricula[index]):
+                raise RunDataError(config.checkpoints, "checkpoints",
+                                   f"run '{run_id}' there trained along another curriculum than the fitting run "
+                                   "of that id", "pass the store the fitting runs were collected into")
         settings = peer_settings("trak", task)
         computed: list[bool] = []
 
