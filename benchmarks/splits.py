@@ -12,6 +12,8 @@ Usage::
         --methods auto,gradient-trajectory,gradient-trajectory:prior_checkpoint=\"start\",linear-trajectory
     python benchmarks/splits.py RUNS --heldout 6 --seeds 0,1,2,3,4,5 \
         --methods linear:nest_mean=false,linear,linear:cv_folds=3
+    python benchmarks/splits.py RUNS --heldout 20 --heldout-from 40 \
+        --methods gradient-trajectory,gradient-trajectory:checkpoints=\"STORE_WITH_RUNS_0_39\"
 """
 
 from __future__ import annotations
@@ -47,13 +49,21 @@ def main() -> None:
     parser.add_argument("--methods", default="auto,gradient-trajectory,linear-trajectory,linear-identity,linear",
                         help="comma-separated kind[:key=value;...]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--heldout-from", type=int, default=None, metavar="K",
+                        help="hold out runs only from runs K.. (the first K always fit: e.g. the runs whose final "
+                             "weights a TRAK prior reads, gradient-trajectory:checkpoints=\"STORE\")")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = load_runs(args.runs)
     methods = args.methods.split(",")
     rows: dict[str, list[dict]] = {method: [] for method in methods}
     for seed in (int(s) for s in args.seeds.split(",")):
-        fitting, heldout = split_runs(runs, args.heldout, seed)
+        if args.heldout_from is None:
+            fitting, heldout = split_runs(runs, args.heldout, seed)
+        else:
+            held = np.sort(args.heldout_from + np.random.default_rng(seed).permutation(
+                runs.num_runs - args.heldout_from)[:args.heldout])
+            fitting, heldout = runs.select(np.setdiff1d(np.arange(runs.num_runs), held)), runs.select(held)
         initial = heldout.initial_losses.astype(np.float64)
         for method in methods:
             kind, settings = parse_method(method)
