@@ -55,7 +55,7 @@ def test_fit_with_explicit_ridge_and_bad_input(tmp_path):
     result = invoke("fit", tmp_path / "runs.npz", "--method", "constant", "--ridge", 0.5, "--out", tmp_path / "c.npz")
     assert result.exit_code == 2 and "--ridge: 'constant' has no ridge strength" in result.output
     result = invoke("fit", tmp_path / "runs.npz", "--method", "linear", "--checkpoints", tmp_path, "--out", tmp_path / "c.npz")
-    assert result.exit_code == 2 and "--checkpoints: 'linear' reads no checkpoints; tracin-cp" in result.output
+    assert result.exit_code == 2 and "--checkpoints: 'linear' reads no checkpoints; gradient-trajectory, tracin-cp" in result.output
 
 
 def test_benchmark_quick_on_digits_writes_every_method(tmp_path):

@@ -118,7 +118,9 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="Default: float32.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
-              help="tracin-cp: a run store collected with --checkpoint-steps (default: replay a fitting run).")
+              help="A run store collected with --checkpoint-steps: tracin-cp reads its checkpoints (default: replay "
+                   "a fitting run); gradient-trajectory adds TRAK's scores of the fitting runs' final weights there "
+                   "as a second prior.")
 @click.option("--json", "as_json", is_flag=True, help="Print every fit detail as one JSON object instead.")
 @_user_errors
 def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, device: str, dtype: str,
