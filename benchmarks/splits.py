@@ -40,6 +40,17 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return kind, settings
 
 
+def split(runs, num_heldout: int, seed: int, heldout_from: int | None = None):
+    """``split_runs(runs, num_heldout, seed)``; with ``heldout_from = K``, held-out runs only among runs ``K..``."""
+    if heldout_from is None:
+        return split_runs(runs, num_heldout, seed)
+    if not 0 <= heldout_from <= runs.num_runs - num_heldout or num_heldout < 1:
+        raise SystemExit(f"--heldout-from {heldout_from}: leaves fewer than --heldout {num_heldout} of "
+                         f"{runs.num_runs} runs to hold out")
+    held = np.sort(heldout_from + np.random.default_rng(seed).permutation(runs.num_runs - heldout_from)[:num_heldout])
+    return runs.select(np.setdiff1d(np.arange(runs.num_runs), held)), runs.select(held)
+
+
 def main() -> None:
     """Fit and score every method on every split; print the lines and the table of means."""
     parser = benchmark_parser(__doc__, seed=None)
@@ -58,12 +69,7 @@ def main() -> None:
     methods = args.methods.split(",")
     rows: dict[str, list[dict]] = {method: [] for method in methods}
     for seed in (int(s) for s in args.seeds.split(",")):
-        if args.heldout_from is None:
-            fitting, heldout = split_runs(runs, args.heldout, seed)
-        else:
-            held = np.sort(args.heldout_from + np.random.default_rng(seed).permutation(
-                runs.num_runs - args.heldout_from)[:args.heldout])
-            fitting, heldout = runs.select(np.setdiff1d(np.arange(runs.num_runs), held)), runs.select(held)
+        fitting, heldout = split(runs, args.heldout, seed, args.heldout_from)
         initial = heldout.initial_losses.astype(np.float64)
         for method in methods:
             kind, settings = parse_method(method)

@@ -23,6 +23,19 @@ def test_method_specs_parse_as_json():
         bench.parse_method("linear:ridge=oops")
 
 
+def test_heldout_from_keeps_the_first_runs_fitting():
+    runs, _, _ = trajectory_runs(num_runs=12, num_steps=5, seed=3)
+    bench = load_benchmark("splits")
+    fitting, heldout = bench.split(runs, 4, 1, heldout_from=6)
+    held = [list(runs.run_ids).index(run_id) for run_id in heldout.run_ids]
+    assert len(held) == 4 and min(held) >= 6
+    assert sorted(set(fitting.run_ids) | set(heldout.run_ids)) == sorted(runs.run_ids)
+    assert set(fitting.run_ids) >= set(runs.run_ids[:6])
+    assert [r for r in bench.split(runs, 4, 1)[1].run_ids] == list(split_runs(runs, 4, 1)[1].run_ids)
+    with pytest.raises(SystemExit, match="--heldout-from 10"):
+        bench.split(runs, 4, 1, heldout_from=10)
+
+
 def test_prints_the_ratios_computed_another_way(tmp_path, monkeypatch, capsys):
     runs, _, _ = trajectory_runs(num_runs=12, num_steps=20, seed=3)
     save_runs(runs, tmp_path / "runs.npz")
