@@ -75,6 +75,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,7 +224,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
 
         Returns the scores, the number of models and where they came from (``"disk"``, or ``False``: computed).
         """
-        from simfluence.cache import cache_dir, cached_tensors, package_version
+        from simfluence.cache import package_version
         from simfluence.peers import Checkpoints, get_peer, peer_settings
         from simfluence.runs.store import RunStore
 
@@ -258,14 +259,28 @@ class GradientTrajectorySimulator(TrajectorySimulator):
         entry = {"task": task.name, "task_config": json.dumps(task.config(), sort_keys=True, default=str),
                  "runs": ids, "curricula": hashlib.sha256(curricula).hexdigest(), "steps": runs.num_steps,
                  "settings": settings, "simfluence": package_version(), "torch": torch.__version__}
-        scores = (cached_tensors("trak-prior", entry, compute) if config.disk_cache else compute())["scores"].numpy()
-        if scores.shape != (runs.num_train, runs.num_test) or not np.isfinite(scores).all():
-            raise RuntimeError(f"{cache_dir()}: TRAK scores of task '{task.name}' have shape {scores.shape} or "
-                               "non-finite values; delete the trak-prior-* files there and refit")
-        return scores.astype(np.float64), len(ids), False if computed else "disk"
+        scores = self._stored_scores("trak-prior", entry, compute, runs, f"TRAK scores of task '{task.name}'")
+        return scores, len(ids), False if computed else "disk"
+
+    def _stored_scores(self, kind: str, entry: dict, compute: Callable[[], dict[str, torch.Tensor]], runs: RunSet,
+                       what: str) -> np.ndarray:
+        """float64 ``[N, M]`` ``compute()["scores"]``, kept in the on-disk cache under ``kind`` with ``disk_cache``.
+
+        Checked for their shape and finite values, whether computed or read back (a bad cached
+        entry: the error names the files to delete).
+        """
+        from simfluence.cache import cache_dir, cached_tensors
+
+        disk = self.config.disk_cache
+        scores = (cached_tensors(kind, entry, compute) if disk else compute())["scores"].numpy()
+        expected = (runs.num_train, runs.num_test)
+        if scores.shape != expected or not np.isfinite(scores).all():
+            fix = f"; delete the {kind}-* files in {cache_dir()} and refit" if disk else ""
+            raise RuntimeError(f"{what} have shape {scores.shape} (expected {expected}) or non-finite values{fix}")
+        return scores.astype(np.float64)      # the same dtype whether computed or read from disk
 
     def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, str | bool]:
-        from simfluence.cache import cache_dir, cached_tensors, package_version
+        from simfluence.cache import package_version
         from simfluence.collect.curricula import pool_sampler
         from simfluence.collect.train import train_states
         from simfluence.func.gradients import gradient_products, model_at
@@ -309,16 +324,9 @@ class GradientTrajectorySimulator(TrajectorySimulator):
                     normalise_train=bool(normalise), test_chunk_size=config.test_chunk_size,
                     memory_bytes=int(config.memory_gb * 2 ** 30))}
 
-            if config.disk_cache:
-                entry = {"key": list(key), "simfluence": package_version(), "torch": torch.__version__}
-                scores = cached_tensors("gradient-prior", entry, compute)["scores"].numpy()
-                if scores.shape != (runs.num_train, runs.num_test) or not np.isfinite(scores).all():
-                    raise RuntimeError(f"{cache_dir()}: a cached gradient prior of task '{task.name}' has shape "
-                                       f"{scores.shape} or non-finite values; delete the gradient-prior-* files "
-                                       "there and refit")
-            else:
-                scores = compute()["scores"].numpy()
-            scores = scores.astype(np.float64)         # the same dtype whether computed or read from disk
+            entry = {"key": list(key), "simfluence": package_version(), "torch": torch.__version__}
+            scores = self._stored_scores("gradient-prior", entry, compute, runs,
+                                         f"gradient products of task '{task.name}' at step {step}")
             cached = cached and not computed
             disk = disk or not computed
             _CACHE[key] = scores
