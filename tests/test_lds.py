@@ -233,3 +233,66 @@ def test_default_methods_on_a_trainer_task_leave_out_the_sgd_replays():
     assert set(methods) | set(left_out) == set(DEFAULT_METHODS) and "metagradient" in methods
     assert runnable_methods(trainer_task, methods) == (methods, [])          # what is left runs as chosen
     assert runnable_methods(get_task("digits-mlp"), DEFAULT_METHODS) == (DEFAULT_METHODS, [])
+
+
+def test_a_simulator_predicts_a_uniform_subset_by_its_exact_expectation_else_by_its_draws():
+    from simfluence.lds import SimulatorMethod
+    from simfluence.simulators import make_simulator
+    from synthetic import linear_runs
+
+    runs = linear_runs(num_train=12, num_test=4, num_runs=8, num_steps=10, batch=2, seed=2)[0]
+    simulator = make_simulator("linear-identity").fit(runs)
+    masks = draw_subsets(np.arange(12), 12, 5, 0.5, seed=3)
+    rng = np.random.default_rng(0)
+    simulated = np.stack([rng.choice(np.flatnonzero(mask), (3, 10, 2)) for mask in masks]).astype(np.int32)
+    initial = runs.initial_losses[0].astype(np.float64)
+    subsets = Counterfactuals("subsets", masks, simulated[:, 0], simulated, None, initial, np.zeros((5, 4)), None,
+                              0.0, sampler="uniform")
+    method = SimulatorMethod("linear-identity", simulator, 8, 0.0)
+    np.testing.assert_allclose(method.predict(subsets), simulator.simulate_expected(masks, 10, initial)[:, -1])
+    # Another sampler: the mean over the drawn curricula.
+    drawn = simulator.simulate(simulated.reshape(15, 10, 2), np.repeat(initial[None], 15, 0))[:, -1]
+    other = Counterfactuals(**{**subsets.__dict__, "sampler": "epoch"})
+    np.testing.assert_allclose(method.predict(other), drawn.reshape(5, 3, 4).mean(axis=1), rtol=1e-6)
+
+
+def test_paired_difference_resamples_examples_together():
+    from simfluence.lds import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(-0.5, 1.0, 200)             # hard and easy examples: a wide spread shared by both
+    shifted = paired_difference(base + 0.03, base)
+    assert shifted.mean == pytest.approx(0.03) and shifted.low == pytest.approx(0.03)
+    assert shifted.high == pytest.approx(0.03)     # every resample moves both alike
+    separate = bootstrap_mean(base + 0.03)
+    assert separate.low < np.mean(base) < separate.high   # separately, the two intervals overlap
+    with_nan = base.copy()
+    with_nan[:5] = np.nan
+    record = paired_difference(with_nan, base)
+    assert (record.count, record.undefined, record.mean) == (195, 5, 0.0)
+    with pytest.raises(Exception, match="paired values"):
+        paired_difference(base, base[:10])
+
+
+def test_peer_comparisons_pick_the_best_own_method_and_give_a_verdict():
+    from simfluence.lds_benchmark import lds_markdown, peer_comparisons
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, 100)
+    per_example = {"linear-identity": base + 0.05, "additive": base + 0.01, "trak": base,
+                   "tracin": base + 0.05 + rng.normal(0, 0.01, 100), "ekfac": base + 0.2}
+
+    def record(name, values):
+        return {"method": name, "protocol": "subsets", "mean": float(values.mean()), "low": 0.0, "high": 1.0,
+                "per_example": values.tolist()}
+
+    result = {"scores": [record(name, values) for name, values in per_example.items()], "config": {"fraction": 0.5},
+              "removal_sizes": {}, "costs": [{"method": name, "run_equivalents": 1.0, "seconds": 0.0}
+                                             for name in per_example],
+              "trajectory_errors": {}, "noise_ceiling": {}, "task": "t", "num_train": 10, "num_test": 100,
+              "num_steps": 5, "seconds_per_training_run": 1.0}
+    result["config"].update(num_subsets=3, num_removals=3, num_runs=2)
+    verdicts = {c["peer"]: (c["method"], c["verdict"]) for c in peer_comparisons(result)}
+    assert verdicts == {"trak": ("linear-identity", "above"), "tracin": ("linear-identity", "tied"),
+                        "ekfac": ("linear-identity", "below")}
+    assert "| subsets α=0.5 | linear-identity | trak | 0.05 [0.05, 0.05] | above |" in lds_markdown(result)

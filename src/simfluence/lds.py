@@ -8,8 +8,10 @@ each for real along a fresh random curriculum drawn from :math:`S_j` (same numbe
 same sampler kind as the fitting runs) and record every test example's final loss
 :math:`y_j(z)`. A method predicts :math:`\hat y_j(z)`:
 
-* a simulator: the mean simulated final loss over ``k`` further curricula drawn from
-  :math:`S_j` (the retrained one is not shown to it), rolled out from the real :math:`L_0`;
+* a simulator: its expected final loss when trained along random curricula from
+  :math:`S_j`, rolled out from the real :math:`L_0` (the retrained curriculum is not shown to
+  it): in closed form for the kinds that declare ``expected_rollout`` under the uniform
+  sampler, else the mean over ``k`` further curricula drawn from :math:`S_j`;
 * an additive score method with per-example loss effects :math:`s_i(z)` (negative helps):
   :math:`\sum_{i \in S_j} s_i(z)`, the libraries' own convention (metagradients: their
   per-example sums).
@@ -99,6 +101,20 @@ def bootstrap_mean(values, num_resamples: int = 1000, level: float = 0.95, seed:
     return Score(float(finite.mean()), float(low), float(high), int(finite.size), int(values.size - finite.size))
 
 
+def paired_difference(first, second, num_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Score:
+    """:class:`Score` of ``first - second`` (per-example values ``[M]`` of two methods on the same examples).
+
+    The interval resamples test examples *together* for both methods, so it is much narrower
+    than two separate intervals whenever the methods' per-example values move together (they
+    do: some test examples are harder to rank for every method). An example where either value
+    is NaN is left out.
+    """
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    if first.shape != second.shape or first.ndim != 1:
+        raise UsageError(f"paired values must be two [M] arrays of one shape, got {first.shape} and {second.shape}")
+    return bootstrap_mean(first - second, num_resamples, level, seed)
+
+
 # --- counterfactual training sets ----------------------------------------------------
 def draw_subsets(pool, num_train: int, num_subsets: int, fraction: float, seed: int = 0) -> np.ndarray:
     """Bool ``[m, N]``: ``m`` uniformly random subsets of ``pool``, each ``round(fraction * |pool|)`` examples."""
@@ -166,6 +182,8 @@ class Counterfactuals:
         train_seconds: wall time of the retraining.
         trajectories: float32 ``[m, T + 1, M]`` real losses along ``trained`` at every step
             (for trajectory errors of simulators), or None.
+        sampler: the sampler kind the subsets' curricula are drawn with (``"uniform"``: every
+            slot independently from the subset), or None (removal: one fixed curriculum).
     """
 
     protocol: str
@@ -178,6 +196,7 @@ class Counterfactuals:
     repeat: np.ndarray | None
     train_seconds: float
     trajectories: np.ndarray | None = None
+    sampler: str | None = None
 
     @property
     def num_sets(self) -> int:
@@ -251,7 +270,7 @@ def subset_counterfactuals(task: Task, num_steps: int, *, num_subsets: int = 50,
     final = losses[:, -1].reshape(len(masks), extra, -1)
     trajectories = losses.reshape(len(masks), extra, *losses.shape[1:])[:, 0].astype(np.float32)
     return Counterfactuals(SUBSETS, masks, curricula[:, 0], curricula[:, extra:], None, losses[0, 0],
-                           final[:, 0], final[:, 1] if repeat else None, seconds, trajectories)
+                           final[:, 0], final[:, 1] if repeat else None, seconds, trajectories, kind)
 
 
 def removal_counterfactuals(task: Task, reference, size: int, *, num_sets: int = 50, pool=None, seed: int = 0,
@@ -295,16 +314,27 @@ class Method:
 
 
 class SimulatorMethod(Method):
-    """A fitted simulator: mean simulated final loss over the counterfactual's curricula."""
+    """A fitted simulator: its expected final loss under each counterfactual's curricula.
+
+    Subsets drawn by the uniform sampler, with a kind that declares ``expected_rollout``: the
+    closed form of :meth:`~simfluence.simulators.base.Simulator.simulate_expected` (the limit
+    of infinitely many drawn curricula); otherwise the mean over the counterfactual's
+    ``simulated`` curricula.
+    """
 
     def __init__(self, name: str, simulator, training_runs: float, seconds: float):
         super().__init__(name, "simulator", training_runs, seconds)
         self.simulator = simulator
 
     def predict(self, counterfactuals: Counterfactuals) -> np.ndarray:
-        """Mean simulated final losses ``[m, M]`` over each set's simulated curricula."""
+        """Expected simulated final losses ``[m, M]`` of each set."""
         from simfluence.query import simulate_curricula
 
+        if counterfactuals.sampler == "uniform" and type(self.simulator).capabilities.expected_rollout:
+            num_steps, batch_size = counterfactuals.trained.shape[1:]
+            expected = self.simulator.simulate_expected(counterfactuals.masks, num_steps,
+                                                        counterfactuals.initial_losses, batch_size=batch_size)
+            return expected[:, -1].astype(np.float64)
         curricula = counterfactuals.simulated                        # [m, k, T, B]
         m, k = curricula.shape[:2]
         final = simulate_curricula(self.simulator, curricula.reshape(m * k, *curricula.shape[2:]),

@@ -8,7 +8,8 @@ counterfactuals of both protocols of :mod:`simfluence.lds` for real, and writes
 * ``lds.json``: every method's LDS per protocol (mean, bootstrap interval, per-example
   values), its cost in training-run equivalents and seconds, the noise ceiling, and for
   simulators the trajectory errors on the retrained subset runs beside the mean trajectory;
-* ``lds.md``: the same as a Markdown table;
+* ``lds.md``: the same as a Markdown table, and the best simfluence method of each protocol
+  against each peer, paired over test examples (:func:`peer_comparisons`);
 * ``lds.png``: a bar chart with the bootstrap intervals.
 """
 
@@ -33,6 +34,7 @@ from simfluence.lds import (
     ScoreMethod,
     SimulatorMethod,
     bootstrap_mean,
+    paired_difference,
     removal_counterfactuals,
     score_method,
     subset_counterfactuals,
@@ -63,8 +65,9 @@ class LDSConfig:
     Attributes:
         num_runs: fitting runs of the simulators, and TRAK's ensemble size (equal budgets).
         num_subsets / fraction / draws: the subset protocol (``m``, ``alpha``, curricula a
-            simulator averages over per subset: its estimate of the subset's expected loss; on
-            digits-mlp 16 draws gave +0.04 LDS over 4, 64 another +0.01).
+            simulator without a closed-form expected rollout averages over per subset: its
+            estimate of the subset's expected loss; the kinds with one (``expected_rollout``)
+            use the exact expectation, on digits-mlp +0.03 LDS over 16 draws).
         removal_fractions: fractions of the reference run's examples removed per set; a
             ``single`` protocol (one example per set) is added with ``single=True``.
         num_removals: sets per removal protocol.
@@ -293,11 +296,41 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
                         for m in methods],
               "noise_ceiling": ceilings, "scores": records,
               "trajectory_errors": _trajectory_errors(methods, protocols[0], runs)}
+    result["paired"] = peer_comparisons(result, config.bootstrap, config.seed)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "lds.json", json.dumps(result, indent=1))
     write_text_atomic(out / "lds.md", lds_markdown(result))
     plot_lds(result, out / "lds.png")
     return result
+
+
+def peer_comparisons(result: dict, num_resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Per protocol, the best simfluence method (by mean LDS) minus each peer, paired over test examples.
+
+    Simfluence methods are the simulators, the TRAK hybrid and metagradients; peers the
+    maintained libraries' methods (:data:`PEERS`). Each record: ``protocol``, ``method``,
+    ``peer``, the :func:`~simfluence.lds.paired_difference` fields (``mean``, ``low``,
+    ``high``, ``count``, ``undefined``) and ``verdict``: ``"above"`` / ``"below"`` when the
+    interval excludes 0, else ``"tied"``. The best method is picked on the same test examples,
+    so its lead is slightly optimistic when several methods are close.
+    """
+    records: dict[tuple[str, str], dict] = {(r["method"], r["protocol"]): r for r in result["scores"]}
+    comparisons = []
+    for protocol in _protocols(result):
+        ours = [r for (name, p), r in records.items() if p == protocol and name not in PEERS and r["mean"] is not None]
+        peers = [r for (name, p), r in records.items() if p == protocol and name in PEERS]
+        if not ours or not peers:
+            continue
+        best = max(ours, key=lambda r: r["mean"])
+        for peer in peers:
+            first, second = (np.asarray([math.nan if v is None else v for v in r["per_example"]], dtype=np.float64)
+                             for r in (best, peer))
+            score = paired_difference(first, second, num_resamples=num_resamples, seed=seed).as_dict()
+            verdict = ("tied" if score["low"] is None or score["low"] <= 0 <= score["high"]
+                       else "above" if score["low"] > 0 else "below")
+            comparisons.append({"protocol": protocol, "method": best["method"], "peer": peer["method"], **score,
+                                "verdict": verdict})
+    return comparisons
 
 
 def _cell(value: Any, digits: int = 3) -> str:
@@ -350,6 +383,14 @@ def lds_markdown(result: dict) -> str:
     if ceiling:
         text += [f"Noise ceiling of the subset protocol (two curricula per subset): {_cell(ceiling['mean'], 2)} "
                  f"[{_cell(ceiling['low'], 2)}, {_cell(ceiling['high'], 2)}].", ""]
+    paired = result.get("paired") or peer_comparisons(result)
+    if paired:
+        lines += ["", "Best simfluence method of each protocol minus each peer, paired over test examples "
+                  "(95 % bootstrap interval; the best is picked on the same examples):", "",
+                  "| protocol | simfluence method | peer | LDS difference | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {protocol_label(result, c['protocol'])} | {c['method']} | {c['peer']} | "
+                  f"{_cell(c['mean'], 2)} [{_cell(c['low'], 2)}, {_cell(c['high'], 2)}] | {c['verdict']} |"
+                  for c in paired]
     return "\n".join(text + lines + [""])
 
 

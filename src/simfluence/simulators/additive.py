@@ -20,6 +20,7 @@ class AdditiveSimulator(LinearSimulator):
 
     kind = "additive"
     capabilities = Capabilities(
-        "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True)
+        "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True,
+        expected_rollout=True)
     fit_alpha = False
     alpha_offset = 1.0

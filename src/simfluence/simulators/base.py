@@ -99,6 +99,8 @@ class Capabilities:
         column_rollout: its rollout is the Simfluence-Linear recurrence of its coefficient
             table, so a query about a few test examples can roll out only their columns
             (:meth:`Simulator.column_rollout`).
+        expected_rollout: :meth:`Simulator.simulate_expected` has a closed form (one rollout of
+            the expected batch) instead of averaging sampled curricula.
         replay_runs: training runs whose checkpoints it reads instead of learning from the
             logged losses (``0``: the initial model only); ``None``: it learns from the runs.
         trainer_tasks: it reads the task only through its starting model and its own
@@ -118,6 +120,7 @@ class Capabilities:
     intervals: bool = False
     new_test_examples: bool = False
     column_rollout: bool = False
+    expected_rollout: bool = False
     replay_runs: int | None = None
     trainer_tasks: bool = False
 
@@ -313,11 +316,75 @@ class Simulator(ABC):
         for problem in self.extrapolation(curricula, initial):
             warnings.warn(f"{source}: extrapolating: {problem}; simulated losses there are guesses",
                           ExtrapolationWarning, stacklevel=2)
-        trajectories = self._simulate(curricula, initial.astype(np.float64))
+        trajectories = self._non_negative(self._simulate(curricula, initial.astype(np.float64)))
+        return trajectories[0] if single else trajectories
+
+    def _non_negative(self, trajectories: np.ndarray) -> np.ndarray:
+        """``trajectories`` clipped at 0 (in place) when the fitting losses were never negative."""
         bounds = self.fit_info.get("loss_range")
         if isinstance(bounds, list) and len(bounds) == 2 and bounds[0] >= 0:
             # Losses that were never negative (cross-entropy, squared error) are not simulated below 0.
             np.maximum(trajectories, 0, out=trajectories)
+        return trajectories
+
+    def simulate_expected(self, pools: Any, num_steps: int, initial_losses: Any, *, batch_size: int | None = None,
+                          draws: int = 16, seed: int = 0, source: str = "<input>") -> np.ndarray:
+        r"""Expected trajectories of training on random batches from each pool.
+
+        Every batch slot of every step is drawn independently and uniformly from the pool (the
+        ``uniform`` sampler). Kinds that declare ``capabilities.expected_rollout`` compute the
+        expectation in closed form from one rollout of the expected batch (their step is affine in
+        the batch's example counts, and independent batches make
+        :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their ``_expected``). The other
+        kinds average :meth:`simulate` over ``draws`` sampled curricula per pool.
+
+        Args:
+            pools: bool ``[P, N]`` (or ``[N]`` for one pool): the training examples each pool holds.
+            num_steps: ``T``, steps of training.
+            initial_losses: float ``[M]`` or ``[P, M]`` losses of the test examples before training.
+            batch_size: slots per batch (default: the fitting runs' batch size).
+            draws: sampled curricula per pool of kinds without a closed form.
+            seed: seeds those curricula (pool ``p``, draw ``d``: ``derive_seed(derive_seed(seed, p), d)``).
+            source: names the inputs in error messages.
+
+        Returns:
+            float32 ``[P, T + 1, M]`` (``[T + 1, M]`` for one pool), clipped at 0 as :meth:`simulate`.
+        """
+        from simfluence.collect.curricula import derive_seed, pool_sampler
+
+        self._check_fitted()
+        pools = np.asarray(pools)
+        single = pools.ndim == 1
+        pools = pools[None] if single else pools
+        if pools.dtype != bool or pools.ndim != 2 or pools.shape[1] != self.train_ids.size:
+            raise RunDataError(source, "pools", f"expected a bool [pools, {self.train_ids.size}] membership array, "
+                               f"got {pools.dtype} {pools.shape}")
+        if not pools.any(axis=1).all():
+            raise RunDataError(source, "pools", "a pool holds no training example", "give every pool an example")
+        if int(num_steps) != num_steps or num_steps < 1:
+            raise RunDataError(source, "num_steps", f"must be a positive integer, got {num_steps!r}")
+        batch = self.fit_info.get("batch_size") if batch_size is None else batch_size
+        if not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise RunDataError(source, "batch_size", f"must be a positive integer, got {batch!r}",
+                               "pass batch_size (the fitting runs' is unknown)")
+        initial = validate_losses(initial_losses, source, "initial_losses").astype(np.float64)
+        if initial.shape == (self.test_ids.size,):
+            initial = np.broadcast_to(initial, (pools.shape[0], self.test_ids.size))
+        if initial.shape != (pools.shape[0], self.test_ids.size):
+            raise RunDataError(source, "initial_losses", f"shape {initial.shape} does not match (pools, test "
+                               f"examples) = ({pools.shape[0]}, {self.test_ids.size})")
+        if type(self).capabilities.expected_rollout:
+            weights = pools / pools.sum(axis=1, keepdims=True)
+            trajectories = self._non_negative(self._expected(weights, int(num_steps), int(batch),
+                                                             np.ascontiguousarray(initial)).astype(np.float32))
+        else:
+            trajectories = np.empty((pools.shape[0], int(num_steps) + 1, self.test_ids.size), dtype=np.float32)
+            for p, pool in enumerate(pools):
+                sampler = pool_sampler("uniform", np.flatnonzero(pool), int(batch))
+                curricula = sampler.sample_many(int(num_steps), [derive_seed(derive_seed(seed, p), d)
+                                                                 for d in range(int(draws))])
+                trajectories[p] = self.simulate(curricula, np.repeat(initial[p][None], len(curricula), 0),
+                                                source).mean(axis=0)
         return trajectories[0] if single else trajectories
 
     def extrapolation(self, curricula: np.ndarray, initial: np.ndarray) -> list[str]:
@@ -362,6 +429,14 @@ class Simulator(ABC):
         full rollout (without validation or clipping) at ``len(test_index) / M`` of the cost.
         """
         return None
+
+    def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
+        """Closed-form :meth:`simulate_expected` of kinds declaring ``capabilities.expected_rollout``.
+
+        ``weights`` float64 ``[P, N]`` (rows sum to 1: one slot's distribution), ``initial``
+        float64 ``[P, M]``; returns ``[P, T + 1, M]`` before clipping.
+        """
+        raise NotImplementedError(f"'{self.kind}' declares expected_rollout but has no _expected")
 
     # --- to implement -------------------------------------------------------------
     @abstractmethod

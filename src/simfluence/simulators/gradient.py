@@ -200,7 +200,8 @@ class GradDotSimulator(GradientSimulator):
 
     kind = "grad-dot"
     capabilities = Capabilities(
-        "gradient", task="required", device=True, precision=True, column_rollout=True, replay_runs=0)
+        "gradient", task="required", device=True, precision=True, column_rollout=True, expected_rollout=True,
+        replay_runs=0)
 
     def _scores(self, task, runs, rates):
         model, params = model_at(task, None)
@@ -228,7 +229,7 @@ class TracInCPSimulator(GradientSimulator):
     kind = "tracin-cp"
     capabilities = Capabilities(
         "gradient", task="required", device=True, precision=True, checkpoints=True, column_rollout=True,
-        replay_runs=1)
+        expected_rollout=True, replay_runs=1)
 
     config_class = TracInConfig
     config: TracInConfig
@@ -304,7 +305,8 @@ class InfluenceSimulator(GradientSimulator):
 
     kind = "influence"
     capabilities = Capabilities(
-        "gradient", task="required", device=True, precision=True, column_rollout=True, replay_runs=0)
+        "gradient", task="required", device=True, precision=True, column_rollout=True, expected_rollout=True,
+        replay_runs=0)
 
     config_class = InfluenceConfig
     config: InfluenceConfig

@@ -164,7 +164,7 @@ class GradientTrajectorySimulator(TrajectorySimulator):
 
     kind = "gradient-trajectory"
     capabilities = Capabilities("extension", task="optional", ridge=True, cross_validation=True, trainer_tasks=True,
-                                checkpoints=True)
+                                checkpoints=True, expected_rollout=True)
 
     config_class = GradientTrajectoryConfig
     config: GradientTrajectoryConfig

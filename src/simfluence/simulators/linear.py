@@ -407,6 +407,28 @@ class TableSimulator(Simulator):
         return rollout(self.table, curricula, initial, self.alpha_offset, self.fit_alpha,
                        batch_size=self._batch_size())
 
+    def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
+        r"""The recurrence rolled out with the expected batch: exact for independent batches.
+
+        With every slot drawn from ``weights`` ``[P, N]``, a step's coefficient sums have means
+        :math:`\bar\alpha = \alpha_0 + n\, w A` and :math:`\bar\beta = n\, w B` (``n``: the slots, or
+        the fitted batch size under a batch-mean loss, as :class:`BatchDesign` weighs them), and
+        as ``c_t`` is independent of :math:`L_{t-1}`, :math:`E[L_t] = \bar\alpha E[L_{t-1}] + \bar\beta`.
+        float64 ``[P, T + 1, M]``.
+        """
+        fitted = self._batch_size()
+        slots = float(batch_size if fitted is None else fitted)
+        table = self.table.detach().to("cpu", torch.float64).numpy()
+        means = slots * (weights @ table)                                   # [P, K]
+        num_test = initial.shape[1]
+        alpha = self.alpha_offset + means[:, :num_test] if self.fit_alpha else np.ones_like(initial)
+        beta = means[:, num_test:] if self.fit_alpha else means
+        out = np.empty((initial.shape[0], num_steps + 1, num_test))
+        out[:, 0] = initial
+        for t in range(num_steps):
+            out[:, t + 1] = alpha * out[:, t] + beta
+        return out
+
     def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         """A rollout of the ``test_index`` columns of the coefficient table only.
 
@@ -474,7 +496,8 @@ class LinearSimulator(TableSimulator):
 
     kind = "linear"
     capabilities = Capabilities(
-        "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True)
+        "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True,
+        expected_rollout=True)
     fit_alpha = True
     alpha_offset = 0.0
 
@@ -581,6 +604,10 @@ class LinearSimulator(TableSimulator):
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
         return self._blended(super()._simulate(curricula, initial), initial)
 
+    def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
+        # The blend is affine in the rollout, so the expectation passes through it.
+        return self._blended(super()._expected(weights, num_steps, batch_size, initial), initial)
+
     def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         """The table's :meth:`TableSimulator.column_rollout` for ``test_index``, blended as :meth:`simulate`."""
         plain = super().column_rollout(test_index)
@@ -616,5 +643,6 @@ class LinearIdentitySimulator(LinearSimulator):
 
     kind = "linear-identity"
     capabilities = Capabilities(
-        "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True)
+        "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True,
+        expected_rollout=True)
     alpha_offset = 1.0

@@ -91,8 +91,12 @@ def trajectory_features(curricula: np.ndarray, num_train: int, rates: np.ndarray
 
     ``rates`` is float ``[T]`` (the :math:`s_t`, steps past its end use its last value).
     """
-    x = batch_matrix(curricula, num_train)
-    runs, steps, _ = x.shape
+    return smoothed_features(batch_matrix(curricula, num_train), rates, momentum, decay)
+
+
+def smoothed_features(x: np.ndarray, rates: np.ndarray, momentum: float, decay: float) -> np.ndarray:
+    """float64 ``[R, T + 1, N]``: :math:`F_t` of batch matrices ``x`` ``[R, T, N]`` (:func:`batch_matrix`)."""
+    runs, steps, num_train = x.shape
     scale = np.asarray(rates, dtype=np.float64)[np.minimum(np.arange(steps), len(rates) - 1)]
     features = np.zeros((runs, steps + 1, num_train))
     smoothed = np.zeros((runs, num_train))
@@ -181,7 +185,7 @@ class TrajectorySimulator(Simulator):
     """
 
     kind = "linear-trajectory"
-    capabilities = Capabilities("learned", ridge=True, cross_validation=True)
+    capabilities = Capabilities("learned", ridge=True, cross_validation=True, expected_rollout=True)
 
     config_class = TrajectoryConfig
     config: TrajectoryConfig
@@ -246,12 +250,27 @@ class TrajectorySimulator(Simulator):
     # --- simulation ------------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
         features = trajectory_features(curricula, self.train_ids.size, self.rates_, self.momentum_, self.decay_)
-        steps = np.minimum(np.arange(curricula.shape[1] + 1), self.offset_.shape[0] - 1)
+        return self._losses(features, initial).astype(np.float32)
+
+    def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
+        r"""The trajectory of the expected batch :math:`E[x_t] = w`.
+
+        :math:`z` is linear in :math:`x`, so this is :math:`E[z_t]` exactly: in loss space
+        :math:`E[L_t]`; in ``log`` / ``margin`` space the loss at :math:`E[z_t]` (first order in
+        the batch noise; per test example it ranks pools as :math:`E[z_t]` does). float64
+        ``[P, T + 1, M]``.
+        """
+        x = np.repeat(weights[:, None, :], num_steps, axis=1)
+        return self._losses(smoothed_features(x, self.rates_, self.momentum_, self.decay_), initial)
+
+    def _losses(self, features: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        """float64 ``[R, T + 1, M]`` losses of features ``[R, T + 1, N]`` from ``initial`` ``[R, M]``."""
+        steps = np.minimum(np.arange(features.shape[1]), self.offset_.shape[0] - 1)
         z0 = _transform(initial[:, None, :], self.space_)
         z = z0 + self.offset_[steps][None] + features @ self.coef_
         losses = _to_losses(z, self.space_, self.floor_, self.ceiling_)
         losses[:, 0] = initial
-        return losses.astype(np.float32)
+        return losses
 
     # --- persistence -----------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:

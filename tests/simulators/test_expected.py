@@ -1,0 +1,91 @@
+"""simulate_expected: the closed forms against the exact average over every curriculum of a tiny pool."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from simfluence.runs.log import RunDataError
+from simfluence.simulators import Simulator, capabilities, make_simulator, simulator_class, simulator_kinds
+from synthetic import linear_runs, trajectory_runs
+
+POOLS = np.zeros((2, 10), dtype=bool)
+POOLS[0, [1, 4, 7]] = True
+POOLS[1, [0, 2]] = True
+
+
+def every_curriculum(pool: np.ndarray, num_steps: int, batch: int) -> np.ndarray:
+    """int ``[|pool| ** (T B), T, B]``: every curriculum the uniform sampler can draw, each equally likely."""
+    return np.array(list(itertools.product(pool, repeat=num_steps * batch))).reshape(-1, num_steps, batch)
+
+
+def exact_average(simulator: Simulator, pool: np.ndarray, num_steps: int, batch: int, initial: np.ndarray):
+    curricula = every_curriculum(np.flatnonzero(pool), num_steps, batch)
+    return simulator.simulate(curricula, np.repeat(initial[None], len(curricula), 0)).astype(np.float64).mean(0)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return linear_runs(num_train=10, num_test=3, num_runs=8, num_steps=12, batch=2, seed=0)[0]
+
+
+@pytest.mark.parametrize("kind,settings,batch", [
+    ("linear", {}, 2), ("linear-identity", {}, 2), ("additive", {}, 2), ("linear-bootstrap", {"replicas": 4}, 2),
+    ("linear-identity", {"batch_mean": True}, 1),        # one slot of a batch-mean fit weighs the fitted size
+    ("linear-identity", {"ridge": 1e-3}, 2),             # unblended
+])
+def test_table_kinds_equal_the_exact_average(runs, kind, settings, batch):
+    simulator = make_simulator(kind, **settings).fit(runs)
+    initial = runs.initial_losses[0]
+    expected = simulator.simulate_expected(POOLS, 3, initial, batch_size=batch)
+    assert expected.shape == (2, 4, 3) and expected.dtype == np.float32
+    for p, pool in enumerate(POOLS):
+        np.testing.assert_allclose(expected[p], exact_average(simulator, pool, 3, batch, initial), rtol=2e-5)
+    # One pool in, one trajectory out; the default batch size is the fitting runs'.
+    np.testing.assert_allclose(simulator.simulate_expected(POOLS[0], 3, initial), expected[0] if batch == 2
+                               else simulator.simulate_expected(POOLS, 3, initial, batch_size=2)[0])
+
+
+def test_trajectory_kind_is_exact_in_loss_space_and_close_in_margin_space():
+    runs = trajectory_runs(num_train=10, num_test=4, num_runs=12, num_steps=20, batch=2, seed=3)[0]
+    initial = runs.initial_losses[0]
+    for space, tolerance in (("loss", 1e-9), ("margin", 2e-2)):
+        simulator = make_simulator("linear-trajectory", space=space, momentum=0.9, decay=0.9).fit(runs)
+        expected = simulator.simulate_expected(POOLS, 3, initial, batch_size=2)
+        for p, pool in enumerate(POOLS):
+            exact = exact_average(simulator, pool, 3, 2, initial)
+            np.testing.assert_allclose(expected[p], exact, rtol=tolerance + 2e-6)
+
+
+def test_kinds_without_a_closed_form_average_sampled_curricula(runs):
+    simulator = make_simulator("linear-pairwise", ridge=1e-2, pair_ridge=1e-2).fit(runs)
+    assert not capabilities("linear-pairwise").expected_rollout
+    initial = runs.initial_losses[0]
+    draws = 3000
+    sampled = simulator.simulate_expected(POOLS[:1], 3, initial, batch_size=2, draws=draws, seed=4)[0]
+    again = simulator.simulate_expected(POOLS[:1], 3, initial, batch_size=2, draws=draws, seed=4)[0]
+    np.testing.assert_array_equal(sampled, again)                 # seeded
+    curricula = every_curriculum(np.flatnonzero(POOLS[0]), 3, 2)
+    trajectories = simulator.simulate(curricula, np.repeat(initial[None], len(curricula), 0)).astype(np.float64)
+    spread = trajectories.std(axis=0) / np.sqrt(draws)
+    assert (np.abs(sampled - trajectories.mean(axis=0)) <= 5 * spread + 5e-5).all()   # float32 sums
+
+
+def test_every_kind_declaring_a_closed_form_has_one():
+    for kind in simulator_kinds():
+        if capabilities(kind).expected_rollout:
+            assert simulator_class(kind)._expected is not Simulator._expected, kind
+
+
+@pytest.mark.parametrize("pools,steps,initial,field", [
+    (POOLS.astype(int), 3, None, "pools"),
+    (np.zeros((1, 10), dtype=bool), 3, None, "pools"),
+    (np.ones((1, 9), dtype=bool), 3, None, "pools"),
+    (POOLS, 0, None, "num_steps"),
+    (POOLS, 3, np.ones(2), "initial_losses"),
+    (POOLS, 3, np.full(3, np.nan), "initial_losses"),
+])
+def test_bad_input_names_the_field(runs, pools, steps, initial, field):
+    simulator = make_simulator("linear-identity").fit(runs)
+    with pytest.raises(RunDataError, match=field):
+        simulator.simulate_expected(pools, steps, runs.initial_losses[0] if initial is None else initial)
