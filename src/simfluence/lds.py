@@ -316,9 +316,9 @@ class Method:
 class SimulatorMethod(Method):
     """A fitted simulator: its expected final loss under each counterfactual's curricula.
 
-    Subsets drawn by the uniform sampler, with a kind that declares ``expected_rollout``: the
-    closed form of :meth:`~simfluence.simulators.base.Simulator.simulate_expected` (the limit
-    of infinitely many drawn curricula); otherwise the mean over the counterfactual's
+    Subsets drawn by the uniform sampler, with a simulator whose expectation has a closed form
+    (``Simulator.expected_in_closed_form``): that closed form (``Simulator.simulate_expected``,
+    the limit of infinitely many drawn curricula); otherwise the mean over the counterfactual's
     ``simulated`` curricula.
     """
 
@@ -330,7 +330,7 @@ class SimulatorMethod(Method):
         """Expected simulated final losses ``[m, M]`` of each set."""
         from simfluence.query import simulate_curricula
 
-        if counterfactuals.sampler == "uniform" and type(self.simulator).capabilities.expected_rollout:
+        if counterfactuals.sampler == "uniform" and self.simulator.expected_in_closed_form:
             num_steps, batch_size = counterfactuals.trained.shape[1:]
             expected = self.simulator.simulate_expected(counterfactuals.masks, num_steps,
                                                         counterfactuals.initial_losses, batch_size=batch_size)

@@ -89,3 +89,16 @@ def test_bad_input_names_the_field(runs, pools, steps, initial, field):
     simulator = make_simulator("linear-identity").fit(runs)
     with pytest.raises(RunDataError, match=field):
         simulator.simulate_expected(pools, steps, runs.initial_losses[0] if initial is None else initial)
+
+
+def test_auto_and_the_baselines_have_closed_forms(runs):
+    initial = runs.initial_losses[0]
+    auto = make_simulator("auto", candidates=("linear-identity", "mean-trajectory")).fit(runs)
+    assert auto.expected_in_closed_form
+    np.testing.assert_allclose(auto.simulate_expected(POOLS, 3, initial),
+                               auto.model_.simulate_expected(POOLS, 3, initial))
+    for kind in ("mean-trajectory", "constant"):        # whatever the pool: the curriculum does not matter
+        baseline = make_simulator(kind).fit(runs)
+        curriculum = np.zeros((1, 3, 2), dtype=int)
+        np.testing.assert_allclose(baseline.simulate_expected(POOLS, 3, initial),
+                                   np.repeat(baseline.simulate(curriculum, initial[None]), 2, axis=0))

@@ -137,6 +137,15 @@ class AutoSimulator(Simulator):
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
         return self.model_._simulate(curricula, initial)
 
+    @property
+    def expected_in_closed_form(self) -> bool:
+        """The chosen candidate's (``auto`` declares no closed form of its own)."""
+        self._check_fitted()
+        return self.model_.expected_in_closed_form
+
+    def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
+        return self.model_._expected(weights, num_steps, batch_size, initial)
+
     def _arrays(self) -> dict[str, np.ndarray]:
         return self.model_._arrays()
 

@@ -332,7 +332,8 @@ class Simulator(ABC):
         r"""Expected trajectories of training on random batches from each pool.
 
         Every batch slot of every step is drawn independently and uniformly from the pool (the
-        ``uniform`` sampler). Kinds that declare ``capabilities.expected_rollout`` compute the
+        ``uniform`` sampler). Kinds that declare ``capabilities.expected_rollout`` (see
+        :attr:`expected_in_closed_form`) compute the
         expectation in closed form from one rollout of the expected batch (their step is affine in
         the batch's example counts, and independent batches make
         :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their ``_expected``). The other
@@ -373,7 +374,7 @@ class Simulator(ABC):
         if initial.shape != (pools.shape[0], self.test_ids.size):
             raise RunDataError(source, "initial_losses", f"shape {initial.shape} does not match (pools, test "
                                f"examples) = ({pools.shape[0]}, {self.test_ids.size})")
-        if type(self).capabilities.expected_rollout:
+        if self.expected_in_closed_form:
             weights = pools / pools.sum(axis=1, keepdims=True)
             trajectories = self._non_negative(self._expected(weights, int(num_steps), int(batch),
                                                              np.ascontiguousarray(initial)).astype(np.float32))
@@ -429,6 +430,14 @@ class Simulator(ABC):
         full rollout (without validation or clipping) at ``len(test_index) / M`` of the cost.
         """
         return None
+
+    @property
+    def expected_in_closed_form(self) -> bool:
+        """Whether :meth:`simulate_expected` is in closed form.
+
+        The kind's ``capabilities.expected_rollout`` (``auto``: its chosen candidate's).
+        """
+        return type(self).capabilities.expected_rollout
 
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         """Closed-form :meth:`simulate_expected` of kinds declaring ``capabilities.expected_rollout``.

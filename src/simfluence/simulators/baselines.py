@@ -24,7 +24,7 @@ class MeanTrajectorySimulator(Simulator):
     """Every curriculum gets the fitting runs' mean loss change per step, whatever its batches hold."""
 
     kind = "mean-trajectory"
-    capabilities = Capabilities("baseline", attribution=False)
+    capabilities = Capabilities("baseline", attribution=False, expected_rollout=True)
 
     def _fit(self, runs: RunSet) -> None:
         pass  # the base class already keeps the fitting runs' mean change
@@ -32,17 +32,22 @@ class MeanTrajectorySimulator(Simulator):
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
         return mean_trajectory(self.mean_change, initial, curricula.shape[1])
 
+    def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
+        return mean_trajectory(self.mean_change, initial, num_steps)     # the same for every curriculum
+
 
 @register
 class ConstantSimulator(Simulator):
     """Losses stay at their starting values: the no-change baseline."""
 
     kind = "constant"
-    capabilities = Capabilities("baseline", attribution=False)
+    capabilities = Capabilities("baseline", attribution=False, expected_rollout=True)
 
     def _fit(self, runs: RunSet) -> None:
         pass
 
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-        num_steps = curricula.shape[1]
+        return self._expected(np.empty((len(initial), 0)), curricula.shape[1], 1, initial)
+
+    def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         return np.repeat(initial[:, None, :], num_steps + 1, axis=1).astype(np.float32)
