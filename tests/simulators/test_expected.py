@@ -102,3 +102,16 @@ def test_auto_and_the_baselines_have_closed_forms(runs):
         curriculum = np.zeros((1, 3, 2), dtype=int)
         np.testing.assert_allclose(baseline.simulate_expected(POOLS, 3, initial),
                                    np.repeat(baseline.simulate(curriculum, initial[None]), 2, axis=0))
+
+
+def test_where_the_clip_at_zero_binds_the_test_example_is_sampled_instead(runs):
+    simulator = make_simulator("additive", ridge=1e-3).fit(runs)
+    initial = runs.initial_losses[0].astype(np.float64)
+    initial[1] = 0.01                     # the expected loss of test example 1 goes below 0; the clip binds
+    closed = simulator.simulate_expected(POOLS, 3, initial, batch_size=2)
+    sampled = simulator._sampled_expected(POOLS, 3, 2, np.repeat(initial[None], 2, 0), 16, 0, "<test>")
+    np.testing.assert_array_equal(closed[:, :, 1], sampled[:, :, 1])
+    for p, pool in enumerate(POOLS):      # the others stay exact
+        exact = exact_average(simulator, pool, 3, 2, initial)
+        np.testing.assert_allclose(closed[p][:, [0, 2]], exact[:, [0, 2]], rtol=2e-5)
+    assert (closed >= 0).all()

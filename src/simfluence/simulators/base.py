@@ -337,22 +337,23 @@ class Simulator(ABC):
         expectation in closed form from one rollout of the expected batch (their step is affine in
         the batch's example counts, and independent batches make
         :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their ``_expected``). The other
-        kinds average :meth:`simulate` over ``draws`` sampled curricula per pool.
+        kinds average :meth:`simulate` over ``draws`` sampled curricula per pool. So do the closed
+        forms for test examples whose expected loss dips below 0 where :meth:`simulate` clips at 0
+        (the clip then binds on some curricula, and the mean of clipped trajectories is not the
+        clipped mean).
 
         Args:
             pools: bool ``[P, N]`` (or ``[N]`` for one pool): the training examples each pool holds.
             num_steps: ``T``, steps of training.
             initial_losses: float ``[M]`` or ``[P, M]`` losses of the test examples before training.
             batch_size: slots per batch (default: the fitting runs' batch size).
-            draws: sampled curricula per pool of kinds without a closed form.
+            draws: sampled curricula per pool where there is no closed form.
             seed: seeds those curricula (pool ``p``, draw ``d``: ``derive_seed(derive_seed(seed, p), d)``).
             source: names the inputs in error messages.
 
         Returns:
             float32 ``[P, T + 1, M]`` (``[T + 1, M]`` for one pool), clipped at 0 as :meth:`simulate`.
         """
-        from simfluence.collect.curricula import derive_seed, pool_sampler
-
         self._check_fitted()
         pools = np.asarray(pools)
         single = pools.ndim == 1
@@ -374,19 +375,35 @@ class Simulator(ABC):
         if initial.shape != (pools.shape[0], self.test_ids.size):
             raise RunDataError(source, "initial_losses", f"shape {initial.shape} does not match (pools, test "
                                f"examples) = ({pools.shape[0]}, {self.test_ids.size})")
-        if self.expected_in_closed_form:
-            weights = pools / pools.sum(axis=1, keepdims=True)
-            trajectories = self._non_negative(self._expected(weights, int(num_steps), int(batch),
-                                                             np.ascontiguousarray(initial)).astype(np.float32))
-        else:
-            trajectories = np.empty((pools.shape[0], int(num_steps) + 1, self.test_ids.size), dtype=np.float32)
-            for p, pool in enumerate(pools):
-                sampler = pool_sampler("uniform", np.flatnonzero(pool), int(batch))
-                curricula = sampler.sample_many(int(num_steps), [derive_seed(derive_seed(seed, p), d)
-                                                                 for d in range(int(draws))])
-                trajectories[p] = self.simulate(curricula, np.repeat(initial[p][None], len(curricula), 0),
-                                                source).mean(axis=0)
+        num_steps, batch = int(num_steps), int(batch)
+        if not self.expected_in_closed_form:
+            trajectories = self._sampled_expected(pools, num_steps, batch, initial, draws, seed, source)
+            return trajectories[0] if single else trajectories
+        weights = pools / pools.sum(axis=1, keepdims=True)
+        trajectories = self._expected(weights, num_steps, batch, np.ascontiguousarray(initial)).astype(np.float32)
+        bounds = self.fit_info.get("loss_range")
+        clipped = isinstance(bounds, list) and len(bounds) == 2 and bounds[0] >= 0
+        below = np.flatnonzero((trajectories < 0).any(axis=(0, 1))) if clipped else np.array([], dtype=int)
+        if below.size:
+            # simulate clips each trajectory at 0; where the expected one dips below, the clip binds on
+            # some curricula and the closed form is not the mean of the clipped ones: those are sampled.
+            sampled = self._sampled_expected(pools, num_steps, batch, initial, draws, seed, source)
+            trajectories[:, :, below] = sampled[:, :, below]
+        trajectories = self._non_negative(trajectories)
         return trajectories[0] if single else trajectories
+
+    def _sampled_expected(self, pools: np.ndarray, num_steps: int, batch: int, initial: np.ndarray, draws: int,
+                          seed: int, source: str) -> np.ndarray:
+        """float32 ``[P, T + 1, M]``: :meth:`simulate` averaged over ``draws`` uniform curricula per pool."""
+        from simfluence.collect.curricula import derive_seed, pool_sampler
+
+        trajectories = np.empty((pools.shape[0], num_steps + 1, self.test_ids.size), dtype=np.float32)
+        for p, pool in enumerate(pools):
+            sampler = pool_sampler("uniform", np.flatnonzero(pool), batch)
+            curricula = sampler.sample_many(num_steps, [derive_seed(derive_seed(seed, p), d) for d in range(draws)])
+            trajectories[p] = self.simulate(curricula, np.repeat(initial[p][None], len(curricula), 0),
+                                            source).mean(axis=0)
+        return trajectories
 
     def extrapolation(self, curricula: np.ndarray, initial: np.ndarray) -> list[str]:
         """How the inputs go beyond the fitting runs.
