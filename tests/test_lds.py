@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -190,8 +191,14 @@ def test_trak_hybrid_reads_the_final_weights_the_collection_kept(tmp_path, monke
     assert TRAK_HYBRID in record["trajectory_errors"]
     scores = [r for r in record["scores"] if r["method"] == TRAK_HYBRID]
     assert len(scores) == 3 and all(np.isfinite(r["mean"]) for r in scores)
-    # Its TRAK prior was computed from those 6 runs' final weights and kept in the cache.
+    # Its TRAK prior was computed from those 6 runs' final weights and kept in the cache, once for both:
+    # TRAK at the simulators' budget is the same ensemble.
     assert len(list((tmp_path / "cache").glob("trak-prior-*.pt"))) == 1
+    assert costs["trak"]["training_runs"] == 6 and costs["trak"]["seconds"] > 0
+    again = run_lds(replace(config, methods=("trak",)), progress=False)
+    assert again["costs"][0]["seconds"] == costs["trak"]["seconds"]     # read back with its original cost
+    assert [r["per_example"] for r in again["scores"]] == [r["per_example"] for r in record["scores"]
+                                                          if r["method"] == "trak"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CACHE_FORMAT = 1
@@ -94,3 +95,18 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)["tensors"]
     except Exception as error:  # a corrupt entry (e.g. disk full): say which file to delete
         raise RuntimeError(f"{path}: unreadable simfluence cache entry ({error}); delete it and retry") from error
+
+
+def cached_scores(kind: str, config: dict, compute: Callable[[], dict[str, torch.Tensor]], shape: tuple[int, ...],
+                  what: str, disk_cache: bool = True) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """float64 ``compute()["scores"]`` of ``shape``, kept under ``kind`` (:func:`cached_tensors`) with ``disk_cache``.
+
+    Checked for their shape and finite values whether computed or read back (a bad cached entry:
+    the error names the files to delete). Returns the scores and every tensor of the entry.
+    """
+    tensors = cached_tensors(kind, config, compute) if disk_cache else compute()
+    scores = tensors["scores"].numpy()
+    if scores.shape != tuple(shape) or not np.isfinite(scores).all():
+        fix = f"; delete the {kind}-* files in {cache_dir()} and compute them again" if disk_cache else ""
+        raise RuntimeError(f"{what} have shape {scores.shape} (expected {tuple(shape)}) or non-finite values{fix}")
+    return scores.astype(np.float64), tensors     # the same dtype whether computed or read from disk

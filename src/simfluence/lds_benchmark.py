@@ -139,17 +139,13 @@ def _fit_simulators(config: LDSConfig, task, runs: RunSet, store_path: Path, pro
     return methods
 
 
-def _peer_checkpoints(name: str, task, store, runs: RunSet, reference: np.ndarray, trak_models: int | None = None):
-    """What each peer reads, at equal budgets.
+def _peer_checkpoints(name: str, task, reference: np.ndarray):
+    """What EK-FAC (the reference run's final model) and TracIn-CP (4 checkpoints along it) read.
 
-    TRAK ensembles the fitting runs' final weights (kept by the collection), EK-FAC the
-    reference run's final model, TracIn-CP 4 checkpoints along it.
+    TRAK ensembles the fitting runs' final weights instead (:func:`~simfluence.peers.fitting.fitting_run_trak`).
     """
-    from simfluence.peers import Checkpoints, trajectory_checkpoints
+    from simfluence.peers import trajectory_checkpoints
 
-    if name == "trak":   # read on access: one model's weights in memory at a time
-        states = tuple(store.stored_checkpoint(run_id, runs.num_steps) for run_id in runs.run_ids[:trak_models])
-        return Checkpoints(states, trainings=float(len(states)))
     if name == "ekfac":
         return trajectory_checkpoints(task, reference, [reference.shape[0]])
     return trajectory_checkpoints(task, reference, 4)
@@ -161,13 +157,20 @@ def _peer_methods(config: LDSConfig, task, store, runs: RunSet, reference: np.nd
     if not names:
         return []
     from simfluence.peers import get_peer, peer_settings
+    from simfluence.peers.fitting import fitting_run_trak
 
     methods: list[Method] = []
     for name in names:
+        if name == "trak":   # the fitting runs' ensemble: computed once per machine, shared with the TRAK hybrid
+            trak = fitting_run_trak(task, runs, store.root, models=config.trak_models, disk_cache=config.cache,
+                                    progress=progress)
+            methods.append(ScoreMethod(name, trak.scores, float(trak.models), trak.seconds,
+                                       {"settings": trak.settings, "models": trak.models, "cached": trak.cached}))
+            if progress:
+                print(f"  scored {name:<18} {trak.seconds:6.1f} s{' (cached)' if trak.cached else ''}")
+            continue
         settings = peer_settings(name, task)
-        result = get_peer(name, **settings).attribute(task, _peer_checkpoints(name, task, store, runs, reference,
-                                                                                        config.trak_models),
-                                                      progress=progress)
+        result = get_peer(name, **settings).attribute(task, _peer_checkpoints(name, task, reference), progress=progress)
         cost = result.cost
         methods.append(ScoreMethod(name, result.scores, cost.trainings, cost.method_seconds,
                                    {**cost.as_dict(), "settings": settings}))

@@ -75,7 +75,6 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,63 +223,14 @@ class GradientTrajectorySimulator(TrajectorySimulator):
 
         Returns the scores, the number of models and where they came from (``"disk"``, or ``False``: computed).
         """
-        from simfluence.cache import package_version
-        from simfluence.peers import Checkpoints, get_peer, peer_settings
-        from simfluence.runs.store import RunStore
+        from simfluence.peers.fitting import fitting_run_trak
 
-        config = self.config
-        assert config.checkpoints is not None
-        task = self._task(runs)
-        store = RunStore(config.checkpoints)
-        chosen = [index for index, run_id in enumerate(runs.run_ids)
-                  if runs.num_steps in store.checkpoint_steps(str(run_id))]
-        if not chosen:
-            raise RunDataError(config.checkpoints, "checkpoints",
-                               f"holds no final weights (step {runs.num_steps}) of the fitting runs",
-                               f"collect the runs with --checkpoint-steps {runs.num_steps} into that store, or leave "
-                               "checkpoints unset")
-        ids = [str(runs.run_ids[index]) for index in chosen]
-        for index, run_id in zip(chosen, ids):   # the same runs, not others under the same ids
-            if not np.array_equal(store.read(run_id).curriculum, runs.curricula[index]):
-                raise RunDataError(config.checkpoints, "checkpoints",
-                                   f"run '{run_id}' there trained along another curriculum than the fitting run "
-                                   "of that id", "pass the store the fitting runs were collected into")
-        settings = peer_settings("trak", task)
-        computed: list[bool] = []
-
-        def compute() -> dict[str, torch.Tensor]:
-            computed.append(True)
-            states = tuple(store.stored_checkpoint(run_id, runs.num_steps) for run_id in ids)
-            result = get_peer("trak", **settings).attribute(task, Checkpoints(states, trainings=float(len(states))))
-            return {"scores": torch.from_numpy(np.asarray(result.scores, dtype=np.float64))}
-
-        # Final weights are a function of the task and the curriculum (training is deterministic given it).
-        curricula = np.ascontiguousarray(runs.curricula[chosen], dtype=np.int32).tobytes()
-        entry = {"task": task.name, "task_config": json.dumps(task.config(), sort_keys=True, default=str),
-                 "runs": ids, "curricula": hashlib.sha256(curricula).hexdigest(), "steps": runs.num_steps,
-                 "settings": settings, "simfluence": package_version(), "torch": torch.__version__}
-        scores = self._stored_scores("trak-prior", entry, compute, runs, f"TRAK scores of task '{task.name}'")
-        return scores, len(ids), False if computed else "disk"
-
-    def _stored_scores(self, kind: str, entry: dict, compute: Callable[[], dict[str, torch.Tensor]], runs: RunSet,
-                       what: str) -> np.ndarray:
-        """float64 ``[N, M]`` ``compute()["scores"]``, kept in the on-disk cache under ``kind`` with ``disk_cache``.
-
-        Checked for their shape and finite values, whether computed or read back (a bad cached
-        entry: the error names the files to delete).
-        """
-        from simfluence.cache import cache_dir, cached_tensors
-
-        disk = self.config.disk_cache
-        scores = (cached_tensors(kind, entry, compute) if disk else compute())["scores"].numpy()
-        expected = (runs.num_train, runs.num_test)
-        if scores.shape != expected or not np.isfinite(scores).all():
-            fix = f"; delete the {kind}-* files in {cache_dir()} and refit" if disk else ""
-            raise RuntimeError(f"{what} have shape {scores.shape} (expected {expected}) or non-finite values{fix}")
-        return scores.astype(np.float64)      # the same dtype whether computed or read from disk
+        assert self.config.checkpoints is not None
+        trak = fitting_run_trak(self._task(runs), runs, self.config.checkpoints, disk_cache=self.config.disk_cache)
+        return trak.scores, trak.models, "disk" if trak.cached else False
 
     def _gradient_scores(self, runs: RunSet) -> tuple[np.ndarray, str, str | bool]:
-        from simfluence.cache import package_version
+        from simfluence.cache import cached_scores, package_version
         from simfluence.collect.curricula import pool_sampler
         from simfluence.collect.train import train_states
         from simfluence.func.gradients import gradient_products, model_at
@@ -325,8 +275,8 @@ class GradientTrajectorySimulator(TrajectorySimulator):
                     memory_bytes=int(config.memory_gb * 2 ** 30))}
 
             entry = {"key": list(key), "simfluence": package_version(), "torch": torch.__version__}
-            scores = self._stored_scores("gradient-prior", entry, compute, runs,
-                                         f"gradient products of task '{task.name}' at step {step}")
+            scores, _ = cached_scores("gradient-prior", entry, compute, (runs.num_train, runs.num_test),
+                                      f"gradient products of task '{task.name}' at step {step}", config.disk_cache)
             cached = cached and not computed
             disk = disk or not computed
             _CACHE[key] = scores
