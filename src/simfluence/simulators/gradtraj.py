@@ -60,11 +60,12 @@ final weights, ``simfluence collect --checkpoint-steps T``). TRAK scores (``trak
 of the ensemble of those final models become one more prior with its own scale, so
 :math:`b^m = \sum_k \sigma_{mk} p^m_k + r^m` over the gradient prior(s) and TRAK's. The gradient
 prior knows one point of training; TRAK's ensemble averages over the curricula the runs took.
-On minilm-finetune (40 fitting runs, the LDS's counterfactuals) the pair ranks retrained subsets
-at 0.45 against TRAK's 0.43 and the middle prior's 0.41 (``docs/benchmarks.md``). It costs TRAK's
-projection of every fitting run's final model (about 40 s a model there, on 2 CPU cores), kept in
-the on-disk cache like the gradient prior, keyed by the task, the runs' ids and curricula and
-the versions. The fitting runs' own final weights enter the prior, so the ridge and scales
+On minilm-finetune (40 fitting runs, 50 retrained subsets) the pair ranks subsets at 0.51 against
+TRAK's 0.43 and the middle prior's 0.47 (``docs/benchmarks.md``). It costs TRAK's projection of
+every fitting run's final model (about 40 s a model there, on 2 CPU cores), computed once per
+machine by :func:`~simfluence.peers.fitting.fitting_run_trak` (shared with ``simfluence lds``'s
+``trak``) and kept in the on-disk cache, keyed by the task, the runs' ids and curricula and the
+versions. The fitting runs' own final weights enter the prior, so the ridge and scales
 cross-validated over those runs see a prior that has seen the validation fold (a mild
 optimism of the choice, never of held-out scores).
 """
