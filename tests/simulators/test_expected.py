@@ -115,3 +115,17 @@ def test_where_the_clip_at_zero_binds_the_test_example_is_sampled_instead(runs):
         exact = exact_average(simulator, pool, 3, 2, initial)
         np.testing.assert_allclose(closed[p][:, [0, 2]], exact[:, [0, 2]], rtol=2e-5)
     assert (closed >= 0).all()
+
+
+def test_extrapolation_warns_once_and_bad_draws_are_refused(runs):
+    import warnings
+
+    from simfluence.simulators.base import ExtrapolationWarning
+
+    simulator = make_simulator("linear-pairwise", ridge=1e-2, pair_ridge=1e-2).fit(runs)   # the sampled path
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        simulator.simulate_expected(POOLS, 20, runs.initial_losses[0], draws=4)       # 20 steps > the fitted 12
+    assert [str(w.message).count("20 steps") for w in caught if w.category is ExtrapolationWarning] == [1]
+    with pytest.raises(RunDataError, match="draws"):
+        simulator.simulate_expected(POOLS, 3, runs.initial_losses[0], draws=0)

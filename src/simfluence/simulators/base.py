@@ -319,10 +319,15 @@ class Simulator(ABC):
         trajectories = self._non_negative(self._simulate(curricula, initial.astype(np.float64)))
         return trajectories[0] if single else trajectories
 
-    def _non_negative(self, trajectories: np.ndarray) -> np.ndarray:
-        """``trajectories`` clipped at 0 (in place) when the fitting losses were never negative."""
+    @property
+    def _clips_at_zero(self) -> bool:
+        """Whether simulated losses are clipped at 0: the fitting losses were never negative."""
         bounds = self.fit_info.get("loss_range")
-        if isinstance(bounds, list) and len(bounds) == 2 and bounds[0] >= 0:
+        return isinstance(bounds, list) and len(bounds) == 2 and bounds[0] >= 0
+
+    def _non_negative(self, trajectories: np.ndarray) -> np.ndarray:
+        """``trajectories`` clipped at 0 (in place) where :attr:`_clips_at_zero`."""
+        if self._clips_at_zero:
             # Losses that were never negative (cross-entropy, squared error) are not simulated below 0.
             np.maximum(trajectories, 0, out=trajectories)
         return trajectories
@@ -333,14 +338,13 @@ class Simulator(ABC):
 
         Every batch slot of every step is drawn independently and uniformly from the pool (the
         ``uniform`` sampler). Kinds that declare ``capabilities.expected_rollout`` (see
-        :attr:`expected_in_closed_form`) compute the
-        expectation in closed form from one rollout of the expected batch (their step is affine in
-        the batch's example counts, and independent batches make
-        :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their ``_expected``). The other
-        kinds average :meth:`simulate` over ``draws`` sampled curricula per pool. So do the closed
-        forms for test examples whose expected loss dips below 0 where :meth:`simulate` clips at 0
-        (the clip then binds on some curricula, and the mean of clipped trajectories is not the
-        clipped mean).
+        :attr:`expected_in_closed_form`) compute the expectation in closed form from one rollout of
+        the expected batch (their step is affine in the batch's example counts, and independent
+        batches make :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their
+        ``_expected``). The other kinds average :meth:`simulate` over ``draws`` sampled curricula
+        per pool. So do the closed forms for test examples whose expected loss dips below 0 where
+        :meth:`simulate` clips at 0 (the clip then binds on some curricula, and the mean of clipped
+        trajectories is not the clipped mean). Warns as :meth:`simulate` does when extrapolating.
 
         Args:
             pools: bool ``[P, N]`` (or ``[N]`` for one pool): the training examples each pool holds.
@@ -375,15 +379,18 @@ class Simulator(ABC):
         if initial.shape != (pools.shape[0], self.test_ids.size):
             raise RunDataError(source, "initial_losses", f"shape {initial.shape} does not match (pools, test "
                                f"examples) = ({pools.shape[0]}, {self.test_ids.size})")
-        num_steps, batch = int(num_steps), int(batch)
+        if int(draws) != draws or draws < 1:
+            raise RunDataError(source, "draws", f"must be a positive integer, got {draws!r}")
+        num_steps, batch, draws = int(num_steps), int(batch), int(draws)
+        for problem in self.extrapolation(np.zeros((1, num_steps, batch), dtype=np.int64), initial):
+            warnings.warn(f"{source}: extrapolating: {problem}; simulated losses there are guesses",
+                          ExtrapolationWarning, stacklevel=2)
         if not self.expected_in_closed_form:
             trajectories = self._sampled_expected(pools, num_steps, batch, initial, draws, seed, source)
             return trajectories[0] if single else trajectories
         weights = pools / pools.sum(axis=1, keepdims=True)
         trajectories = self._expected(weights, num_steps, batch, np.ascontiguousarray(initial)).astype(np.float32)
-        bounds = self.fit_info.get("loss_range")
-        clipped = isinstance(bounds, list) and len(bounds) == 2 and bounds[0] >= 0
-        below = np.flatnonzero((trajectories < 0).any(axis=(0, 1))) if clipped else np.array([], dtype=int)
+        below = np.flatnonzero((trajectories < 0).any(axis=(0, 1)) & self._clips_at_zero)
         if below.size:
             # simulate clips each trajectory at 0; where the expected one dips below, the clip binds on
             # some curricula and the closed form is not the mean of the clipped ones: those are sampled.
@@ -398,11 +405,14 @@ class Simulator(ABC):
         from simfluence.collect.curricula import derive_seed, pool_sampler
 
         trajectories = np.empty((pools.shape[0], num_steps + 1, self.test_ids.size), dtype=np.float32)
-        for p, pool in enumerate(pools):
-            sampler = pool_sampler("uniform", np.flatnonzero(pool), batch)
-            curricula = sampler.sample_many(num_steps, [derive_seed(derive_seed(seed, p), d) for d in range(draws)])
-            trajectories[p] = self.simulate(curricula, np.repeat(initial[p][None], len(curricula), 0),
-                                            source).mean(axis=0)
+        with warnings.catch_warnings():   # simulate_expected has warned once about extrapolating
+            warnings.simplefilter("ignore", ExtrapolationWarning)
+            for p, pool in enumerate(pools):
+                sampler = pool_sampler("uniform", np.flatnonzero(pool), batch)
+                curricula = sampler.sample_many(num_steps, [derive_seed(derive_seed(seed, p), d)
+                                                            for d in range(draws)])
+                trajectories[p] = self.simulate(curricula, np.repeat(initial[p][None], len(curricula), 0),
+                                                source).mean(axis=0)
         return trajectories
 
     def extrapolation(self, curricula: np.ndarray, initial: np.ndarray) -> list[str]:
