@@ -91,12 +91,8 @@ def trajectory_features(curricula: np.ndarray, num_train: int, rates: np.ndarray
 
     ``rates`` is float ``[T]`` (the :math:`s_t`, steps past its end use its last value).
     """
-    return smoothed_features(batch_matrix(curricula, num_train), rates, momentum, decay)
-
-
-def smoothed_features(x: np.ndarray, rates: np.ndarray, momentum: float, decay: float) -> np.ndarray:
-    """float64 ``[R, T + 1, N]``: :math:`F_t` of batch matrices ``x`` ``[R, T, N]`` (:func:`batch_matrix`)."""
-    runs, steps, num_train = x.shape
+    x = batch_matrix(curricula, num_train)
+    runs, steps, _ = x.shape
     scale = np.asarray(rates, dtype=np.float64)[np.minimum(np.arange(steps), len(rates) - 1)]
     features = np.zeros((runs, steps + 1, num_train))
     smoothed = np.zeros((runs, num_train))
@@ -250,24 +246,28 @@ class TrajectorySimulator(Simulator):
     # --- simulation ------------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
         features = trajectory_features(curricula, self.train_ids.size, self.rates_, self.momentum_, self.decay_)
-        return self._losses(features, initial).astype(np.float32)
+        return self._losses(features @ self.coef_, initial).astype(np.float32)
 
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         r"""The trajectory of the expected batch :math:`E[x_t] = w`.
 
-        :math:`z` is linear in :math:`x`, so this is :math:`E[z_t]` exactly: in loss space
-        :math:`E[L_t]`; in ``log`` / ``margin`` space the loss at :math:`E[z_t]` (first order in
-        the batch noise; per test example it ranks pools as :math:`E[z_t]` does). float64
-        ``[P, T + 1, M]``.
+        With :math:`x_t = w` at every step, :math:`u_t = (1 - \rho^t)\, w` and :math:`F_t = c_t\, w`
+        with the scalar :math:`c_t = \delta c_{t-1} + s_t (1 - \rho^t)`, so one product :math:`w\, b`
+        serves every step. :math:`z` is linear in :math:`x`, so this is :math:`E[z_t]` exactly: in
+        loss space :math:`E[L_t]` (where the clip to the fitting losses' range does not bind); in
+        ``log`` / ``margin`` space the loss at :math:`E[z_t]` (first order in the batch noise; per
+        test example it ranks pools as :math:`E[z_t]` does). float64 ``[P, T + 1, M]``.
         """
-        x = np.repeat(weights[:, None, :], num_steps, axis=1)
-        return self._losses(smoothed_features(x, self.rates_, self.momentum_, self.decay_), initial)
+        scale = self.rates_[np.minimum(np.arange(num_steps), len(self.rates_) - 1)]
+        c = np.zeros(num_steps + 1)
+        for t in range(num_steps):
+            c[t + 1] = self.decay_ * c[t] + scale[t] * (1.0 - self.momentum_ ** (t + 1))
+        return self._losses(c[None, :, None] * (weights @ self.coef_)[:, None, :], initial)
 
-    def _losses(self, features: np.ndarray, initial: np.ndarray) -> np.ndarray:
-        """float64 ``[R, T + 1, M]`` losses of features ``[R, T + 1, N]`` from ``initial`` ``[R, M]``."""
-        steps = np.minimum(np.arange(features.shape[1]), self.offset_.shape[0] - 1)
-        z0 = _transform(initial[:, None, :], self.space_)
-        z = z0 + self.offset_[steps][None] + features @ self.coef_
+    def _losses(self, effects: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        """float64 ``[R, T + 1, M]`` losses of effects :math:`F_t b` ``[R, T + 1, M]`` from ``initial`` ``[R, M]``."""
+        steps = np.minimum(np.arange(effects.shape[1]), self.offset_.shape[0] - 1)
+        z = _transform(initial[:, None, :], self.space_) + self.offset_[steps][None] + effects
         losses = _to_losses(z, self.space_, self.floor_, self.ceiling_)
         losses[:, 0] = initial
         return losses
