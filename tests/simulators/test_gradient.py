@@ -141,3 +141,22 @@ def test_influence_files_from_before_the_cg_solver_was_removed(task, tmp_path):
     np.testing.assert_array_equal(loaded.coefficients[1], simulator.coefficients[1])
     with pytest.raises(RunDataError, match=r"config\.params.*solver: this setting was removed; only 'lanczos'.*got 'cg'"):
         Simulator.load(old_file("cg.npz", solver="cg", cg_iterations=100))
+
+
+def test_default_tracin_reads_the_checkpoints_the_tracin_peer_reads(task):
+    """Replayed TracIn-CP = the captum peer on the same run: segment centres, nearest-step learning-rate weights.
+
+    The peer's scores are the run's expected effect, ``-(1 / N) sum_k w_k g_i . g_m`` (``w_k``: the
+    summed learning rate of the steps checkpoint ``k`` stands for); our ``B`` is one occurrence's
+    effect in a batch of ``n``, ``-(1 / (T n)) sum_k w_k g_i . g_m``.
+    """
+    pytest.importorskip("captum.influence")
+    from simfluence.peers import get_peer, trajectory_checkpoints
+
+    runs = collect_runs(task, num_runs=2, num_steps=12)
+    ours = TracInCPSimulator(task=task).fit(runs)
+    assert ours.fit_info["checkpoint_steps"] == [1, 4, 7, 10]
+    checkpoints = trajectory_checkpoints(task, runs.curricula[0], 4)
+    theirs = get_peer("tracin").attribute(task, checkpoints).scores
+    expected = theirs * task.num_train / (runs.num_steps * runs.batch_size)
+    np.testing.assert_allclose(ours.coefficients[1], expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())

@@ -39,7 +39,7 @@ import torch
 
 from simfluence.collect.train import train_states
 from simfluence.errors import UsageError, require_extra
-from simfluence.func.checkpoints import checkpoint_weights, final_states
+from simfluence.func.checkpoints import checkpoint_weights, final_states, segment_centres
 from simfluence.runs.log import check_indices
 from simfluence.tasks.base import Inputs, Task, state_copy, take
 
@@ -270,7 +270,7 @@ def trajectory_checkpoints(task: Task, curriculum, steps: Sequence[int] | int) -
     if isinstance(steps, (int, np.integer)):
         if not 1 <= steps <= num_steps:
             raise UsageError(f"steps: a count must lie in 1..{num_steps}, got {steps}")
-        wanted = np.unique((2 * np.arange(int(steps)) + 1) * num_steps // (2 * int(steps))).tolist()
+        wanted = segment_centres(num_steps, int(steps))
     else:
         wanted = list(steps)
     chosen = np.asarray(sorted({int(step) for step in wanted}), dtype=np.int64)

@@ -15,10 +15,14 @@ records how they were trained):
 
 * ``grad-dot``: :math:`M = I`, gradients at the starting checkpoint;
 * ``tracin-cp``: :math:`M = I`, gradients at checkpoints :math:`\theta_k` (after steps
-  :math:`s_1 < \dots < s_K` of one fitting run, stored during collection or replayed),
-  checkpoint :math:`k` standing for steps :math:`s_k < t \le s_{k+1}` (the first one also
-  for the steps before it, the last one up to :math:`T`), so
-  :math:`\bar\eta\, g^\top g \to \frac1T \sum_k \big(\sum_{t \in k} \eta_t\big)\, g_k^\top g_k`;
+  :math:`s_1 < \dots < s_K` of one fitting run, stored during collection or replayed; by
+  default the centres of 4 equal segments of the run), checkpoint :math:`k` standing for the
+  steps whose weights are nearest to it (:func:`~simfluence.func.checkpoints.checkpoint_weights`,
+  the midpoint rule, as the TracIn-CP peer), so
+  :math:`\bar\eta\, g^\top g \to \frac1T \sum_k \big(\sum_{t \in k} \eta_t\big)\, g_k^\top g_k`.
+  Against checkpoints at the segments' starts (step 0 and every quarter, before), subset /
+  5 %-removal LDS rose from 0.69 / 0.76 to 0.75 / 0.79 on digits-mlp and from 0.69 / 0.61 to
+  0.73 / 0.66 on text-minilm (tiny-lm about even);
 * ``influence``: :math:`M = (H + \lambda I)^{-1}` with :math:`H` the Hessian of the mean
   training loss at the starting checkpoint (exact for small models, Hessian-vector
   products otherwise, see below). Influence functions estimate the effect of an
@@ -40,7 +44,6 @@ change, fitted by least squares on the fitting runs' one-step transitions,
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ import numpy as np
 import torch
 
 from simfluence.errors import UsageError
+from simfluence.func.checkpoints import checkpoint_weights, segment_centres
 from simfluence.func.gradients import gradient_products, model_at, per_example_gradients
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, register
@@ -57,6 +61,9 @@ from simfluence.simulators.config import TaskConfig, integer, positive, setting,
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import TableConfig, TableSimulator, Transitions
 from simfluence.tasks.schedules import run_learning_rates
+
+DEFAULT_CHECKPOINTS = 4
+"""Checkpoints ``tracin-cp`` replays by default: the centres of this many equal segments of the run."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,8 @@ class TracInConfig(GradientConfig):
     """Settings of ``tracin-cp``."""
 
     checkpoint_steps: tuple[int, ...] | None = setting(None, "Steps whose weights serve as checkpoints; None: "
-                                                       "those stored (with checkpoints=STORE), else 0 and every "
-                                                       "quarter of the run.")
+                                                       "those stored (with checkpoints=STORE), else the centres "
+                                                       "of 4 equal segments of the run.")
     checkpoints: str | None = setting(None, "A run store collected with checkpoint_steps, whose checkpoints of the "
                                       "first fitting run that has them are read; None: replay the first fitting "
                                       "run (or use the state dicts given as checkpoints).")
@@ -215,7 +222,10 @@ class TracInCPSimulator(GradientSimulator):
 
     Args:
         checkpoint_steps: steps whose weights serve as checkpoints; default: those stored
-            (with ``checkpoints=STORE``), else 0 and every quarter of the run.
+            (with ``checkpoints=STORE``), else the centres of 4 equal segments of the run
+            (:func:`~simfluence.func.checkpoints.segment_centres`). Each stands for the steps
+            nearest to it, weighted by their learning rates
+            (:func:`~simfluence.func.checkpoints.checkpoint_weights`).
         checkpoints: where the checkpoints come from:
 
             * ``None``: replay the first fitting run with the task's trainer (deterministic
@@ -265,8 +275,8 @@ class TracInCPSimulator(GradientSimulator):
         else:
             from simfluence.collect.train import train_states
 
-            if steps is None:
-                steps = sorted({round(q * num_steps) for q in (0, 0.25, 0.5, 0.75)})
+            if steps is None:   # the centres of 4 equal segments, as the TracIn-CP peer reads a run
+                steps = segment_centres(num_steps, DEFAULT_CHECKPOINTS)
             if max(steps) > num_steps:
                 raise UsageError(f"checkpoint_steps: {max(steps)} is past the runs' {num_steps} steps")
             states = train_states(task, runs.curricula[0], steps)
@@ -281,9 +291,8 @@ class TracInCPSimulator(GradientSimulator):
         self.fit_info.update(checkpoint_steps=steps)
         if steps is None:
             weights = [rates.mean() / len(states)] * len(states)
-        else:  # checkpoint k stands for steps s_k < t <= s_{k+1} (rates[t - 1]); the first also for those before it
-            bounds = [0, *steps[1:], runs.num_steps]
-            weights = [rates[start:stop].sum() / runs.num_steps for start, stop in itertools.pairwise(bounds)]
+        else:  # each checkpoint stands for the steps nearest to it (checkpoint_weights, as the peers)
+            weights = list(checkpoint_weights(rates, steps) / runs.num_steps)
         total = np.zeros((task.num_train, task.num_test))
         for weight, state in zip(weights, states):
             model, params = model_at(task, state)
