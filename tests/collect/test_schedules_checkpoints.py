@@ -78,10 +78,11 @@ def test_tracin_from_stored_checkpoints_weights_them_by_the_schedule(tmp_path):
     assert stored.task_spec is None               # ... as fitted state: the setting stays as given
     np.testing.assert_allclose(stored.coefficients[1], replayed.coefficients[1], rtol=1e-4, atol=1e-9)
 
-    # Reference: checkpoint 0 stands for steps 1-4, checkpoint 4 for steps 5-8.
+    # Reference: each step goes to the checkpoint nearest to the weights its gradient is taken at
+    # (step t at step t - 1's; a tie to the earlier): checkpoint 0 stands for steps 1-3, checkpoint 4 for 4-8.
     rates = learning_rates(task.learning_rate, 8, "linear")
     expected = 0
-    for weight, step in ((rates[:4].sum() / 8, 0), (rates[4:].sum() / 8, 4)):
+    for weight, step in ((rates[:3].sum() / 8, 0), (rates[3:].sum() / 8, 4)):
         model = task.build_model().eval()
         model.load_state_dict(store.read_checkpoint(runs.run_ids[0], step))
         expected = expected - weight / runs.batch_size * gradient_products(task, model, trainable_params(model)).numpy()
