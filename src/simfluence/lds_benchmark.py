@@ -167,7 +167,8 @@ def _peer_methods(config: LDSConfig, task, store, runs: RunSet, reference: np.nd
             methods.append(ScoreMethod(name, trak.scores, float(trak.models), trak.seconds,
                                        {"settings": trak.settings, "models": trak.models, "cached": trak.cached}))
             if progress:
-                print(f"  scored {name:<18} {trak.seconds:6.1f} s{' (cached)' if trak.cached else ''}")
+                took = f"{trak.seconds:6.1f} s" if math.isfinite(trak.seconds) else "   n/a  "
+                print(f"  scored {name:<18} {took}{' (cached)' if trak.cached else ''}")
             continue
         settings = peer_settings(name, task)
         result = get_peer(name, **settings).attribute(task, _peer_checkpoints(name, task, reference), progress=progress)
