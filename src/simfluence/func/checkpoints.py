@@ -66,15 +66,15 @@ def final_states(task: Task, curricula) -> list[dict[str, torch.Tensor]]:
     return cast(list[dict[str, torch.Tensor]], states)  # every run kept its state
 
 
-def segment_centres(num_steps: int, count: int) -> list[int]:
+def segment_centres(num_steps: int, count: int, name: str = "count") -> list[int]:
     """The steps ``floor((2k + 1) T / 2K)``, ``k < K``: the centres of ``K`` equal segments of a ``T``-step run.
 
     A checkpoint at a segment's centre stands for the steps around it (the midpoint rule of
     :func:`checkpoint_weights`), which approximates a run-long sum of per-step terms better than
-    checkpoints at the segments' starts.
+    checkpoints at the segments' starts. ``name`` is the caller's name of ``count`` in the error.
     """
     if not 1 <= count <= num_steps:
-        raise UsageError(f"count: must lie in 1..{num_steps} (the run length), got {count}")
+        raise UsageError(f"{name}: a count must lie in 1..{num_steps}, got {count}")
     return np.unique((2 * np.arange(int(count)) + 1) * int(num_steps) // (2 * int(count))).tolist()
 
 

@@ -267,10 +267,8 @@ def trajectory_checkpoints(task: Task, curriculum, steps: Sequence[int] | int) -
     if curriculum.ndim != 2:
         raise UsageError(f"curriculum: expected shape [steps, batch], got {curriculum.shape}")
     num_steps = curriculum.shape[0]
-    if isinstance(steps, (int, np.integer)):
-        if not 1 <= steps <= num_steps:
-            raise UsageError(f"steps: a count must lie in 1..{num_steps}, got {steps}")
-        wanted = segment_centres(num_steps, int(steps))
+    if isinstance(steps, (int, np.integer)):  # noqa: SIM108 - the branches narrow the type for mypy
+        wanted = segment_centres(num_steps, int(steps), "steps")
     else:
         wanted = list(steps)
     chosen = np.asarray(sorted({int(step) for step in wanted}), dtype=np.int64)

@@ -85,6 +85,12 @@ def batch_matrix(curricula: np.ndarray, num_train: int) -> np.ndarray:
     return x
 
 
+def step_rates(rates: np.ndarray, num_steps: int) -> np.ndarray:
+    """float64 ``[T]``: the :math:`s_t` of ``num_steps`` steps from ``rates`` (past its end: its last value)."""
+    rates = np.asarray(rates, dtype=np.float64)
+    return rates[np.minimum(np.arange(num_steps), len(rates) - 1)]
+
+
 def trajectory_features(curricula: np.ndarray, num_train: int, rates: np.ndarray, momentum: float,
                         decay: float) -> np.ndarray:
     """float64 ``[R, T + 1, N]``: :math:`F_t` of the module docstring (``F_0 = 0``).
@@ -93,7 +99,7 @@ def trajectory_features(curricula: np.ndarray, num_train: int, rates: np.ndarray
     """
     x = batch_matrix(curricula, num_train)
     runs, steps, _ = x.shape
-    scale = np.asarray(rates, dtype=np.float64)[np.minimum(np.arange(steps), len(rates) - 1)]
+    scale = step_rates(rates, steps)
     features = np.zeros((runs, steps + 1, num_train))
     smoothed = np.zeros((runs, num_train))
     for t in range(steps):
@@ -258,7 +264,7 @@ class TrajectorySimulator(Simulator):
         ``log`` / ``margin`` space the loss at :math:`E[z_t]` (first order in the batch noise; per
         test example it ranks pools as :math:`E[z_t]` does). float64 ``[P, T + 1, M]``.
         """
-        scale = self.rates_[np.minimum(np.arange(num_steps), len(self.rates_) - 1)]
+        scale = step_rates(self.rates_, num_steps)
         c = np.zeros(num_steps + 1)
         for t in range(num_steps):
             c[t + 1] = self.decay_ * c[t] + scale[t] * (1.0 - self.momentum_ ** (t + 1))
