@@ -1,12 +1,27 @@
 """Dense NumPy references for the sparse batch design and the transition ridge (tests only).
 
 Built from the batches alone, without :class:`~simfluence.simulators.design.BatchDesign`, so
-they check the library's sparse operator and batched solver independently.
+they check the library's sparse operator and batched solver independently; and the exact
+average of a simulator over every curriculum of a tiny pool, the reference of the closed-form
+expectations.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+
+
+def every_curriculum(pool: np.ndarray, num_steps: int, batch: int) -> np.ndarray:
+    """int ``[|pool| ** (T B), T, B]``: every curriculum the uniform sampler can draw, each equally likely."""
+    return np.array(list(itertools.product(pool, repeat=num_steps * batch))).reshape(-1, num_steps, batch)
+
+
+def exact_average(simulator, pool: np.ndarray, num_steps: int, batch: int, initial: np.ndarray) -> np.ndarray:
+    """float64 ``[T + 1, M]``: ``simulator``'s trajectory averaged over :func:`every_curriculum` of bool ``pool``."""
+    curricula = every_curriculum(np.flatnonzero(pool), num_steps, batch)
+    return simulator.simulate(curricula, np.repeat(initial[None], len(curricula), 0)).astype(np.float64).mean(0)
 
 
 def dense_design(batches, num_train: int) -> np.ndarray:

@@ -1,27 +1,16 @@
 """simulate_expected: the closed forms against the exact average over every curriculum of a tiny pool."""
 
-import itertools
-
 import numpy as np
 import pytest
+from dense import every_curriculum, exact_average
+from synthetic import linear_runs, trajectory_runs
 
 from simfluence.runs.log import RunDataError
 from simfluence.simulators import Simulator, capabilities, make_simulator, simulator_class, simulator_kinds
-from synthetic import linear_runs, trajectory_runs
 
 POOLS = np.zeros((2, 10), dtype=bool)
 POOLS[0, [1, 4, 7]] = True
 POOLS[1, [0, 2]] = True
-
-
-def every_curriculum(pool: np.ndarray, num_steps: int, batch: int) -> np.ndarray:
-    """int ``[|pool| ** (T B), T, B]``: every curriculum the uniform sampler can draw, each equally likely."""
-    return np.array(list(itertools.product(pool, repeat=num_steps * batch))).reshape(-1, num_steps, batch)
-
-
-def exact_average(simulator: Simulator, pool: np.ndarray, num_steps: int, batch: int, initial: np.ndarray):
-    curricula = every_curriculum(np.flatnonzero(pool), num_steps, batch)
-    return simulator.simulate(curricula, np.repeat(initial[None], len(curricula), 0)).astype(np.float64).mean(0)
 
 
 @pytest.fixture(scope="module")
