@@ -456,9 +456,9 @@ _FRACTION = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
 @click.option("--methods", default=None,
               help="Comma-separated methods: simulator kinds, peers (trak, ekfac, tracin; need the 'peers' extra), "
                    "metagradient and gradient-trajectory+trak (TRAK's scores of the fitting runs as a second prior; "
-                   "the 'peers' extra). [linear-trajectory, linear, additive, featurized, tracin-cp, trak, ekfac, "
-                   "tracin, metagradient]; Trainer tasks: the peers, metagradient (through the Trainer's AdamW) and "
-                   "the kinds that need no SGD replay (e.g. auto, linear-trajectory, linear-identity).")
+                   "the 'peers' extra). [linear-trajectory, linear, additive, featurized, hybrid, tracin-cp, trak, "
+                   "ekfac, tracin, metagradient]; Trainer tasks: the peers, metagradient (through the Trainer's "
+                   "AdamW) and the kinds that need no SGD replay (e.g. auto, linear-trajectory, linear-identity).")
 @click.option("--trak-models", type=POSITIVE, default=None,
               help="TRAK's ensemble: the final weights of this many fitting runs. [all --runs]")
 @click.option("--cache/--no-cache", default=True, show_default=True,

@@ -52,9 +52,9 @@ TRAK_HYBRID = "gradient-trajectory+trak"
 """``gradient-trajectory`` with TRAK's scores of the fitting runs' final weights as a second prior
 (its ``checkpoints`` setting): the simulator and TRAK at the same training budget, in one model."""
 ALL_METHODS = SIMULATORS + PEERS + (METAGRADIENT, TRAK_HYBRID)
-DEFAULT_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", "trak", "ekfac", "tracin",
-                   METAGRADIENT)
-CORE_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "tracin-cp", METAGRADIENT)
+DEFAULT_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "hybrid", "tracin-cp", "trak", "ekfac",
+                   "tracin", METAGRADIENT)
+CORE_METHODS = ("linear-trajectory", "linear", "additive", "featurized", "hybrid", "tracin-cp", METAGRADIENT)
 """Methods without the ``peers`` extra."""
 
 
