@@ -126,7 +126,7 @@ def test_the_weight_is_cross_validated_from_the_fitting_runs(setting):
     table = hybrid.fit_info["prior_weight_cv"]
     assert list(table) == [f"{w:g}" for w in WEIGHTS] and hybrid.prior_weight_ in WEIGHTS
     chosen = table[f"{hybrid.prior_weight_:g}"]
-    assert chosen["final_mse"] <= table["0"]["final_mse"]
+    assert chosen["final_mse"] <= table["0"]["final_mse"] and chosen["mse"] <= table["0"]["mse"]
     # Too few runs for folds of 3 held-out runs: the ridge fit alone.
     few = make_simulator("hybrid", task=task, ridge=0.3).fit(runs.select([0, 1, 2, 3, 4]))
     assert few.prior_weight_ == 0 and "prior_weight_cv" not in few.fit_info
@@ -138,6 +138,9 @@ def test_the_weight_rule_keeps_the_final_error_and_prefers_the_ranking():
     assert choose_prior_weight(weights, [1.0, 1.1, 1.2], [0.3, 0.5, 0.9]) == 0
     assert choose_prior_weight(weights, [1.0, 0.9, 0.8], [0.5, 0.5, 0.5]) == 0     # ties: the smaller weight
     assert choose_prior_weight(weights, [1.0, 0.9, 0.8], [np.nan, np.nan, 0.1]) == 2
+    # Several errors: each must be no worse than the ridge fit's.
+    errors = [[1.0, 1.0], [0.9, 1.1], [0.95, 0.99]]
+    assert choose_prior_weight(weights, errors, [0.3, 0.9, 0.5]) == 2
     with pytest.raises(ValueError):
         choose_prior_weight((0.5, 1.0), [1.0, 0.9], [0.1, 0.2])
 

@@ -45,9 +45,11 @@ curriculum-dependent deviations, rescaled to the fit's spread:
   prior's deviations in the spread of the fit's, per test example;
 * :math:`w \in [0, 1]` (``prior_weight``): ``0`` is the ridge fit alone. ``None`` (the default)
   chooses it by K-fold cross-validation over the fitting runs (the fit refitted on each fold, the
-  prior kept): among the weights in :data:`WEIGHTS` whose held-out-fold final-step MSE is at
-  most ``w = 0``'s, the one whose held-out-fold final losses are ranked best across runs (mean
-  Spearman per test example); ties go to the smaller weight.
+  prior kept): among the weights in :data:`WEIGHTS` whose held-out-fold all-steps MSE and
+  final-step MSE (outlying test examples scaled down as in the ridge's cross-validation) are
+  both at most ``w = 0``'s, the one whose held-out-fold final losses are ranked
+  best across runs (mean Spearman per test example); ties go to the smaller weight. So the mixture
+  never trades cross-validated error for ranking.
 
 The mixture is affine in the rollouts, so :meth:`simulate_expected` stays exact. Measured on the
 LDS runs of digits-mlp and text-minilm (48 fitting runs; ``docs/benchmarks.md``): the
@@ -68,7 +70,7 @@ from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunSet
 from simfluence.simulators.base import Capabilities, register
 from simfluence.simulators.config import TaskConfig, integer, one_of, setting
-from simfluence.simulators.linear import _DTYPES, LinearConfig, LinearIdentitySimulator, rollout
+from simfluence.simulators.linear import _DTYPES, LinearConfig, LinearIdentitySimulator, example_scales, rollout
 
 PRIORS = ("tracin-cp", "grad-dot")
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -77,16 +79,19 @@ MIN_FOLD_RUNS = 3
 """Held-out runs a fold needs for an across-run Spearman; with fewer than two such folds ``w = 0``."""
 
 
-def choose_prior_weight(weights, final_mse, spearman) -> int:
-    """Index of the chosen weight (module docstring): the best ``spearman`` among ``final_mse <= final_mse[0]``.
+def choose_prior_weight(weights, errors, spearman) -> int:
+    """Index of the chosen weight (module docstring): the best ``spearman`` among weights no worse than ``w = 0``.
 
-    ``weights`` increasing with ``weights[0] == 0``; ``final_mse`` and ``spearman`` ``[len(weights)]``
-    (cross-validated). Ties and NaN Spearman values go to the smaller weight.
+    ``weights`` increasing with ``weights[0] == 0``; ``errors`` ``[len(weights), K]`` cross-validated
+    errors (here all-steps and final-step MSE), a weight allowed where each is at most ``weights[0]``'s;
+    ``spearman`` ``[len(weights)]`` the cross-validated ranking. Ties and NaN Spearman values go to the
+    smaller weight.
     """
-    final_mse, spearman = np.asarray(final_mse, dtype=np.float64), np.asarray(spearman, dtype=np.float64)
-    if len(weights) != final_mse.size or final_mse.size != spearman.size or weights[0] != 0:
-        raise ValueError("weights, final_mse and spearman must align, starting at weight 0")
-    allowed = (final_mse <= final_mse[0]) & np.isfinite(spearman)
+    errors, spearman = np.asarray(errors, dtype=np.float64), np.asarray(spearman, dtype=np.float64)
+    errors = errors[:, None] if errors.ndim == 1 else errors
+    if len(weights) != errors.shape[0] or errors.shape[0] != spearman.size or weights[0] != 0:
+        raise ValueError("weights, errors and spearman must align, starting at weight 0")
+    allowed = (errors <= errors[0]).all(axis=1) & np.isfinite(spearman)
     if not allowed.any():
         return 0
     best = np.where(allowed, spearman, -np.inf)
@@ -104,7 +109,7 @@ class HybridConfig(TaskConfig, LinearConfig):
                                          "deviations (rescaled to the fit's spread) mixed into the prediction; "
                                          "0: the ridge fit alone. None: chosen by cross-validation over the fitting "
                                          "runs (the best held-out across-run ranking among the weights whose "
-                                         "held-out final-step MSE is at most the ridge fit's).")
+                                         "held-out all-steps and final-step MSE are at most the ridge fit's).")
 
     def validate(self) -> None:
         """Linear's and the task's checks, the prior, the chunk size and the prior's weight."""
@@ -133,7 +138,8 @@ class HybridSimulator(LinearIdentitySimulator):
     centred scaled prior times ``r_m``: :math:`D` is its additive rollout) and ``pool_`` float64
     ``[N]`` (:math:`\pi`). :attr:`coefficients` are the ridge fit's table. ``fit_info`` adds
     ``prior``, ``prior_scale`` (``s``), ``prior_seconds``, ``prior_weight`` and, when it was
-    cross-validated, ``prior_weight_cv`` (per weight: held-out final-step MSE and across-run Spearman).
+    cross-validated, ``prior_weight_cv`` (per weight: held-out all-steps MSE, final-step MSE and across-run
+    Spearman).
     """
 
     kind = "hybrid"
@@ -215,24 +221,28 @@ class HybridSimulator(LinearIdentitySimulator):
         if num_folds < 2:
             return 0.0, None
         folds = np.array_split(np.random.default_rng(self.config.seed).permutation(runs.num_runs), num_folds)
-        final_error = np.zeros(len(WEIGHTS))
+        errors = np.zeros((len(WEIGHTS), 2))        # held-out all-steps and final-step MSE
         ranking = np.zeros(len(WEIGHTS))
+        scales = example_scales(runs)                # one outlying test example does not decide (as the ridge's)
         for fold in folds:
             fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
             model = type(self)(replace(self.config, prior_weight=0.0))
             model._given_table = prior_table
             model.fit(fitting)
             parts = model._parts(held_out.curricula, held_out.initial_losses.astype(np.float64))
-            truth = held_out.losses[:, -1].astype(np.float64)
+            truth = held_out.losses.astype(np.float64)
+            steps = held_out.eval_steps
             for k, weight in enumerate(WEIGHTS):
-                final = model._non_negative(model._mixed(*parts, weight)[:, -1])
-                final_error[k] += np.mean((final - truth) ** 2) / len(folds)
-                correlation = spearman(final, truth, axis=0)
+                predicted = model._non_negative(model._mixed(*parts, weight)[:, steps])
+                squared = (predicted - truth) ** 2
+                errors[k] += [np.mean(squared[:, 1:].mean(axis=(0, 1)) / scales) / len(folds),
+                              np.mean(squared[:, -1].mean(axis=0) / scales) / len(folds)]
+                correlation = spearman(predicted[:, -1], truth[:, -1], axis=0)
                 ranking[k] += float(np.nanmean(correlation)) / len(folds) if np.isfinite(correlation).any() \
                     else np.nan
-        chosen = choose_prior_weight(WEIGHTS, final_error, ranking)
-        table = {f"{weight:g}": {"final_mse": float(final_error[k]), "across_run_spearman": float(ranking[k])}
-                 for k, weight in enumerate(WEIGHTS)}
+        chosen = choose_prior_weight(WEIGHTS, errors, ranking)
+        table = {f"{weight:g}": {"mse": float(errors[k, 0]), "final_mse": float(errors[k, 1]),
+                                 "across_run_spearman": float(ranking[k])} for k, weight in enumerate(WEIGHTS)}
         return WEIGHTS[chosen], table
 
     # --- prediction ---------------------------------------------------------------
