@@ -132,17 +132,26 @@ def test_the_weight_is_cross_validated_from_the_fitting_runs(setting):
     assert few.prior_weight_ == 0 and "prior_weight_cv" not in few.fit_info
 
 
-def test_the_weight_rule_keeps_the_final_error_and_prefers_the_ranking():
+def test_the_weight_rule_keeps_the_errors_within_one_standard_error_and_prefers_the_ranking():
     weights = (0.0, 0.5, 1.0)
-    assert choose_prior_weight(weights, [1.0, 0.9, 1.2], [0.3, 0.5, 0.9]) == 1     # 1.0 ranks best but errs more
-    assert choose_prior_weight(weights, [1.0, 1.1, 1.2], [0.3, 0.5, 0.9]) == 0
-    assert choose_prior_weight(weights, [1.0, 0.9, 0.8], [0.5, 0.5, 0.5]) == 0     # ties: the smaller weight
-    assert choose_prior_weight(weights, [1.0, 0.9, 0.8], [np.nan, np.nan, 0.1]) == 2
-    # Several errors: each must be no worse than the ridge fit's.
-    errors = [[1.0, 1.0], [0.9, 1.1], [0.95, 0.99]]
-    assert choose_prior_weight(weights, errors, [0.3, 0.9, 0.5]) == 2
+
+    def folds(*excess):
+        """[3 folds, 3 weights, 1 error]: the ridge fit's error 1 in every fold, each weight's excess per fold."""
+        return np.array([[[1.0], [1.0 + e1], [1.0 + e2]] for e1, e2 in excess])
+
+    spread = folds((0.1, 0.3), (-0.1, 0.3), (0.0, 0.3))           # weight 0.5: mean 0 +- 0.058; 1.0: 0.3 +- 0
+    assert choose_prior_weight(weights, spread, [0.3, 0.5, 0.9]) == 1   # 1.0 ranks best but errs beyond the noise
+    slightly = folds((0.05, 0.3), (0.15, 0.3), (0.1, 0.3))        # weight 0.5: mean 0.1 +- 0.029: worse
+    assert choose_prior_weight(weights, slightly, [0.3, 0.5, 0.9]) == 0
+    noisy = folds((0.3, -0.2), (-0.1, -0.2), (0.1, -0.2))         # weight 0.5: mean 0.1 +- 0.115: within the noise
+    assert choose_prior_weight(weights, noisy, [0.3, 0.5, 0.4]) == 1
+    assert choose_prior_weight(weights, noisy, [0.5, 0.5, 0.5]) == 0     # ties: the smaller weight
+    assert choose_prior_weight(weights, noisy, [np.nan, np.nan, 0.1]) == 2
+    # Several errors: each must pass.
+    two = np.concatenate([spread, folds((0.2, -0.1), (0.3, -0.1), (0.25, -0.1))], axis=2)
+    assert choose_prior_weight(weights, two, [0.3, 0.9, 0.5]) == 0
     with pytest.raises(ValueError):
-        choose_prior_weight((0.5, 1.0), [1.0, 0.9], [0.1, 0.2])
+        choose_prior_weight((0.5, 1.0), spread[:, :2], [0.1, 0.2])
 
 
 @pytest.mark.parametrize("weight", [-0.1, 1.5, "half", True])

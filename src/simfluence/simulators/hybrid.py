@@ -46,10 +46,10 @@ curriculum-dependent deviations, rescaled to the fit's spread:
 * :math:`w \in [0, 1]` (``prior_weight``): ``0`` is the ridge fit alone. ``None`` (the default)
   chooses it by K-fold cross-validation over the fitting runs (the fit refitted on each fold, the
   prior kept): among the weights in :data:`WEIGHTS` whose held-out-fold all-steps MSE and
-  final-step MSE (outlying test examples scaled down as in the ridge's cross-validation) are
-  both at most ``w = 0``'s, the one whose held-out-fold final losses are ranked
-  best across runs (mean Spearman per test example); ties go to the smaller weight. So the mixture
-  never trades cross-validated error for ranking.
+  final-step MSE (outlying test examples scaled down as in the ridge's cross-validation) are both
+  no worse than ``w = 0``'s beyond one standard error over the folds, the one whose held-out-fold
+  final losses are ranked best across runs (mean Spearman per test example); ties go to the smaller
+  weight. So the mixture does not trade cross-validated error for ranking.
 
 The mixture is affine in the rollouts, so :meth:`simulate_expected` stays exact. Measured on the
 LDS runs of digits-mlp and text-minilm (48 fitting runs; ``docs/benchmarks.md``): the
@@ -73,25 +73,30 @@ from simfluence.simulators.config import TaskConfig, integer, one_of, setting
 from simfluence.simulators.linear import _DTYPES, LinearConfig, LinearIdentitySimulator, example_scales, rollout
 
 PRIORS = ("tracin-cp", "grad-dot")
-WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 """Candidate ``prior_weight`` values of the cross-validation (module docstring)."""
 MIN_FOLD_RUNS = 3
 """Held-out runs a fold needs for an across-run Spearman; with fewer than two such folds ``w = 0``."""
 
 
-def choose_prior_weight(weights, errors, spearman) -> int:
+def choose_prior_weight(weights, fold_errors, spearman) -> int:
     """Index of the chosen weight (module docstring): the best ``spearman`` among weights no worse than ``w = 0``.
 
-    ``weights`` increasing with ``weights[0] == 0``; ``errors`` ``[len(weights), K]`` cross-validated
-    errors (here all-steps and final-step MSE), a weight allowed where each is at most ``weights[0]``'s;
-    ``spearman`` ``[len(weights)]`` the cross-validated ranking. Ties and NaN Spearman values go to the
-    smaller weight.
+    ``weights`` increasing with ``weights[0] == 0``; ``fold_errors`` ``[F, len(weights), K]``: each
+    fold's held-out errors (here all-steps and final-step MSE). A weight is allowed where, for each
+    error, its mean excess over ``w = 0``'s across the folds is at most one standard error of that
+    excess (the one-standard-error rule: not worse than the ridge fit beyond the folds' noise).
+    ``spearman`` ``[len(weights)]``: the cross-validated ranking. Ties and NaN Spearman values go to
+    the smaller weight.
     """
-    errors, spearman = np.asarray(errors, dtype=np.float64), np.asarray(spearman, dtype=np.float64)
-    errors = errors[:, None] if errors.ndim == 1 else errors
-    if len(weights) != errors.shape[0] or errors.shape[0] != spearman.size or weights[0] != 0:
-        raise ValueError("weights, errors and spearman must align, starting at weight 0")
-    allowed = (errors <= errors[0]).all(axis=1) & np.isfinite(spearman)
+    errors, spearman = np.asarray(fold_errors, dtype=np.float64), np.asarray(spearman, dtype=np.float64)
+    if errors.ndim != 3 or errors.shape[0] < 2 or errors.shape[1] != len(weights) \
+            or spearman.shape != (len(weights),) or weights[0] != 0:
+        raise ValueError("fold_errors [folds >= 2, weights, errors] and spearman must align, starting at weight 0")
+    excess = errors - errors[:, :1]                                         # [F, W, K]
+    mean = excess.mean(axis=0)
+    standard_error = excess.std(axis=0, ddof=1) / np.sqrt(errors.shape[0])
+    allowed = (mean <= standard_error).all(axis=1) & np.isfinite(spearman)
     if not allowed.any():
         return 0
     best = np.where(allowed, spearman, -np.inf)
@@ -109,7 +114,8 @@ class HybridConfig(TaskConfig, LinearConfig):
                                          "deviations (rescaled to the fit's spread) mixed into the prediction; "
                                          "0: the ridge fit alone. None: chosen by cross-validation over the fitting "
                                          "runs (the best held-out across-run ranking among the weights whose "
-                                         "held-out all-steps and final-step MSE are at most the ridge fit's).")
+                                         "held-out all-steps and final-step MSE are within one standard error "
+                                         "of the ridge fit's).")
 
     def validate(self) -> None:
         """Linear's and the task's checks, the prior, the chunk size and the prior's weight."""
@@ -221,10 +227,10 @@ class HybridSimulator(LinearIdentitySimulator):
         if num_folds < 2:
             return 0.0, None
         folds = np.array_split(np.random.default_rng(self.config.seed).permutation(runs.num_runs), num_folds)
-        errors = np.zeros((len(WEIGHTS), 2))        # held-out all-steps and final-step MSE
+        errors = np.zeros((len(folds), len(WEIGHTS), 2))     # held-out all-steps and final-step MSE per fold
         ranking = np.zeros(len(WEIGHTS))
         scales = example_scales(runs)                # one outlying test example does not decide (as the ridge's)
-        for fold in folds:
+        for f, fold in enumerate(folds):
             fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
             model = type(self)(replace(self.config, prior_weight=0.0))
             model._given_table = prior_table
@@ -235,13 +241,14 @@ class HybridSimulator(LinearIdentitySimulator):
             for k, weight in enumerate(WEIGHTS):
                 predicted = model._non_negative(model._mixed(*parts, weight)[:, steps])
                 squared = (predicted - truth) ** 2
-                errors[k] += [np.mean(squared[:, 1:].mean(axis=(0, 1)) / scales) / len(folds),
-                              np.mean(squared[:, -1].mean(axis=0) / scales) / len(folds)]
+                errors[f, k] = [np.mean(squared[:, 1:].mean(axis=(0, 1)) / scales),
+                                np.mean(squared[:, -1].mean(axis=0) / scales)]
                 correlation = spearman(predicted[:, -1], truth[:, -1], axis=0)
                 ranking[k] += float(np.nanmean(correlation)) / len(folds) if np.isfinite(correlation).any() \
                     else np.nan
         chosen = choose_prior_weight(WEIGHTS, errors, ranking)
-        table = {f"{weight:g}": {"mse": float(errors[k, 0]), "final_mse": float(errors[k, 1]),
+        mean = errors.mean(axis=0)
+        table = {f"{weight:g}": {"mse": float(mean[k, 0]), "final_mse": float(mean[k, 1]),
                                  "across_run_spearman": float(ranking[k])} for k, weight in enumerate(WEIGHTS)}
         return WEIGHTS[chosen], table
 
