@@ -275,9 +275,7 @@ class HybridSimulator(LinearIdentitySimulator):
         if self.prior_weight_ == 0:
             return fit
         # Each term is affine in the batch counts: E[D_t] = t n (weights @ prior_deviation_).
-        fitted = self._batch_size()
-        slots = float(batch_size if fitted is None else fitted)
-        step = slots * (weights @ self.prior_deviation_)                         # [P, M]
+        step = self._expected_slots(batch_size) * (weights @ self.prior_deviation_)          # [P, M]
         deviation = np.arange(num_steps + 1)[None, :, None] * step[:, None, :]
         return self._mixed(fit, self._pool_expected(num_steps, batch_size, initial), deviation, self.prior_weight_)
 

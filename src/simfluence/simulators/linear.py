@@ -416,10 +416,8 @@ class TableSimulator(Simulator):
         as ``c_t`` is independent of :math:`L_{t-1}`, :math:`E[L_t] = \bar\alpha E[L_{t-1}] + \bar\beta`.
         float64 ``[P, T + 1, M]``.
         """
-        fitted = self._batch_size()
-        slots = float(batch_size if fitted is None else fitted)
         table = self.table.detach().to("cpu", torch.float64).numpy()
-        means = slots * (weights @ table)                                   # [P, K]
+        means = self._expected_slots(batch_size) * (weights @ table)        # [P, K]
         num_test = initial.shape[1]
         alpha = self.alpha_offset + means[:, :num_test] if self.fit_alpha else np.ones_like(initial)
         beta = means[:, num_test:] if self.fit_alpha else means
@@ -428,6 +426,11 @@ class TableSimulator(Simulator):
         for t in range(num_steps):
             out[:, t + 1] = alpha * out[:, t] + beta
         return out
+
+    def _expected_slots(self, batch_size: int) -> float:
+        """``n`` of :meth:`_expected`: the slots of a batch, or the fitted batch size under a batch-mean loss."""
+        fitted = self._batch_size()
+        return float(batch_size if fitted is None else fitted)
 
     def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         """A rollout of the ``test_index`` columns of the coefficient table only.
