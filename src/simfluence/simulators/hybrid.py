@@ -81,6 +81,18 @@ MIN_FOLD_RUNS = 3
 """Held-out runs a fold needs for an across-run Spearman; with fewer than two such folds ``w = 0``."""
 
 
+def excess_over_first(fold_errors) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error ``[W, K]`` over folds of each weight's errors minus the first weight's.
+
+    ``fold_errors`` ``[F, W, K]`` with ``F >= 2`` folds.
+    """
+    errors = np.asarray(fold_errors, dtype=np.float64)
+    if errors.ndim != 3 or errors.shape[0] < 2:
+        raise ValueError(f"fold_errors: expected [folds >= 2, weights, errors], got shape {errors.shape}")
+    excess = errors - errors[:, :1]                                         # [F, W, K]
+    return excess.mean(axis=0), excess.std(axis=0, ddof=1) / np.sqrt(errors.shape[0])
+
+
 def choose_prior_weight(weights, fold_errors, spearman) -> int:
     """Index of the chosen weight (module docstring): the best ``spearman`` among weights no worse than ``w = 0``.
 
@@ -91,13 +103,10 @@ def choose_prior_weight(weights, fold_errors, spearman) -> int:
     ``spearman`` ``[len(weights)]``: the cross-validated ranking. Ties and NaN Spearman values go to
     the smaller weight.
     """
-    errors, spearman = np.asarray(fold_errors, dtype=np.float64), np.asarray(spearman, dtype=np.float64)
-    if errors.ndim != 3 or errors.shape[0] < 2 or errors.shape[1] != len(weights) \
-            or spearman.shape != (len(weights),) or weights[0] != 0:
-        raise ValueError("fold_errors [folds >= 2, weights, errors] and spearman must align, starting at weight 0")
-    excess = errors - errors[:, :1]                                         # [F, W, K]
-    mean = excess.mean(axis=0)
-    standard_error = excess.std(axis=0, ddof=1) / np.sqrt(errors.shape[0])
+    spearman = np.asarray(spearman, dtype=np.float64)
+    mean, standard_error = excess_over_first(fold_errors)
+    if mean.shape[0] != len(weights) or spearman.shape != (len(weights),) or weights[0] != 0:
+        raise ValueError("fold_errors [folds, weights, errors] and spearman must align, starting at weight 0")
     allowed = (mean <= standard_error).all(axis=1) & np.isfinite(spearman)
     if not allowed.any():
         return 0
@@ -146,8 +155,8 @@ class HybridSimulator(LinearIdentitySimulator):
     centred scaled prior times ``r_m``: :math:`D` is its additive rollout) and ``pool_`` float64
     ``[N]`` (:math:`\pi`). :attr:`coefficients` are the ridge fit's table. ``fit_info`` adds
     ``prior``, ``prior_scale`` (``s``), ``prior_seconds``, ``prior_weight`` and, when it was
-    cross-validated, ``prior_weight_cv`` (per weight: held-out all-steps MSE, final-step MSE and across-run
-    Spearman).
+    cross-validated, ``prior_weight_cv`` (per weight: held-out all-steps MSE and final-step MSE, the
+    standard errors over the folds of their excess over ``w = 0``'s, and across-run Spearman).
     """
 
     kind = "hybrid"
@@ -249,8 +258,10 @@ class HybridSimulator(LinearIdentitySimulator):
                 ranking[k] += float(np.nanmean(correlation)) / len(folds) if np.isfinite(correlation).any() \
                     else np.nan
         chosen = choose_prior_weight(WEIGHTS, errors, ranking)
-        mean = errors.mean(axis=0)
+        mean, (_, standard_error) = errors.mean(axis=0), excess_over_first(errors)
         table = {f"{weight:g}": {"mse": float(mean[k, 0]), "final_mse": float(mean[k, 1]),
+                                 "mse_excess_se": float(standard_error[k, 0]),
+                                 "final_mse_excess_se": float(standard_error[k, 1]),
                                  "across_run_spearman": float(ranking[k])} for k, weight in enumerate(WEIGHTS)}
         return WEIGHTS[chosen], table
 
