@@ -28,7 +28,7 @@ import numpy as np
 
 from simfluence.errors import SimfluenceError, UsageError
 from simfluence.runs.log import RunSet
-from simfluence.simulators.base import Capabilities, Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, integer, setting
 
 CANDIDATES = ("linear-trajectory", "gradient-trajectory", "linear-identity", "linear", "mean-trajectory")
@@ -111,8 +111,7 @@ class AutoSimulator(Simulator):
         if not usable:
             raise UsageError(f"candidates: none can be fitted on these runs ({skipped})")
         if runs.num_runs >= MIN_RUNS and len(usable) > 1:
-            folds = np.array_split(np.random.default_rng(self.config.seed).permutation(runs.num_runs),
-                                   min(self.config.cv_folds, runs.num_runs))
+            folds = run_folds(runs.num_runs, self.config.cv_folds, self.config.seed)
             for kind in self.config.candidates:
                 if kind in skipped:
                     table.append({"method": kind, "cv_mse": None, "skipped": skipped[kind]})

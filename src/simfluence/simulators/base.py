@@ -179,6 +179,11 @@ def capabilities(kind: str) -> Capabilities:
     return simulator_class(kind).capabilities
 
 
+def run_folds(num_runs: int, num_folds: int, seed: int) -> list[np.ndarray]:
+    """The cross-validation folds of ``num_runs`` runs: ``min(num_folds, num_runs)`` shuffled, near-equal index sets."""
+    return np.array_split(np.random.default_rng(seed).permutation(num_runs), min(num_folds, num_runs))
+
+
 def mean_change(runs: RunSet) -> np.ndarray:
     """float64 ``[T + 1, M]``: mean over runs of ``L_t - L_0``, linearly interpolated between eval steps."""
     change = (runs.losses - runs.losses[:, :1]).mean(axis=0, dtype=np.float64)
@@ -313,9 +318,7 @@ class Simulator(ABC):
         if initial.shape != (curricula.shape[0], self.test_ids.size):
             raise RunDataError(source, "initial_losses", f"shape {initial.shape} does not match (runs, test examples)"
                                f" = ({curricula.shape[0]}, {self.test_ids.size})")
-        for problem in self.extrapolation(curricula, initial):
-            warnings.warn(f"{source}: extrapolating: {problem}; simulated losses there are guesses",
-                          ExtrapolationWarning, stacklevel=2)
+        self._warn_extrapolating(curricula, initial, source)
         trajectories = self._non_negative(self._simulate(curricula, initial.astype(np.float64)))
         return trajectories[0] if single else trajectories
 
@@ -382,9 +385,7 @@ class Simulator(ABC):
         if int(draws) != draws or draws < 1:
             raise RunDataError(source, "draws", f"must be a positive integer, got {draws!r}")
         num_steps, batch, draws = int(num_steps), int(batch), int(draws)
-        for problem in self.extrapolation(np.zeros((1, num_steps, batch), dtype=np.int64), initial):
-            warnings.warn(f"{source}: extrapolating: {problem}; simulated losses there are guesses",
-                          ExtrapolationWarning, stacklevel=2)
+        self._warn_extrapolating(np.zeros((1, num_steps, batch), dtype=np.int64), initial, source)
         if not self.expected_in_closed_form:
             trajectories = self._sampled_expected(pools, num_steps, batch, initial, draws, seed, source)
             return trajectories[0] if single else trajectories
@@ -414,6 +415,12 @@ class Simulator(ABC):
                 trajectories[p] = self.simulate(curricula, np.repeat(initial[p][None], len(curricula), 0),
                                                 source).mean(axis=0)
         return trajectories
+
+    def _warn_extrapolating(self, curricula: np.ndarray, initial: np.ndarray, source: str) -> None:
+        """Warn once per :meth:`extrapolation` problem, attributed to the caller of the public method."""
+        for problem in self.extrapolation(curricula, initial):
+            warnings.warn(f"{source}: extrapolating: {problem}; simulated losses there are guesses",
+                          ExtrapolationWarning, stacklevel=3)
 
     def extrapolation(self, curricula: np.ndarray, initial: np.ndarray) -> list[str]:
         """How the inputs go beyond the fitting runs.

@@ -70,7 +70,7 @@ import torch
 
 from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunSet
-from simfluence.simulators.base import Capabilities, register
+from simfluence.simulators.base import Capabilities, register, run_folds
 from simfluence.simulators.config import TaskConfig, integer, one_of, setting
 from simfluence.simulators.linear import _DTYPES, LinearConfig, LinearIdentitySimulator, example_scales, rollout
 
@@ -237,7 +237,7 @@ class HybridSimulator(LinearIdentitySimulator):
         num_folds = min(self.config.cv_folds, runs.num_runs // MIN_FOLD_RUNS)
         if num_folds < 2:
             return 0.0, None
-        folds = np.array_split(np.random.default_rng(self.config.seed).permutation(runs.num_runs), num_folds)
+        folds = run_folds(runs.num_runs, num_folds, self.config.seed)
         errors = np.zeros((len(folds), len(WEIGHTS), 2))     # held-out all-steps and final-step MSE per fold
         ranking = np.zeros(len(WEIGHTS))
         scales = example_scales(runs)                # one outlying test example does not decide (as the ridge's)

@@ -89,7 +89,7 @@ import torch
 from simfluence.errors import UsageError
 from simfluence.progress import progress_bar
 from simfluence.runs.log import RunSet
-from simfluence.simulators.base import Capabilities, register
+from simfluence.simulators.base import Capabilities, register, run_folds
 from simfluence.simulators.config import boolean, integer, positive, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.linear import (
@@ -437,8 +437,7 @@ class PairwiseSimulator(LinearIdentitySimulator):
         Returns:
             The chosen round and the validation MSE and mean Spearman of each round.
         """
-        folds = np.array_split(np.random.default_rng(self.config.seed).permutation(runs.num_runs),
-                               min(self.config.cv_folds, runs.num_runs))
+        folds = run_folds(runs.num_runs, self.config.cv_folds, self.config.seed)
         per_fold: list[list[tuple[np.ndarray, float]]] = []
         for fold in folds:  # rounds past one that an earlier fold stopped at cannot be chosen: not fitted
             limit = min([self.config.rounds] + [len(scores) - 1 for scores in per_fold])

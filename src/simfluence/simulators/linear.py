@@ -61,7 +61,7 @@ import torch
 from torch.nn.functional import embedding_bag
 
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import Capabilities, Simulator, mean_change, mean_prediction, register
+from simfluence.simulators.base import Capabilities, Simulator, mean_change, mean_prediction, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, positive_grid, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.ridge import solve_transition_ridge
@@ -257,7 +257,7 @@ def cross_validate(runs: RunSet, grid: Sequence[float], tables: TableFits, cv_fo
     """
     if runs.num_runs < 2:
         raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs", fix)
-    folds = np.array_split(np.random.default_rng(seed).permutation(runs.num_runs), min(cv_folds, runs.num_runs))
+    folds = run_folds(runs.num_runs, cv_folds, seed)
     scales = example_scales(runs)
     parts = []
     for fold in folds:

@@ -57,7 +57,7 @@ import numpy as np
 
 from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunDataError, RunSet
-from simfluence.simulators.base import Capabilities, Simulator, register
+from simfluence.simulators.base import Capabilities, Simulator, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, setting
 
 SPACES = ("loss", "log", "margin")
@@ -209,8 +209,7 @@ class TrajectorySimulator(Simulator):
         beta1 = adam_momentum(runs.meta)
         momenta = [float(config.momentum)] if config.momentum != "auto" else ([0.0] if beta1 is None else [0.0, beta1])
         decays = [float(config.decay)] if config.decay != "auto" else list(DECAYS)
-        folds = np.array_split(np.random.default_rng(config.seed).permutation(runs.num_runs),
-                               min(config.cv_folds, runs.num_runs))
+        folds = run_folds(runs.num_runs, config.cv_folds, config.seed)
         table: list[dict] = []
         if runs.num_runs < MIN_CV_RUNS:   # too few runs to cross-validate: strong shrinkage, no choices
             space = "loss" if config.space == "auto" else config.space
