@@ -171,3 +171,14 @@ def test_benchmark_refuses_replaying_methods_on_a_trainer_task_before_collecting
         run_benchmark(BenchmarkConfig(task="minilm-finetune", out_dir=str(tmp_path / "b"),
                                       methods=("linear", "tracin-cp")), progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_fit_by_default_on_runs_without_a_task_lists_the_skipped_candidates(tmp_path):
+    runs, _, _ = linear_runs(num_runs=12, num_steps=20, seed=1)   # meta names no registered task
+    save_runs(runs, tmp_path / "runs.npz")
+    result = invoke("fit", tmp_path / "runs.npz", "--out", tmp_path / "m.npz")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    skipped = [line for line in lines if line.lstrip().startswith("gradient-trajectory")]
+    assert len(skipped) == 1 and "skipped: needs the task" in skipped[0]
+    assert any(line.startswith("chose ") for line in lines) and (tmp_path / "m.npz").exists()

@@ -159,8 +159,12 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
     table = simulator.fit_info.get("cv_table") if method == "auto" else None
     if table:
         click.echo("cross-validated all-steps MSE on the fitting runs (lower is better):")
-        for row in sorted(table, key=lambda row: row["cv_mse"]):
+        scored = sorted((row for row in table if row["cv_mse"] is not None), key=lambda row: row["cv_mse"])
+        for row in scored:
             click.echo(f"  {row['method']:<20} {row['cv_mse']:.4g}")
+        for row in table:
+            if row["cv_mse"] is None:
+                click.echo(f"  {row['method']:<20} skipped: {row.get('skipped', 'not fitted')}")
         click.echo(f"chose {simulator.fit_info['chosen']}")
     click.echo(f"fitted {method} on {run_set.num_runs} runs of {run_set.num_steps} steps "
                f"({run_set.num_train} training, {run_set.num_test} test examples){_fit_summary(simulator.fit_info)}")
