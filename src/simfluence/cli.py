@@ -158,17 +158,27 @@ def fit(runs: str, method: str, out: str, ridge: float | None, cv_folds: int, de
         return
     table = simulator.fit_info.get("cv_table") if method == "auto" else None
     if table:
-        click.echo("cross-validated all-steps MSE on the fitting runs (lower is better):")
-        scored = sorted((row for row in table if row["cv_mse"] is not None), key=lambda row: row["cv_mse"])
-        for row in scored:
-            click.echo(f"  {row['method']:<20} {row['cv_mse']:.4g}")
-        for row in table:
-            if row["cv_mse"] is None:
-                click.echo(f"  {row['method']:<20} skipped: {row.get('skipped', 'not fitted')}")
-        click.echo(f"chose {simulator.fit_info['chosen']}")
+        for line in _cv_table_lines(table, simulator.fit_info):
+            click.echo(line)
     click.echo(f"fitted {method} on {run_set.num_runs} runs of {run_set.num_steps} steps "
                f"({run_set.num_train} training, {run_set.num_test} test examples){_fit_summary(simulator.fit_info)}")
     click.echo(f"wrote {out}  (details: --json)")
+
+
+def _cv_table_lines(table: list[dict], info: dict) -> list[str]:
+    """``auto``'s cross-validation table as a person reads it: scored candidates by error, then skipped ones."""
+    lines = ["cross-validation on the fitting runs (errors: lower is better; across-run Spearman: higher):",
+             f"  {'method':<20} {'all-steps MSE':>13} {'final MSE':>10} {'across-run':>10}"]
+    for row in sorted((row for row in table if row["cv_mse"] is not None), key=lambda row: row["cv_mse"]):
+        final, ranking = row.get("cv_final_mse"), row.get("cv_spearman")
+        lines.append(f"  {row['method']:<20} {row['cv_mse']:>13.4g} {'' if final is None else f'{final:.4g}':>10} "
+                     f"{'n/a' if ranking is None else f'{ranking:.3f}':>10}")
+    lines += [f"  {row['method']:<20} skipped: {row.get('skipped', 'not fitted')}" for row in table
+              if row["cv_mse"] is None]
+    chosen, least = info["chosen"], info.get("least_error", info["chosen"])
+    lines.append(f"chose {chosen}" + ("" if chosen == least else
+                                      f" (ranks runs best within one standard error of {least}'s errors)"))
+    return lines
 
 
 _SUMMARY_KEYS = (("ridge", "ridge {:.3g}"), ("scale", "scale {:.3g}"), ("space", "{} space"),

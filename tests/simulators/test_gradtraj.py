@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from small_tasks import digits_runs
+from synthetic import trajectory_runs
 
-from simfluence import RunSet
 from simfluence.evaluate import evaluate, split_runs
 from simfluence.simulators import (
     AutoSimulator,
@@ -12,7 +13,6 @@ from simfluence.simulators import (
     Simulator,
     TrajectorySimulator,
 )
-from synthetic import trajectory_runs
 
 
 def prior_runs(seed=0, num_train=30, num_test=8, num_runs=24, num_steps=40, batch=4, residual=0.0, noise=1e-3):
@@ -128,24 +128,11 @@ def test_auto_skips_it_for_runs_without_a_task():
     assert row["method"] == "gradient-trajectory" and row["cv_mse"] is None and "task" in row["skipped"]
 
 
-def _digits_runs(num_runs=10, num_steps=20):
-    import torch
-
-    from simfluence.collect import UniformSampler, train_runs_vmap
-    from simfluence.tasks import get_task
-
-    torch.set_num_threads(1)
-    task = get_task("digits-mlp", num_train=40, num_test=10)
-    sampler = UniformSampler(task.default_pool(), task.batch_size)
-    curricula = np.stack([sampler.sample(num_steps, seed=r) for r in range(num_runs)])
-    return task, RunSet.from_logs(train_runs_vmap(task, curricula), task.train_ids, task.test_ids, task.meta())
-
-
 def test_priors_are_kept_on_disk_for_new_processes(tmp_path, monkeypatch):
     from simfluence.simulators import gradtraj
 
     monkeypatch.setenv("SIMFLUENCE_CACHE", str(tmp_path / "cache"))
-    task, runs = _digits_runs()
+    task, runs = digits_runs()
     monkeypatch.setattr(gradtraj, "_CACHE", type(gradtraj._CACHE)())        # a fresh process's memory
     first = GradientTrajectorySimulator(task=task).fit(runs)
     assert first.fit_info["prior_cached"] is False
@@ -173,7 +160,7 @@ def test_end_to_end_on_digits_mlp(tmp_path, monkeypatch):
     from simfluence.func.gradients import gradient_products, per_example_gradients, trainable_params
 
     monkeypatch.setenv("SIMFLUENCE_CACHE", str(tmp_path))   # a private disk cache: the first fits compute
-    task, runs = _digits_runs()
+    task, runs = digits_runs()
     fitting, heldout = split_runs(runs, 3, 0)
     start = GradientTrajectorySimulator(task=task, prior_checkpoint="start", normalise=False).fit(fitting)
     model = task.build_model().eval()

@@ -5,23 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from dense import dense_design, every_curriculum, exact_average
+from small_tasks import digits_runs
 
 from simfluence.collect import UniformSampler
-from simfluence.collect.train import train_runs_vmap
 from simfluence.errors import UsageError
-from simfluence.runs import RunSet
 from simfluence.simulators import Simulator, make_simulator
 from simfluence.simulators.hybrid import WEIGHTS, choose_prior_weight
 from simfluence.simulators.linear import Transitions
-from simfluence.tasks import get_task
 
 
 @pytest.fixture(scope="module")
 def setting():
-    task = get_task("digits-mlp", num_train=40, num_test=8)
-    sampler = UniformSampler(task.default_pool(), task.batch_size)
-    curricula = np.stack([sampler.sample(15, seed=r) for r in range(6)])
-    runs = RunSet.from_logs(train_runs_vmap(task, curricula), task.train_ids, task.test_ids, task.meta())
+    task, runs = digits_runs(num_runs=6, num_steps=15, num_test=8)
     prior = make_simulator("tracin-cp-scaled", task=task, dtype="float64").fit(runs)
     return task, runs, prior
 

@@ -184,6 +184,39 @@ def run_folds(num_runs: int, num_folds: int, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng(seed).permutation(num_runs), min(num_folds, num_runs))
 
 
+def excess_over(fold_errors, reference: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error ``[W, K]`` over folds of each option's errors minus option ``reference``'s.
+
+    ``fold_errors`` ``[F, W, K]``: ``F >= 2`` folds, ``W`` options, ``K`` kinds of error.
+    """
+    errors = np.asarray(fold_errors, dtype=np.float64)
+    if errors.ndim != 3 or errors.shape[0] < 2 or not 0 <= reference < errors.shape[1]:
+        raise ValueError(f"fold_errors: expected [folds >= 2, options > {reference}, errors], got shape {errors.shape}")
+    excess = errors - errors[:, reference:reference + 1]                     # [F, W, K]
+    return excess.mean(axis=0), excess.std(axis=0, ddof=1) / np.sqrt(errors.shape[0])
+
+
+def one_standard_error_choice(fold_errors, scores, reference: int = 0) -> int:
+    """Index of the best-scoring option among those no worse than option ``reference`` beyond the folds' noise.
+
+    ``fold_errors`` ``[F, W, K]``: each fold's held-out errors of each option (e.g. all-steps and
+    final-step MSE); ``scores`` ``[W]``: a cross-validated quality to maximise (e.g. the across-run
+    Spearman). An option is allowed where, for every kind of error, its mean excess over the
+    reference's across the folds is at most one standard error of that excess (the
+    one-standard-error rule); the reference itself always is. Among allowed options with a finite
+    score the best wins, ties going to the smaller index; with none, the reference.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    mean, standard_error = excess_over(fold_errors, reference)
+    if scores.shape != (mean.shape[0],):
+        raise ValueError(f"scores: expected one per option ({mean.shape[0]}), got shape {scores.shape}")
+    allowed = (mean <= standard_error).all(axis=1) & np.isfinite(scores)
+    if not allowed.any():
+        return reference
+    best = np.where(allowed, scores, -np.inf)
+    return int(np.flatnonzero(best == best.max())[0])
+
+
 def mean_change(runs: RunSet) -> np.ndarray:
     """float64 ``[T + 1, M]``: mean over runs of ``L_t - L_0``, linearly interpolated between eval steps."""
     change = (runs.losses - runs.losses[:, :1]).mean(axis=0, dtype=np.float64)

@@ -70,7 +70,7 @@ import torch
 
 from simfluence.errors import UsageError
 from simfluence.runs.log import PAD, RunSet
-from simfluence.simulators.base import Capabilities, register, run_folds
+from simfluence.simulators.base import Capabilities, excess_over, one_standard_error_choice, register, run_folds
 from simfluence.simulators.config import TaskConfig, integer, one_of, setting
 from simfluence.simulators.linear import _DTYPES, LinearConfig, LinearIdentitySimulator, example_scales, rollout
 
@@ -81,37 +81,19 @@ MIN_FOLD_RUNS = 3
 """Held-out runs a fold needs for an across-run Spearman; with fewer than two such folds ``w = 0``."""
 
 
-def excess_over_first(fold_errors) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard error ``[W, K]`` over folds of each weight's errors minus the first weight's.
-
-    ``fold_errors`` ``[F, W, K]`` with ``F >= 2`` folds.
-    """
-    errors = np.asarray(fold_errors, dtype=np.float64)
-    if errors.ndim != 3 or errors.shape[0] < 2:
-        raise ValueError(f"fold_errors: expected [folds >= 2, weights, errors], got shape {errors.shape}")
-    excess = errors - errors[:, :1]                                         # [F, W, K]
-    return excess.mean(axis=0), excess.std(axis=0, ddof=1) / np.sqrt(errors.shape[0])
-
-
 def choose_prior_weight(weights, fold_errors, spearman) -> int:
     """Index of the chosen weight (module docstring): the best ``spearman`` among weights no worse than ``w = 0``.
 
     ``weights`` increasing with ``weights[0] == 0``; ``fold_errors`` ``[F, len(weights), K]``: each
     fold's held-out errors (here all-steps and final-step MSE). A weight is allowed where, for each
     error, its mean excess over ``w = 0``'s across the folds is at most one standard error of that
-    excess (the one-standard-error rule: not worse than the ridge fit beyond the folds' noise).
-    ``spearman`` ``[len(weights)]``: the cross-validated ranking. Ties and NaN Spearman values go to
-    the smaller weight.
+    excess (:func:`~simfluence.simulators.base.one_standard_error_choice`: not worse than the ridge
+    fit beyond the folds' noise). ``spearman`` ``[len(weights)]``: the cross-validated ranking. Ties
+    and NaN Spearman values go to the smaller weight.
     """
-    spearman = np.asarray(spearman, dtype=np.float64)
-    mean, standard_error = excess_over_first(fold_errors)
-    if mean.shape[0] != len(weights) or spearman.shape != (len(weights),) or weights[0] != 0:
+    if np.shape(fold_errors)[1:2] != (len(weights),) or np.shape(spearman) != (len(weights),) or weights[0] != 0:
         raise ValueError("fold_errors [folds, weights, errors] and spearman must align, starting at weight 0")
-    allowed = (mean <= standard_error).all(axis=1) & np.isfinite(spearman)
-    if not allowed.any():
-        return 0
-    best = np.where(allowed, spearman, -np.inf)
-    return int(np.flatnonzero(best == best.max())[0])
+    return one_standard_error_choice(fold_errors, spearman, reference=0)
 
 
 @dataclass(frozen=True)
@@ -258,7 +240,7 @@ class HybridSimulator(LinearIdentitySimulator):
                 ranking[k] += float(np.nanmean(correlation)) / len(folds) if np.isfinite(correlation).any() \
                     else np.nan
         chosen = choose_prior_weight(WEIGHTS, errors, ranking)
-        mean, (_, standard_error) = errors.mean(axis=0), excess_over_first(errors)
+        mean, (_, standard_error) = errors.mean(axis=0), excess_over(errors)
         table = {f"{weight:g}": {"mse": float(mean[k, 0]), "final_mse": float(mean[k, 1]),
                                  "mse_excess_se": float(standard_error[k, 0]),
                                  "final_mse_excess_se": float(standard_error[k, 1]),
