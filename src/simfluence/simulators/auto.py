@@ -23,8 +23,9 @@ names; where it cannot be built (runs of a user's own model) or cannot be replay
 prior replays plain SGD, not the Hugging Face Trainer), they are skipped and their row in the
 table says why. Measured on 6 held-out splits of each built-in SGD task (docs/benchmarks.md), the
 rule with ``hybrid`` among the candidates raised the default's across-run Spearman on digits-mlp
-(0.73 -> 0.78) and text-minilm (0.64 -> 0.68) at equal or lower error; the least-error rule with
-``hybrid`` added chose it on half the digits-mlp splits, by noise.
+(0.73 -> 0.78) and text-minilm (0.64 -> 0.68) at about the same error (all-steps 0.145x -> 0.133x
+and 0.259x -> 0.265x the mean trajectory's); the least-error rule with ``hybrid`` added chose it on
+half the digits-mlp splits, by noise.
 """
 
 from __future__ import annotations

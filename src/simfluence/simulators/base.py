@@ -203,8 +203,8 @@ def one_standard_error_choice(fold_errors, scores, reference: int = 0) -> int:
     final-step MSE); ``scores`` ``[W]``: a cross-validated quality to maximise (e.g. the across-run
     Spearman). An option is allowed where, for every kind of error, its mean excess over the
     reference's across the folds is at most one standard error of that excess (the
-    one-standard-error rule); the reference itself always is. Among allowed options with a finite
-    score the best wins, ties going to the smaller index; with none, the reference.
+    one-standard-error rule; the reference itself always passes). Among the allowed options with a
+    finite score the best wins, ties going to the smaller index; with none, the reference.
     """
     scores = np.asarray(scores, dtype=np.float64)
     mean, standard_error = excess_over(fold_errors, reference)
