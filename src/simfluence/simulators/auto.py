@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.errors import SimfluenceError, UsageError
+from simfluence.progress import progress_bar
 from simfluence.runs.log import RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, integer, setting
@@ -120,10 +121,12 @@ class AutoSimulator(Simulator):
             raise UsageError(f"candidates: none can be fitted on these runs ({skipped})")
         if runs.num_runs >= MIN_RUNS and len(usable) > 1:
             folds = run_folds(runs.num_runs, self.config.cv_folds, self.config.seed)
-            scores = {}                       # kind -> [folds, 3]: all-steps MSE, final-step MSE, across-run Spearman
-            for kind in usable:
-                scores[kind] = np.array([fold_scores(make_simulator(kind).fit(runs.select(np.setdiff1d(
-                    np.arange(runs.num_runs), fold))), runs.select(np.sort(fold))) for fold in folds])
+            rows: dict[str, list] = {kind: [] for kind in usable}
+            for kind, fold in progress_bar([(kind, fold) for kind in usable for fold in folds], desc="fit auto",
+                                           unit="fold fit", leave=False):
+                fitting = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold))
+                rows[kind].append(fold_scores(make_simulator(kind).fit(fitting), runs.select(np.sort(fold))))
+            scores = {kind: np.array(rows[kind]) for kind in usable}   # [folds, 3]: all-steps, final MSE, ranking
             chosen, least = choose_candidate(usable, scores)
             for kind in self.config.candidates:
                 if kind in skipped:
