@@ -14,6 +14,7 @@ Usage::
         --methods linear:nest_mean=false,linear,linear:cv_folds=3
     python benchmarks/splits.py RUNS --heldout 20 --heldout-from 40 \
         --methods gradient-trajectory,gradient-trajectory:checkpoints=\"STORE_WITH_RUNS_0_39\"
+    python benchmarks/splits.py RUNS --heldout 20 --fitting 15 --methods gradient-trajectory,linear-identity
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--heldout-from", type=int, default=None, metavar="K",
                         help="hold out runs only from runs K.. (the first K always fit: e.g. the runs whose final "
                              "weights a TRAK prior reads, gradient-trajectory:checkpoints=\"STORE\")")
+    parser.add_argument("--fitting", type=int, default=None, metavar="N",
+                        help="fit on the first N of each split's fitting runs only (same held-out runs): how a "
+                             "method's scores grow with the runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = load_runs(args.runs)
@@ -70,6 +74,10 @@ def main() -> None:
     rows: dict[str, list[dict]] = {method: [] for method in methods}
     for seed in (int(s) for s in args.seeds.split(",")):
         fitting, heldout = split(runs, args.heldout, seed, args.heldout_from)
+        if args.fitting is not None:
+            if not 1 <= args.fitting <= fitting.num_runs:
+                raise SystemExit(f"--fitting {args.fitting}: a split has {fitting.num_runs} fitting runs")
+            fitting = fitting.select(np.arange(args.fitting))
         initial = heldout.initial_losses.astype(np.float64)
         for method in methods:
             kind, settings = parse_method(method)

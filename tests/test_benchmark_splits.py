@@ -55,3 +55,21 @@ def test_prints_the_ratios_computed_another_way(tmp_path, monkeypatch, capsys):
         expected.append(score(simulator.simulate(heldout.curricula, initial), heldout).mse / base)
     assert f"| linear-identity:ridge=1.0 | {np.mean(expected):.3f} |" in out
     assert (tmp_path / "out.json").exists()
+
+
+def test_fitting_keeps_the_first_runs_of_each_split_and_the_same_heldout(tmp_path, monkeypatch, capsys):
+    runs, _, _ = trajectory_runs(num_runs=12, num_steps=20, seed=3)
+    save_runs(runs, tmp_path / "runs.npz")
+    bench = load_benchmark("splits")
+    monkeypatch.setattr(sys, "argv", ["splits.py", str(tmp_path / "runs.npz"), "--heldout", "4", "--seeds", "0",
+                                      "--fitting", "5", "--methods", "linear-identity:ridge=1.0"])
+    bench.main()
+    fitting, heldout = split_runs(runs, 4, 0)
+    simulator = make_simulator("linear-identity", ridge=1.0).fit(fitting.select(np.arange(5)))
+    initial = heldout.initial_losses.astype(np.float64)
+    base = score(mean_trajectory(simulator.mean_change, initial, heldout.num_steps), heldout).mse
+    ratio = score(simulator.simulate(heldout.curricula, initial), heldout).mse / base
+    assert f"| linear-identity:ridge=1.0 | {ratio:.3f} |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["splits.py", str(tmp_path / "runs.npz"), "--heldout", "4", "--fitting", "9"])
+    with pytest.raises(SystemExit, match="--fitting 9: a split has 8 fitting runs"):
+        bench.main()
