@@ -106,6 +106,18 @@ def test_where_the_clip_at_zero_binds_the_test_example_is_sampled_instead(runs):
     assert (closed >= 0).all()
 
 
+def test_only_the_pools_where_the_clip_binds_are_sampled(runs):
+    simulator = make_simulator("additive", ridge=1e-3).fit(runs)
+    initial = np.repeat(runs.initial_losses[:1].astype(np.float64), 2, axis=0)    # one row per pool
+    initial[0, 1] = 0.01                  # pool 0's expected loss of test example 1 dips below 0; pool 1's does not
+    closed = simulator.simulate_expected(POOLS, 3, initial, batch_size=2)
+    sampled = simulator._sampled_expected(POOLS, 3, 2, initial, 16, 0, "<test>")
+    np.testing.assert_array_equal(closed[0, :, 1], sampled[0, :, 1])
+    exact = exact_average(simulator, POOLS[1], 3, 2, initial[1])
+    assert exact[:, 1].min() > 0
+    np.testing.assert_allclose(closed[1], exact, rtol=2e-5)        # pool 1 keeps its closed form everywhere
+
+
 def test_extrapolation_warns_once_and_bad_draws_are_refused(runs):
     import warnings
 

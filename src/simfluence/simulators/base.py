@@ -424,24 +424,32 @@ class Simulator(ABC):
             return trajectories[0] if single else trajectories
         weights = pools / pools.sum(axis=1, keepdims=True)
         trajectories = self._expected(weights, num_steps, batch, np.ascontiguousarray(initial)).astype(np.float32)
-        below = np.flatnonzero((trajectories < 0).any(axis=(0, 1)) & self._clips_at_zero)
-        if below.size:
+        below: np.ndarray = np.asarray((trajectories < 0).any(axis=1) & self._clips_at_zero)   # [P, M]
+        if below.any():
             # simulate clips each trajectory at 0; where the expected one dips below, the clip binds on
-            # some curricula and the closed form is not the mean of the clipped ones: those are sampled.
-            sampled = self._sampled_expected(pools, num_steps, batch, initial, draws, seed, source)
-            trajectories[:, :, below] = sampled[:, :, below]
+            # some curricula and the closed form is not the mean of the clipped ones: those pools' test
+            # examples are sampled (the other pools keep their closed form).
+            rows = np.flatnonzero(below.any(axis=1))
+            sampled = self._sampled_expected(pools, num_steps, batch, initial, draws, seed, source, rows)
+            for p in rows:
+                trajectories[p][:, below[p]] = sampled[p][:, below[p]]
         trajectories = self._non_negative(trajectories)
         return trajectories[0] if single else trajectories
 
     def _sampled_expected(self, pools: np.ndarray, num_steps: int, batch: int, initial: np.ndarray, draws: int,
-                          seed: int, source: str) -> np.ndarray:
-        """float32 ``[P, T + 1, M]``: :meth:`simulate` averaged over ``draws`` uniform curricula per pool."""
+                          seed: int, source: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``[P, T + 1, M]``: :meth:`simulate` averaged over ``draws`` uniform curricula per pool.
+
+        Only the pools ``rows`` (default: all) are sampled, each with the seeds of its own index; the
+        other rows are left NaN.
+        """
         from simfluence.collect.curricula import derive_seed, pool_sampler
 
-        trajectories = np.empty((pools.shape[0], num_steps + 1, self.test_ids.size), dtype=np.float32)
+        trajectories = np.full((pools.shape[0], num_steps + 1, self.test_ids.size), np.nan, dtype=np.float32)
         with warnings.catch_warnings():   # simulate_expected has warned once about extrapolating
             warnings.simplefilter("ignore", ExtrapolationWarning)
-            for p, pool in enumerate(pools):
+            for p in range(pools.shape[0]) if rows is None else rows:
+                pool = pools[p]
                 sampler = pool_sampler("uniform", np.flatnonzero(pool), batch)
                 curricula = sampler.sample_many(num_steps, [derive_seed(derive_seed(seed, p), d)
                                                             for d in range(draws)])
