@@ -31,7 +31,7 @@ curriculum-dependent deviations, rescaled to the fit's spread:
 
 .. math::
 
-    \hat L_t(c) = (1 - w)\, P_t(c) + w\, \bigl(\bar P_t + r_{t,m}\, D_t(c)\bigr), \qquad
+    \hat L_t(c) = (1 - w)\, P_t(c) + w\, \bigl(\bar P_t + r_m\, D_t(c)\bigr), \qquad
     D_t(c) = \sum_{\tau \le t} \sum_{i \in c_\tau} \bigl(s G_{im} - \textstyle\sum_j \pi_j s G_{jm}\bigr),
 
 * :math:`P(c)`: the ridge fit above rolled out along curriculum ``c`` (blended with the mean
@@ -41,13 +41,8 @@ curriculum-dependent deviations, rescaled to the fit's spread:
   :meth:`~simfluence.simulators.base.Simulator.simulate_expected`);
 * :math:`D(c)`: the scaled prior's additive rollout, centred so that its expectation under
   :math:`\pi` is 0: how much better or worse than average the prior finds curriculum ``c``;
-* :math:`r_{t,m} = \sqrt{\sum_{\text{runs}} (P_t - \bar P_t)^2 / \sum_{\text{runs}} D_t^2}` over the
-  fitting runs (past their last step, the last step's): the prior's deviations in the spread of
-  the fit's, per test example and step. The additive prior's deviations keep growing along a run
-  while the fit's level off as a loss nears 0; one ratio over all steps (before) left them up to
-  several times too wide at the end, which scrambled the final losses' order across test examples
-  (digits-mlp ``--quick``: final-step Spearman across test examples 0.933, per-step 0.98 at the same
-  ``w``);
+* :math:`r_m = \sqrt{\sum (P - \bar P)^2 / \sum D^2}` over the fitting runs and steps: the
+  prior's deviations in the spread of the fit's, per test example;
 * :math:`w \in [0, 1]` (``prior_weight``): ``0`` is the ridge fit alone. ``None`` (the default)
   chooses it by K-fold cross-validation over the fitting runs (the fit refitted on each fold, the
   prior kept): among the weights in :data:`WEIGHTS` whose held-out-fold all-steps MSE and
@@ -139,8 +134,7 @@ class HybridSimulator(LinearIdentitySimulator):
         **linear: the settings of :class:`~simfluence.simulators.linear.LinearSimulator`.
 
     Fitted state adds ``prior_weight_`` (``w``), ``prior_deviation_`` float64 ``[N, M]`` (the
-    centred scaled prior: :math:`D` is its additive rollout), ``deviation_scale_`` float64
-    ``[T_fit + 1, M]`` (:math:`r_{t,m}`) and ``pool_`` float64
+    centred scaled prior times ``r_m``: :math:`D` is its additive rollout) and ``pool_`` float64
     ``[N]`` (:math:`\pi`). :attr:`coefficients` are the ridge fit's table. ``fit_info`` adds
     ``prior``, ``prior_scale`` (``s``), ``prior_seconds``, ``prior_weight`` and, when it was
     cross-validated, ``prior_weight_cv`` (per weight: held-out all-steps MSE and final-step MSE, the
@@ -159,7 +153,6 @@ class HybridSimulator(LinearIdentitySimulator):
         self._given_table: torch.Tensor | None = None
         self.prior_weight_: float = None  # type: ignore[assignment]  # fitted state, behind _check_fitted
         self.prior_deviation_: np.ndarray = None  # type: ignore[assignment]
-        self.deviation_scale_: np.ndarray = None  # type: ignore[assignment]
         self.pool_: np.ndarray = None  # type: ignore[assignment]
 
     def _fit(self, runs: RunSet) -> None:
@@ -194,23 +187,19 @@ class HybridSimulator(LinearIdentitySimulator):
             self.fit_info["prior_weight_cv"] = table
 
     def _fit_deviation(self, runs: RunSet, prior_table: np.ndarray) -> None:
-        """``pool_``, ``prior_deviation_`` (the centred prior) and ``deviation_scale_`` (its spread match per step)."""
+        """``pool_`` and ``prior_deviation_`` (the centred prior scaled to the fit's spread) from the fitting runs."""
         curricula = runs.curricula
         seen = np.bincount(curricula[curricula != PAD], minlength=runs.num_train) > 0
         self.pool_ = seen / seen.sum()
-        self.prior_deviation_ = prior_table - self.pool_ @ prior_table
+        centred = prior_table - self.pool_ @ prior_table
         initial = runs.initial_losses.astype(np.float64)
-        fit = super()._simulate(curricula, initial).astype(np.float64)
-        fit -= self._pool_expected(runs.num_steps, runs.batch_size, initial)
-        prior = self._deviation(self.prior_deviation_, curricula)
-        spread, prior_spread = (fit ** 2).sum(axis=0), (prior ** 2).sum(axis=0)          # [T + 1, M]
-        usable = prior_spread > 1e-12 * prior_spread.max(initial=0.0)
-        self.deviation_scale_ = np.sqrt(spread / np.where(usable, prior_spread, 1.0)) * usable
-
-    def _scaled(self, deviation: np.ndarray, test_index: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """``deviation`` ``[R, T + 1, M']`` times :math:`r_{t,m}` (past the fitting runs' last step: the last one's)."""
-        steps = np.minimum(np.arange(deviation.shape[1]), self.deviation_scale_.shape[0] - 1)
-        return deviation * self.deviation_scale_[steps][:, test_index][None]
+        steps = runs.eval_steps[1:]
+        fit = super()._simulate(curricula, initial)[:, steps].astype(np.float64)
+        fit -= self._pool_expected(runs.num_steps, runs.batch_size, initial)[:, steps]
+        prior = self._deviation(centred, curricula)[:, steps]
+        spread, prior_spread = (fit ** 2).sum(axis=(0, 1)), (prior ** 2).sum(axis=(0, 1))
+        ratio = np.sqrt(spread / np.where(prior_spread > 0, prior_spread, 1.0)) * (prior_spread > 0)
+        self.prior_deviation_ = centred * ratio
 
     def _pool_expected(self, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         r""":math:`\bar P`: the ridge fit's expected trajectories ``[R, T + 1, M]`` under ``pool_`` from ``initial``."""
@@ -263,7 +252,7 @@ class HybridSimulator(LinearIdentitySimulator):
         """``P``, ``P_bar`` and ``r D`` ``[R, T + 1, M]`` (float64) of the module docstring."""
         fit = super()._simulate(curricula, initial).astype(np.float64)
         return (fit, self._pool_expected(curricula.shape[1], curricula.shape[2], initial),
-                self._scaled(self._deviation(self.prior_deviation_, curricula)))
+                self._deviation(self.prior_deviation_, curricula))
 
     @staticmethod
     def _mixed(fit: np.ndarray, expected: np.ndarray, deviation: np.ndarray, weight: float) -> np.ndarray:
@@ -280,7 +269,7 @@ class HybridSimulator(LinearIdentitySimulator):
             return fit
         # Each term is affine in the batch counts: E[D_t] = t n (weights @ prior_deviation_).
         step = self._expected_slots(batch_size) * (weights @ self.prior_deviation_)          # [P, M]
-        deviation = self._scaled(np.arange(num_steps + 1)[None, :, None] * step[:, None, :])
+        deviation = np.arange(num_steps + 1)[None, :, None] * step[:, None, :]
         return self._mixed(fit, self._pool_expected(num_steps, batch_size, initial), deviation, self.prior_weight_)
 
     def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
@@ -293,7 +282,7 @@ class HybridSimulator(LinearIdentitySimulator):
         def run(curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
             fit = plain(curricula, initial).astype(np.float64)
             expected = self._pool_expected(curricula.shape[1], curricula.shape[2], initial)[:, :, test_index]
-            deviation = self._scaled(self._deviation(self.prior_deviation_[:, test_index], curricula), test_index)
+            deviation = self._deviation(self.prior_deviation_[:, test_index], curricula)
             return self._mixed(fit, expected, deviation, self.prior_weight_).astype(np.float32)
 
         return run
@@ -301,7 +290,7 @@ class HybridSimulator(LinearIdentitySimulator):
     # --- persistence --------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
         return {**super()._arrays(), "prior_weight": np.asarray(self.prior_weight_, dtype=np.float64),
-                "prior_deviation": self.prior_deviation_, "deviation_scale": self.deviation_scale_, "pool": self.pool_}
+                "prior_deviation": self.prior_deviation_, "pool": self.pool_}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         super()._restore(arrays)
@@ -309,18 +298,12 @@ class HybridSimulator(LinearIdentitySimulator):
         if "prior_weight" not in arrays:   # files saved before the prior's weight: the ridge fit alone
             self.prior_weight_, self.pool_ = 0.0, np.full(num_train, 1.0 / num_train)
             self.prior_deviation_ = np.zeros((num_train, num_test))
-            self.deviation_scale_ = np.ones((1, num_test))
             return
         weight = float(arrays["prior_weight"])
         deviation = np.asarray(arrays["prior_deviation"], dtype=np.float64)
         pool = np.asarray(arrays["pool"], dtype=np.float64)
         if not 0 <= weight <= 1:
             raise ValueError(f"prior_weight {weight} is not in [0, 1]")
-        # files saved before the per-step spread match hold the scale in prior_deviation itself
-        scale = np.asarray(arrays["deviation_scale"], dtype=np.float64) if "deviation_scale" in arrays \
-            else np.ones((1, num_test))
-        if deviation.shape != (num_train, num_test) or pool.shape != (num_train,) or scale.ndim != 2 \
-                or scale.shape[0] < 1 or scale.shape[1] != num_test:
-            raise ValueError("prior_deviation, deviation_scale or pool shapes do not match the ids")
+        if deviation.shape != (num_train, num_test) or pool.shape != (num_train,):
+            raise ValueError("prior_deviation or pool shapes do not match the ids")
         self.prior_weight_, self.prior_deviation_, self.pool_ = weight, deviation, pool
-        self.deviation_scale_ = scale
