@@ -53,7 +53,7 @@ curriculum-dependent deviations, rescaled to the fit's spread:
 
 The mixture is affine in the rollouts, so :meth:`simulate_expected` stays exact. Measured on the
 LDS runs of digits-mlp, text-minilm (48 fitting runs) and tiny-lm (24; ``docs/benchmarks.md``): the
-cross-validation chose 0.15, 0.05 and 0.25; subset LDS 0.77 -> 0.78, 0.74 -> 0.77 (both above
+cross-validation chose 0.15, 0.05 and 0.25; subset LDS 0.77 -> 0.79, 0.74 -> 0.78 (both above
 TracIn-CP's, paired) and 0.52 -> 0.52; across-run Spearman on held-out runs (6 splits) 0.70 ->
 0.75, 0.53 -> 0.55, 0.73 -> 0.75 at equal or lower error.
 """
