@@ -182,3 +182,7 @@ def test_fit_by_default_on_runs_without_a_task_lists_the_skipped_candidates(tmp_
     skipped = [line for line in lines if line.lstrip().startswith("gradient-trajectory")]
     assert len(skipped) == 1 and "skipped: needs the task" in skipped[0]
     assert any(line.startswith("chose ") for line in lines) and (tmp_path / "m.npz").exists()
+    result = invoke("fit", tmp_path / "runs.npz", "--out", tmp_path / "m.npz", "--json")
+    assert result.exit_code == 0 and "NaN" not in result.output         # strict JSON: the baseline ranks nothing
+    table = {row["method"]: row for row in json.loads(result.output)["cv_table"]}
+    assert table["mean-trajectory"]["cv_spearman"] is None and set(table["mean-trajectory"]["fold_spearman"]) == {None}

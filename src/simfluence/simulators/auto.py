@@ -136,7 +136,8 @@ class AutoSimulator(Simulator):
                 table.append({"method": kind, "cv_mse": float(mean[0]), "cv_final_mse": float(mean[1]),
                               "cv_spearman": None if np.isnan(mean[2]) else float(mean[2]),
                               "fold_mse": scores[kind][:, 0].tolist(), "fold_final_mse": scores[kind][:, 1].tolist(),
-                              "fold_spearman": scores[kind][:, 2].tolist()})
+                              "fold_spearman": [None if np.isnan(value) else float(value)   # JSON has no NaN
+                                                for value in scores[kind][:, 2]]})
             self.fit_info["least_error"] = least
         else:
             chosen = usable[0]
