@@ -303,3 +303,13 @@ def test_peer_comparisons_pick_the_best_own_method_and_give_a_verdict():
     assert verdicts == {"trak": ("linear-identity", "above"), "tracin": ("linear-identity", "tied"),
                         "ekfac": ("linear-identity", "below")}
     assert "| subsets α=0.5 | linear-identity | trak | 0.05 [0.05, 0.05] | above |" in lds_markdown(result)
+
+
+def test_unknown_seconds_are_null_not_nan_in_the_record():
+    from simfluence.lds_benchmark import _cell, method_cost
+
+    known = method_cost("additive", "simulator", 48.0, 2.0, 0.5)
+    assert known["run_equivalents"] == 52.0 and known["seconds"] == 2.0
+    unknown = method_cost("trak", "scores", 48.0, float("nan"), 0.5)
+    assert unknown["seconds"] is None and unknown["run_equivalents"] is None
+    assert "NaN" not in json.dumps(unknown) and _cell(unknown["seconds"]) == "n/a"    # the table's cell as before

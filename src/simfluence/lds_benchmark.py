@@ -295,8 +295,7 @@ def run_lds(config: LDSConfig, progress: bool = True) -> dict:
               "num_train": task.num_train, "num_test": task.num_test, "num_steps": config.num_steps,
               "removal_sizes": {c.protocol: int(c.masks[0].sum()) for c in protocols[1:]},
               "seconds_per_training_run": seconds_per_run,
-              "costs": [{"method": m.name, "family": m.family, "training_runs": m.training_runs,
-                         "seconds": m.seconds, "run_equivalents": m.training_runs + m.seconds / seconds_per_run}
+              "costs": [method_cost(m.name, m.family, m.training_runs, m.seconds, seconds_per_run)
                         for m in methods],
               "noise_ceiling": ceilings, "scores": records,
               "trajectory_errors": _trajectory_errors(methods, protocols[0], runs)}
@@ -335,6 +334,18 @@ def peer_comparisons(result: dict, num_resamples: int = 1000, seed: int = 0) -> 
             comparisons.append({"protocol": protocol, "method": best["method"], "peer": peer["method"], **score,
                                 "verdict": verdict})
     return comparisons
+
+
+def method_cost(name: str, family: str, training_runs: float, seconds: float, seconds_per_run: float) -> dict:
+    """A method's cost record: its training runs, its own seconds and both in training-run equivalents.
+
+    Unknown seconds (NaN: scores read from a cache entry that kept none) are ``None`` (JSON null),
+    and so are the run equivalents they would enter.
+    """
+    known = math.isfinite(seconds)
+    return {"method": name, "family": family, "training_runs": training_runs,
+            "seconds": seconds if known else None,
+            "run_equivalents": training_runs + seconds / seconds_per_run if known else None}
 
 
 def _cell(value: Any, digits: int = 3) -> str:
