@@ -378,9 +378,10 @@ class Simulator(ABC):
         the expected batch (their step is affine in the batch's example counts, and independent
         batches make :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their
         ``_expected``). The other kinds average :meth:`simulate` over ``draws`` sampled curricula
-        per pool. So do the closed forms for test examples whose expected loss dips below 0 where
-        :meth:`simulate` clips at 0 (the clip then binds on some curricula, and the mean of clipped
-        trajectories is not the clipped mean). Warns as :meth:`simulate` does when extrapolating.
+        per pool. So do the closed forms for a pool's test examples whose expected loss dips below 0
+        where :meth:`simulate` clips at 0 (the clip then binds on some curricula, and the mean of
+        clipped trajectories is not the clipped mean); the other pools keep the closed form. Warns
+        as :meth:`simulate` does when extrapolating.
 
         Args:
             pools: bool ``[P, N]`` (or ``[N]`` for one pool): the training examples each pool holds.
