@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from small_tasks import digits_runs
-from synthetic import linear_runs
+from synthetic import linear_runs, trajectory_runs
 
 from simfluence.simulators import make_simulator
 from simfluence.simulators.auto import CANDIDATES, choose_candidate
@@ -90,3 +90,20 @@ def test_hybrid_is_a_candidate_where_the_task_replays():
     row = next(row for row in auto.fit_info["cv_table"] if row["method"] == "hybrid")
     assert row["cv_mse"] is not None and len(row["fold_spearman"]) == auto.config.cv_folds
     assert auto.chosen_ in ("hybrid", "linear-identity")
+
+
+def test_runs_without_consecutive_steps_skip_the_transition_kinds():
+    from simfluence.runs import RunSet
+    from simfluence.simulators import capabilities
+
+    full = trajectory_runs(num_runs=12, num_steps=20, seed=5)[0]
+    steps = np.arange(0, 21, 4)                                   # recorded every 4th step, as --eval-every 4
+    sparse = RunSet.create(full.curricula, full.losses[:, steps], full.train_ids, full.test_ids, eval_steps=steps,
+                           meta=full.meta)
+    auto = make_simulator("auto").fit(sparse)
+    table = {row["method"]: row for row in auto.fit_info["cv_table"]}
+    for kind in ("linear-identity", "linear", "hybrid"):
+        assert capabilities(kind).transitions and "no two consecutive" in table[kind]["skipped"]
+    assert table["linear-trajectory"]["cv_mse"] is not None and auto.chosen_ in ("linear-trajectory", "mean-trajectory")
+    assert not capabilities("linear-trajectory").transitions and capabilities("tracin-cp-scaled").transitions
+    assert not capabilities("tracin-cp").transitions

@@ -21,6 +21,6 @@ class AdditiveSimulator(LinearSimulator):
     kind = "additive"
     capabilities = Capabilities(
         "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True,
-        expected_rollout=True)
+        expected_rollout=True, transitions=True)
     fit_alpha = False
     alpha_offset = 1.0

@@ -21,11 +21,15 @@ of fold scores is kept in ``fit_info["cv_table"]`` (and printed by ``simfluence 
 Candidates that read the task (``gradient-trajectory``, ``hybrid``) take the one the runs' meta
 names; where it cannot be built (runs of a user's own model) or cannot be replayed (``hybrid``'s
 prior replays plain SGD, not the Hugging Face Trainer), they are skipped and their row in the
-table says why. Measured on 6 held-out splits of each built-in SGD task (docs/benchmarks.md), the
-rule with ``hybrid`` among the candidates raised the default's across-run Spearman on digits-mlp
-(0.73 -> 0.78) and text-minilm (0.64 -> 0.68) at about the same error (all-steps 0.145x -> 0.133x
-and 0.259x -> 0.265x the mean trajectory's); the least-error rule with ``hybrid`` added chose it on
-half the digits-mlp splits, by noise.
+table says why. So are the candidates fitted on one-step transitions (``capabilities.transitions``)
+when the runs record no two consecutive steps (collected with ``--eval-every k > 1``): the
+trajectory kinds and the mean trajectory remain.
+
+Measured on 6 held-out splits of each built-in SGD task (docs/benchmarks.md), the rule with
+``hybrid`` among the candidates raised the default's across-run Spearman on digits-mlp (0.73 ->
+0.78) and text-minilm (0.64 -> 0.68) at about the same error (all-steps 0.145x -> 0.133x and 0.259x
+-> 0.265x the mean trajectory's); the least-error rule with ``hybrid`` added chose it on half the
+digits-mlp splits, by noise.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ class AutoSimulator(Simulator):
         from simfluence.simulators import make_simulator
 
         table: list[dict[str, Any]] = []
-        skipped = {kind: reason for kind in self.config.candidates if (reason := _missing_task(kind, runs))}
+        skipped = {kind: reason for kind in self.config.candidates if (reason := _cannot_fit(kind, runs))}
         usable = [kind for kind in self.config.candidates if kind not in skipped]
         if not usable:
             raise UsageError(f"candidates: none can be fitted on these runs ({skipped})")
@@ -204,17 +208,21 @@ def choose_candidate(kinds: list[str], scores: dict[str, np.ndarray]) -> tuple[s
     return kinds[one_standard_error_choice(stacked[:, :, :2], ranking, kinds.index(least))], least
 
 
-def _missing_task(kind: str, runs: RunSet) -> str | None:
-    """Why candidate ``kind`` cannot be fitted on ``runs`` for want of a task (``None``: it can).
+def _cannot_fit(kind: str, runs: RunSet) -> str | None:
+    """Why candidate ``kind`` cannot be fitted on ``runs`` (``None``: it can).
 
-    Kinds that read the task take the one the runs' meta names (auto builds them without one);
-    runs recorded from a user's own model name none, and a Trainer task can only serve kinds that
-    declare ``trainer_tasks``.
+    Kinds fitted on one-step transitions need two consecutive recorded steps (runs collected with
+    ``--eval-every k > 1`` have none). Kinds that read the task take the one the runs' meta names
+    (auto builds them without one); runs recorded from a user's own model name none, and a Trainer
+    task can only serve kinds that declare ``trainer_tasks``.
     """
     from simfluence.simulators.base import capabilities
     from simfluence.tasks.registry import task_for_runs
 
     declared = capabilities(kind)
+    if declared.transitions and not (np.diff(runs.eval_steps) == 1).any():
+        return (f"fits one-step transitions, and these runs record losses only at steps "
+                f"{runs.eval_steps[:4].tolist()}...: no two consecutive ones")
     if declared.task == "none":
         return None
     try:

@@ -107,6 +107,9 @@ class Capabilities:
             training (:func:`~simfluence.collect.train.train_states`), so it runs on tasks
             trained with the Hugging Face Trainer too (the other task-reading kinds replay
             plain SGD or read example features those tasks lack).
+        transitions: it is fitted on teacher-forced one-step transitions ``L_{t-1} -> L_t``, so
+            its runs must record the losses after at least two consecutive steps (runs collected
+            with ``--eval-every k > 1`` have none; the trajectory kinds fit those).
     """
 
     family: Literal["learned", "extension", "gradient", "baseline"]
@@ -123,6 +126,7 @@ class Capabilities:
     expected_rollout: bool = False
     replay_runs: int | None = None
     trainer_tasks: bool = False
+    transitions: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -298,7 +298,8 @@ class FeaturizedSimulator(Simulator):
     """
 
     kind = "featurized"
-    capabilities = Capabilities("learned", task="optional", cross_validation=True, new_test_examples=True)
+    capabilities = Capabilities("learned", task="optional", cross_validation=True, new_test_examples=True,
+                                transitions=True)
     alpha_offset = 1.0
     config_class = FeaturizedConfig
     config: FeaturizedConfig

@@ -276,7 +276,7 @@ class GPTfluenceSimulator(Simulator):
     """
 
     kind = "gptfluence"
-    capabilities = Capabilities("extension", task="optional")
+    capabilities = Capabilities("extension", task="optional", transitions=True)
 
     config_class = GPTfluenceConfig
     config: GPTfluenceConfig

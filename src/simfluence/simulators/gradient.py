@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -405,7 +405,8 @@ def _lanczos(hvp, size: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, to
 
 def _scaled(base: type[GradientSimulator]) -> type[GradientSimulator]:
     cls = type(f"{base.__name__[:-len('Simulator')]}ScaledSimulator", (base,),
-               {"kind": f"{base.kind}-scaled", "fitted_scale": True, "capabilities": base.capabilities,
+               {"kind": f"{base.kind}-scaled", "fitted_scale": True,
+                "capabilities": replace(base.capabilities, transitions=True),   # the scale is fitted on them
                 "__doc__": f"``{base.kind}`` with one least-squares global scale fitted on the fitting runs."})
     return register(cls)
 

@@ -144,7 +144,7 @@ class HybridSimulator(LinearIdentitySimulator):
     kind = "hybrid"
     capabilities = Capabilities(
         "extension", task="required", ridge=True, cross_validation=True, device=True, precision=True,
-        column_rollout=True, expected_rollout=True)
+        column_rollout=True, expected_rollout=True, transitions=True)
     config_class = HybridConfig
     config: HybridConfig
 

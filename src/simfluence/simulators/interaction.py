@@ -392,7 +392,8 @@ class PairwiseSimulator(LinearIdentitySimulator):
     """
 
     kind = "linear-pairwise"
-    capabilities = Capabilities("extension", ridge=True, cross_validation=True, device=True, precision=True)
+    capabilities = Capabilities("extension", ridge=True, cross_validation=True, device=True, precision=True,
+                                transitions=True)
 
     config_class = PairwiseConfig
     config: PairwiseConfig

@@ -500,7 +500,7 @@ class LinearSimulator(TableSimulator):
     kind = "linear"
     capabilities = Capabilities(
         "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True,
-        expected_rollout=True)
+        expected_rollout=True, transitions=True)
     fit_alpha = True
     alpha_offset = 0.0
 
@@ -647,5 +647,5 @@ class LinearIdentitySimulator(LinearSimulator):
     kind = "linear-identity"
     capabilities = Capabilities(
         "learned", ridge=True, cross_validation=True, device=True, precision=True, column_rollout=True,
-        expected_rollout=True)
+        expected_rollout=True, transitions=True)
     alpha_offset = 1.0

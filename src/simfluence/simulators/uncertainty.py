@@ -96,7 +96,7 @@ class BootstrapLinearSimulator(LinearIdentitySimulator):
     kind = "linear-bootstrap"
     capabilities = Capabilities(
         "extension", ridge=True, cross_validation=True, device=True, precision=True, intervals=True,
-        column_rollout=True, expected_rollout=True)
+        column_rollout=True, expected_rollout=True, transitions=True)
 
     config_class = BootstrapConfig
     config: BootstrapConfig
