@@ -178,16 +178,15 @@ class AutoSimulator(Simulator):
 
 
 def fold_scores(model: Simulator, held: RunSet) -> list[float]:
-    """``model``'s all-steps MSE, final-step MSE and across-run Spearman (NaN for a baseline) on ``held``."""
-    from simfluence.evaluate import spearman
-    from simfluence.simulators.linear import all_steps_mse
+    """``model``'s all-steps MSE, final-step MSE and across-run Spearman on ``held``.
 
-    trajectories = model.simulate(held.curricula, held.initial_losses)
-    predicted = trajectories[:, held.eval_steps[-1]].astype(np.float64)
-    final = held.losses[:, -1].astype(np.float64)
-    correlation = spearman(predicted, final, axis=0)
-    ranking = float(np.nanmean(correlation)) if np.isfinite(correlation).any() else np.nan
-    return [all_steps_mse(trajectories, held), float(np.mean((predicted - final) ** 2)), ranking]
+    As :func:`~simfluence.evaluate.score` defines them; the ranking is NaN where it is undefined
+    (a baseline's constant predictions, fewer than 3 held-out runs).
+    """
+    from simfluence.evaluate import score
+
+    metrics = score(model.simulate(held.curricula, held.initial_losses), held)
+    return [metrics.mse, metrics.final_mse, metrics.across_run_spearman]
 
 
 def choose_candidate(kinds: list[str], scores: dict[str, np.ndarray]) -> tuple[str, str]:
