@@ -216,10 +216,11 @@ def _cannot_fit(kind: str, runs: RunSet) -> str | None:
     task can only serve kinds that declare ``trainer_tasks``.
     """
     from simfluence.simulators.base import capabilities
+    from simfluence.simulators.linear import transition_pairs
     from simfluence.tasks.registry import task_for_runs
 
     declared = capabilities(kind)
-    if declared.transitions and not (np.diff(runs.eval_steps) == 1).any():
+    if declared.transitions and transition_pairs(runs.eval_steps).size == 0:
         return (f"fits one-step transitions, and these runs record losses only at steps "
                 f"{runs.eval_steps[:4].tolist()}...: no two consecutive ones")
     if declared.task == "none":

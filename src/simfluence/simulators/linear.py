@@ -73,6 +73,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _WORKING_BYTES = 2 << 30  # solver working set per column chunk
 
 
+def transition_pairs(eval_steps: np.ndarray) -> np.ndarray:
+    """Eval indices ``k`` with ``eval_steps[k + 1] == eval_steps[k] + 1``: the one-step transitions recorded."""
+    return np.flatnonzero(np.diff(eval_steps) == 1)
+
+
 @dataclass(frozen=True)
 class Transitions:
     """Teacher-forced one-step transitions of a run set.
@@ -89,7 +94,7 @@ class Transitions:
     def of(cls, runs: RunSet, source: str = "<runs>") -> Transitions:
         """The transitions of ``runs``; ``source`` names them in errors."""
         steps = runs.eval_steps
-        pairs = np.flatnonzero(np.diff(steps) == 1)
+        pairs = transition_pairs(steps)
         if pairs.size == 0:
             raise RunDataError(source, "eval_steps", "has no two consecutive steps, so no one-step transition "
                                "can be fitted", "record losses after every step (or at least some consecutive ones)")
