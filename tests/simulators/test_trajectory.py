@@ -1,23 +1,27 @@
 """linear-trajectory and auto: recovery of a known generating model, nesting, persistence, choices."""
 
+import json
+
 import numpy as np
 import pytest
+from synthetic import linear_runs, trajectory_runs
 
 from simfluence.evaluate import evaluate, split_runs
 from simfluence.simulators import AutoSimulator, MeanTrajectorySimulator, Simulator, TrajectorySimulator
+from simfluence.simulators.base import arrays_checksum
 from simfluence.simulators.trajectory import adam_momentum, trajectory_features
-from synthetic import linear_runs, trajectory_runs
 
 
-def test_features_follow_the_recurrence_by_hand():
+@pytest.mark.parametrize("per_rate", [True, False])
+def test_features_follow_the_recurrence_by_hand(per_rate):
     curricula = np.array([[[0, 1], [1, -1], [2, 2]]])
     rates = np.array([0.5, 1.0, 0.25])
-    features = trajectory_features(curricula, 3, rates, momentum=0.5, decay=0.9)
+    features = trajectory_features(curricula, 3, rates, momentum=0.5, decay=0.9, per_rate=per_rate)
     u = np.zeros(3)
     f = np.zeros(3)
     for t, x in enumerate([np.array([0.5, 0.5, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])]):
         u = 0.5 * u + 0.5 * x
-        f = 0.9 * f + rates[t] * u
+        f = (0.9 ** rates[t] if per_rate else 0.9) * f + rates[t] * u
         np.testing.assert_allclose(features[0, t + 1], f, rtol=1e-12)
     assert (features[0, 0] == 0).all()
 
@@ -32,6 +36,20 @@ def test_recovers_a_known_step_aware_model():
     baseline = evaluate(MeanTrajectorySimulator().fit(fitting), heldout).metrics
     assert result.mse < 0.05 * baseline.mse and result.final_mse < 0.05 * baseline.final_mse
     assert result.across_run_spearman > 0.9
+
+
+def test_forgetting_per_unit_learning_rate_is_recovered_under_a_schedule():
+    runs, b, _ = trajectory_runs(seed=9, decay=0.8)
+    fitting, heldout = split_runs(runs, 6, 0)
+    simulator = TrajectorySimulator(space="loss", momentum=0.9).fit(fitting)
+    assert simulator.decay_ == 0.8 and simulator.per_rate_   # chosen by cross-validation
+    assert np.corrcoef(simulator.coef_.ravel(), b.ravel())[0, 1] > 0.95
+    per_step = TrajectorySimulator(space="loss", momentum=0.9).fit(fitting)
+    per_step.per_rate_ = False   # the same coefficients, forgetting 0.8 at every step whatever its rate
+    truth = heldout.losses[:, 1:]
+    errors = [float(((model.simulate(heldout.curricula, heldout.initial_losses)[:, 1:] - truth) ** 2).mean())
+              for model in (simulator, per_step)]
+    assert errors[0] < 0.2 * errors[1], errors
 
 
 def test_schedule_and_momentum_matter_when_they_generated_the_runs():
@@ -89,6 +107,24 @@ def test_save_load_round_trip(tmp_path):
     assert (loaded.space_, loaded.momentum_, loaded.decay_, loaded.rank_) == \
         (model.space_, model.momentum_, model.decay_, model.rank_)
     np.testing.assert_array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
+                                  model.simulate(runs.curricula, runs.initial_losses))
+
+
+def test_files_saved_before_per_rate_forgetting_keep_their_predictions(tmp_path):
+    runs, _, _ = trajectory_runs(seed=6, num_runs=12)
+    model = TrajectorySimulator(decay=0.7, momentum=0.9).fit(runs)
+    model.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as data:
+        arrays = dict(data)
+    arrays["state.choice"] = arrays["state.choice"][:6]        # the layout of files from before
+    config = json.loads(str(arrays["config"]))
+    config["checksum"] = arrays_checksum({key: value for key, value in arrays.items() if key != "config"})
+    arrays["config"] = np.array(json.dumps(config))
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = Simulator.load(tmp_path / "old.npz")
+    assert model.per_rate_ and not old.per_rate_
+    model.per_rate_ = False
+    np.testing.assert_array_equal(old.simulate(runs.curricula, runs.initial_losses),
                                   model.simulate(runs.curricula, runs.initial_losses))
 
 

@@ -203,7 +203,8 @@ def trajectory_runs(num_train: int = 30, num_test: int = 8, num_runs: int = 24, 
     """Runs drawn from a known ``linear-trajectory`` model with an AdamW-like schedule and momentum.
 
     ``L_t = L_0 + G_t + F_t b`` with ``F`` built independently of the library (a loop over
-    steps), ``b`` ``[N, M]`` of rank ``rank`` (or ``effects``, given), a warm-up then linear-decay
+    steps; each step keeps ``decay ** s_t`` of the features before it, ``s_t`` its rate over the
+    largest), ``b`` ``[N, M]`` of rank ``rank`` (or ``effects``, given), a warm-up then linear-decay
     schedule recorded in the meta as ``learning_rates``. Returns ``(runs, b, rates)``, ``rates``
     float64 ``[T]``.
     """
@@ -224,7 +225,7 @@ def trajectory_runs(num_train: int = 30, num_test: int = 8, num_runs: int = 24, 
         for t in range(num_steps):
             x = np.bincount(curricula[r, t], minlength=num_train) / batch
             smoothed = momentum * smoothed + (1 - momentum) * x
-            features = decay * features + rates[t] / rates.max() * smoothed
+            features = decay ** (rates[t] / rates.max()) * features + rates[t] / rates.max() * smoothed
             losses[r, t + 1] = 3.0 + drift[t + 1] + features @ b + rng.normal(0, noise, num_test)
     meta = {"task": "synthetic-trajectory", "optimizer": "adamw", "learning_rates": rates.tolist()}
     runs = RunSet.create(curricula, losses, _ids("train", num_train), _ids("test", num_test), meta=meta)
