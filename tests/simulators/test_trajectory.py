@@ -52,6 +52,13 @@ def test_forgetting_per_unit_learning_rate_is_recovered_under_a_schedule():
     assert errors[0] < 0.2 * errors[1], errors
 
 
+def test_faster_forgetting_than_the_grid_is_found_by_extending_it():
+    runs, _, _ = trajectory_runs(seed=10, decay=0.25)
+    model = TrajectorySimulator(space="loss", momentum=0.9, rank=0).fit(runs)
+    assert model.decay_ == 0.25
+    assert [row["decay"] for row in model.fit_info["cv_table"]][-2:] == [0.25, 0.0625]   # tried, and worse
+
+
 def test_schedule_and_momentum_matter_when_they_generated_the_runs():
     runs, _, _ = trajectory_runs(seed=2)
     fitting, heldout = split_runs(runs, 6, 0)

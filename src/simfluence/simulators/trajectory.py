@@ -42,7 +42,8 @@ on the per-step-centred features :math:`F`, and :math:`G^m_t = \overline{z_t - z
 fitting runs on a grid scaled to the features' spectrum (extended when the best value lies on
 an edge), so one extreme test example cannot set it for the others; ``space``, ``momentum``
 and ``decay`` are chosen by the same cross-validation (total held-out-fold all-steps MSE in
-loss units) unless fixed.
+loss units; ``decay`` on :data:`DECAYS`, extended to faster forgetting where its fastest is chosen)
+unless fixed.
 
 Test examples that are alike are moved by the same training examples (same class, same
 topic), so the effect matrix :math:`B = [b^1 \dots b^M]` (``[N, M]``) is close to low rank.
@@ -68,6 +69,9 @@ from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_
 
 SPACES = ("loss", "log", "margin")
 DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
+MIN_DECAY = 1e-4
+"""Where the grid's fastest forgetting is chosen it is squared (0.25, 0.0625, ...) while that lowers the
+cross-validated error, down to this."""
 GRID_DECADES = (-8.0, 1.0)
 GRID_STEP = 0.5
 """Ridge grid: ``10**e`` times the features' largest Gram eigenvalue, ``e`` in steps of half a decade."""
@@ -154,7 +158,8 @@ class TrajectoryConfig(SimulatorConfig):
                          "loss is positive).")
     momentum: float | str = setting("auto", "rho in [0, 1), or 'auto': {0, beta1} for runs trained with Adam(W), "
                                     "else 0.")
-    decay: float | str = setting("auto", "delta in (0, 1], or 'auto': cross-validated over DECAYS.")
+    decay: float | str = setting("auto", "delta in (0, 1], or 'auto': cross-validated over DECAYS (extended "
+                                 "below its smallest value where that one is chosen).")
     rank: int | str = setting("auto", "Keep the k leading directions of the effect matrix (0: full rank), or "
                               "'auto': 1, 2, 4, ... and the full rank.")
     schedule: bool = setting(True, "Scale each step's effects by its learning rate (from the runs' meta).")
@@ -188,7 +193,7 @@ class TrajectorySimulator(Simulator):
         momentum: :math:`\rho` in ``[0, 1)``, or ``"auto"``: cross-validated over ``{0, beta1}``
             for runs trained with Adam(W) (their meta says so), else 0.
         decay: :math:`\delta` in ``(0, 1]``, or ``"auto"``: cross-validated over
-            :data:`DECAYS`.
+            :data:`DECAYS`, squared while that helps where its smallest value is chosen.
         rank: keep the ``k`` leading directions of the effect matrix (0: full rank), or
             ``"auto"``: cross-validated over 1, 2, 4, ... and the full rank.
         schedule: scale each step's effects by its learning rate (from the runs' meta).
@@ -239,14 +244,26 @@ class TrajectorySimulator(Simulator):
             rank = config.rank if isinstance(config.rank, int) else 0   # "auto" without a search: full rank
         else:
             best: tuple | None = None   # only the best setting's arrays are kept
-            for setting in itertools.product(spaces, momenta, decays):
+
+            def consider(setting: tuple[str, float, float]) -> bool:
+                """Cross-validate one (space, momentum, decay); keep it if best so far. Whether it was."""
+                nonlocal best
                 features = trajectory_features(runs.curricula, runs.num_train, rates, *setting[1:])[:, runs.eval_steps]
                 target = _transform(losses, setting[0])
                 ridges, error = _cross_validate(features, target, losses, setting[0], folds, config.ridge, prior)
                 table.append({"space": setting[0], "momentum": setting[1], "decay": setting[2], "cv_mse": error})
                 if best is None or error < best[0]:
                     best = (error, setting, features, target, ridges)
+                    return True
+                return False
+
+            for setting in itertools.product(spaces, momenta, decays):
+                consider(setting)
             assert best is not None   # the grid has at least one setting
+            if config.decay == "auto":   # the fastest forgetting won: square it while that helps
+                space, momentum, decay = best[1]
+                while decay == min(decays) and decay > MIN_DECAY and consider((space, momentum, decay ** 2)):
+                    decays.append(decay := decay ** 2)
             error, (space, momentum, decay), features, target, ridges = best
             ranks = [config.rank] if isinstance(config.rank, int) else _ranks(runs.num_train, runs.num_test)
             rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks, prior)
