@@ -28,8 +28,8 @@ steps. This simulator models the trajectory itself:
   so the small steps of a warm-up or of a decay's tail forget little. Under a constant rate this
   is :math:`\delta` per step. (On 4 splits of 48 minilm-finetune runs, 36 fitting / 12 held out,
   against :math:`\delta` per step whatever the rate: ``gradient-trajectory``'s final-step MSE fell
-  from 1.00x to 0.80x the mean trajectory's, all-steps from 0.71x to 0.68x, across-run Spearman
-  rose from 0.32 to 0.38; ``docs/benchmarks.md``.)
+  from 1.00x to 0.81x the mean trajectory's, all-steps from 0.70x to 0.67x, across-run Spearman
+  rose from 0.31 to 0.40; ``docs/benchmarks.md``.)
 * :math:`G^m_t`: a free term per step and test example. With :math:`b = 0` the model is
   exactly the mean-trajectory baseline (in loss space), so it nests that baseline;
 * :math:`b^m \in \mathbb{R}^N`: the effect of each training example on test example ``m``.
