@@ -1,5 +1,6 @@
 """linear-trajectory and auto: recovery of a known generating model, nesting, persistence, choices."""
 
+import copy
 import json
 
 import numpy as np
@@ -44,7 +45,7 @@ def test_forgetting_per_unit_learning_rate_is_recovered_under_a_schedule():
     simulator = TrajectorySimulator(space="loss", momentum=0.9).fit(fitting)
     assert simulator.decay_ == 0.8 and simulator.per_rate_   # chosen by cross-validation
     assert np.corrcoef(simulator.coef_.ravel(), b.ravel())[0, 1] > 0.95
-    per_step = TrajectorySimulator(space="loss", momentum=0.9).fit(fitting)
+    per_step = copy.deepcopy(simulator)
     per_step.per_rate_ = False   # the same coefficients, forgetting 0.8 at every step whatever its rate
     truth = heldout.losses[:, 1:]
     errors = [float(((model.simulate(heldout.curricula, heldout.initial_losses)[:, 1:] - truth) ** 2).mean())
