@@ -38,8 +38,9 @@ def test_table_kinds_equal_the_exact_average(runs, kind, settings, batch):
 def test_trajectory_kind_is_exact_in_loss_space_and_close_in_margin_space():
     runs = trajectory_runs(num_train=10, num_test=4, num_runs=12, num_steps=20, batch=2, seed=3)[0]
     initial = runs.initial_losses[0]
-    for space, tolerance in (("loss", 1e-9), ("margin", 2e-2)):
-        simulator = make_simulator("linear-trajectory", space=space, momentum=0.9, decay=0.9).fit(runs)
+    for space, tolerance, repeat in (("loss", 1e-9, 1.0), ("loss", 1e-9, 0.5), ("margin", 2e-2, 1.0)):
+        simulator = make_simulator("linear-trajectory", space=space, momentum=0.9, decay=0.9,
+                                   repeat_decay=repeat).fit(runs)
         expected = simulator.simulate_expected(POOLS, 3, initial, batch_size=2)
         for p, pool in enumerate(POOLS):
             exact = exact_average(simulator, pool, 3, 2, initial)

@@ -13,14 +13,17 @@ from simfluence.simulators.base import arrays_checksum
 from simfluence.simulators.trajectory import adam_momentum, trajectory_features
 
 
-@pytest.mark.parametrize("per_rate", [True, False])
-def test_features_follow_the_recurrence_by_hand(per_rate):
+@pytest.mark.parametrize("per_rate,repeat", [(True, 1.0), (False, 1.0), (True, 0.5)])
+def test_features_follow_the_recurrence_by_hand(per_rate, repeat):
     curricula = np.array([[[0, 1], [1, -1], [2, 2]]])
     rates = np.array([0.5, 1.0, 0.25])
-    features = trajectory_features(curricula, 3, rates, momentum=0.5, decay=0.9, per_rate=per_rate)
+    features = trajectory_features(curricula, 3, rates, momentum=0.5, decay=0.9, per_rate=per_rate,
+                                   repeat_decay=repeat)
     u = np.zeros(3)
     f = np.zeros(3)
-    for t, x in enumerate([np.array([0.5, 0.5, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])]):
+    # Example 1 comes back at step 1 (its second occurrence); example 2 twice in one batch (its first).
+    batches = [np.array([0.5, 0.5, 0]), np.array([0, 1.0 * repeat, 0]), np.array([0, 0, 1.0])]
+    for t, x in enumerate(batches):
         u = 0.5 * u + 0.5 * x
         f = (0.9 ** rates[t] if per_rate else 0.9) * f + rates[t] * u
         np.testing.assert_allclose(features[0, t + 1], f, rtol=1e-12)
@@ -51,6 +54,20 @@ def test_forgetting_per_unit_learning_rate_is_recovered_under_a_schedule():
     errors = [float(((model.simulate(heldout.curricula, heldout.initial_losses)[:, 1:] - truth) ** 2).mean())
               for model in (simulator, per_step)]
     assert errors[0] < 0.2 * errors[1], errors
+
+
+def test_repeat_decay_is_recovered_and_matters():
+    runs, b, _ = trajectory_runs(seed=11, repeat_decay=0.5, num_steps=40, num_train=20)
+    fitting, heldout = split_runs(runs, 6, 0)
+    model = TrajectorySimulator(space="loss", momentum=0.9, decay=1.0).fit(fitting)
+    assert model.repeat_decay_ == 0.5 and model.fit_info["repeat_decay"] == 0.5   # chosen by cross-validation
+    assert np.corrcoef(model.coef_.ravel(), b.ravel())[0, 1] > 0.95
+    every = TrajectorySimulator(space="loss", momentum=0.9, decay=1.0, repeat_decay=1.0).fit(fitting)
+    errors = [evaluate(m, heldout).metrics.mse for m in (model, every)]
+    assert errors[0] < 0.2 * errors[1], errors
+    # Runs where every occurrence teaches alike keep 1.
+    plain, _, _ = trajectory_runs(seed=11, num_steps=40, num_train=20)
+    assert TrajectorySimulator(space="loss", momentum=0.9, decay=1.0).fit(plain).repeat_decay_ == 1.0
 
 
 def test_faster_forgetting_than_the_grid_is_found_by_extending_it():
@@ -112,15 +129,15 @@ def test_save_load_round_trip(tmp_path):
     model.save(tmp_path / "m.npz")
     loaded = Simulator.load(tmp_path / "m.npz")
     assert isinstance(loaded, TrajectorySimulator)
-    assert (loaded.space_, loaded.momentum_, loaded.decay_, loaded.rank_) == \
-        (model.space_, model.momentum_, model.decay_, model.rank_)
+    assert (loaded.space_, loaded.momentum_, loaded.decay_, loaded.repeat_decay_, loaded.rank_) == \
+        (model.space_, model.momentum_, model.decay_, model.repeat_decay_, model.rank_)
     np.testing.assert_array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
                                   model.simulate(runs.curricula, runs.initial_losses))
 
 
 def test_files_saved_before_per_rate_forgetting_keep_their_predictions(tmp_path):
     runs, _, _ = trajectory_runs(seed=6, num_runs=12)
-    model = TrajectorySimulator(decay=0.7, momentum=0.9).fit(runs)
+    model = TrajectorySimulator(decay=0.7, momentum=0.9, repeat_decay=1.0).fit(runs)
     model.save(tmp_path / "m.npz")
     with np.load(tmp_path / "m.npz") as data:
         arrays = dict(data)
@@ -130,7 +147,7 @@ def test_files_saved_before_per_rate_forgetting_keep_their_predictions(tmp_path)
     arrays["config"] = np.array(json.dumps(config))
     np.savez(tmp_path / "old.npz", **arrays)
     old = Simulator.load(tmp_path / "old.npz")
-    assert model.per_rate_ and not old.per_rate_
+    assert model.per_rate_ and not old.per_rate_ and old.repeat_decay_ == 1.0
     model.per_rate_ = False
     np.testing.assert_array_equal(old.simulate(runs.curricula, runs.initial_losses),
                                   model.simulate(runs.curricula, runs.initial_losses))
@@ -151,7 +168,8 @@ def test_fit_twice_equals_two_fresh_fits():
 
 def test_bad_settings_are_one_line_errors():
     for params, message in (({"ridge": float("inf")}, "ridge"), ({"space": "sqrt"}, "space"),
-                            ({"momentum": 1.0}, "momentum"), ({"decay": 0}, "decay"), ({"rank": -1}, "rank"),
+                            ({"momentum": 1.0}, "momentum"), ({"decay": 0}, "decay"),
+                            ({"repeat_decay": 1.5}, "repeat_decay"), ({"rank": -1}, "rank"),
                             ({"cv_folds": 1}, "cv_folds")):
         with pytest.raises(ValueError, match=f"^{message}:"):
             TrajectorySimulator(**params)

@@ -199,12 +199,14 @@ def large_linear_runs(num_train: int, num_test: int, num_runs: int, num_steps: i
 # --- linear-trajectory ----------------------------------------------------------------
 def trajectory_runs(num_train: int = 30, num_test: int = 8, num_runs: int = 24, num_steps: int = 40, batch: int = 4,
                     seed: int = 0, noise: float = 1e-3, momentum: float = 0.9, decay: float = 1.0, rank: int = 2,
-                    warmup: int = 5, effects: np.ndarray | None = None) -> tuple[RunSet, np.ndarray, np.ndarray]:
+                    warmup: int = 5, effects: np.ndarray | None = None,
+                    repeat_decay: float = 1.0) -> tuple[RunSet, np.ndarray, np.ndarray]:
     """Runs drawn from a known ``linear-trajectory`` model with an AdamW-like schedule and momentum.
 
     ``L_t = L_0 + G_t + F_t b`` with ``F`` built independently of the library (a loop over
     steps; each step keeps ``decay ** s_t`` of the features before it, ``s_t`` its rate over the
-    largest), ``b`` ``[N, M]`` of rank ``rank`` (or ``effects``, given), a warm-up then linear-decay
+    largest; an example's count weighs ``repeat_decay ** (its earlier occurrences in the run)``),
+    ``b`` ``[N, M]`` of rank ``rank`` (or ``effects``, given), a warm-up then linear-decay
     schedule recorded in the meta as ``learning_rates``. Returns ``(runs, b, rates)``, ``rates``
     float64 ``[T]``.
     """
@@ -220,10 +222,12 @@ def trajectory_runs(num_train: int = 30, num_test: int = 8, num_runs: int = 24, 
     drift = -0.01 * np.arange(num_steps + 1)[:, None] * np.ones(num_test)   # G_t: the same in every run
     losses = np.zeros((num_runs, num_steps + 1, num_test))
     for r in range(num_runs):
-        smoothed, features = np.zeros(num_train), np.zeros(num_train)
+        smoothed, features, seen = np.zeros(num_train), np.zeros(num_train), np.zeros(num_train)
         losses[r, 0] = 3.0
         for t in range(num_steps):
-            x = np.bincount(curricula[r, t], minlength=num_train) / batch
+            counts = np.bincount(curricula[r, t], minlength=num_train)
+            x = counts * repeat_decay ** seen / batch
+            seen += counts
             smoothed = momentum * smoothed + (1 - momentum) * x
             features = decay ** (rates[t] / rates.max()) * features + rates[t] / rates.max() * smoothed
             losses[r, t + 1] = 3.0 + drift[t + 1] + features @ b + rng.normal(0, noise, num_test)

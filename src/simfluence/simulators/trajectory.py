@@ -18,8 +18,12 @@ steps. This simulator models the trajectory itself:
   \log(1 + e^{-\text{margin}})` this is minus the margin, in which training moves a
   classifier about linearly; like ``log`` for small losses and like ``loss`` for large ones);
 * :math:`x_t \in \mathbb{R}^N`: the batch of step ``t`` as example counts divided by the
-  batch size; :math:`u_t` its momentum-smoothed form (``momentum`` :math:`\rho`, Adam's
-  :math:`\beta_1` where the runs name it; 0 for SGD);
+  batch size, each example's count weighted by :math:`\gamma^{n_{t,i}}` (``repeat_decay``
+  :math:`\gamma`, :math:`n_{t,i}` the times example ``i`` was trained on before step ``t`` in
+  this run): with :math:`\gamma < 1` an example the model has already seen teaches less each
+  time it comes back (1: every occurrence as much as the first); :math:`u_t` its
+  momentum-smoothed form (``momentum`` :math:`\rho`, Adam's :math:`\beta_1` where the runs name
+  it; 0 for SGD);
 * :math:`s_t = \eta_t / \max_k \eta_k`: the step's learning rate (read from the runs' meta:
   the rates the recorder saw, else the task's schedule), or 1 with ``schedule=False``;
 * :math:`\delta` (``decay``): how much of an earlier step's effect survives each later step
@@ -40,10 +44,10 @@ with :math:`G` free, :math:`b^m` is the ridge regression of the per-step-centred
 on the per-step-centred features :math:`F`, and :math:`G^m_t = \overline{z_t - z_0} - \bar F_t
 \cdot b^m`. The ridge strength is chosen **per test example** by K-fold cross-validation over
 fitting runs on a grid scaled to the features' spectrum (extended when the best value lies on
-an edge), so one extreme test example cannot set it for the others; ``space``, ``momentum``
-and ``decay`` are chosen by the same cross-validation (total held-out-fold all-steps MSE in
-loss units; ``decay`` on :data:`DECAYS`, extended to faster forgetting where its fastest is chosen)
-unless fixed.
+an edge), so one extreme test example cannot set it for the others; ``space``, ``momentum``,
+``decay`` and ``repeat_decay`` are chosen by the same cross-validation (total held-out-fold
+all-steps MSE in loss units; ``decay`` on :data:`DECAYS`, extended to faster forgetting where its
+fastest is chosen; ``repeat_decay`` on :data:`REPEAT_DECAYS`) unless fixed.
 
 Test examples that are alike are moved by the same training examples (same class, same
 topic), so the effect matrix :math:`B = [b^1 \dots b^M]` (``[N, M]``) is close to low rank.
@@ -69,6 +73,10 @@ from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_
 
 SPACES = ("loss", "log", "margin")
 DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
+REPEAT_DECAYS = (1.0, 0.5, 0.25)
+r"""The :math:`\gamma` cross-validated by default. On held-out runs (``docs/benchmarks.md``) 0.5 lowered
+``gradient-trajectory``'s all-steps error on text-minilm from 0.445x to 0.295x the mean trajectory's
+while 1 was best on tiny-lm (0.318x against 0.417x at 0.5): the data decide."""
 MIN_DECAY = 1e-4
 """Where the grid's fastest forgetting is chosen it is squared (0.25, 0.0625, ...) while that lowers the
 cross-validated error, down to this."""
@@ -95,6 +103,15 @@ def batch_matrix(curricula: np.ndarray, num_train: int) -> np.ndarray:
     return x
 
 
+def repeat_weights(curricula: np.ndarray, num_train: int, repeat_decay: float) -> np.ndarray:
+    r"""float64 ``[R, T, N]``: :math:`\gamma^{n_{t,i}}`, ``n`` the occurrences of ``i`` in the run before step ``t``."""
+    runs, steps, _ = curricula.shape
+    counts = np.zeros((runs, steps, num_train))
+    r, t, slot = np.nonzero(curricula != PAD)
+    np.add.at(counts, (r, t, curricula[r, t, slot]), 1.0)
+    return float(repeat_decay) ** (np.cumsum(counts, axis=1) - counts)
+
+
 def step_rates(rates: np.ndarray, num_steps: int) -> np.ndarray:
     """float64 ``[T]``: the :math:`s_t` of ``num_steps`` steps from ``rates`` (past its end: its last value)."""
     rates = np.asarray(rates, dtype=np.float64)
@@ -102,14 +119,17 @@ def step_rates(rates: np.ndarray, num_steps: int) -> np.ndarray:
 
 
 def trajectory_features(curricula: np.ndarray, num_train: int, rates: np.ndarray, momentum: float,
-                        decay: float, per_rate: bool = True) -> np.ndarray:
+                        decay: float, per_rate: bool = True, repeat_decay: float = 1.0) -> np.ndarray:
     r"""float64 ``[R, T + 1, N]``: :math:`F_t` of the module docstring (``F_0 = 0``).
 
     ``rates`` is float ``[T]`` (the :math:`s_t`, steps past its end use its last value). Each step
     keeps :math:`\delta^{s_t}` of the features before it; ``per_rate=False``: :math:`\delta`
-    whatever the rate (models saved before the per-rate forgetting).
+    whatever the rate (models saved before the per-rate forgetting). Each count is weighted by
+    ``repeat_decay`` to the power of the example's earlier occurrences in the run (:func:`repeat_weights`).
     """
     x = batch_matrix(curricula, num_train)
+    if repeat_decay != 1.0:
+        x *= repeat_weights(curricula, num_train, repeat_decay)
     runs, steps, _ = x.shape
     scale = step_rates(rates, steps)
     kept = kept_fraction(decay, scale, per_rate)
@@ -160,6 +180,9 @@ class TrajectoryConfig(SimulatorConfig):
                                     "else 0.")
     decay: float | str = setting("auto", "delta in (0, 1], or 'auto': cross-validated over DECAYS (extended "
                                  "below its smallest value where that one is chosen).")
+    repeat_decay: float | str = setting("auto", "gamma in (0, 1]: an example's k-th occurrence in a run counts "
+                                        "gamma^(k-1) (1: every occurrence as much as the first), or 'auto': "
+                                        "cross-validated over REPEAT_DECAYS.")
     rank: int | str = setting("auto", "Keep the k leading directions of the effect matrix (0: full rank), or "
                               "'auto': 1, 2, 4, ... and the full rank.")
     schedule: bool = setting(True, "Scale each step's effects by its learning rate (from the runs' meta).")
@@ -172,8 +195,11 @@ class TrajectoryConfig(SimulatorConfig):
         one_of("space", self.space, (*SPACES, "auto"))
         if self.momentum != "auto" and not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise UsageError(f"momentum: expected a number in [0, 1) or 'auto', got {self.momentum!r}")
-        if self.decay != "auto" and not (isinstance(self.decay, (int, float)) and 0 < self.decay <= 1):
-            raise UsageError(f"decay: expected a number in (0, 1] or 'auto', got {self.decay!r}")
+        for name in ("decay", "repeat_decay"):
+            value = getattr(self, name)
+            if value != "auto" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                        and 0 < value <= 1):
+                raise UsageError(f"{name}: expected a number in (0, 1] or 'auto', got {value!r}")
         if self.rank != "auto":
             self._set("rank", integer("rank", self.rank, 0, " (0: full rank) or 'auto'"))
         self._set("schedule", boolean("schedule", self.schedule))
@@ -194,6 +220,8 @@ class TrajectorySimulator(Simulator):
             for runs trained with Adam(W) (their meta says so), else 0.
         decay: :math:`\delta` in ``(0, 1]``, or ``"auto"``: cross-validated over
             :data:`DECAYS`, squared while that helps where its smallest value is chosen.
+        repeat_decay: :math:`\gamma` in ``(0, 1]``, or ``"auto"``: cross-validated over
+            :data:`REPEAT_DECAYS`.
         rank: keep the ``k`` leading directions of the effect matrix (0: full rank), or
             ``"auto"``: cross-validated over 1, 2, 4, ... and the full rank.
         schedule: scale each step's effects by its learning rate (from the runs' meta).
@@ -202,7 +230,7 @@ class TrajectorySimulator(Simulator):
 
     Fitted state: ``coef_`` float64 ``[N, M]`` (:math:`b`), ``offset_`` ``[T_fit + 1, M]``
     (:math:`G`), ``rates_`` ``[T_fit]`` (:math:`s`), ``ridge_`` ``[M]``, and the chosen
-    ``space_``, ``momentum_``, ``decay_``; ``per_rate_`` (``True``: a step keeps
+    ``space_``, ``momentum_``, ``decay_``, ``repeat_decay_``; ``per_rate_`` (``True``: a step keeps
     :math:`\delta^{s_t}`; ``False`` only in models saved before, which kept :math:`\delta` per step).
     """
 
@@ -229,12 +257,15 @@ class TrajectorySimulator(Simulator):
         beta1 = adam_momentum(runs.meta)
         momenta = [float(config.momentum)] if config.momentum != "auto" else ([0.0] if beta1 is None else [0.0, beta1])
         decays = [float(config.decay)] if config.decay != "auto" else list(DECAYS)
+        repeats = [float(config.repeat_decay)] if config.repeat_decay != "auto" else list(REPEAT_DECAYS)
         folds = run_folds(runs.num_runs, config.cv_folds, config.seed)
         table: list[dict] = []
         if runs.num_runs < MIN_CV_RUNS:   # too few runs to cross-validate: strong shrinkage, no choices
             space = "loss" if config.space == "auto" else config.space
             momentum, decay = momenta[-1], 1.0 if config.decay == "auto" else decays[0]
-            features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay)[:, runs.eval_steps]
+            repeat = 1.0 if config.repeat_decay == "auto" else repeats[0]
+            features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay,
+                                           repeat_decay=repeat)[:, runs.eval_steps]
             target = _transform(losses, space)
             x = _centred(features, target)[0]
             strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
@@ -245,26 +276,29 @@ class TrajectorySimulator(Simulator):
         else:
             best: tuple | None = None   # only the best setting's arrays are kept
 
-            def consider(setting: tuple[str, float, float]) -> bool:
-                """Cross-validate one (space, momentum, decay); keep it if best so far. Whether it was."""
+            def consider(setting: tuple[str, float, float, float]) -> bool:
+                """Cross-validate one (space, momentum, decay, repeat_decay); keep it if best so far. Whether it was."""
                 nonlocal best
-                features = trajectory_features(runs.curricula, runs.num_train, rates, *setting[1:])[:, runs.eval_steps]
-                target = _transform(losses, setting[0])
-                ridges, error = _cross_validate(features, target, losses, setting[0], folds, config.ridge, prior)
-                table.append({"space": setting[0], "momentum": setting[1], "decay": setting[2], "cv_mse": error})
+                space, momentum, decay, repeat = setting
+                features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay,
+                                               repeat_decay=repeat)[:, runs.eval_steps]
+                target = _transform(losses, space)
+                ridges, error = _cross_validate(features, target, losses, space, folds, config.ridge, prior)
+                table.append({"space": space, "momentum": momentum, "decay": decay, "repeat_decay": repeat,
+                              "cv_mse": error})
                 if best is None or error < best[0]:
                     best = (error, setting, features, target, ridges)
                     return True
                 return False
 
-            for setting in itertools.product(spaces, momenta, decays):
+            for setting in itertools.product(spaces, momenta, decays, repeats):
                 consider(setting)
             assert best is not None   # the grid has at least one setting
             if config.decay == "auto":   # the fastest forgetting won: square it while that helps
-                space, momentum, decay = best[1]
-                while decay == min(decays) and decay > MIN_DECAY and consider((space, momentum, decay ** 2)):
+                space, momentum, decay, repeat = best[1]
+                while decay == min(decays) and decay > MIN_DECAY and consider((space, momentum, decay ** 2, repeat)):
                     decays.append(decay := decay ** 2)
-            error, (space, momentum, decay), features, target, ridges = best
+            error, (space, momentum, decay, repeat), features, target, ridges = best
             ranks = [config.rank] if isinstance(config.rank, int) else _ranks(runs.num_train, runs.num_test)
             rank_errors = _rank_errors(features, target, losses, space, folds, ridges, ranks, prior)
             error, rank = min(zip(rank_errors, ranks))
@@ -273,17 +307,19 @@ class TrajectorySimulator(Simulator):
         coef, offset, scale = _solve(features, target, ridges, rank, prior)
         self.coef_, self.ridge_, self.rates_, self.prior_scale_ = coef, ridges, rates, scale
         self.space_, self.momentum_, self.decay_, self.per_rate_ = space, momentum, decay, True
+        self.repeat_decay_ = float(repeat)
         self.offset_ = _interpolate(offset, runs.eval_steps, runs.num_steps)
         self.floor_, self.ceiling_ = _bounds(losses)
         self.rank_ = rank
         finite = ridges[np.isfinite(ridges)]
-        self.fit_info.update({"space": space, "momentum": momentum, "decay": decay, "rank": rank, "cv_mse": error,
+        self.fit_info.update({"space": space, "momentum": momentum, "decay": decay, "repeat_decay": repeat,
+                              "rank": rank, "cv_mse": error,
                               "ridge_median": float(np.median(finite)) if finite.size else None, "cv_table": table})
 
     # --- simulation ------------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
         features = trajectory_features(curricula, self.train_ids.size, self.rates_, self.momentum_, self.decay_,
-                                       self.per_rate_)
+                                       self.per_rate_, self.repeat_decay_)
         return self._losses(features @ self.coef_, initial).astype(np.float32)
 
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
@@ -295,9 +331,23 @@ class TrajectorySimulator(Simulator):
         loss space :math:`E[L_t]` (where the clip to the fitting losses' range does not bind); in
         ``log`` / ``margin`` space the loss at :math:`E[z_t]` (first order in the batch noise; per
         test example it ranks pools as :math:`E[z_t]` does). float64 ``[P, T + 1, M]``.
+
+        With :math:`\gamma < 1` (``repeat_decay_``) an example's weight depends on its earlier
+        occurrences, which are independent of the step's own draw: with ``B`` slots each holding
+        ``i`` with probability :math:`w_i`, :math:`E[x_{t,i}] = w_i (1 - w_i (1 - \gamma))^{B t}`
+        (steps counted from 0), and the recurrence runs on that vector per pool.
         """
         scale = step_rates(self.rates_, num_steps)
         kept = kept_fraction(self.decay_, scale, self.per_rate_)
+        if self.repeat_decay_ != 1.0:
+            kept_per_step = (1.0 - weights * (1.0 - self.repeat_decay_)) ** batch_size    # [P, N]
+            smoothed, features = np.zeros(weights.shape), np.zeros(weights.shape)
+            effects = np.zeros((weights.shape[0], num_steps + 1, self.coef_.shape[1]))
+            for t in range(num_steps):
+                smoothed = self.momentum_ * smoothed + (1.0 - self.momentum_) * weights * kept_per_step ** t
+                features = kept[t] * features + scale[t] * smoothed
+                effects[:, t + 1] = features @ self.coef_
+            return self._losses(effects, initial)
         c = np.zeros(num_steps + 1)
         for t in range(num_steps):
             c[t + 1] = kept[t] * c[t] + scale[t] * (1.0 - self.momentum_ ** (t + 1))
@@ -315,7 +365,7 @@ class TrajectorySimulator(Simulator):
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"coef": self.coef_, "offset": self.offset_, "rates": self.rates_, "ridge": self.ridge_,
                 "choice": np.array([SPACES.index(self.space_), self.momentum_, self.decay_, self.floor_, self.rank_,
-                                    self.ceiling_, float(self.per_rate_)])}
+                                    self.ceiling_, float(self.per_rate_), self.repeat_decay_])}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.coef_, self.offset_, self.rates_, self.ridge_ = (np.asarray(arrays[key], dtype=np.float64)
@@ -323,13 +373,16 @@ class TrajectorySimulator(Simulator):
         choice = np.asarray(arrays["choice"], dtype=np.float64)
         n, m = self.train_ids.size, self.test_ids.size
         if self.coef_.shape != (n, m) or self.offset_.ndim != 2 or self.offset_.shape[1] != m or \
-                choice.shape not in ((6,), (7,)):
+                choice.shape not in ((6,), (7,), (8,)):
             raise ValueError("array shapes do not match the ids")
         if int(choice[0]) not in range(len(SPACES)):
             raise ValueError("'choice' names no known space")
         self.space_, self.momentum_, self.decay_, self.floor_ = SPACES[int(choice[0])], *map(float, choice[1:4])
         self.rank_, self.ceiling_ = int(choice[4]), float(choice[5])
         self.per_rate_ = bool(choice[6]) if choice.size > 6 else False   # files from before: delta per step
+        self.repeat_decay_ = float(choice[7]) if choice.size > 7 else 1.0   # files from before: every occurrence
+        if not 0 < self.repeat_decay_ <= 1:
+            raise ValueError("'choice' holds a repeat_decay outside (0, 1]")
 
 
 def _transform(losses: np.ndarray, space: str) -> np.ndarray:
