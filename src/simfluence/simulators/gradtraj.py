@@ -32,7 +32,7 @@ those ``N`` free numbers are noisy. Here each is anchored to what the model's gr
 
 So the fit nests linear-trajectory's free fit (small :math:`\lambda`: the residual takes over), the
 "decay kernel" :math:`b^m = \sigma_m p^m` (:math:`\lambda = \infty`) and, with a zero prior and
-:math:`\lambda = \infty`, exactly the mean trajectory. ``space``, ``momentum``, ``decay``,
+:math:`\lambda = \infty`, exactly the mean trajectory. ``space``, ``momentum``, ``decay``, ``repeat_decay``,
 ``schedule`` and ``rank`` (applied to the residual) are linear-trajectory's settings, chosen the
 same way. The saved model holds :math:`b` itself, so loading needs no task.
 
