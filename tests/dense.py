@@ -3,14 +3,18 @@
 Built from the batches alone, without :class:`~simfluence.simulators.design.BatchDesign`, so
 they check the library's sparse operator and batched solver independently; and the exact
 average of a simulator over every curriculum of a tiny pool, the reference of the closed-form
-expectations.
+expectations; the Simfluence-Linear recurrence by a plain loop; a saved simulator with one
+array taken out (a file of an older version).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
+
+from simfluence.simulators.base import arrays_checksum, config_checksum
 
 
 def every_curriculum(pool: np.ndarray, num_steps: int, batch: int) -> np.ndarray:
@@ -50,3 +54,40 @@ def dense_transition_ridge(batches, num_train: int, previous, target, ridge: flo
         solutions.append(np.linalg.solve(gram, features.T @ target[:, m]))
     table = np.stack(solutions, axis=1)
     return (table[:num_train], table[num_train:]) if fit_alpha else (None, table)
+
+
+def python_rollout(a, b, curricula, initial, alpha_offset, batch_size=None):
+    """Plain loop over runs, steps and batch slots: the reference for the vectorised rollout.
+
+    With ``batch_size`` n, a step of k examples weighs each n / k (a batch-mean loss).
+    """
+    runs, steps, _ = curricula.shape
+    out = np.zeros((runs, steps + 1, initial.shape[1]))
+    for r in range(runs):
+        loss = initial[r].astype(np.float64)
+        out[r, 0] = loss
+        for t in range(steps):
+            alpha = np.full(loss.shape, alpha_offset) if a is not None else np.ones_like(loss)
+            beta = np.zeros_like(loss)
+            present = int((curricula[r, t] >= 0).sum())
+            weight = 1.0 if batch_size is None or present == 0 else batch_size / present
+            for i in curricula[r, t]:
+                if i < 0:
+                    continue
+                if a is not None:
+                    alpha = alpha + weight * a[i]
+                beta = beta + weight * b[i]
+            loss = alpha * loss + beta
+            out[r, t + 1] = loss
+    return out
+
+
+def without_array(path, out, name):
+    """A copy of the saved simulator ``path`` without the array ``name``, checksums still valid."""
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {key: value for key, value in saved.items() if key != name}
+    config = json.loads(str(arrays["config"]))
+    config["checksum"] = arrays_checksum({k: v for k, v in arrays.items() if k != "config"})
+    config["config_checksum"] = config_checksum(config)
+    np.savez(out, **{**arrays, "config": np.array(json.dumps(config))})
+    return out

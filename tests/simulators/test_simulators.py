@@ -3,41 +3,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from dense import python_rollout, without_array
+from synthetic import linear_runs
 
 from simfluence import RunDataError
-from simfluence.simulators import (LinearIdentitySimulator, LinearSimulator, NotFittedError, Simulator,
-                                   make_simulator)
-
-from synthetic import linear_runs
+from simfluence.simulators import LinearIdentitySimulator, LinearSimulator, NotFittedError, Simulator, make_simulator
 
 # Simulators that learn from runs alone (gradient methods need a real task: test_gradient.py).
 RUN_ONLY = ("linear", "linear-identity", "additive", "mean-trajectory", "constant")
-
-
-def python_rollout(a, b, curricula, initial, alpha_offset, batch_size=None):
-    """Plain loop over runs, steps and batch slots: the reference for the vectorised rollout.
-
-    With ``batch_size`` n, a step of k examples weighs each n / k (a batch-mean loss).
-    """
-    runs, steps, _ = curricula.shape
-    out = np.zeros((runs, steps + 1, initial.shape[1]))
-    for r in range(runs):
-        loss = initial[r].astype(np.float64)
-        out[r, 0] = loss
-        for t in range(steps):
-            alpha = np.full(loss.shape, alpha_offset) if a is not None else np.ones_like(loss)
-            beta = np.zeros_like(loss)
-            present = int((curricula[r, t] >= 0).sum())
-            weight = 1.0 if batch_size is None or present == 0 else batch_size / present
-            for i in curricula[r, t]:
-                if i < 0:
-                    continue
-                if a is not None:
-                    alpha = alpha + weight * a[i]
-                beta = beta + weight * b[i]
-            loss = alpha * loss + beta
-            out[r, t + 1] = loss
-    return out
 
 
 @pytest.mark.parametrize("batch_mean", [True, False])
@@ -271,7 +244,7 @@ def test_blend_falls_back_to_the_mean_trajectory_when_curricula_do_not_matter(ki
 def test_blended_simulate_is_mean_plus_weighted_rollout_deviation(kind):
     runs = noise_runs(seed=2, noise=0.05)
     fitting, heldout = runs.select(np.arange(22)), runs.select(np.arange(22, 30))
-    simulator = make_simulator(kind, dtype="float64").fit(fitting)
+    simulator = make_simulator(kind, dtype="float64", space="loss").fit(fitting)   # other spaces: test_linear_spaces
     weights = simulator.blend_
     assert (weights < 1).any() and ((weights >= 0) & (weights <= 1)).all()
     curricula = heldout.curricula.copy()
@@ -305,19 +278,6 @@ def test_column_rollout_equals_slicing_the_blended_simulation(kind):
                                rtol=1e-6, atol=1e-6)
 
 
-def _without(path, out, name):
-    """A copy of the saved simulator ``path`` without the array ``name``, checksums still valid."""
-    from simfluence.simulators.base import arrays_checksum, config_checksum
-
-    with np.load(path, allow_pickle=False) as saved:
-        arrays = {key: value for key, value in saved.items() if key != name}
-    config = json.loads(str(arrays["config"]))
-    config["checksum"] = arrays_checksum({k: v for k, v in arrays.items() if k != "config"})
-    config["config_checksum"] = config_checksum(config)
-    np.savez(out, **{**arrays, "config": np.array(json.dumps(config))})
-    return out
-
-
 def test_save_load_keeps_the_blend(tmp_path):
     runs = noise_runs(seed=4, noise=0.05)
     simulator = make_simulator("linear-identity").fit(runs)
@@ -328,7 +288,7 @@ def test_save_load_keeps_the_blend(tmp_path):
     assert np.array_equal(loaded.simulate(runs.curricula, runs.initial_losses),
                           simulator.simulate(runs.curricula, runs.initial_losses))
     # A file saved before the blend: the plain recurrence.
-    old = Simulator.load(_without(path, tmp_path / "old.npz", "state.blend"))
+    old = Simulator.load(without_array(path, tmp_path / "old.npz", "state.blend"))
     assert np.array_equal(old.blend_, np.ones(runs.num_test))
     plain = old.table.cpu().numpy()
     a, b = plain[:, :runs.num_test], plain[:, runs.num_test:]
@@ -407,7 +367,8 @@ def test_nest_mean_off_is_the_plain_cross_validated_recurrence(kind):
 
     runs = noise_runs(seed=6, noise=0.05)
     grid = (1e-2, 1e-1, 1.0)
-    simulator = make_simulator(kind, ridge_grid=grid, nest_mean=False, cv_folds=3, dtype="float64", tol=1e-10).fit(runs)
+    simulator = make_simulator(kind, ridge_grid=grid, nest_mean=False, cv_folds=3, dtype="float64", tol=1e-10,
+                               space="loss").fit(runs)   # the loss-space criterion (other spaces: test_linear_spaces)
     assert np.array_equal(simulator.blend_, np.ones(runs.num_test)) and simulator.fit_info["blend_below_1"] == 0
     scale = runs.num_runs * runs.num_steps * runs.batch_size / runs.num_train
     folds = np.array_split(np.random.default_rng(0).permutation(runs.num_runs), 3)

@@ -48,18 +48,30 @@ the fold-averaged blended squared error ``S_{aa} + 2 w S_{ab} + w^2 S_{bb}``. Th
 is the grid value whose blended error (test examples scaled by :func:`example_scales`) is least;
 the final table is refitted on all fitting runs and keeps that value's ``w``
 (``blend_``, with ``\mu`` from all fitting runs at prediction time).
+
+**Loss spaces** (``space``; ``linear``, ``linear-identity`` and ``additive``). The recurrence can
+run on :math:`z = \log L` (``"log"``) or :math:`z = \log(e^L - 1)` (``"margin"``, minus a
+cross-entropy's margin, in which training moves a classifier about linearly) instead of
+:math:`L` (:mod:`simfluence.func.spaces`): the ridge is fitted on the transitions of :math:`z`,
+the rollout :math:`\hat z` is mapped back, :math:`\hat L = \mathrm{softplus}(\hat z)` or
+:math:`e^{\hat z}` (within ``[0, 2 x`` the largest fitting loss``]``), and only then blended with the
+mean trajectory (in loss units, so ``w = 0`` is still the baseline itself). ``"auto"`` (the default)
+runs the cross-validation above once per space, each scored on loss-unit errors, and keeps the
+space whose chosen ridge's criterion is least (``log`` and ``margin`` only where every fitting
+loss is positive; ``loss`` when the ridge is given, as nothing is cross-validated then).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
+from simfluence.func.spaces import SPACES, from_space, loss_bounds, to_space
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, mean_change, mean_prediction, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, positive_grid, setting
@@ -76,6 +88,13 @@ _WORKING_BYTES = 2 << 30  # solver working set per column chunk
 def transition_pairs(eval_steps: np.ndarray) -> np.ndarray:
     """Eval indices ``k`` with ``eval_steps[k + 1] == eval_steps[k] + 1``: the one-step transitions recorded."""
     return np.flatnonzero(np.diff(eval_steps) == 1)
+
+
+def in_space(runs: RunSet, space: str) -> RunSet:
+    """``runs`` with their losses in ``space`` (``runs`` itself for ``"loss"``)."""
+    if space == "loss":
+        return runs
+    return replace(runs, losses=to_space(runs.losses.astype(np.float64), space).astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -226,7 +245,7 @@ TableFits = Callable[[RunSet, Sequence[float]], Iterable[torch.Tensor]]
 def cross_validate(runs: RunSet, grid: Sequence[float], tables: TableFits, cv_folds: int, seed: int,
                    alpha_offset: float = 1.0, fit_alpha: bool = True, fix: str = "pass the setting explicitly",
                    batch_size: int | None = None, nest_mean: bool = False,
-                   max_extensions: int = MAX_EXTENSIONS) -> CrossValidation:
+                   max_extensions: int = MAX_EXTENSIONS, space: str = "loss") -> CrossValidation:
     r"""Choose a setting by rolled-out all-steps error on K folds of the fitting runs.
 
     ``tables(fitting_runs, values)`` yields one coefficient table (as :func:`rollout` takes it)
@@ -259,18 +278,23 @@ def cross_validate(runs: RunSet, grid: Sequence[float], tables: TableFits, cv_fo
         fix: the hint of the error raised with fewer than 2 runs.
         nest_mean: choose mean-trajectory blend weights too.
         max_extensions: values that may be added past each edge (0: the grid as given).
+        space: the loss space the tables are fitted and rolled out in (:mod:`simfluence.func.spaces`):
+            ``tables`` gets each fold's runs with losses in that space, and its rollouts are mapped
+            back to losses before they are scored (and blended), so the criterion is in loss units
+            whatever the space.
     """
     if runs.num_runs < 2:
         raise RunDataError("<runs>", "runs", "cross-validation needs at least 2 fitting runs", fix)
     folds = run_folds(runs.num_runs, cv_folds, seed)
     scales = example_scales(runs)
+    bounds = loss_bounds(runs.losses)
     parts = []
     for fold in folds:
         fitting, held_out = runs.select(np.setdiff1d(np.arange(runs.num_runs), fold)), runs.select(fold)
         steps = held_out.eval_steps[1:]
         weight = 1.0 / (len(folds) * held_out.num_runs * steps.size)   # so that sums are fold-averaged means
         mean = mean_prediction(mean_change(fitting), held_out.initial_losses, steps) if nest_mean else None
-        parts.append((fitting, held_out, steps, weight, mean))
+        parts.append((in_space(fitting, space), held_out, steps, weight, mean))
     # The plain mean's error S_aa [M], the same for every value.
     base = (sum(w * ((mu - h.losses[:, 1:]) ** 2).sum(axis=(0, 1)) for _, h, _, w, mu in parts)
             if nest_mean else None)
@@ -282,9 +306,12 @@ def cross_validate(runs: RunSet, grid: Sequence[float], tables: TableFits, cv_fo
             plain[value] = 0.0
             sums[value] = (np.zeros(runs.num_test), np.zeros(runs.num_test))
         for fitting, held_out, steps, weight, mu in parts:
+            initial = to_space(held_out.initial_losses.astype(np.float64), space)
             for value, table in zip(values, tables(fitting, values)):
-                predicted = rollout(table, held_out.curricula, held_out.initial_losses.astype(np.float64),
-                                    alpha_offset, fit_alpha, batch_size=batch_size)[:, steps].astype(np.float64)
+                rolled = rollout(table, held_out.curricula, initial, alpha_offset, fit_alpha, batch_size=batch_size)
+                predicted = rolled[:, steps].astype(np.float64)
+                if space != "loss":
+                    predicted = from_space(predicted, space, *bounds)
                 truth = held_out.losses[:, 1:]
                 with np.errstate(over="ignore", invalid="ignore"):
                     squared = (predicted - truth) ** 2
@@ -378,6 +405,20 @@ class LinearConfig(TableConfig):
         self._set("tol", positive("tol", self.tol))
         self._set("cg_max_iter", integer("cg_max_iter", self.cg_max_iter, 1))
         self._set("seed", integer("seed", self.seed, 0))
+
+
+@dataclass(frozen=True)
+class LinearSpaceConfig(LinearConfig):
+    """Settings of ``linear``, ``linear-identity`` and ``additive``: :class:`LinearConfig` and the loss space."""
+
+    space: str = setting("auto", "Loss space the recurrence runs in: 'loss', 'log' (log L), 'margin' (log(e^L - 1), "
+                         "minus the margin of a cross-entropy) or 'auto' (cross-validated with the ridge, on loss-unit "
+                         "errors; 'log' and 'margin' only where every fitting loss is > 0; 'loss' with a given ridge).")
+
+    def validate(self) -> None:
+        """Check the space and the :class:`LinearConfig` settings."""
+        super().validate()
+        one_of("space", self.space, (*SPACES, "auto"))
 
 
 class TableSimulator(Simulator):
@@ -489,17 +530,24 @@ class LinearSimulator(TableSimulator):
         nest_mean: blend each test example's rollout with the mean trajectory,
             ``mu + w_m (rollout - mu)``, ``w_m`` in ``[0, 1]`` chosen in the ridge's
             cross-validation (module docstring); only when ``ridge`` is ``None``.
+        space: ``"loss"``, ``"log"``, ``"margin"`` or ``"auto"`` (the default: cross-validated with
+            the ridge); the space the recurrence runs in (module docstring). Kinds built on this
+            one with settings of their own (``hybrid``, ``linear-bootstrap``, ``linear-pairwise``)
+            have no ``space`` and run in loss space.
 
-    The settings are a frozen :class:`LinearConfig` (``config``), given as one or as keywords.
+    The settings are a frozen :class:`LinearSpaceConfig` (``config``), given as one or as keywords.
 
-    Fitted state: ``table`` (``[N, 2M]`` ``[A | B]``, ``[N, M]`` additive) and ``blend_``
+    Fitted state: ``table`` (``[N, 2M]`` ``[A | B]``, ``[N, M]`` additive), ``blend_``
     (float64 ``[M]``, the mean-trajectory blend weights; all 1 with a given ``ridge`` or without
-    ``nest_mean``). :attr:`coefficients` are the table's, unblended: :meth:`simulate` is
-    ``mu + blend_ (rollout - mu)`` with ``mu`` the mean trajectory of the fitting runs from the
-    given ``L_0``, and :meth:`column_rollout` the same for a column subset. ``fit_info`` adds
-    ``ridge``, ``cv_scores`` (criterion per evaluated strength, extensions included), ``cv_grid``
-    (the evaluated strengths), ``blend_median`` and ``blend_below_1`` (test examples with
-    ``w_m < 1``).
+    ``nest_mean``), ``space_`` and ``floor_`` / ``ceiling_`` (the range losses mapped back from
+    ``log`` / ``margin`` are kept in). :attr:`coefficients` are the table's, unblended, in
+    ``space_`` units: :meth:`simulate` is ``mu + blend_ (L(rollout) - mu)`` with ``L`` the map back
+    to losses and ``mu`` the mean trajectory of the fitting runs from the given ``L_0``, and
+    :meth:`column_rollout` the same for a column subset. ``fit_info`` adds ``ridge``,
+    ``cv_scores`` (criterion per evaluated strength in the chosen space, extensions included),
+    ``cv_grid`` (the evaluated strengths), ``space``, ``cv_space_scores`` (each cross-validated
+    space's least criterion; ``None`` with a given ridge), ``blend_median`` and ``blend_below_1``
+    (test examples with ``w_m < 1``).
     """
 
     kind = "linear"
@@ -509,32 +557,49 @@ class LinearSimulator(TableSimulator):
     fit_alpha = True
     alpha_offset = 0.0
 
-    config_class = LinearConfig
+    config_class: ClassVar[type[SimulatorConfig]] = LinearSpaceConfig
     config: LinearConfig
 
     def __init__(self, config: LinearConfig | None = None, **settings: Any):
         super().__init__(config, **settings)
+        big = float(np.finfo(np.float64).max)
+        self.space_, self.floor_, self.ceiling_ = "loss", -big, big   # fitted state (loss space: unclipped)
         self.chosen_ridge: float | None = None
         self.prior_b: torch.Tensor | None = None
         """float ``[N, M]``: the ``B`` the ridge shrinks towards (``None``: zero); set by subclasses' fits."""
         self.blend_: np.ndarray = None  # type: ignore[assignment]  # [M]; fitted state, behind _check_fitted
 
     # --- fitting ------------------------------------------------------------------
+    def _spaces(self, runs: RunSet) -> list[str]:
+        """The loss spaces to consider: the ``space`` setting (kinds whose settings have none: ``"loss"``)."""
+        requested = getattr(self.config, "space", "loss")
+        positive = bool((runs.losses > 0).all())
+        if requested in ("log", "margin") and not positive:
+            raise RunDataError("<runs>", "losses", f"space='{requested}' needs every loss > 0", "use space='loss'")
+        if requested != "auto":
+            return [requested]
+        return list(SPACES) if positive and self.config.ridge is None else ["loss"]
+
     def _fit(self, runs: RunSet) -> None:
-        transitions = Transitions.of(runs)
-        blend, scores, grid = np.ones(runs.num_test), None, None
+        blend, scores, grid, space_scores = np.ones(runs.num_test), None, None, None
+        spaces = self._spaces(runs)
         if self.config.ridge is not None:
-            ridge = self.config.ridge
+            ridge, space = self.config.ridge, spaces[0]
         else:
-            chosen = self._cross_validate(runs)
+            tried = {space: self._cross_validate(runs, space) for space in spaces}
+            space_scores = {space: chosen.scores[f"{chosen.best:.6g}"] for space, chosen in tried.items()}
+            space = min(spaces, key=space_scores.__getitem__)   # ties: the first, "loss"
+            chosen = tried[space]
             ridge, scores, grid = chosen.best, chosen.scores, chosen.grid
             if chosen.blend is not None:
                 blend = chosen.blend
-        self.table, info = self._solve(transitions, ridge)
+        self.space_, (self.floor_, self.ceiling_) = space, loss_bounds(runs.losses)
+        self.table, info = self._solve(Transitions.of(in_space(runs, space)), ridge)
         self.chosen_ridge = float(ridge)
         self.blend_ = blend.astype(np.float64)
-        self.fit_info.update(ridge=float(ridge), cv_scores=scores, cv_grid=grid,
-                             blend_median=float(np.median(blend)), blend_below_1=int((blend < 1).sum()), **info)
+        self.fit_info.update(ridge=float(ridge), cv_scores=scores, cv_grid=grid, space=space,
+                             cv_space_scores=space_scores, blend_median=float(np.median(blend)),
+                             blend_below_1=int((blend < 1).sum()), **info)
 
     def _solve(self, transitions: Transitions, ridge: float,
                initial: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -570,8 +635,11 @@ class LinearSimulator(TableSimulator):
             residual = max(residual, solution.max_relative_residual)
         return table, {"cg_iterations": iterations, "cg_relative_residual": residual, "column_chunk": chunk}
 
-    def _cross_validate(self, runs: RunSet) -> CrossValidation:
-        """Choose ``ridge`` (and the blend weights) by rolled-out all-steps MSE on K folds of the fitting runs."""
+    def _cross_validate(self, runs: RunSet, space: str = "loss") -> CrossValidation:
+        """Choose ``ridge`` (and the blend weights) by rolled-out all-steps MSE on K folds of the fitting runs.
+
+        The tables are fitted in ``space``; the errors are in loss units (:func:`cross_validate`).
+        """
         scale = float(BatchDesign(Transitions.of(runs).batches, runs.num_train,
                                   batch_size=self._batch_size(runs)).occurrences.mean())
         grid = [scale * factor for factor in self.config.ridge_grid]
@@ -590,7 +658,7 @@ class LinearSimulator(TableSimulator):
 
         return cross_validate(runs, grid, tables, self.config.cv_folds, self.config.seed, self.alpha_offset,
                               self.fit_alpha, "pass an explicit ridge", self._batch_size(runs),
-                              nest_mean=self.config.nest_mean)
+                              nest_mean=self.config.nest_mean, space=space)
 
     # --- prediction ---------------------------------------------------------------
     def _blended(self, trajectories: np.ndarray, initial: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
@@ -609,8 +677,21 @@ class LinearSimulator(TableSimulator):
         trajectories[:, :, shrunk] = mu + weights[shrunk] * (rolled - mu)
         return trajectories
 
+    def _in_losses(self, rollout: Callable[[np.ndarray, np.ndarray], np.ndarray], curricula: np.ndarray,
+                   initial: np.ndarray) -> np.ndarray:
+        """``rollout(curricula, initial)`` of the table in ``space_``, as float32 losses."""
+        if self.space_ == "loss":
+            return rollout(curricula, initial)
+        z = rollout(curricula, to_space(initial, self.space_))
+        return from_space(z.astype(np.float64), self.space_, self.floor_, self.ceiling_).astype(np.float32)
+
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-        return self._blended(super()._simulate(curricula, initial), initial)
+        return self._blended(self._in_losses(super()._simulate, curricula, initial), initial)
+
+    @property
+    def expected_in_closed_form(self) -> bool:
+        """In loss space only: the mean of ``exp`` / softplus of a rollout is not that of the expected rollout."""
+        return super().expected_in_closed_form and self.space_ == "loss"
 
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         # The blend is affine in the rollout, so the expectation passes through it.
@@ -624,16 +705,23 @@ class LinearSimulator(TableSimulator):
         test_index = np.asarray(test_index)
 
         def run(curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
-            return self._blended(plain(curricula, initial), initial[:, test_index], test_index)
+            return self._blended(self._in_losses(plain, curricula, initial), initial[:, test_index], test_index)
 
         return run
 
     # --- persistence --------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {**super()._arrays(), "blend": np.asarray(self.blend_, dtype=np.float64)}
+        return {**super()._arrays(), "blend": np.asarray(self.blend_, dtype=np.float64),
+                "space": np.array([SPACES.index(self.space_), self.floor_, self.ceiling_])}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         super()._restore(arrays)
+        space = arrays.get("space")   # absent in files saved before the loss spaces: loss space, unclipped
+        if space is not None:
+            if space.shape != (3,) or space.dtype.kind != "f" or not np.isfinite(space).all() or \
+                    space[0] not in range(len(SPACES)) or not space[1] <= space[2]:
+                raise ValueError("'space' must hold (space index, floor <= ceiling), finite")
+            self.space_, self.floor_, self.ceiling_ = SPACES[int(space[0])], float(space[1]), float(space[2])
         blend = arrays.get("blend")   # absent in files saved before the blend: the plain recurrence
         if blend is None:
             self.blend_ = np.ones(self.test_ids.size)

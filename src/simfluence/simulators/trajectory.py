@@ -67,11 +67,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from simfluence.errors import UsageError
+from simfluence.func.spaces import SPACES, from_space, loss_bounds, to_space
 from simfluence.runs.log import PAD, RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, setting
 
-SPACES = ("loss", "log", "margin")
 DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
 REPEAT_DECAYS = (1.0, 0.5, 0.25)
 r"""The :math:`\gamma` cross-validated by default. On held-out runs (``docs/benchmarks.md``) 0.5 lowered
@@ -87,9 +87,6 @@ MIN_CV_RUNS = 4
 """With fewer fitting runs nothing is cross-validated: loss space, no forgetting, and a ridge
 as large as the features' largest eigenvalue (effects strongly shrunk towards the mean
 trajectory)."""
-CLIP = 2.0
-"""Simulated losses are kept within ``[0, CLIP x the largest fitting loss]`` (non-negative
-losses): beyond that a linear model extrapolates far outside anything it has seen."""
 ADAM_OPTIMIZERS = ("adam", "adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused")
 
 
@@ -266,7 +263,7 @@ class TrajectorySimulator(Simulator):
             repeat = 1.0 if config.repeat_decay == "auto" else repeats[0]
             features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay,
                                            repeat_decay=repeat)[:, runs.eval_steps]
-            target = _transform(losses, space)
+            target = to_space(losses, space)
             x = _centred(features, target)[0]
             strong = float(np.linalg.eigvalsh(x.T @ x).max()) if x.size else 1.0
             if prior is not None:   # with a prior, the strongest shrinkage is the scaled prior itself
@@ -282,7 +279,7 @@ class TrajectorySimulator(Simulator):
                 space, momentum, decay, repeat = setting
                 features = trajectory_features(runs.curricula, runs.num_train, rates, momentum, decay,
                                                repeat_decay=repeat)[:, runs.eval_steps]
-                target = _transform(losses, space)
+                target = to_space(losses, space)
                 ridges, error = _cross_validate(features, target, losses, space, folds, config.ridge, prior)
                 table.append({"space": space, "momentum": momentum, "decay": decay, "repeat_decay": repeat,
                               "cv_mse": error})
@@ -309,7 +306,7 @@ class TrajectorySimulator(Simulator):
         self.space_, self.momentum_, self.decay_, self.per_rate_ = space, momentum, decay, True
         self.repeat_decay_ = float(repeat)
         self.offset_ = _interpolate(offset, runs.eval_steps, runs.num_steps)
-        self.floor_, self.ceiling_ = _bounds(losses)
+        self.floor_, self.ceiling_ = loss_bounds(losses)
         self.rank_ = rank
         finite = ridges[np.isfinite(ridges)]
         self.fit_info.update({"space": space, "momentum": momentum, "decay": decay, "repeat_decay": repeat,
@@ -356,8 +353,8 @@ class TrajectorySimulator(Simulator):
     def _losses(self, effects: np.ndarray, initial: np.ndarray) -> np.ndarray:
         """float64 ``[R, T + 1, M]`` losses of effects :math:`F_t b` ``[R, T + 1, M]`` from ``initial`` ``[R, M]``."""
         steps = np.minimum(np.arange(effects.shape[1]), self.offset_.shape[0] - 1)
-        z = _transform(initial[:, None, :], self.space_) + self.offset_[steps][None] + effects
-        losses = _to_losses(z, self.space_, self.floor_, self.ceiling_)
+        z = to_space(initial[:, None, :], self.space_) + self.offset_[steps][None] + effects
+        losses = from_space(z, self.space_, self.floor_, self.ceiling_)
         losses[:, 0] = initial
         return losses
 
@@ -383,37 +380,6 @@ class TrajectorySimulator(Simulator):
         self.repeat_decay_ = float(choice[7]) if choice.size > 7 else 1.0   # files from before: every occurrence
         if not 0 < self.repeat_decay_ <= 1:
             raise ValueError("'choice' holds a repeat_decay outside (0, 1]")
-
-
-def _transform(losses: np.ndarray, space: str) -> np.ndarray:
-    if space == "log":
-        return np.log(losses)
-    if space == "margin":   # log(e^L - 1), written to stay accurate for small and large L
-        return np.where(losses > 20, losses, np.log(np.expm1(np.minimum(losses, 20))))
-    return losses
-
-
-def _bounds(losses: np.ndarray) -> tuple[float, float]:
-    """``(floor, ceiling)`` of simulated losses: ``[0, CLIP x max]`` for non-negative losses, else the float range."""
-    if bool((losses >= 0).all()):
-        return 0.0, CLIP * float(losses.max())
-    big = float(np.finfo(np.float64).max)   # finite, so saved models hold no inf
-    return -big, big
-
-
-def _to_losses(z: np.ndarray, space: str, floor: float, ceiling: float) -> np.ndarray:
-    """Losses from ``z`` in ``space``, kept within ``[floor, ceiling]`` (``exp`` kept finite)."""
-    if space != "loss" and ceiling < np.finfo(np.float64).max:
-        z = np.minimum(z, _transform(np.array(ceiling), space))
-    return np.clip(_inverse(z, space), floor, ceiling)
-
-
-def _inverse(z: np.ndarray, space: str) -> np.ndarray:
-    if space == "log":
-        return np.exp(z)
-    if space == "margin":
-        return np.logaddexp(0.0, z)
-    return z
 
 
 def _interpolate(offset: np.ndarray, eval_steps: np.ndarray, num_steps: int) -> np.ndarray:
@@ -527,7 +493,7 @@ def _rank_errors(features, target, losses, space, folds, ridges, ranks, prior=No
         if prior is not None:
             base = base + centred @ _prior_effects(prior, scale)
         for j, reduced in enumerate(_reduce(coef, x, ranks)):
-            predicted = _to_losses(base + centred @ reduced, space, *_bounds(losses))
+            predicted = from_space(base + centred @ reduced, space, *loss_bounds(losses))
             errors[j] += ((predicted - losses[fold][:, 1:]) ** 2).sum()
     return (errors / (num_runs * (losses.shape[1] - 1) * losses.shape[2])).tolist()
 
@@ -546,7 +512,7 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
     that eigenvalue, where the effects have shrunk to nothing and the model is the mean trajectory).
     """
     num_runs, _, num_test = losses.shape
-    bounds = _bounds(losses)
+    bounds = loss_bounds(losses)
     parts = []
     for fold in folds:
         train = np.setdiff1d(np.arange(num_runs), fold)
@@ -566,7 +532,7 @@ def _cross_validate(features: np.ndarray, target: np.ndarray, losses: np.ndarray
             value = ridge if ridge is not None else top * 10.0 ** exponent   # exponent inf: no residual
             total = np.zeros(num_test)
             for values, projected, rotated, base, truth in parts:
-                predicted = _to_losses(base + rotated @ _shrunk(values, projected, value), space, *bounds)
+                predicted = from_space(base + rotated @ _shrunk(values, projected, value), space, *bounds)
                 total += ((predicted - truth) ** 2).sum(axis=(0, 1))
             cache[exponent] = total
         return cache[exponent]

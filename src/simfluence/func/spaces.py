@@ -1,0 +1,53 @@
+r"""Loss spaces a simulator's dynamics can run in, and the way back to losses.
+
+* ``"loss"``: :math:`z = L`;
+* ``"log"``: :math:`z = \log L` (effects proportional to the loss; predictions never negative);
+* ``"margin"``: :math:`z = \log(e^L - 1)`, the inverse of softplus. For a cross-entropy
+  :math:`L = \log(1 + e^{-\text{margin}})` this is minus the margin, in which training moves a
+  classifier about linearly; like ``log`` for small losses and like ``loss`` for large ones.
+
+``log`` and ``margin`` need every loss to be positive. Predictions come back through
+:func:`from_space`, kept within :func:`loss_bounds` of the fitting losses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPACES = ("loss", "log", "margin")
+CLIP = 2.0
+"""Simulated losses are kept within ``[0, CLIP x the largest fitting loss]`` (non-negative
+losses): beyond that a linear model extrapolates far outside anything it has seen."""
+
+
+def to_space(losses: np.ndarray, space: str) -> np.ndarray:
+    """``z`` of ``losses`` (positive for ``log`` / ``margin``) in ``space``; same shape."""
+    if space == "log":
+        return np.log(losses)
+    if space == "margin":   # log(e^L - 1), written to stay accurate for small and large L
+        return np.where(losses > 20, losses, np.log(np.expm1(np.minimum(losses, 20))))
+    return losses
+
+
+def inverse(z: np.ndarray, space: str) -> np.ndarray:
+    """Losses of ``z`` in ``space`` (:func:`to_space` undone), unclipped."""
+    if space == "log":
+        return np.exp(z)
+    if space == "margin":
+        return np.logaddexp(0.0, z)
+    return z
+
+
+def loss_bounds(losses: np.ndarray) -> tuple[float, float]:
+    """``(floor, ceiling)`` of simulated losses: ``[0, CLIP x max]`` for non-negative losses, else the float range."""
+    if bool((losses >= 0).all()):
+        return 0.0, CLIP * float(losses.max())
+    big = float(np.finfo(np.float64).max)   # finite, so saved models hold no inf
+    return -big, big
+
+
+def from_space(z: np.ndarray, space: str, floor: float, ceiling: float) -> np.ndarray:
+    """Losses from ``z`` in ``space``, kept within ``[floor, ceiling]`` (``exp`` kept finite)."""
+    if space != "loss" and ceiling < np.finfo(np.float64).max:
+        z = np.minimum(z, to_space(np.array(ceiling), space))
+    return np.clip(inverse(z, space), floor, ceiling)
