@@ -557,7 +557,7 @@ class LinearSimulator(TableSimulator):
     fit_alpha = True
     alpha_offset = 0.0
 
-    config_class = LinearSpaceConfig
+    config_class: ClassVar[type[TableConfig]] = LinearSpaceConfig
     config: LinearConfig
 
     def __init__(self, config: LinearConfig | None = None, **settings: Any):
