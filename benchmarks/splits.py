@@ -15,6 +15,10 @@ Usage::
     python benchmarks/splits.py RUNS --heldout 20 --heldout-from 40 \
         --methods gradient-trajectory,gradient-trajectory:checkpoints=\"STORE_WITH_RUNS_0_39\"
     python benchmarks/splits.py RUNS --heldout 20 --fitting 15 --methods gradient-trajectory,linear-identity
+    python benchmarks/splits.py RUNS --in-sample --methods gradient-trajectory
+
+``--in-sample`` fits on every run and scores on those same runs (one "split", seed -1): how well a
+method can rank the very runs it was fitted to, a bound on what it reaches on held-out runs.
 """
 
 from __future__ import annotations
@@ -67,13 +71,15 @@ def main() -> None:
     parser.add_argument("--fitting", type=int, default=None, metavar="N",
                         help="fit on the first N of each split's fitting runs only (same held-out runs): how a "
                              "method's scores grow with the runs")
+    parser.add_argument("--in-sample", action="store_true",
+                        help="fit on every run and score on the same runs (instead of the splits)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = load_runs(args.runs)
     methods = args.methods.split(",")
     rows: dict[str, list[dict]] = {method: [] for method in methods}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        fitting, heldout = split(runs, args.heldout, seed, args.heldout_from)
+    for seed in [-1] if args.in_sample else (int(s) for s in args.seeds.split(",")):
+        fitting, heldout = (runs, runs) if args.in_sample else split(runs, args.heldout, seed, args.heldout_from)
         if args.fitting is not None:
             if not 1 <= args.fitting <= fitting.num_runs:
                 raise SystemExit(f"--fitting {args.fitting}: a split has {fitting.num_runs} fitting runs")

@@ -73,3 +73,20 @@ def test_fitting_keeps_the_first_runs_of_each_split_and_the_same_heldout(tmp_pat
     monkeypatch.setattr(sys, "argv", ["splits.py", str(tmp_path / "runs.npz"), "--heldout", "4", "--fitting", "9"])
     with pytest.raises(SystemExit, match="--fitting 9: a split has 8 fitting runs"):
         bench.main()
+
+
+def test_in_sample_fits_and_scores_every_run(tmp_path, monkeypatch, capsys):
+    runs, _, _ = trajectory_runs(num_runs=8, num_steps=20, seed=4)
+    save_runs(runs, tmp_path / "runs.npz")
+    bench = load_benchmark("splits")
+    monkeypatch.setattr(sys, "argv", ["splits.py", str(tmp_path / "runs.npz"), "--in-sample",
+                                      "--methods", "linear-identity:ridge=1.0"])
+    bench.main()
+    simulator = make_simulator("linear-identity", ridge=1.0).fit(runs)
+    initial = runs.initial_losses.astype(np.float64)
+    base = score(mean_trajectory(simulator.mean_change, initial, runs.num_steps), runs)
+    metrics = score(simulator.simulate(runs.curricula, initial), runs)
+    out = capsys.readouterr().out
+    assert out.count("split -1 ") == 1
+    assert f"| linear-identity:ridge=1.0 | {metrics.mse / base.mse:.3f} | {metrics.final_mse / base.final_mse:.3f} | " \
+           f"{metrics.across_run_spearman:.3f} |" in out
