@@ -84,8 +84,15 @@ def python_rollout(a, b, curricula, initial, alpha_offset, batch_size=None):
 
 def without_array(path, out, name):
     """A copy of the saved simulator ``path`` without the array ``name``, checksums still valid."""
+    return with_array(path, out, name, None)
+
+
+def with_array(path, out, name, value):
+    """Saved simulator ``path`` copied with array ``name`` set to ``value`` (``None``: removed); checksums valid."""
     with np.load(path, allow_pickle=False) as saved:
-        arrays = {key: value for key, value in saved.items() if key != name}
+        arrays = {key: array for key, array in saved.items() if key != name}
+    if value is not None:
+        arrays[name] = value
     config = json.loads(str(arrays["config"]))
     config["checksum"] = arrays_checksum({k: v for k, v in arrays.items() if k != "config"})
     config["config_checksum"] = config_checksum(config)

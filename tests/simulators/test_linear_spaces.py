@@ -1,10 +1,9 @@
 """The Linear family's loss spaces (``space``): the recurrence on z = log L or log(e^L - 1), scored in loss units."""
 
-import json
 
 import numpy as np
 import pytest
-from dense import python_rollout, without_array
+from dense import python_rollout, with_array, without_array
 
 from simfluence import RunDataError
 from simfluence.errors import UsageError
@@ -98,17 +97,9 @@ def test_save_load_keeps_the_space_and_older_files_load_in_loss_space(tmp_path):
 
 @pytest.mark.parametrize("value", [np.array([7.0, 0.0, 1.0]), np.array([1.0, 2.0, 1.0]), np.array([1.0, 0.0])])
 def test_load_rejects_a_broken_space(tmp_path, value):
-    from simfluence.simulators.base import arrays_checksum, config_checksum
-
     runs, _, _ = space_runs("margin", num_runs=8, seed=4)
     path = make_simulator("linear-identity", space="margin", ridge=1.0).fit(runs).save(tmp_path / "model.npz")
-    with np.load(path, allow_pickle=False) as saved:
-        arrays = dict(saved)
-    arrays["state.space"] = value
-    config = json.loads(str(arrays["config"]))
-    config["checksum"] = arrays_checksum({k: v for k, v in arrays.items() if k != "config"})
-    config["config_checksum"] = config_checksum(config)
-    np.savez(tmp_path / "broken.npz", **{**arrays, "config": np.array(json.dumps(config))})
+    with_array(path, tmp_path / "broken.npz", "state.space", value)
     with pytest.raises(Exception, match="space"):
         Simulator.load(tmp_path / "broken.npz")
 

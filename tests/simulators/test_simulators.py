@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from dense import python_rollout, without_array
+from dense import python_rollout, with_array, without_array
 from synthetic import linear_runs
 
 from simfluence import RunDataError
@@ -298,17 +298,9 @@ def test_save_load_keeps_the_blend(tmp_path):
 
 @pytest.mark.parametrize("blend", [np.full(3, 0.5), np.full(8, 1.5)])
 def test_load_rejects_a_broken_blend(tmp_path, blend):
-    from simfluence.simulators.base import arrays_checksum, config_checksum
-
     runs = noise_runs(seed=4, noise=0.05)
     path = make_simulator("linear-identity", ridge=1.0).fit(runs).save(tmp_path / "model.npz")
-    with np.load(path, allow_pickle=False) as saved:
-        arrays = dict(saved)
-    arrays["state.blend"] = blend
-    config = json.loads(str(arrays["config"]))
-    config["checksum"] = arrays_checksum({k: v for k, v in arrays.items() if k != "config"})
-    config["config_checksum"] = config_checksum(config)
-    np.savez(tmp_path / "bad.npz", **{**arrays, "config": np.array(json.dumps(config))})
+    with_array(path, tmp_path / "bad.npz", "state.blend", blend)
     with pytest.raises(RunDataError, match="state.*blend"):
         Simulator.load(tmp_path / "bad.npz")
 
