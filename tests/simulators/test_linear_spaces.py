@@ -113,6 +113,11 @@ def test_spaces_need_positive_losses_and_a_known_name():
     assert auto.space_ == "loss" and auto.fit_info["cv_space_scores"].keys() == {"loss"}
     with pytest.raises(UsageError, match="space"):
         make_simulator("linear", space="probit")
+    margin = make_simulator("linear-identity", space="margin").fit(space_runs("margin", num_runs=8)[0])
+    initial = np.ones((1, margin.test_ids.size))
+    initial[0, 2] = 0.0
+    with pytest.raises(RunDataError, match="initial_losses.*'margin' space"):
+        margin.simulate(np.zeros((1, 3, 4), dtype=int), initial)
     given = make_simulator("linear-identity", ridge=1.0).fit(space_runs("margin", num_runs=8)[0])
     assert given.space_ == "loss" and given.fit_info["cv_space_scores"] is None   # nothing cross-validated
 

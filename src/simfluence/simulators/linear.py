@@ -682,6 +682,9 @@ class LinearSimulator(TableSimulator):
         """``rollout(curricula, initial)`` of the table in ``space_``, as float32 losses."""
         if self.space_ == "loss":
             return rollout(curricula, initial)
+        if not bool((initial > 0).all()):
+            raise RunDataError("<input>", "initial_losses", f"holds losses <= 0, and this model was fitted in "
+                               f"'{self.space_}' space, which needs every loss > 0", "fit it with space='loss'")
         z = rollout(curricula, to_space(initial, self.space_))
         return from_space(z.astype(np.float64), self.space_, self.floor_, self.ceiling_).astype(np.float32)
 
