@@ -118,6 +118,9 @@ def test_spaces_need_positive_losses_and_a_known_name():
     initial[0, 2] = 0.0
     with pytest.raises(RunDataError, match="initial_losses.*'margin' space"):
         margin.simulate(np.zeros((1, 3, 4), dtype=int), initial)
+    trajectory = make_simulator("linear-trajectory", space="margin").fit(space_runs("margin", num_runs=8)[0])
+    with pytest.raises(RunDataError, match="initial_losses.*'margin' space"):   # the trajectory kinds: the same check
+        trajectory.simulate(np.zeros((1, 3, 4), dtype=int), initial)
     given = make_simulator("linear-identity", ridge=1.0).fit(space_runs("margin", num_runs=8)[0])
     assert given.space_ == "loss" and given.fit_info["cv_space_scores"] is None   # nothing cross-validated
 

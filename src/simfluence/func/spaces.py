@@ -14,10 +14,38 @@ from __future__ import annotations
 
 import numpy as np
 
+from simfluence.runs.log import RunDataError
+
 SPACES = ("loss", "log", "margin")
 CLIP = 2.0
 """Simulated losses are kept within ``[0, CLIP x the largest fitting loss]`` (non-negative
 losses): beyond that a linear model extrapolates far outside anything it has seen."""
+UNBOUNDED = (-float(np.finfo(np.float64).max), float(np.finfo(np.float64).max))
+"""``(floor, ceiling)`` that clips nothing; finite, so saved models hold no inf."""
+
+
+def candidate_spaces(requested: str, losses: np.ndarray) -> list[str]:
+    """The spaces a fit on ``losses`` considers for the ``space`` setting ``requested``.
+
+    ``"auto"``: all of :data:`SPACES` where every loss is > 0, else ``"loss"``. Raises
+    :class:`RunDataError` (field ``losses``) for ``log`` / ``margin`` asked of losses not all > 0.
+    """
+    positive = bool((losses > 0).all())
+    if requested in ("log", "margin") and not positive:
+        raise RunDataError("<runs>", "losses", f"space='{requested}' needs every loss > 0", "use space='loss'")
+    if requested != "auto":
+        return [requested]
+    return list(SPACES) if positive else ["loss"]
+
+
+def check_initial(initial: np.ndarray, space: str) -> None:
+    """Raise :class:`RunDataError` (``initial_losses``) for losses <= 0 given to a ``log`` / ``margin`` model.
+
+    Such losses have no ``z``: the rollout would be NaN.
+    """
+    if space != "loss" and not bool((initial > 0).all()):
+        raise RunDataError("<input>", "initial_losses", f"holds losses <= 0, and this model was fitted in "
+                           f"'{space}' space, which needs every loss > 0", "fit it with space='loss'")
 
 
 def to_space(losses: np.ndarray, space: str) -> np.ndarray:
@@ -42,12 +70,11 @@ def loss_bounds(losses: np.ndarray) -> tuple[float, float]:
     """``(floor, ceiling)`` of simulated losses: ``[0, CLIP x max]`` for non-negative losses, else the float range."""
     if bool((losses >= 0).all()):
         return 0.0, CLIP * float(losses.max())
-    big = float(np.finfo(np.float64).max)   # finite, so saved models hold no inf
-    return -big, big
+    return UNBOUNDED
 
 
 def from_space(z: np.ndarray, space: str, floor: float, ceiling: float) -> np.ndarray:
     """Losses from ``z`` in ``space``, kept within ``[floor, ceiling]`` (``exp`` kept finite)."""
-    if space != "loss" and ceiling < np.finfo(np.float64).max:
+    if space != "loss" and ceiling < UNBOUNDED[1]:
         z = np.minimum(z, to_space(np.array(ceiling), space))
     return np.clip(inverse(z, space), floor, ceiling)

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
-from simfluence.func.spaces import SPACES, from_space, loss_bounds, to_space
+from simfluence.func.spaces import SPACES, UNBOUNDED, candidate_spaces, check_initial, from_space, loss_bounds, to_space
 from simfluence.runs.log import RunDataError, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, mean_change, mean_prediction, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, positive_grid, setting
@@ -562,8 +562,7 @@ class LinearSimulator(TableSimulator):
 
     def __init__(self, config: LinearConfig | None = None, **settings: Any):
         super().__init__(config, **settings)
-        big = float(np.finfo(np.float64).max)
-        self.space_, self.floor_, self.ceiling_ = "loss", -big, big   # fitted state (loss space: unclipped)
+        self.space_, (self.floor_, self.ceiling_) = "loss", UNBOUNDED   # fitted state (loss space: unclipped)
         self.chosen_ridge: float | None = None
         self.prior_b: torch.Tensor | None = None
         """float ``[N, M]``: the ``B`` the ridge shrinks towards (``None``: zero); set by subclasses' fits."""
@@ -573,12 +572,8 @@ class LinearSimulator(TableSimulator):
     def _spaces(self, runs: RunSet) -> list[str]:
         """The loss spaces to consider: the ``space`` setting (kinds whose settings have none: ``"loss"``)."""
         requested = getattr(self.config, "space", "loss")
-        positive = bool((runs.losses > 0).all())
-        if requested in ("log", "margin") and not positive:
-            raise RunDataError("<runs>", "losses", f"space='{requested}' needs every loss > 0", "use space='loss'")
-        if requested != "auto":
-            return [requested]
-        return list(SPACES) if positive and self.config.ridge is None else ["loss"]
+        spaces = candidate_spaces(requested, runs.losses)
+        return ["loss"] if requested == "auto" and self.config.ridge is not None else spaces
 
     def _fit(self, runs: RunSet) -> None:
         blend, scores, grid, space_scores = np.ones(runs.num_test), None, None, None
@@ -682,9 +677,7 @@ class LinearSimulator(TableSimulator):
         """``rollout(curricula, initial)`` of the table in ``space_``, as float32 losses."""
         if self.space_ == "loss":
             return rollout(curricula, initial)
-        if not bool((initial > 0).all()):
-            raise RunDataError("<input>", "initial_losses", f"holds losses <= 0, and this model was fitted in "
-                               f"'{self.space_}' space, which needs every loss > 0", "fit it with space='loss'")
+        check_initial(initial, self.space_)
         z = rollout(curricula, to_space(initial, self.space_))
         return from_space(z.astype(np.float64), self.space_, self.floor_, self.ceiling_).astype(np.float32)
 

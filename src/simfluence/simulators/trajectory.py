@@ -67,8 +67,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from simfluence.errors import UsageError
-from simfluence.func.spaces import SPACES, from_space, loss_bounds, to_space
-from simfluence.runs.log import PAD, RunDataError, RunSet
+from simfluence.func.spaces import SPACES, candidate_spaces, check_initial, from_space, loss_bounds, to_space
+from simfluence.runs.log import PAD, RunSet
 from simfluence.simulators.base import Capabilities, Simulator, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, setting
 
@@ -247,10 +247,7 @@ class TrajectorySimulator(Simulator):
         prior = as_priors(self._effect_prior(runs), (runs.num_train, runs.num_test))
         losses = runs.losses.astype(np.float64)
         rates = step_weights(runs) if config.schedule else np.ones(runs.num_steps)
-        positive = bool((losses > 0).all())
-        spaces = [config.space] if config.space != "auto" else (list(SPACES) if positive else ["loss"])
-        if config.space in ("log", "margin") and not positive:
-            raise RunDataError("<runs>", "losses", f"space='{config.space}' needs every loss > 0", "use space='loss'")
+        spaces = candidate_spaces(config.space, losses)
         beta1 = adam_momentum(runs.meta)
         momenta = [float(config.momentum)] if config.momentum != "auto" else ([0.0] if beta1 is None else [0.0, beta1])
         decays = [float(config.decay)] if config.decay != "auto" else list(DECAYS)
@@ -353,6 +350,7 @@ class TrajectorySimulator(Simulator):
     def _losses(self, effects: np.ndarray, initial: np.ndarray) -> np.ndarray:
         """float64 ``[R, T + 1, M]`` losses of effects :math:`F_t b` ``[R, T + 1, M]`` from ``initial`` ``[R, M]``."""
         steps = np.minimum(np.arange(effects.shape[1]), self.offset_.shape[0] - 1)
+        check_initial(initial, self.space_)
         z = to_space(initial[:, None, :], self.space_) + self.offset_[steps][None] + effects
         losses = from_space(z, self.space_, self.floor_, self.ceiling_)
         losses[:, 0] = initial
