@@ -261,6 +261,11 @@ def test_a_simulator_predicts_a_uniform_subset_by_its_exact_expectation_else_by_
     drawn = simulator.simulate(simulated.reshape(15, 10, 2), np.repeat(initial[None], 15, 0))[:, -1]
     other = Counterfactuals(**{**subsets.__dict__, "sampler": "epoch"})
     np.testing.assert_allclose(method.predict(other), drawn.reshape(5, 3, 4).mean(axis=1), rtol=1e-6)
+    # A model in margin space: its control-variate expectation over as many draws as the counterfactuals hold.
+    margin = make_simulator("linear-identity", space="margin").fit(runs)
+    assert margin.expected_estimator == "control variate"
+    np.testing.assert_allclose(SimulatorMethod("margin", margin, 8, 0.0).predict(subsets),
+                               margin.simulate_expected(masks, 10, initial, draws=3)[:, -1])
 
 
 def test_paired_difference_resamples_examples_together():

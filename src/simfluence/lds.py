@@ -316,10 +316,11 @@ class Method:
 class SimulatorMethod(Method):
     """A fitted simulator: its expected final loss under each counterfactual's curricula.
 
-    Subsets drawn by the uniform sampler, with a simulator whose expectation has a closed form
-    (``Simulator.expected_in_closed_form``): that closed form (``Simulator.simulate_expected``,
-    the limit of infinitely many drawn curricula); otherwise the mean over the counterfactual's
-    ``simulated`` curricula.
+    Subsets drawn by the uniform sampler, with a simulator whose expectation has a closed form or a
+    control variate (``Simulator.expected_estimator``): ``Simulator.simulate_expected`` (the closed
+    form is the limit of infinitely many drawn curricula; the control variate averages as many
+    curricula as the counterfactual's ``simulated`` around its closed form in ``z``); otherwise the
+    mean over the counterfactual's ``simulated`` curricula.
     """
 
     def __init__(self, name: str, simulator, training_runs: float, seconds: float):
@@ -330,13 +331,13 @@ class SimulatorMethod(Method):
         """Expected simulated final losses ``[m, M]`` of each set."""
         from simfluence.query import simulate_curricula
 
-        if counterfactuals.sampler == "uniform" and self.simulator.expected_in_closed_form:
-            num_steps, batch_size = counterfactuals.trained.shape[1:]
-            expected = self.simulator.simulate_expected(counterfactuals.masks, num_steps,
-                                                        counterfactuals.initial_losses, batch_size=batch_size)
-            return expected[:, -1].astype(np.float64)
         curricula = counterfactuals.simulated                        # [m, k, T, B]
         m, k = curricula.shape[:2]
+        if counterfactuals.sampler == "uniform" and self.simulator.expected_estimator != "sampled":
+            num_steps, batch_size = counterfactuals.trained.shape[1:]
+            expected = self.simulator.simulate_expected(counterfactuals.masks, num_steps,
+                                                        counterfactuals.initial_losses, batch_size=batch_size, draws=k)
+            return expected[:, -1].astype(np.float64)
         final = simulate_curricula(self.simulator, curricula.reshape(m * k, *curricula.shape[2:]),
                                    counterfactuals.initial_losses)[:, -1]
         return final.reshape(m, k, -1).astype(np.float64).mean(axis=1)

@@ -3,11 +3,11 @@
 
 import numpy as np
 import pytest
-from dense import python_rollout, with_array, without_array
+from dense import exact_average, python_rollout, with_array, without_array
 
 from simfluence import RunDataError
 from simfluence.errors import UsageError
-from simfluence.func.spaces import from_space, inverse, loss_bounds, to_space
+from simfluence.func.spaces import SPACES, from_space, from_space_slope, inverse, loss_bounds, to_space
 from simfluence.runs.log import RunSet
 from simfluence.runs.synthetic import linear_trajectories
 from simfluence.simulators import Simulator, make_simulator
@@ -69,11 +69,37 @@ def test_rollout_in_a_space_is_the_recurrence_on_z_mapped_back_and_blended(kind,
     columns = np.array([3, 0])
     np.testing.assert_allclose(simulator.column_rollout(columns)(curricula, initial), expected[:, :, columns],
                                rtol=1e-5, atol=1e-5)
-    assert not simulator.expected_in_closed_form      # E[softplus(z)] is not softplus(E[z]): sampled
+    assert simulator.expected_estimator == "control variate" and not simulator.expected_in_closed_form
     pools = np.zeros((1, runs.num_train), dtype=bool)
     pools[0, :6] = True
     sampled = simulator.simulate_expected(pools, 5, initial[0], draws=4, seed=2)
     assert sampled.shape == (1, 6, runs.num_test) and np.isfinite(sampled).all()
+
+
+@pytest.mark.parametrize("kind,space", [("linear-identity", "margin"), ("linear", "log"), ("additive", "margin")])
+def test_expected_losses_in_a_space_are_unbiased_and_far_less_noisy_than_the_plain_mean(kind, space):
+    # E[f(z)] (f = softplus / exp) by the control variate around the closed-form E[z], against the
+    # exact average over every curriculum of a 3-example pool, and against the plain mean of the
+    # same sampled curricula (the base class's estimator).
+    runs, _, _ = space_runs(space, num_runs=16, seed=1, noise=0.02)
+    simulator = make_simulator(kind, space=space, dtype="float64").fit(runs)
+    pool = np.zeros(runs.num_train, dtype=bool)
+    pool[[2, 9, 17]] = True
+    initial = runs.initial_losses[0].astype(np.float64)
+    exact = exact_average(simulator, pool, 4, 2, initial)                              # [T + 1, M]
+    seeds = range(24)
+    control = np.stack([simulator.simulate_expected(pool, 4, initial, batch_size=2, draws=6, seed=seed)
+                        for seed in seeds]).astype(np.float64)
+    plain = np.stack([Simulator._sampled_expected(simulator, pool[None], 4, 2, initial[None], 6, seed, "<test>")[0]
+                      for seed in seeds]).astype(np.float64)
+    np.testing.assert_allclose(control[:, 0], np.broadcast_to(initial, control[:, 0].shape), rtol=1e-6)
+    control_error = np.sqrt(np.mean((control - exact) ** 2))
+    plain_error = np.sqrt(np.mean((plain - exact) ** 2))
+    assert plain_error > 1e-3                        # the draws do spread: there is noise to remove
+    assert control_error < 0.2 * plain_error
+    # Unbiased: over the seeds the estimates centre on the exact average.
+    spread = control.std(axis=0, ddof=1) / np.sqrt(len(seeds))
+    assert (np.abs(control.mean(axis=0) - exact) <= 4 * spread + 1e-6).all()
 
 
 def test_save_load_keeps_the_space_and_older_files_load_in_loss_space(tmp_path):
@@ -130,3 +156,29 @@ def test_kinds_built_on_linear_identity_stay_in_loss_space():
     with pytest.raises(UsageError, match="space"):
         make_simulator("linear-bootstrap", space="margin")
     assert make_simulator("linear-bootstrap", replicas=4).fit(runs).space_ == "loss"
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_the_slope_of_from_space_is_its_derivative_and_zero_where_clipped(space):
+    z = np.linspace(-4.0, 3.0, 57)
+    floor, ceiling = 0.05, 8.0
+    step = 1e-6
+    numeric = (from_space(z + step, space, floor, ceiling) - from_space(z - step, space, floor, ceiling)) / (2 * step)
+    losses = inverse(z, space)
+    inside = (losses > floor * 1.01) & (losses < ceiling * 0.99)
+    clipped = (losses < floor * 0.99) | (losses > ceiling * 1.01)
+    assert inside.sum() > 10 and clipped.sum() > 3
+    slope = from_space_slope(z, space, floor, ceiling)
+    np.testing.assert_allclose(slope[inside], numeric[inside], rtol=1e-5, atol=1e-8)
+    assert (slope[clipped] == 0).all()
+
+
+def test_auto_passes_its_candidates_control_variate_on():
+    runs, _, _ = space_runs("margin", num_runs=16, seed=1, noise=0.02)
+    auto = make_simulator("auto", candidates=["linear-identity"]).fit(runs)
+    assert auto.model_.space_ == "margin" and auto.expected_estimator == "control variate"
+    pools = np.zeros((2, runs.num_train), dtype=bool)
+    pools[0, :5], pools[1, 7:15] = True, True
+    initial = runs.initial_losses[0]
+    np.testing.assert_array_equal(auto.simulate_expected(pools, 6, initial, draws=5, seed=1),
+                                  auto.model_.simulate_expected(pools, 6, initial, draws=5, seed=1))

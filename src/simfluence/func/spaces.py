@@ -78,3 +78,18 @@ def from_space(z: np.ndarray, space: str, floor: float, ceiling: float) -> np.nd
     if space != "loss" and ceiling < UNBOUNDED[1]:
         z = np.minimum(z, to_space(np.array(ceiling), space))
     return np.clip(inverse(z, space), floor, ceiling)
+
+
+def from_space_slope(z: np.ndarray, space: str, floor: float, ceiling: float) -> np.ndarray:
+    r""":math:`dL/dz` of :func:`from_space` at ``z``; 0 where the clip to ``[floor, ceiling]`` binds.
+
+    :math:`e^z` (``log``), the logistic :math:`\sigma(z)` (``margin``), 1 (``loss``).
+    """
+    if space == "log":
+        slope = np.exp(np.minimum(z, 700.0))
+    elif space == "margin":
+        slope = 0.5 * (1.0 + np.tanh(0.5 * z))   # the logistic function, without overflow
+    else:
+        slope = np.ones_like(z, dtype=np.float64)
+    losses = inverse(z, space)
+    return np.where((losses > floor) & (losses < ceiling), slope, 0.0)

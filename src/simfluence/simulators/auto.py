@@ -156,13 +156,17 @@ class AutoSimulator(Simulator):
         return self.model_._simulate(curricula, initial)
 
     @property
-    def expected_in_closed_form(self) -> bool:
+    def expected_estimator(self) -> str:
         """The chosen candidate's (``auto`` declares no closed form of its own)."""
         self._check_fitted()
-        return self.model_.expected_in_closed_form
+        return self.model_.expected_estimator
 
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         return self.model_._expected(weights, num_steps, batch_size, initial)
+
+    def _sampled_expected(self, pools: np.ndarray, num_steps: int, batch: int, initial: np.ndarray, draws: int,
+                          seed: int, source: str, rows: np.ndarray | None = None) -> np.ndarray:
+        return self.model_._sampled_expected(pools, num_steps, batch, initial, draws, seed, source, rows)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return self.model_._arrays()

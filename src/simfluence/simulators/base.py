@@ -39,6 +39,8 @@ from simfluence.simulators.config import SimulatorConfig, split_task
 FORMAT = "simfluence-simulator"
 VERSION = 1
 _REGISTRY: dict[str, type[Simulator]] = {}
+EXPECTED_ESTIMATORS = ("closed form", "control variate", "sampled")
+"""The ways :meth:`Simulator.simulate_expected` computes an expectation (:attr:`Simulator.expected_estimator`)."""
 
 
 def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -186,6 +188,18 @@ def capabilities(kind: str) -> Capabilities:
 def run_folds(num_runs: int, num_folds: int, seed: int) -> list[np.ndarray]:
     """The cross-validation folds of ``num_runs`` runs: ``min(num_folds, num_runs)`` shuffled, near-equal index sets."""
     return np.array_split(np.random.default_rng(seed).permutation(num_runs), min(num_folds, num_runs))
+
+
+def pool_curricula(pool: np.ndarray, num_steps: int, batch: int, draws: int, seed: int, index: int) -> np.ndarray:
+    """Curricula int ``[draws, T, B]`` that :meth:`Simulator.simulate_expected` samples from ``pool`` (bool ``[N]``).
+
+    Each slot is drawn uniformly from the pool (the ``uniform`` sampler). Draw ``d`` of the pool at
+    ``index`` is seeded ``derive_seed(derive_seed(seed, index), d)``.
+    """
+    from simfluence.collect.curricula import derive_seed, pool_sampler
+
+    sampler = pool_sampler("uniform", np.flatnonzero(pool), batch)
+    return sampler.sample_many(num_steps, [derive_seed(derive_seed(seed, index), d) for d in range(draws)])
 
 
 def excess_over(fold_errors, reference: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -381,8 +395,10 @@ class Simulator(ABC):
         :attr:`expected_in_closed_form`) compute the expectation in closed form from one rollout of
         the expected batch (their step is affine in the batch's example counts, and independent
         batches make :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their
-        ``_expected``). The other kinds average :meth:`simulate` over ``draws`` sampled curricula
-        per pool. So do the closed forms for a pool's test examples whose expected loss dips below 0
+        ``_expected``). The Linear family in ``log`` / ``margin`` space averages ``draws`` sampled
+        curricula per pool around the closed form of its expected ``z`` (a control variate,
+        :attr:`expected_estimator`). The other kinds average :meth:`simulate` over ``draws`` sampled
+        curricula per pool. So do the closed forms for a pool's test examples whose expected loss dips below 0
         where :meth:`simulate` clips at 0 (the clip then binds on some curricula, and the mean of
         clipped trajectories is not the clipped mean); the other pools keep the closed form. Warns
         as :meth:`simulate` does when extrapolating.
@@ -392,7 +408,7 @@ class Simulator(ABC):
             num_steps: ``T``, steps of training.
             initial_losses: float ``[M]`` or ``[P, M]`` losses of the test examples before training.
             batch_size: slots per batch (default: the fitting runs' batch size).
-            draws: sampled curricula per pool where there is no closed form.
+            draws: sampled curricula per pool where there is no closed form (:func:`pool_curricula`).
             seed: seeds those curricula (pool ``p``, draw ``d``: ``derive_seed(derive_seed(seed, p), d)``).
             source: names the inputs in error messages.
 
@@ -445,19 +461,14 @@ class Simulator(ABC):
                           seed: int, source: str, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 ``[P, T + 1, M]``: :meth:`simulate` averaged over ``draws`` uniform curricula per pool.
 
-        Only the pools ``rows`` (default: all) are sampled, each with the seeds of its own index; the
-        other rows are left NaN.
+        Only the pools ``rows`` (default: all) are sampled, each with the seeds of its own index
+        (:func:`pool_curricula`); the other rows are left NaN.
         """
-        from simfluence.collect.curricula import derive_seed, pool_sampler
-
         trajectories = np.full((pools.shape[0], num_steps + 1, self.test_ids.size), np.nan, dtype=np.float32)
         with warnings.catch_warnings():   # simulate_expected has warned once about extrapolating
             warnings.simplefilter("ignore", ExtrapolationWarning)
             for p in range(pools.shape[0]) if rows is None else rows:
-                pool = pools[p]
-                sampler = pool_sampler("uniform", np.flatnonzero(pool), batch)
-                curricula = sampler.sample_many(num_steps, [derive_seed(derive_seed(seed, p), d)
-                                                            for d in range(draws)])
+                curricula = pool_curricula(pools[p], num_steps, batch, draws, seed, p)
                 trajectories[p] = self.simulate(curricula, np.repeat(initial[p][None], len(curricula), 0),
                                                 source).mean(axis=0)
         return trajectories
@@ -512,12 +523,21 @@ class Simulator(ABC):
         return None
 
     @property
-    def expected_in_closed_form(self) -> bool:
-        """Whether :meth:`simulate_expected` is in closed form.
+    def expected_estimator(self) -> str:
+        """How :meth:`simulate_expected` computes the expectation, one of :data:`EXPECTED_ESTIMATORS`.
 
-        The kind's ``capabilities.expected_rollout`` (``auto``: its chosen candidate's).
+        ``"closed form"``: one rollout of the expected batch (the kind's
+        ``capabilities.expected_rollout``); ``"control variate"``: sampled curricula around a closed
+        form that holds in the kind's own loss space (unbiased, with far less noise than the plain
+        mean; the Linear family in ``log`` / ``margin`` space); ``"sampled"``: the mean over sampled
+        curricula. ``auto``: its chosen candidate's.
         """
-        return type(self).capabilities.expected_rollout
+        return "closed form" if type(self).capabilities.expected_rollout else "sampled"
+
+    @property
+    def expected_in_closed_form(self) -> bool:
+        """Whether :meth:`simulate_expected` is in closed form (:attr:`expected_estimator`)."""
+        return self.expected_estimator == "closed form"
 
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         """Closed-form :meth:`simulate_expected` of kinds declaring ``capabilities.expected_rollout``.

@@ -71,9 +71,26 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
-from simfluence.func.spaces import SPACES, UNBOUNDED, candidate_spaces, check_initial, from_space, loss_bounds, to_space
+from simfluence.func.spaces import (
+    SPACES,
+    UNBOUNDED,
+    candidate_spaces,
+    check_initial,
+    from_space,
+    from_space_slope,
+    loss_bounds,
+    to_space,
+)
 from simfluence.runs.log import RunDataError, RunSet
-from simfluence.simulators.base import Capabilities, Simulator, mean_change, mean_prediction, register, run_folds
+from simfluence.simulators.base import (
+    Capabilities,
+    Simulator,
+    mean_change,
+    mean_prediction,
+    pool_curricula,
+    register,
+    run_folds,
+)
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, positive_grid, setting
 from simfluence.simulators.design import BatchDesign
 from simfluence.simulators.ridge import solve_transition_ridge
@@ -685,13 +702,54 @@ class LinearSimulator(TableSimulator):
         return self._blended(self._in_losses(super()._simulate, curricula, initial), initial)
 
     @property
-    def expected_in_closed_form(self) -> bool:
-        """In loss space only: the mean of ``exp`` / softplus of a rollout is not that of the expected rollout."""
-        return super().expected_in_closed_form and self.space_ == "loss"
+    def expected_estimator(self) -> str:
+        """``"closed form"`` in loss space; ``"control variate"`` in ``log`` / ``margin`` space.
+
+        There the mean of ``exp`` / softplus of a rollout is not that of the expected rollout
+        (:meth:`_sampled_expected`).
+        """
+        closed = super().expected_estimator
+        return closed if closed != "closed form" or self.space_ == "loss" else "control variate"
 
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
         # The blend is affine in the rollout, so the expectation passes through it.
         return self._blended(super()._expected(weights, num_steps, batch_size, initial), initial)
+
+    def _sampled_expected(self, pools: np.ndarray, num_steps: int, batch: int, initial: np.ndarray, draws: int,
+                          seed: int, source: str, rows: np.ndarray | None = None) -> np.ndarray:
+        r"""float32 ``[P, T + 1, M]``: the expected losses; in ``log`` / ``margin`` space by a control variate.
+
+        The rollout is affine in the batch in ``z``, so :math:`\bar z_t = E[z_t]` has a closed form
+        (:meth:`TableSimulator._expected`), but :math:`E[L_t] = E[f(z_t)]` (``f``: :func:`from_space`)
+        has not. Over the ``draws`` curricula ``z^d`` of :meth:`Simulator._sampled_expected` (the same
+        seeds) it is estimated as
+
+        .. math::
+
+            \hat E[L_t] = f(\bar z_t) + \frac{1}{D} \sum_d \bigl(f(z^d_t) - f(\bar z_t)
+                - f'(\bar z_t)\,(z^d_t - \bar z_t)\bigr)
+
+        (kept within the loss bounds), unbiased because :math:`E[z^d_t - \bar z_t] = 0`, and with
+        only the curvature of ``f`` left to sampling noise instead of the whole spread of the
+        losses; then blended with the mean trajectory (affine, so the expectation passes through).
+        In loss space: the plain mean (the base class's).
+        """
+        if self.space_ == "loss":
+            return super()._sampled_expected(pools, num_steps, batch, initial, draws, seed, source, rows)
+        check_initial(initial, self.space_)
+        bounds = (self.floor_, self.ceiling_)
+        start = to_space(initial, self.space_)
+        mean_z = TableSimulator._expected(self, pools / pools.sum(axis=1, keepdims=True), num_steps, batch, start)
+        at_mean = from_space(mean_z, self.space_, *bounds)
+        slope = from_space_slope(mean_z, self.space_, *bounds)
+        trajectories = np.full((pools.shape[0], num_steps + 1, self.test_ids.size), np.nan, dtype=np.float32)
+        for p in range(pools.shape[0]) if rows is None else rows:
+            curricula = pool_curricula(pools[p], num_steps, batch, draws, seed, p)
+            z = TableSimulator._simulate(self, curricula, np.repeat(start[p][None], draws, 0)).astype(np.float64)
+            curvature = from_space(z, self.space_, *bounds) - at_mean[p] - slope[p] * (z - mean_z[p])
+            estimate = np.clip(at_mean[p] + curvature.mean(axis=0), *bounds)
+            trajectories[p] = self._blended(estimate[None], initial[p][None])[0]
+        return trajectories
 
     def column_rollout(self, test_index: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         """The table's :meth:`TableSimulator.column_rollout` for ``test_index``, blended as :meth:`simulate`."""
