@@ -7,6 +7,7 @@ from synthetic import linear_runs, trajectory_runs
 
 from simfluence.runs.log import RunDataError
 from simfluence.simulators import Simulator, capabilities, make_simulator, simulator_class, simulator_kinds
+from simfluence.simulators.base import EXPECTED_ESTIMATORS
 
 POOLS = np.zeros((2, 10), dtype=bool)
 POOLS[0, [1, 4, 7]] = True
@@ -64,10 +65,13 @@ def test_kinds_without_a_closed_form_average_sampled_curricula(runs):
     assert (np.abs(sampled - trajectories.mean(axis=0)) <= 5 * spread + 5e-5).all()   # float32 sums
 
 
-def test_every_kind_declaring_a_closed_form_has_one():
+def test_every_kind_declaring_a_closed_form_has_one(runs):
     for kind in simulator_kinds():
         if capabilities(kind).expected_rollout:
             assert simulator_class(kind)._expected is not Simulator._expected, kind
+    for kind, estimator in (("linear-identity", "closed form"), ("linear-pairwise", "sampled")):
+        fitted = make_simulator(kind, **({"space": "loss"} if kind == "linear-identity" else {})).fit(runs)
+        assert fitted.expected_estimator == estimator and estimator in EXPECTED_ESTIMATORS
 
 
 @pytest.mark.parametrize("pools,steps,initial,field", [
