@@ -76,13 +76,21 @@ def test_rollout_in_a_space_is_the_recurrence_on_z_mapped_back_and_blended(kind,
     assert sampled.shape == (1, 6, runs.num_test) and np.isfinite(sampled).all()
 
 
-@pytest.mark.parametrize("kind,space", [("linear-identity", "margin"), ("linear", "log"), ("additive", "margin")])
-def test_expected_losses_in_a_space_are_unbiased_and_far_less_noisy_than_the_plain_mean(kind, space):
+TABLE = {"dtype": "float64"}
+TRAJECTORY = {"momentum": 0.5, "decay": 0.9}
+
+
+@pytest.mark.parametrize("kind,space,settings", [
+    ("linear-identity", "margin", TABLE), ("linear", "log", TABLE), ("additive", "margin", TABLE),
+    ("linear-trajectory", "margin", TRAJECTORY), ("linear-trajectory", "log", {**TRAJECTORY, "repeat_decay": 0.5}),
+])
+def test_expected_losses_in_a_space_are_unbiased_and_far_less_noisy_than_the_plain_mean(kind, space, settings):
     # E[f(z)] (f = softplus / exp) by the control variate around the closed-form E[z], against the
     # exact average over every curriculum of a 3-example pool, and against the plain mean of the
     # same sampled curricula (the base class's estimator).
     runs, _, _ = space_runs(space, num_runs=16, seed=1, noise=0.02)
-    simulator = make_simulator(kind, space=space, dtype="float64").fit(runs)
+    simulator = make_simulator(kind, space=space, **settings).fit(runs)
+    assert simulator.expected_estimator == "control variate"
     pool = np.zeros(runs.num_train, dtype=bool)
     pool[[2, 9, 17]] = True
     initial = runs.initial_losses[0].astype(np.float64)

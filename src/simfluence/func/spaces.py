@@ -93,3 +93,21 @@ def from_space_slope(z: np.ndarray, space: str, floor: float, ceiling: float) ->
         slope = np.ones_like(z, dtype=np.float64)
     losses = inverse(z, space)
     return np.where((losses > floor) & (losses < ceiling), slope, 0.0)
+
+
+def control_variate_mean(z: np.ndarray, mean_z: np.ndarray, space: str, floor: float, ceiling: float) -> np.ndarray:
+    r"""Losses :math:`E[f(z)]` (``f``: :func:`from_space`) from draws ``z`` ``[D, ...]`` of known mean ``mean_z``.
+
+    ``mean_z`` ``[...]`` is the exact :math:`\bar z = E[z]`:
+
+    .. math::
+
+        \hat E[f(z)] = f(\bar z) + \frac{1}{D} \sum_d \bigl(f(z^d) - f(\bar z) - f'(\bar z)\,(z^d - \bar z)\bigr)
+
+    kept within ``[floor, ceiling]``: unbiased, since :math:`E[z^d - \bar z] = 0`, and only the
+    curvature of ``f`` is left to sampling noise, not the whole spread of the losses. float64 ``[...]``.
+    """
+    at_mean = from_space(mean_z, space, floor, ceiling)
+    slope = from_space_slope(mean_z, space, floor, ceiling)
+    curvature = from_space(z, space, floor, ceiling) - at_mean - slope * (z - mean_z)
+    return np.clip(at_mean + curvature.mean(axis=0), floor, ceiling)

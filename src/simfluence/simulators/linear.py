@@ -76,8 +76,8 @@ from simfluence.func.spaces import (
     UNBOUNDED,
     candidate_spaces,
     check_initial,
+    control_variate_mean,
     from_space,
-    from_space_slope,
     loss_bounds,
     to_space,
 )
@@ -719,35 +719,24 @@ class LinearSimulator(TableSimulator):
                           seed: int, source: str, rows: np.ndarray | None = None) -> np.ndarray:
         r"""float32 ``[P, T + 1, M]``: the expected losses; in ``log`` / ``margin`` space by a control variate.
 
-        The rollout is affine in the batch in ``z``, so :math:`\bar z_t = E[z_t]` has a closed form
+        The rollout is affine in the batch in ``z``, so :math:`E[z_t]` has a closed form
         (:meth:`TableSimulator._expected`), but :math:`E[L_t] = E[f(z_t)]` (``f``: :func:`from_space`)
-        has not. Over the ``draws`` curricula ``z^d`` of :meth:`Simulator._sampled_expected` (the same
-        seeds) it is estimated as
-
-        .. math::
-
-            \hat E[L_t] = f(\bar z_t) + \frac{1}{D} \sum_d \bigl(f(z^d_t) - f(\bar z_t)
-                - f'(\bar z_t)\,(z^d_t - \bar z_t)\bigr)
-
-        (kept within the loss bounds), unbiased because :math:`E[z^d_t - \bar z_t] = 0`, and with
-        only the curvature of ``f`` left to sampling noise instead of the whole spread of the
-        losses; then blended with the mean trajectory (affine, so the expectation passes through).
-        In loss space: the plain mean (the base class's).
+        has not. It is estimated from the ``draws`` curricula of :meth:`Simulator._sampled_expected`
+        (the same seeds) with :math:`E[z_t]` as a control variate
+        (:func:`~simfluence.func.spaces.control_variate_mean`: unbiased, only the curvature of ``f``
+        left to sampling noise), then blended with the mean trajectory (affine, so the expectation
+        passes through). In loss space: the plain mean (the base class's).
         """
         if self.space_ == "loss":
             return super()._sampled_expected(pools, num_steps, batch, initial, draws, seed, source, rows)
         check_initial(initial, self.space_)
-        bounds = (self.floor_, self.ceiling_)
         start = to_space(initial, self.space_)
         mean_z = TableSimulator._expected(self, pools / pools.sum(axis=1, keepdims=True), num_steps, batch, start)
-        at_mean = from_space(mean_z, self.space_, *bounds)
-        slope = from_space_slope(mean_z, self.space_, *bounds)
         trajectories = np.full((pools.shape[0], num_steps + 1, self.test_ids.size), np.nan, dtype=np.float32)
         for p in range(pools.shape[0]) if rows is None else rows:
             curricula = pool_curricula(pools[p], num_steps, batch, draws, seed, p)
             z = TableSimulator._simulate(self, curricula, np.repeat(start[p][None], draws, 0)).astype(np.float64)
-            curvature = from_space(z, self.space_, *bounds) - at_mean[p] - slope[p] * (z - mean_z[p])
-            estimate = np.clip(at_mean[p] + curvature.mean(axis=0), *bounds)
+            estimate = control_variate_mean(z, mean_z[p], self.space_, self.floor_, self.ceiling_)
             trajectories[p] = self._blended(estimate[None], initial[p][None])[0]
         return trajectories
 

@@ -67,9 +67,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from simfluence.errors import UsageError
-from simfluence.func.spaces import SPACES, candidate_spaces, check_initial, from_space, loss_bounds, to_space
+from simfluence.func.spaces import (
+    SPACES,
+    candidate_spaces,
+    check_initial,
+    control_variate_mean,
+    from_space,
+    loss_bounds,
+    to_space,
+)
 from simfluence.runs.log import PAD, RunSet
-from simfluence.simulators.base import Capabilities, Simulator, register, run_folds
+from simfluence.simulators.base import Capabilities, Simulator, pool_curricula, register, run_folds
 from simfluence.simulators.config import SimulatorConfig, boolean, integer, one_of, positive, setting
 
 DECAYS = (1.0, 0.97, 0.9, 0.8, 0.7, 0.5)
@@ -316,15 +324,48 @@ class TrajectorySimulator(Simulator):
                                        self.per_rate_, self.repeat_decay_)
         return self._losses(features @ self.coef_, initial).astype(np.float32)
 
+    @property
+    def expected_estimator(self) -> str:
+        """``"closed form"`` in loss space; ``"control variate"`` (around :math:`E[z_t]`) in ``log`` / ``margin``."""
+        return "closed form" if self.space_ == "loss" else "control variate"
+
     def _expected(self, weights: np.ndarray, num_steps: int, batch_size: int, initial: np.ndarray) -> np.ndarray:
-        r"""The trajectory of the expected batch :math:`E[x_t] = w`.
+        """float64 ``[P, T + 1, M]``: the losses of the expected batch (:meth:`_expected_effects`).
+
+        In loss space :math:`E[L_t]` (where the clip to the fitting losses' range does not bind); in
+        ``log`` / ``margin`` space the loss at :math:`E[z_t]`, which :meth:`_sampled_expected` corrects.
+        """
+        return self._losses(self._expected_effects(weights, num_steps, batch_size), initial)
+
+    def _sampled_expected(self, pools: np.ndarray, num_steps: int, batch: int, initial: np.ndarray, draws: int,
+                          seed: int, source: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``[P, T + 1, M]``: in ``log`` / ``margin`` space :math:`E[f(z_t)]` by a control variate.
+
+        The ``draws`` curricula of :meth:`Simulator._sampled_expected` (the same seeds) around the
+        exact :math:`E[z_t]` (:func:`~simfluence.func.spaces.control_variate_mean`); in loss space the
+        plain mean (the base class's).
+        """
+        if self.space_ == "loss":
+            return super()._sampled_expected(pools, num_steps, batch, initial, draws, seed, source, rows)
+        effects = self._expected_effects(pools / pools.sum(axis=1, keepdims=True), num_steps, batch)
+        mean_z = self._z(effects, initial)
+        trajectories = np.full((pools.shape[0], num_steps + 1, self.test_ids.size), np.nan, dtype=np.float32)
+        for p in range(pools.shape[0]) if rows is None else rows:
+            curricula = pool_curricula(pools[p], num_steps, batch, draws, seed, p)
+            features = trajectory_features(curricula, self.train_ids.size, self.rates_, self.momentum_, self.decay_,
+                                           self.per_rate_, self.repeat_decay_)
+            z = self._z(features @ self.coef_, np.repeat(initial[p][None], draws, 0))
+            trajectories[p] = control_variate_mean(z, mean_z[p], self.space_, self.floor_, self.ceiling_)
+            trajectories[p, 0] = initial[p]
+        return trajectories
+
+    def _expected_effects(self, weights: np.ndarray, num_steps: int, batch_size: int) -> np.ndarray:
+        r"""float64 ``[P, T + 1, M]``: :math:`E[F_t\, b]`, the effects of the expected batch :math:`E[x_t] = w`.
 
         With :math:`x_t = w` at every step, :math:`u_t = (1 - \rho^t)\, w` and :math:`F_t = c_t\, w`
         with the scalar :math:`c_t = \delta^{s_t} c_{t-1} + s_t (1 - \rho^t)`, so one product :math:`w\, b`
-        serves every step. :math:`z` is linear in :math:`x`, so this is :math:`E[z_t]` exactly: in
-        loss space :math:`E[L_t]` (where the clip to the fitting losses' range does not bind); in
-        ``log`` / ``margin`` space the loss at :math:`E[z_t]` (first order in the batch noise; per
-        test example it ranks pools as :math:`E[z_t]` does). float64 ``[P, T + 1, M]``.
+        serves every step. :math:`z` is linear in :math:`x`, so :meth:`_z` of these is :math:`E[z_t]`
+        exactly.
 
         With :math:`\gamma < 1` (``repeat_decay_``) an example's weight depends on its earlier
         occurrences, which are independent of the step's own draw: with ``B`` slots each holding
@@ -341,18 +382,24 @@ class TrajectorySimulator(Simulator):
                 smoothed = self.momentum_ * smoothed + (1.0 - self.momentum_) * weights * kept_per_step ** t
                 features = kept[t] * features + scale[t] * smoothed
                 effects[:, t + 1] = features @ self.coef_
-            return self._losses(effects, initial)
+            return effects
         c = np.zeros(num_steps + 1)
         for t in range(num_steps):
             c[t + 1] = kept[t] * c[t] + scale[t] * (1.0 - self.momentum_ ** (t + 1))
-        return self._losses(c[None, :, None] * (weights @ self.coef_)[:, None, :], initial)
+        return c[None, :, None] * (weights @ self.coef_)[:, None, :]
+
+    def _z(self, effects: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        """float64 ``[R, T + 1, M]``: the z of effects :math:`F_t b` ``[R, T + 1, M]`` from ``initial`` ``[R, M]``.
+
+        Losses a ``log`` / ``margin`` model cannot take raise one clear error (:func:`check_initial`).
+        """
+        steps = np.minimum(np.arange(effects.shape[1]), self.offset_.shape[0] - 1)
+        check_initial(initial, self.space_)
+        return to_space(initial[:, None, :], self.space_) + self.offset_[steps][None] + effects
 
     def _losses(self, effects: np.ndarray, initial: np.ndarray) -> np.ndarray:
         """float64 ``[R, T + 1, M]`` losses of effects :math:`F_t b` ``[R, T + 1, M]`` from ``initial`` ``[R, M]``."""
-        steps = np.minimum(np.arange(effects.shape[1]), self.offset_.shape[0] - 1)
-        check_initial(initial, self.space_)
-        z = to_space(initial[:, None, :], self.space_) + self.offset_[steps][None] + effects
-        losses = from_space(z, self.space_, self.floor_, self.ceiling_)
+        losses = from_space(self._z(effects, initial), self.space_, self.floor_, self.ceiling_)
         losses[:, 0] = initial
         return losses
 
