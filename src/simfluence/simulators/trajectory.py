@@ -320,9 +320,13 @@ class TrajectorySimulator(Simulator):
 
     # --- simulation ------------------------------------------------------------------
     def _simulate(self, curricula: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        return self._losses(self._effects(curricula), initial).astype(np.float32)
+
+    def _effects(self, curricula: np.ndarray) -> np.ndarray:
+        """float64 ``[R, T + 1, M]``: the fitted effects :math:`F_t b` along ``curricula`` ``[R, T, B]``."""
         features = trajectory_features(curricula, self.train_ids.size, self.rates_, self.momentum_, self.decay_,
                                        self.per_rate_, self.repeat_decay_)
-        return self._losses(features @ self.coef_, initial).astype(np.float32)
+        return features @ self.coef_
 
     @property
     def expected_estimator(self) -> str:
@@ -352,9 +356,7 @@ class TrajectorySimulator(Simulator):
         trajectories = np.full((pools.shape[0], num_steps + 1, self.test_ids.size), np.nan, dtype=np.float32)
         for p in range(pools.shape[0]) if rows is None else rows:
             curricula = pool_curricula(pools[p], num_steps, batch, draws, seed, p)
-            features = trajectory_features(curricula, self.train_ids.size, self.rates_, self.momentum_, self.decay_,
-                                           self.per_rate_, self.repeat_decay_)
-            z = self._z(features @ self.coef_, np.repeat(initial[p][None], draws, 0))
+            z = self._z(self._effects(curricula), np.repeat(initial[p][None], draws, 0))
             trajectories[p] = control_variate_mean(z, mean_z[p], self.space_, self.floor_, self.ceiling_)
             trajectories[p, 0] = initial[p]
         return trajectories
