@@ -395,11 +395,11 @@ class Simulator(ABC):
         :attr:`expected_in_closed_form`) compute the expectation in closed form from one rollout of
         the expected batch (their step is affine in the batch's example counts, and independent
         batches make :math:`E[L_t] = E[\alpha_t] E[L_{t-1}] + E[\beta_t]`; see their
-        ``_expected``). The Linear family in ``log`` / ``margin`` space averages ``draws`` sampled
-        curricula per pool around the closed form of its expected ``z`` (a control variate,
+        ``_expected``). The Linear and trajectory kinds in ``log`` / ``margin`` space average ``draws``
+        sampled curricula per pool around the closed form of their expected ``z`` (a control variate,
         :attr:`expected_estimator`). The other kinds average :meth:`simulate` over ``draws`` sampled
-        curricula per pool. So do the closed forms for a pool's test examples whose expected loss dips below 0
-        where :meth:`simulate` clips at 0 (the clip then binds on some curricula, and the mean of
+        curricula per pool. So do the closed forms for a pool's test examples whose expected loss dips
+        below 0 where :meth:`simulate` clips at 0 (the clip then binds on some curricula, and the mean of
         clipped trajectories is not the clipped mean); the other pools keep the closed form. Warns
         as :meth:`simulate` does when extrapolating.
 
@@ -529,7 +529,7 @@ class Simulator(ABC):
         ``"closed form"``: one rollout of the expected batch (the kind's
         ``capabilities.expected_rollout``); ``"control variate"``: sampled curricula around a closed
         form that holds in the kind's own loss space (unbiased, with far less noise than the plain
-        mean; the Linear family in ``log`` / ``margin`` space); ``"sampled"``: the mean over sampled
+        mean; the Linear and trajectory kinds in ``log`` / ``margin`` space); ``"sampled"``: the mean over sampled
         curricula. ``auto``: its chosen candidate's.
         """
         return "closed form" if type(self).capabilities.expected_rollout else "sampled"
